@@ -1,0 +1,183 @@
+#include "layer_bench.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <iomanip>
+#include <map>
+
+#include "moeforge/layer/dispatch.h"
+#include "moeforge/layer/experts.h"
+#include "moeforge/layer/moe_layer.h"
+#include "moeforge/routing/topk.h"
+#include "moeforge/util/runtime.h"
+
+namespace moeforge {
+
+std::vector<BenchShape> default_bench_shapes() {
+  return {
+      {"top2", 4096, 512, 1024, 16, 2},     {"fine_grained", 4096, 512, 256, 64, 8},
+      {"decode_t1", 1, 512, 1024, 16, 2},   {"decode_t4", 4, 512, 1024, 16, 2},
+      {"decode_t16", 16, 512, 1024, 16, 2},
+  };
+}
+
+namespace {
+
+struct Timing {
+  std::vector<double> ms;
+  double median() const {
+    auto v = ms;
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  }
+  double min() const { return *std::min_element(ms.begin(), ms.end()); }
+  double max() const { return *std::max_element(ms.begin(), ms.end()); }
+};
+
+double time_ms(const std::function<void()>& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  const auto t1 = std::chrono::steady_clock::now();
+  return std::chrono::duration<double, std::milli>(t1 - t0).count();
+}
+
+// Runs every variant once as warm-up, then reps rounds of A B C ... interleaved.
+std::map<std::string, Timing> interleaved(
+    const std::vector<std::pair<std::string, std::function<void()>>>& variants, int reps) {
+  std::map<std::string, Timing> out;
+  for (auto& v : variants) v.second();
+  for (int r = 0; r < reps; ++r)
+    for (auto& v : variants) out[v.first].ms.push_back(time_ms(v.second));
+  return out;
+}
+
+// Skewed routing: a constant input channel and router weights on it equal to log(1/(e+1)) give every token
+// a Zipf(1) prior over experts on top of its own scores.
+void make_skewed(torch::Tensor& x, TopKRouterImpl& router) {
+  torch::NoGradGuard ng;
+  x.select(1, 0).fill_(1.0);
+  const int64_t E = router.weight.size(0);
+  auto prior = torch::arange(1, E + 1, torch::kFloat).reciprocal().log();
+  router.weight.select(1, 0).copy_(prior);
+}
+
+}  // namespace
+
+nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) {
+  torch::manual_seed(0);
+  nlohmann::json results = nlohmann::json::array();
+  log << std::left << std::setw(14) << "shape" << std::setw(9) << "routing" << std::setw(8) << "router"
+      << std::setw(18) << "direction" << std::right << std::setw(10) << "moe_ms" << std::setw(10)
+      << "dense_ms" << std::setw(10) << "loop_ms" << std::setw(12) << "dense_ratio" << std::setw(13)
+      << "loop_speedup" << std::setw(9) << "maxvio"
+      << "\n";
+  for (const auto& shape : default_bench_shapes()) {
+    if (!opt.shapes.empty() &&
+        std::find(opt.shapes.begin(), opt.shapes.end(), shape.name) == opt.shapes.end())
+      continue;
+    for (const auto& routing : opt.routings) {
+      MoEConfig cfg;
+      cfg.router = "topk";
+      cfg.n_expert = shape.E;
+      cfg.n_expert_used = shape.K;
+      cfg.d_expert = shape.F;
+      cfg.capacity_factor = 0;  // dropless
+      MoELayer layer(cfg, shape.C);
+      auto x = torch::randn({shape.T, shape.C});
+      if (routing == "skewed") make_skewed(x, dynamic_cast<TopKRouterImpl&>(*layer->router));
+      auto weights = layer->experts->weights();
+
+      RoutingPlan plan0;
+      {
+        torch::NoGradGuard ng;
+        plan0 = layer->router->route(x, {});
+      }
+      const int64_t N = plan0.n_assign();
+      // The dense side: one FFN of the same expert shape over the same N rows.
+      DenseFFN dense(shape.C, shape.F, ExpertAct::kSwiGLU);
+      auto x_dense = torch::randn({N, shape.C});
+      ExpertWeights dense_w{ExpertAct::kSwiGLU, dense->w_gate.unsqueeze(0), dense->w_up.unsqueeze(0),
+                            dense->w_down.unsqueeze(0)};
+      const std::vector<int64_t> dense_off = {0, N};
+
+      for (const auto& direction : opt.directions) {
+        const bool backward = direction == "forward_backward";
+        auto gy_tok = torch::randn({shape.T, shape.C});
+        auto gy_rows = torch::randn({N, shape.C});
+        auto run = [&](const std::function<torch::Tensor()>& f, const torch::Tensor& gy) {
+          if (!backward) {
+            torch::NoGradGuard ng;
+            f();
+            return;
+          }
+          auto xin = f();
+          xin.backward(gy);
+        };
+        auto xg = x.clone().requires_grad_(backward);
+        auto xdg = x_dense.clone().requires_grad_(backward);
+        auto timings = interleaved(
+            {
+                {"moe", [&] { run([&] { return layer->forward(xg).y; }, gy_tok); }},
+                {"dense_torch", [&] { run([&] { return dense->forward(xdg); }, gy_rows); }},
+                {"dense_own",
+                 [&] { run([&] { return experts_grouped(xdg, dense_off, dense_w); }, gy_rows); }},
+                {"loop",
+                 [&] {
+                   run(
+                       [&] {
+                         auto plan = layer->router->route(xg, {});
+                         return moe_plain_loop(xg, plan, weights);
+                       },
+                       gy_tok);
+                 }},
+            },
+            opt.reps);
+        layer->zero_grad();
+        dense->zero_grad();
+        const double moe_ms = timings["moe"].median();
+        const double dense_ms = std::min(timings["dense_torch"].median(), timings["dense_own"].median());
+        const double loop_ms = timings["loop"].median();
+        nlohmann::json r = {
+            {"shape", shape.name},
+            {"T", shape.T},
+            {"C", shape.C},
+            {"F", shape.F},
+            {"E", shape.E},
+            {"K", shape.K},
+            {"routing", routing},
+            {"router", "topk"},
+            {"direction", direction},
+            {"n_assign", N},
+            {"max_vio", plan0.stats.max_vio},
+            {"moe_ms", moe_ms},
+            {"dense_ms", dense_ms},
+            {"dense_torch_ms", timings["dense_torch"].median()},
+            {"dense_own_ms", timings["dense_own"].median()},
+            {"loop_ms", loop_ms},
+            {"dense_ratio", dense_ms / moe_ms},
+            {"loop_speedup", loop_ms / moe_ms},
+            {"moe_ms_range", {timings["moe"].min(), timings["moe"].max()}},
+            {"dense_ms_range",
+             {std::min(timings["dense_torch"].min(), timings["dense_own"].min()),
+              std::min(timings["dense_torch"].max(), timings["dense_own"].max())}},
+            {"loop_ms_range", {timings["loop"].min(), timings["loop"].max()}},
+            {"reps", opt.reps},
+        };
+        results.push_back(r);
+        log << std::left << std::setw(14) << shape.name << std::setw(9) << routing << std::setw(8) << "topk"
+            << std::setw(18) << direction << std::right << std::fixed << std::setprecision(2) << std::setw(10)
+            << moe_ms << std::setw(10) << dense_ms << std::setw(10) << loop_ms << std::setprecision(3)
+            << std::setw(12) << dense_ms / moe_ms << std::setw(13) << loop_ms / moe_ms << std::setw(9)
+            << plan0.stats.max_vio << std::endl;
+      }
+    }
+  }
+  return {{"machine", describe_machine()}, {"results", results}};
+}
+
+}  // namespace moeforge

@@ -1,0 +1,30 @@
+// The MoE layer comparison of ../shared/docs/BENCHMARKS.md: the layer against a dense FFN doing the same
+// work (dense-equivalent ratio) and against the plain loop over experts, interleaved, median of reps.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+struct BenchShape {
+  std::string name;
+  int64_t T, C, F, E, K;
+};
+
+struct LayerBenchOptions {
+  int reps = 5;                     // timed repetitions per variant (after one warm-up)
+  std::vector<std::string> shapes;  // names from default_bench_shapes(); empty = all
+  std::vector<std::string> routings = {"uniform", "skewed"};
+  std::vector<std::string> directions = {"forward", "forward_backward"};
+};
+
+std::vector<BenchShape> default_bench_shapes();
+
+// Runs the comparison and returns {"machine", "results": [...]}; prints a table to `log` as it goes.
+nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log);
+
+}  // namespace moeforge

@@ -1,0 +1,59 @@
+// The [moe] section of a moeforge config: which router, how many experts, capacity, aux losses.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+enum class ScoreFunc { kSoftmax, kSigmoid };
+enum class OverflowOrder { kTokenOrder, kBatchPrioritized };
+enum class ExpertAct { kSwiGLU, kGELU };
+enum class ExpertsImplKind { kGrouped, kReference };
+
+struct MoEConfig {
+  std::string router = "topk";  // moe.router
+  int64_t n_expert = 8;         // moe.n_expert: routed experts E (before fine-grained splitting)
+  int64_t n_expert_used = 2;    // moe.n_expert_used: K
+  int64_t n_shared_expert = 0;  // moe.n_shared_expert: K_s experts that see every token
+  int64_t d_expert = 256;       // moe.d_expert: hidden width F of one expert (before splitting)
+  int64_t expert_split = 1;     // moe.expert_split: DeepSeekMoE fine-grained factor m
+  ExpertAct expert_act = ExpertAct::kSwiGLU;                 // moe.expert_act: "swiglu" | "gelu"
+  ExpertsImplKind experts_impl = ExpertsImplKind::kGrouped;  // moe.experts_impl: "grouped" | "reference"
+
+  // Token-choice options (ROUTING.md section 1).
+  ScoreFunc score = ScoreFunc::kSoftmax;                // moe.score: "softmax" | "sigmoid"
+  bool renormalize = true;                              // moe.renormalize (always on for sigmoid)
+  bool noisy = false;                                   // moe.noisy: Shazeer noisy top-K (training only)
+  bool gshard_random_second = false;                    // moe.gshard_random_second
+  double capacity_factor = 0.0;                         // moe.capacity_factor: 0 = dropless
+  OverflowOrder overflow = OverflowOrder::kTokenOrder;  // moe.overflow: "token_order" | "batch_prioritized"
+
+  // Auxiliary losses (ROUTING.md section 8).
+  double balance_coef = 1e-2;     // moe.balance_coef: Switch balance loss alpha
+  double seq_balance_coef = 0.0;  // moe.seq_balance_coef: sequence-wise balance loss alpha
+  double z_loss_coef = 1e-3;      // moe.z_loss_coef: router z-loss beta
+
+  // Shapes after DeepSeekMoE fine-grained splitting: m*E experts of width F/m, m*K active.
+  int64_t routed_experts() const { return n_expert * expert_split; }
+  int64_t routed_used() const { return n_expert_used * expert_split; }
+  int64_t routed_width() const { return d_expert / expert_split; }
+
+  // Throws ConfigError naming the field when a value is out of range.
+  void validate() const;
+};
+
+// The values moe.router accepts in this build.
+const std::vector<std::string>& available_routers();
+
+class ConfigBinder;
+// Registers every [moe] key of `cfg` under "moe.<key>".
+void bind_moe_config(ConfigBinder& binder, MoEConfig* cfg);
+
+std::string to_string(ScoreFunc v);
+std::string to_string(OverflowOrder v);
+std::string to_string(ExpertAct v);
+std::string to_string(ExpertsImplKind v);
+
+}  // namespace moeforge

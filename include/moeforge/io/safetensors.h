@@ -1,0 +1,32 @@
+// The safetensors format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length,
+// a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}, then raw tensor bytes.
+// Files written here load in PyTorch / Hugging Face tools unchanged.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace moeforge {
+
+struct SafeTensors {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;  // in file order
+  std::map<std::string, std::string> metadata;
+
+  const torch::Tensor& at(const std::string& name) const;  // throws naming the missing tensor
+  bool contains(const std::string& name) const;
+};
+
+// Reads and validates a whole file (header JSON, dtypes, offsets inside the file, no overlaps). Throws
+// FileError naming the path and the offending entry.
+SafeTensors read_safetensors(const std::string& path);
+
+// Writes CPU copies of `tensors` atomically (temporary name, then rename).
+void write_safetensors(const std::string& path,
+                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace moeforge

@@ -1,0 +1,47 @@
+// The MoE layer: router -> dispatch -> experts -> combine (+ shared experts). It composes the four stages
+// and nothing else; a model never knows which router it has.
+//
+// Legend: B sequences, S positions, T = B*S tokens, C model width, N assignments.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <memory>
+
+#include "moeforge/config/moe_config.h"
+#include "moeforge/layer/experts.h"
+#include "moeforge/routing/router.h"
+
+namespace moeforge {
+
+struct MoEOutput {
+  torch::Tensor y;  // same shape as x
+  RoutingPlan plan;
+};
+
+class MoELayerImpl : public torch::nn::Module {
+ public:
+  MoELayerImpl(const MoEConfig& cfg, int64_t d_model);
+
+  // x: [T, C] or [B, S, C]. For [B, S, C] input, ctx.n_seq / ctx.seq_len are filled in from the shape.
+  MoEOutput forward(const torch::Tensor& x, RouteContext ctx = {});
+  // Router state update after the optimiser step, from the last training forward's plan.
+  void after_step();
+
+  const MoEConfig& config() const { return cfg_; }
+  std::shared_ptr<Router> router;
+  Experts experts{nullptr};
+  DenseFFN shared{nullptr};  // K_s shared experts merged into one FFN of width K_s * F (same function)
+  const RoutingPlan& last_plan() const { return last_plan_; }
+
+ private:
+  MoEConfig cfg_;
+  RoutingPlan last_plan_;
+};
+TORCH_MODULE(MoELayer);
+
+// The whole layer the way most PyTorch MoE code writes it (the bench's "plain loop"): per expert,
+// index_select its tokens, run the FFN, index_add the gated result. Same result as MoELayer's experts.
+torch::Tensor moe_plain_loop(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w);
+
+}  // namespace moeforge

@@ -1,0 +1,66 @@
+// Stage 1 of the MoE layer (DESIGN.md "four stages"): the router contract.
+//
+// Legend: T tokens (B sequences of S positions), C model width, E routed experts, K experts per token,
+// N assignments kept (varies by router; a token may have 0..E of them).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "moeforge/routing/stats.h"
+
+namespace moeforge {
+
+// What some routers need beyond x.
+struct RouteContext {
+  int64_t n_seq = 1;          // B
+  int64_t seq_len = 0;        // S (0: the whole batch is one sequence, S = T)
+  torch::Tensor seq_cluster;  // [B] int64 cluster id per sequence (MoCE), optional
+  torch::Tensor seq_domain;   // [B] int64 domain label per sequence (measures only), optional
+  bool training = false;
+  int64_t step = 0;
+};
+
+// The result of routing one batch: assignments grouped by expert.
+struct RoutingPlan {
+  torch::Tensor token_index;     // [N] int64: token of each assignment, grouped by expert, ascending inside
+  torch::Tensor expert_offsets;  // [E+1] int64 on CPU: assignments of expert e are [off[e], off[e+1])
+  torch::Tensor gate;            // [N] float: differentiable gate weight g >= 0
+  torch::Tensor aux_loss;        // scalar: the router's auxiliary loss (zero if none), differentiable
+  RoutingStats stats;
+
+  int64_t n_expert() const { return expert_offsets.numel() - 1; }
+  int64_t n_assign() const { return token_index.numel(); }
+  std::vector<int64_t> offsets() const;  // expert_offsets as a vector
+};
+
+// Every router implements this; a model only ever sees a Router.
+class Router : public torch::nn::Module {
+ public:
+  // x: [T, C] the FFN input after its norm.
+  virtual RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) = 0;
+  // Called once after the optimiser step with the plan of the batch just trained on (loss-free bias,
+  // BIP dual, reliabilities, online centroids). The default keeps no state.
+  virtual void after_step(const RoutingPlan& /*plan*/) {}
+  virtual int64_t n_expert() const = 0;
+  virtual std::string name() const = 0;
+};
+
+// Makes a plan from per-token choices.
+//   expert [T, K] int64 (CPU), rank order = priority order (column 0 = first choice)
+//   keep   [T, K] bool (CPU): the choice is requested (false = not asked for, e.g. GShard random drop)
+//   priority [T] float (CPU), optional: if defined, tokens inside one rank are served by descending
+//            priority (Switch batch-prioritised routing); otherwise in token order
+//   gate_tk [T, K] float: differentiable gate of each choice
+//   capacity: max assignments per expert, <= 0 for none (dropless)
+// Assignments are grouped by expert with a counting sort, in ascending token order within an expert.
+RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Tensor& keep,
+                                    const torch::Tensor& priority, const torch::Tensor& gate_tk,
+                                    int64_t n_expert, int64_t capacity);
+
+// cap = ceil(CF * T * K / E), ROUTING.md section 1; 0 when CF = 0 (dropless).
+int64_t expert_capacity(double capacity_factor, int64_t n_tokens, int64_t k, int64_t n_expert);
+
+}  // namespace moeforge

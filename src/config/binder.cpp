@@ -1,0 +1,148 @@
+#include "moeforge/config/binder.h"
+
+#include <toml++/toml.h>
+
+#include <sstream>
+
+#include "moeforge/util/error.h"
+
+namespace moeforge {
+namespace {
+
+std::string located(const std::string& where, const toml::node& node) {
+  std::ostringstream os;
+  os << where;
+  const auto& src = node.source();
+  if (src.begin.line > 0) os << ":" << src.begin.line << ":" << src.begin.column;
+  return os.str();
+}
+
+std::string type_name(const toml::node& node) {
+  std::ostringstream os;
+  os << node.type();
+  return os.str();
+}
+
+}  // namespace
+
+void ConfigBinder::bind(const std::string& key, int64_t* field) {
+  setters_[key] = [key, field](const toml::node& n, const std::string& where) {
+    if (auto v = n.value_exact<int64_t>()) {
+      *field = *v;
+      return;
+    }
+    throw ConfigError(key, "expected an integer, got " + type_name(n) + " (" + located(where, n) + ")");
+  };
+}
+
+void ConfigBinder::bind(const std::string& key, double* field) {
+  setters_[key] = [key, field](const toml::node& n, const std::string& where) {
+    if (n.is_floating_point() || n.is_integer()) {
+      *field = n.value<double>().value();
+      return;
+    }
+    throw ConfigError(key, "expected a number, got " + type_name(n) + " (" + located(where, n) + ")");
+  };
+}
+
+void ConfigBinder::bind(const std::string& key, bool* field) {
+  setters_[key] = [key, field](const toml::node& n, const std::string& where) {
+    if (auto v = n.value_exact<bool>()) {
+      *field = *v;
+      return;
+    }
+    throw ConfigError(key, "expected true or false, got " + type_name(n) + " (" + located(where, n) + ")");
+  };
+}
+
+void ConfigBinder::bind(const std::string& key, std::string* field) {
+  setters_[key] = [key, field](const toml::node& n, const std::string& where) {
+    if (auto v = n.value_exact<std::string>()) {
+      *field = *v;
+      return;
+    }
+    throw ConfigError(key, "expected a string, got " + type_name(n) + " (" + located(where, n) + ")");
+  };
+}
+
+void ConfigBinder::bind_choice(const std::string& key, std::vector<std::string> allowed,
+                               std::function<void(const std::string&)> set) {
+  setters_[key] = [key, allowed, set](const toml::node& n, const std::string& where) {
+    std::string all;
+    for (auto& a : allowed) all += (all.empty() ? "" : ", ") + a;
+    auto v = n.value_exact<std::string>();
+    if (!v) throw ConfigError(key, "expected one of " + all + " (" + located(where, n) + ")");
+    for (auto& a : allowed) {
+      if (a == *v) {
+        set(*v);
+        return;
+      }
+    }
+    throw ConfigError(key,
+                      "unknown value '" + *v + "', expected one of " + all + " (" + located(where, n) + ")");
+  };
+}
+
+void ConfigBinder::set(const std::string& key, const toml::node& value, const std::string& where) const {
+  auto it = setters_.find(key);
+  if (it == setters_.end()) throw ConfigError(key, "unknown key (" + located(where, value) + ")");
+  it->second(value, where);
+}
+
+void ConfigBinder::apply(const toml::table& doc, const std::string& where) const {
+  for (auto&& [section, node] : doc) {
+    const std::string sec(section.str());
+    const auto* table = node.as_table();
+    if (!table) throw ConfigError(sec, "expected a [" + sec + "] table (" + located(where, node) + ")");
+    for (auto&& [key, value] : *table) set(sec + "." + std::string(key.str()), value, where);
+  }
+}
+
+void ConfigBinder::apply_text(const std::string& text, const std::string& where) const {
+  toml::table doc;
+  try {
+    doc = toml::parse(text, where);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << where << ":" << e.source().begin.line << ":" << e.source().begin.column << ": " << e.description();
+    throw ConfigError("(file)", os.str());
+  }
+  apply(doc, where);
+}
+
+void ConfigBinder::apply_file(const std::string& path) const {
+  toml::table doc;
+  try {
+    doc = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << e.description() << " at line " << e.source().begin.line << ", column " << e.source().begin.column;
+    throw FileError(path, os.str());
+  }
+  apply(doc, path);
+}
+
+void ConfigBinder::apply_override(const std::string& assignment) const {
+  const auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw ConfigError(assignment, "an override must look like section.key=value");
+  const std::string key = assignment.substr(0, eq);
+  const std::string value = assignment.substr(eq + 1);
+  if (!has(key)) throw ConfigError(key, "unknown key (--set " + assignment + ")");
+  toml::table doc;
+  try {
+    doc = toml::parse("v = " + value);
+  } catch (const toml::parse_error&) {
+    doc = toml::table{};
+    doc.insert("v", value);  // a bare word: take it as a string
+  }
+  set(key, *doc.get("v"), "--set " + assignment);
+}
+
+std::vector<std::string> ConfigBinder::keys() const {
+  std::vector<std::string> out;
+  for (auto& kv : setters_) out.push_back(kv.first);
+  return out;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,89 @@
+#include "moeforge/config/moe_config.h"
+
+#include <cmath>
+
+#include "moeforge/config/binder.h"
+#include "moeforge/util/error.h"
+
+namespace moeforge {
+
+const std::vector<std::string>& available_routers() {
+  static const std::vector<std::string> kRouters = {"topk"};
+  return kRouters;
+}
+
+void MoEConfig::validate() const {
+  bool known = false;
+  std::string all;
+  for (const auto& r : available_routers()) {
+    known = known || router == r;
+    all += (all.empty() ? "" : ", ") + r;
+  }
+  if (!known)
+    throw ConfigError("moe.router", "unknown router '" + router + "' (expected one of: " + all + ")");
+  if (n_expert < 1) throw ConfigError("moe.n_expert", "must be >= 1, got " + std::to_string(n_expert));
+  if (n_expert_used < 1)
+    throw ConfigError("moe.n_expert_used", "must be >= 1, got " + std::to_string(n_expert_used));
+  if (n_expert_used > n_expert)
+    throw ConfigError("moe.n_expert_used", "K = " + std::to_string(n_expert_used) +
+                                               " must not exceed moe.n_expert = " + std::to_string(n_expert));
+  if (n_shared_expert < 0)
+    throw ConfigError("moe.n_shared_expert", "must be >= 0, got " + std::to_string(n_shared_expert));
+  if (d_expert < 1) throw ConfigError("moe.d_expert", "must be >= 1, got " + std::to_string(d_expert));
+  if (expert_split < 1)
+    throw ConfigError("moe.expert_split", "must be >= 1, got " + std::to_string(expert_split));
+  if (d_expert % expert_split != 0)
+    throw ConfigError("moe.expert_split", "moe.d_expert = " + std::to_string(d_expert) +
+                                              " is not divisible by the split factor " +
+                                              std::to_string(expert_split));
+  if (!std::isfinite(capacity_factor) || capacity_factor < 0)
+    throw ConfigError("moe.capacity_factor",
+                      "must be >= 0 (0 = dropless), got " + std::to_string(capacity_factor));
+  auto nonneg = [](const char* name, double v) {
+    if (!std::isfinite(v) || v < 0)
+      throw ConfigError(name, "must be a finite number >= 0, got " + std::to_string(v));
+  };
+  nonneg("moe.balance_coef", balance_coef);
+  nonneg("moe.seq_balance_coef", seq_balance_coef);
+  nonneg("moe.z_loss_coef", z_loss_coef);
+  if (gshard_random_second && n_expert_used < 2)
+    throw ConfigError("moe.gshard_random_second", "needs moe.n_expert_used >= 2");
+}
+
+void bind_moe_config(ConfigBinder& b, MoEConfig* c) {
+  b.bind("moe.router", &c->router);
+  b.bind("moe.n_expert", &c->n_expert);
+  b.bind("moe.n_expert_used", &c->n_expert_used);
+  b.bind("moe.n_shared_expert", &c->n_shared_expert);
+  b.bind("moe.d_expert", &c->d_expert);
+  b.bind("moe.expert_split", &c->expert_split);
+  b.bind_enum("moe.expert_act", &c->expert_act, {{"swiglu", ExpertAct::kSwiGLU}, {"gelu", ExpertAct::kGELU}});
+  b.bind_enum("moe.experts_impl", &c->experts_impl,
+              {{"grouped", ExpertsImplKind::kGrouped}, {"reference", ExpertsImplKind::kReference}});
+  b.bind_enum("moe.score", &c->score, {{"softmax", ScoreFunc::kSoftmax}, {"sigmoid", ScoreFunc::kSigmoid}});
+  b.bind("moe.renormalize", &c->renormalize);
+  b.bind("moe.noisy", &c->noisy);
+  b.bind("moe.gshard_random_second", &c->gshard_random_second);
+  b.bind("moe.capacity_factor", &c->capacity_factor);
+  b.bind_enum(
+      "moe.overflow", &c->overflow,
+      {{"token_order", OverflowOrder::kTokenOrder}, {"batch_prioritized", OverflowOrder::kBatchPrioritized}});
+  b.bind("moe.balance_coef", &c->balance_coef);
+  b.bind("moe.seq_balance_coef", &c->seq_balance_coef);
+  b.bind("moe.z_loss_coef", &c->z_loss_coef);
+}
+
+std::string to_string(ScoreFunc v) {
+  return v == ScoreFunc::kSoftmax ? "softmax" : "sigmoid";
+}
+std::string to_string(OverflowOrder v) {
+  return v == OverflowOrder::kTokenOrder ? "token_order" : "batch_prioritized";
+}
+std::string to_string(ExpertAct v) {
+  return v == ExpertAct::kSwiGLU ? "swiglu" : "gelu";
+}
+std::string to_string(ExpertsImplKind v) {
+  return v == ExpertsImplKind::kGrouped ? "grouped" : "reference";
+}
+
+}  // namespace moeforge

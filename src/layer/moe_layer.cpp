@@ -1,0 +1,61 @@
+#include "moeforge/layer/moe_layer.h"
+
+#include "moeforge/layer/dispatch.h"
+#include "moeforge/routing/factory.h"
+
+namespace moeforge {
+
+MoELayerImpl::MoELayerImpl(const MoEConfig& cfg, int64_t d_model) : cfg_(cfg) {
+  cfg_.validate();
+  router = register_module("router", make_router(cfg_, d_model));
+  experts = register_module("experts", Experts(cfg_.routed_experts(), d_model, cfg_.routed_width(),
+                                               cfg_.expert_act, cfg_.experts_impl));
+  if (cfg_.n_shared_expert > 0)
+    shared =
+        register_module("shared", DenseFFN(d_model, cfg_.n_shared_expert * cfg_.d_expert, cfg_.expert_act));
+}
+
+MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
+  const auto shape = x.sizes().vec();
+  const int64_t C = shape.back();
+  if (x.dim() == 3) {
+    ctx.n_seq = shape[0];
+    ctx.seq_len = shape[1];
+  }
+  ctx.training = ctx.training || is_training();
+  auto x2 = x.reshape({-1, C});  // [T, C]
+  const int64_t T = x2.size(0);
+
+  RoutingPlan plan = router->route(x2, ctx);
+  auto x_sorted = dispatch(x2, plan);                          // [N, C]
+  auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]
+  auto y = combine(y_sorted, plan, T);                         // [T, C]
+  if (shared) y = y + shared->forward(x2);
+  if (is_training()) last_plan_ = plan;
+  return {y.reshape(shape), plan};
+}
+
+void MoELayerImpl::after_step() {
+  if (last_plan_.expert_offsets.defined()) router->after_step(last_plan_);
+}
+
+torch::Tensor moe_plain_loop(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w) {
+  const auto off = plan.offsets();
+  auto y = torch::zeros_like(x);  // [T, C]
+  for (int64_t e = 0; e + 1 < static_cast<int64_t>(off.size()); ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    auto idx = plan.token_index.narrow(0, off[e], n);  // [n]
+    auto xs = x.index_select(0, idx);                  // [n, C]
+    torch::Tensor h;
+    if (w.act == ExpertAct::kSwiGLU)
+      h = torch::silu(torch::mm(xs, w.w_gate[e].t())) * torch::mm(xs, w.w_up[e].t());
+    else
+      h = torch::gelu(torch::mm(xs, w.w_up[e].t()));
+    auto ye = torch::mm(h, w.w_down[e].t()) * plan.gate.narrow(0, off[e], n).unsqueeze(1);
+    y.index_add_(0, idx, ye);
+  }
+  return y;
+}
+
+}  // namespace moeforge

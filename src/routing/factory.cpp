@@ -1,0 +1,14 @@
+#include "moeforge/routing/factory.h"
+
+#include "moeforge/routing/topk.h"
+#include "moeforge/util/error.h"
+
+namespace moeforge {
+
+std::shared_ptr<Router> make_router(const MoEConfig& cfg, int64_t d_model) {
+  cfg.validate();
+  if (cfg.router == "topk") return std::make_shared<TopKRouterImpl>(cfg, d_model);
+  throw ConfigError("moe.router", "router '" + cfg.router + "' is not available in this build");
+}
+
+}  // namespace moeforge

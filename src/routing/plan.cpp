@@ -1,0 +1,100 @@
+// Building a RoutingPlan from per-token choices: capacity with the overflow rules of ROUTING.md section 1,
+// then a counting sort by expert (no full sort, no [T, E] masks).
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "moeforge/routing/router.h"
+
+namespace moeforge {
+
+std::vector<int64_t> RoutingPlan::offsets() const {
+  auto off = expert_offsets.to(torch::kCPU).contiguous();
+  const int64_t* p = off.data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + off.numel());
+}
+
+int64_t expert_capacity(double capacity_factor, int64_t n_tokens, int64_t k, int64_t n_expert) {
+  if (capacity_factor <= 0) return 0;
+  return static_cast<int64_t>(std::ceil(capacity_factor * double(n_tokens) * double(k) / double(n_expert)));
+}
+
+RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Tensor& keep,
+                                    const torch::Tensor& priority, const torch::Tensor& gate_tk,
+                                    int64_t n_expert, int64_t capacity) {
+  TORCH_CHECK(expert.dim() == 2, "build_plan_from_choices: expert must be [T, K]");
+  const int64_t T = expert.size(0), K = expert.size(1), E = n_expert;
+  auto ex_t = expert.to(torch::kCPU, torch::kLong).contiguous();  // [T, K]
+  const int64_t* ex = ex_t.data_ptr<int64_t>();
+  torch::Tensor keep_t;
+  const bool* kp = nullptr;
+  if (keep.defined()) {
+    keep_t = keep.to(torch::kCPU, torch::kBool).contiguous();  // [T, K]
+    kp = keep_t.data_ptr<bool>();
+  }
+
+  std::vector<int64_t> count(E, 0);
+  std::vector<uint8_t> kept(T * K, 0);
+  int64_t requested = 0;
+  if (capacity <= 0 && !priority.defined()) {
+    // Dropless: every requested choice is kept.
+    for (int64_t p = 0; p < T * K; ++p) {
+      if (kp && !kp[p]) continue;
+      TORCH_CHECK(ex[p] >= 0 && ex[p] < E, "build_plan_from_choices: expert id out of range");
+      ++requested;
+      ++count[ex[p]];
+      kept[p] = 1;
+    }
+  } else {
+    // Serve first choices of all tokens before second choices; inside a rank, by token order or by
+    // descending priority (Switch batch-prioritised routing; ties keep token order).
+    std::vector<int64_t> order(T);
+    std::iota(order.begin(), order.end(), 0);
+    if (priority.defined()) {
+      auto pr_t = priority.to(torch::kCPU, torch::kFloat).contiguous();
+      const float* pr = pr_t.data_ptr<float>();
+      std::stable_sort(order.begin(), order.end(), [pr](int64_t a, int64_t b) { return pr[a] > pr[b]; });
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t t : order) {
+        const int64_t p = t * K + k;
+        if (kp && !kp[p]) continue;
+        const int64_t e = ex[p];
+        TORCH_CHECK(e >= 0 && e < E, "build_plan_from_choices: expert id out of range");
+        ++requested;
+        if (capacity > 0 && count[e] >= capacity) continue;  // dropped
+        ++count[e];
+        kept[p] = 1;
+      }
+    }
+  }
+
+  // Counting sort of kept choices by expert, ascending token order inside an expert.
+  auto offsets_t = torch::empty({E + 1}, torch::kLong);
+  int64_t* off = offsets_t.data_ptr<int64_t>();
+  off[0] = 0;
+  for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + count[e];
+  const int64_t N = off[E];
+  auto flat_pos_t = torch::empty({N}, torch::kLong);  // [N] position t*K + k
+  auto token_t = torch::empty({N}, torch::kLong);     // [N]
+  int64_t* fp = flat_pos_t.data_ptr<int64_t>();
+  int64_t* tok = token_t.data_ptr<int64_t>();
+  std::vector<int64_t> cursor(off, off + E);
+  for (int64_t p = 0; p < T * K; ++p) {
+    if (!kept[p]) continue;
+    const int64_t slot = cursor[ex[p]]++;
+    fp[slot] = p;
+    tok[slot] = p / K;
+  }
+
+  RoutingPlan plan;
+  const auto device = gate_tk.device();
+  plan.token_index = token_t.to(device);
+  plan.expert_offsets = offsets_t;
+  plan.gate = gate_tk.reshape({T * K}).index_select(0, flat_pos_t.to(device));  // [N]
+  plan.aux_loss = torch::zeros({}, gate_tk.options());
+  plan.stats = make_routing_stats(std::move(count), T, requested);
+  return plan;
+}
+
+}  // namespace moeforge

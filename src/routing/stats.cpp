@@ -1,0 +1,43 @@
+#include "moeforge/routing/stats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace moeforge {
+
+double max_violation(const std::vector<double>& load) {
+  if (load.empty()) return 0;
+  const double total = std::accumulate(load.begin(), load.end(), 0.0);
+  if (total <= 0) return 0;
+  const double mean = total / load.size();
+  return (*std::max_element(load.begin(), load.end()) - mean) / mean;
+}
+
+RoutingStats make_routing_stats(std::vector<int64_t> load, int64_t n_tokens, int64_t n_requested) {
+  RoutingStats s;
+  s.load = std::move(load);
+  s.n_tokens = n_tokens;
+  s.n_requested = n_requested;
+  s.n_kept = std::accumulate(s.load.begin(), s.load.end(), int64_t{0});
+  const size_t E = s.load.size();
+  if (E == 0) return s;
+  std::vector<double> l(s.load.begin(), s.load.end());
+  s.max_vio = max_violation(l);
+  s.dropped_share = n_requested > 0 ? double(n_requested - s.n_kept) / double(n_requested) : 0.0;
+  const double mean = double(s.n_kept) / double(E);
+  double var = 0, ent = 0;
+  for (double x : l) {
+    var += (x - mean) * (x - mean);
+    if (x > 0 && s.n_kept > 0) {
+      const double p = x / double(s.n_kept);
+      ent -= p * std::log(p);
+    }
+    if (x == 0) ++s.dead_experts;
+  }
+  s.load_cv = mean > 0 ? std::sqrt(var / double(E)) / mean : 0.0;
+  s.load_entropy = E > 1 ? ent / std::log(double(E)) : 1.0;
+  return s;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,89 @@
+#include "moeforge/routing/topk.h"
+
+#include <cmath>
+
+#include "moeforge/routing/losses.h"
+
+namespace moeforge {
+
+TopKRouterImpl::TopKRouterImpl(const MoEConfig& cfg, int64_t d_model)
+    : cfg_(cfg), n_expert_(cfg.routed_experts()), k_(cfg.routed_used()) {
+  cfg_.validate();
+  // nn.Linear's default initialisation, U(-1/sqrt(C), 1/sqrt(C)), as in the Mixtral reference.
+  const double bound = 1.0 / std::sqrt(double(d_model));
+  weight = register_parameter("weight", torch::empty({n_expert_, d_model}).uniform_(-bound, bound));
+  if (cfg_.noisy) {
+    // Zero start: no noise until the router learns it (Shazeer 2017 initialises W_noise to zero).
+    noise_weight = register_parameter("noise_weight", torch::zeros({n_expert_, d_model}));
+  }
+}
+
+TokenScores TopKRouterImpl::score(const torch::Tensor& x, bool training) {
+  TokenScores s;
+  s.logits = torch::matmul(x, weight.t());  // [T, E]
+  torch::Tensor z = s.logits;
+  if (cfg_.noisy && training) {
+    // z' = z + eps * softplus(x W_noise), eps ~ N(0, 1) (Shazeer 2017 eq. 4); selection and gates on z'.
+    auto noise_std = torch::softplus(torch::matmul(x, noise_weight.t()));
+    z = z + torch::randn_like(z) * noise_std;
+  }
+  if (cfg_.score == ScoreFunc::kSoftmax) {
+    s.scores = torch::softmax(z, 1);
+    s.probs = z.is_same(s.logits) ? s.scores : torch::softmax(s.logits, 1);
+  } else {
+    s.scores = torch::sigmoid(z);
+    auto clean = z.is_same(s.logits) ? s.scores : torch::sigmoid(s.logits);
+    s.probs = clean / clean.sum(1, true);  // DeepSeek-V3 normalises sigmoid scores for its balance loss
+  }
+  return s;
+}
+
+RoutingPlan TopKRouterImpl::route(const torch::Tensor& x, const RouteContext& ctx) {
+  return route_scores(score(x, ctx.training), torch::Tensor(), ctx);
+}
+
+RoutingPlan TopKRouterImpl::route_scores(const TokenScores& s, const torch::Tensor& selection_bias,
+                                         const RouteContext& ctx) {
+  const int64_t T = s.scores.size(0);
+  torch::Tensor choices, gate_tk;  // [T, K]
+  if (selection_bias.defined()) {
+    choices = std::get<1>((s.scores.detach() + selection_bias.to(s.scores.device())).topk(k_, 1));
+    gate_tk = s.scores.gather(1, choices);
+  } else {
+    auto top = s.scores.topk(k_, 1);
+    gate_tk = std::get<0>(top);
+    choices = std::get<1>(top);
+  }
+  auto raw_gate = gate_tk.detach();  // [T, K] un-normalised, for priorities and GShard's rule
+  if (cfg_.renormalize || cfg_.score == ScoreFunc::kSigmoid) gate_tk = gate_tk / gate_tk.sum(1, true);
+
+  torch::Tensor keep;  // [T, K] bool, undefined = all requested
+  if (cfg_.gshard_random_second && ctx.training && k_ >= 2) {
+    // GShard (Lepikhin et al. 2020, Algorithm 1): keep the second expert only if 2 * g2 > u, u ~ U(0,1),
+    // with g2 normalised over the top two.
+    auto g2 = raw_gate.select(1, 1) / (raw_gate.select(1, 0) + raw_gate.select(1, 1));
+    keep = torch::ones({T, k_}, torch::kBool);
+    keep.select(1, 1).copy_((2.0 * g2 > torch::rand_like(g2)).cpu());
+  }
+  torch::Tensor priority;
+  if (cfg_.overflow == OverflowOrder::kBatchPrioritized && cfg_.capacity_factor > 0)
+    priority = raw_gate.select(1, 0);  // Switch/V-MoE BPR: tokens ordered by their top-1 score
+  const int64_t cap = expert_capacity(cfg_.capacity_factor, T, k_, n_expert_);
+  RoutingPlan plan = build_plan_from_choices(choices, keep, priority, gate_tk, n_expert_, cap);
+  plan.aux_loss = token_choice_aux_loss(cfg_, s, choices, ctx);
+  return plan;
+}
+
+torch::Tensor token_choice_aux_loss(const MoEConfig& cfg, const TokenScores& s, const torch::Tensor& choices,
+                                    const RouteContext& ctx) {
+  auto loss = torch::zeros({}, s.logits.options());
+  if (cfg.balance_coef > 0) loss = loss + cfg.balance_coef * switch_balance_loss(s.probs, choices);
+  if (cfg.seq_balance_coef > 0) {
+    const int64_t B = ctx.seq_len > 0 ? s.probs.size(0) / ctx.seq_len : 1;
+    loss = loss + cfg.seq_balance_coef * seq_balance_loss(s.probs, choices, B);
+  }
+  if (cfg.z_loss_coef > 0) loss = loss + cfg.z_loss_coef * router_z_loss(s.logits);
+  return loss;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,77 @@
+// Bad configuration values are rejected with a message naming the field.
+#include "moeforge/config/binder.h"
+#include "moeforge/config/moe_config.h"
+#include "moeforge/layer/moe_layer.h"
+#include "moeforge/util/error.h"
+#include "test_util.h"
+
+namespace moeforge {
+namespace {
+
+// Expects `fn` to throw ConfigError for `field` with a message that names it.
+template <class Fn>
+void expect_config_error(Fn fn, const std::string& field) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error for " << field;
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.field(), field) << e.what();
+    EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+  }
+}
+
+TEST(Config, DefaultsAreValid) {
+  EXPECT_NO_THROW(MoEConfig{}.validate());
+}
+
+TEST(Config, BadValuesNameTheirField) {
+  auto with = [](auto change) {
+    MoEConfig c;
+    change(c);
+    return [c] { c.validate(); };
+  };
+  expect_config_error(with([](MoEConfig& c) { c.n_expert_used = 9; }), "moe.n_expert_used");  // K > E
+  expect_config_error(with([](MoEConfig& c) { c.n_expert_used = 0; }), "moe.n_expert_used");
+  expect_config_error(with([](MoEConfig& c) { c.n_expert = 0; }), "moe.n_expert");
+  expect_config_error(with([](MoEConfig& c) { c.capacity_factor = -0.5; }), "moe.capacity_factor");
+  expect_config_error(with([](MoEConfig& c) { c.router = "nope"; }), "moe.router");
+  expect_config_error(with([](MoEConfig& c) { c.d_expert = 10, c.expert_split = 3; }), "moe.expert_split");
+  expect_config_error(with([](MoEConfig& c) { c.balance_coef = -1; }), "moe.balance_coef");
+  expect_config_error(with([](MoEConfig& c) { c.z_loss_coef = std::nan(""); }), "moe.z_loss_coef");
+  expect_config_error(with([](MoEConfig& c) { c.n_expert_used = 1, c.gshard_random_second = true; }),
+                      "moe.gshard_random_second");
+  // The layer refuses a bad config at construction.
+  MoEConfig bad;
+  bad.n_expert_used = 12;
+  expect_config_error([&] { MoELayer layer(bad, 8); }, "moe.n_expert_used");
+}
+
+TEST(Config, TomlFileAndOverrides) {
+  MoEConfig c;
+  ConfigBinder b;
+  bind_moe_config(b, &c);
+  b.apply_text("[moe]\nn_expert = 16\nscore = \"sigmoid\"\ncapacity_factor = 1.25\n", "test.toml");
+  EXPECT_EQ(c.n_expert, 16);
+  EXPECT_EQ(c.score, ScoreFunc::kSigmoid);
+  EXPECT_DOUBLE_EQ(c.capacity_factor, 1.25);
+  b.apply_override("moe.n_expert_used=4");
+  b.apply_override("moe.overflow=batch_prioritized");  // bare word read as a string
+  EXPECT_EQ(c.n_expert_used, 4);
+  EXPECT_EQ(c.overflow, OverflowOrder::kBatchPrioritized);
+
+  expect_config_error([&] { b.apply_text("[moe]\nn_experts = 4\n", "t.toml"); }, "moe.n_experts");  // unknown
+  expect_config_error([&] { b.apply_text("[moe]\nn_expert = \"four\"\n", "t.toml"); }, "moe.n_expert");
+  expect_config_error([&] { b.apply_text("[moe]\nscore = \"tanh\"\n", "t.toml"); }, "moe.score");
+  expect_config_error([&] { b.apply_override("moe.noisy=maybe"); }, "moe.noisy");
+  expect_config_error([&] { b.apply_override("moe.bogus=1"); }, "moe.bogus");
+  // The position of a bad value is in the message.
+  try {
+    b.apply_text("[moe]\n\nn_expert = 2.5\n", "where.toml");
+    ADD_FAILURE();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("where.toml:3"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace moeforge

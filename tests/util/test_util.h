@@ -1,0 +1,29 @@
+// Shared helpers for moeforge's tests: tensor comparison that prints the largest difference and the first
+// mismatches (llm.c's check_tensor), golden-file loading, finite differences.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <functional>
+#include <string>
+
+#include "moeforge/io/safetensors.h"
+
+namespace moeforge::test {
+
+// |a - b| <= atol + rtol * |b| elementwise; on failure reports max abs diff and the first 5 mismatches.
+::testing::AssertionResult tensors_close(const torch::Tensor& actual, const torch::Tensor& expected,
+                                         double atol, double rtol);
+
+#define EXPECT_TENSOR_NEAR(actual, expected, atol, rtol)                             \
+  EXPECT_TRUE(::moeforge::test::tensors_close((actual), (expected), (atol), (rtol))) \
+      << #actual " vs " #expected
+
+// Golden files written by scripts/golden at build time.
+SafeTensors load_golden(const std::string& name);
+
+// Central finite-difference gradient of scalar f() with respect to every element of `param` (double).
+torch::Tensor numeric_grad(const std::function<torch::Tensor()>& f, torch::Tensor param, double eps = 1e-6);
+
+}  // namespace moeforge::test
