@@ -5,6 +5,29 @@
 
 namespace moeforge {
 
+namespace {
+
+// Per-expert RMS of output rows and count of rows with a NaN/Inf: the health signal of reliability tracking.
+void record_expert_health(const torch::Tensor& y_sorted, RoutingPlan& plan) {
+  torch::NoGradGuard ng;
+  const auto off = plan.offsets();
+  const int64_t E = plan.n_expert();
+  auto rms = torch::zeros({E}, torch::kDouble);
+  auto bad = torch::zeros({E}, torch::kLong);
+  auto row_sq = y_sorted.detach().to(torch::kDouble).pow(2).mean(1).cpu();  // [N]
+  auto row_bad = (~torch::isfinite(y_sorted.detach())).any(1).cpu();          // [N]
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    rms[e] = row_sq.narrow(0, off[e], n).mean().sqrt().item<double>();
+    bad[e] = row_bad.narrow(0, off[e], n).sum().item<int64_t>();
+  }
+  plan.expert_out_rms = rms;
+  plan.expert_nonfinite = bad;
+}
+
+}  // namespace
+
 MoELayerImpl::MoELayerImpl(const MoEConfig& cfg, int64_t d_model) : cfg_(cfg) {
   cfg_.validate();
   router = register_module("router", make_router(cfg_, d_model));
@@ -35,8 +58,10 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
   return {y.reshape(shape), plan};
 }
 
-void MoELayerImpl::after_step() {
-  if (last_plan_.expert_offsets.defined()) router->after_step(last_plan_);
+void MoELayerImpl::after_step(const torch::Tensor& token_loss) {
+  if (!last_plan_.expert_offsets.defined()) return;
+  if (token_loss.defined()) last_plan_.token_loss = token_loss.detach().reshape(-1);
+  router->after_step(last_plan_);
 }
 
 torch::Tensor moe_plain_loop(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w) {

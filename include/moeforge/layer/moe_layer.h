@@ -25,8 +25,9 @@ class MoELayerImpl : public torch::nn::Module {
 
   // x: [T, C] or [B, S, C]. For [B, S, C] input, ctx.n_seq / ctx.seq_len are filled in from the shape.
   MoEOutput forward(const torch::Tensor& x, RouteContext ctx = {});
-  // Router state update after the optimiser step, from the last training forward's plan.
-  void after_step();
+  // Router state update after the optimiser step, from the last training forward's plan. token_loss: [T]
+  // per-token loss of that batch, if the caller has it (reliability tracking uses it).
+  void after_step(const torch::Tensor& token_loss = {});
 
   const MoEConfig& config() const { return cfg_; }
   std::shared_ptr<Router> router;

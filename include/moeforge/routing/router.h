@@ -31,12 +31,23 @@ struct RoutingPlan {
   torch::Tensor aux_loss;        // scalar: the router's auxiliary loss (zero if none), differentiable
   RoutingStats stats;
 
+  // Optional, router-specific.
+  torch::Tensor scores;       // [T, E] detached router scores, for after_step updates that need them (BIP)
+  torch::Tensor seq_cluster;  // [B] int64 the cluster each sequence was routed in (MoCE), for later layers
+  // Filled by MoELayer after the experts ran, when router->wants_expert_health():
+  torch::Tensor expert_out_rms;    // [E] float64 RMS of each expert's output rows (0 for an idle expert)
+  torch::Tensor expert_nonfinite;  // [E] int64 output rows with a NaN or Inf
+  // Filled by the trainer before after_step, when it has them:
+  torch::Tensor token_loss;  // [T] per-token training loss of the batch that was routed
+
   int64_t n_expert() const { return expert_offsets.numel() - 1; }
   int64_t n_assign() const { return token_index.numel(); }
   std::vector<int64_t> offsets() const;  // expert_offsets as a vector
 };
 
-// Every router implements this; a model only ever sees a Router.
+// Every router implements this; a model only ever sees a Router. Router state that must survive a
+// checkpoint (loss-free bias, BIP dual, reliabilities, centroids, EC thresholds) is held in registered
+// buffers (register_buffer), so that saving named_parameters() and named_buffers() saves all of it.
 class Router : public torch::nn::Module {
  public:
   // x: [T, C] the FFN input after its norm.
@@ -44,6 +55,8 @@ class Router : public torch::nn::Module {
   // Called once after the optimiser step with the plan of the batch just trained on (loss-free bias,
   // BIP dual, reliabilities, online centroids). The default keeps no state.
   virtual void after_step(const RoutingPlan& /*plan*/) {}
+  // Routers that track expert health (reliability) ask MoELayer to fill expert_out_rms/expert_nonfinite.
+  virtual bool wants_expert_health() const { return false; }
   virtual int64_t n_expert() const = 0;
   virtual std::string name() const = 0;
 };
