@@ -52,7 +52,8 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
   RoutingPlan plan = router->route(x2, ctx);
   auto x_sorted = dispatch(x2, plan);                          // [N, C]
   auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]
-  auto y = combine(y_sorted, plan, T);                         // [T, C]
+  if (router->wants_expert_health()) record_expert_health(y_sorted, plan);
+  auto y = combine(y_sorted, plan, T);  // [T, C]
   if (shared) y = y + shared->forward(x2);
   if (is_training()) last_plan_ = plan;
   return {y.reshape(shape), plan};
