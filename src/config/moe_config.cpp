@@ -8,7 +8,7 @@
 namespace moeforge {
 
 const std::vector<std::string>& available_routers() {
-  static const std::vector<std::string> kRouters = {"topk"};
+  static const std::vector<std::string> kRouters = {"topk", "hierarchical", "moce"};
   return kRouters;
 }
 
@@ -48,6 +48,61 @@ void MoEConfig::validate() const {
   nonneg("moe.z_loss_coef", z_loss_coef);
   if (gshard_random_second && n_expert_used < 2)
     throw ConfigError("moe.gshard_random_second", "needs moe.n_expert_used >= 2");
+  validate_cluster_routing();
+}
+
+// The hierarchical / MoCE block and the expert form (ROUTING.md sections 5 and 6).
+void MoEConfig::validate_cluster_routing() const {
+  auto str = [](auto v) { return std::to_string(v); };
+  const int64_t E = routed_experts(), K = routed_used();
+  if (router == "hierarchical" || router == "moce") {
+    if (n_cluster < 1) throw ConfigError("moe.n_cluster", "must be >= 1, got " + str(n_cluster));
+  }
+  if (router == "hierarchical") {
+    if (E % n_cluster != 0)
+      throw ConfigError("moe.n_cluster", "the " + str(E) + " routed experts do not split into " +
+                                             str(n_cluster) + " equal clusters");
+    if (n_cluster_used < 1 || n_cluster_used > n_cluster)
+      throw ConfigError("moe.n_cluster_used",
+                        "must be in [1, moe.n_cluster = " + str(n_cluster) + "], got " + str(n_cluster_used));
+    if (K > E / n_cluster)
+      throw ConfigError("moe.n_expert_used",
+                        "K_e = " + str(K) + " exceeds the " + str(E / n_cluster) + " experts of one cluster");
+    if (!std::isfinite(cluster_capacity_factor) || cluster_capacity_factor < 0)
+      throw ConfigError("moe.cluster_capacity_factor",
+                        "must be >= 0 (0 = none), got " + std::to_string(cluster_capacity_factor));
+    if (!(reliability_decay >= 0 && reliability_decay < 1))
+      throw ConfigError("moe.reliability_decay",
+                        "must be in [0, 1), got " + std::to_string(reliability_decay));
+    if (!(reliability_explode > 1) || !std::isfinite(reliability_explode))
+      throw ConfigError("moe.reliability_explode",
+                        "must be a finite number > 1, got " + std::to_string(reliability_explode));
+    if (!std::isfinite(diversity_coef) || diversity_coef < 0)
+      throw ConfigError("moe.diversity_coef",
+                        "must be a finite number >= 0, got " + std::to_string(diversity_coef));
+  }
+  if (router == "moce") {
+    if (moce_n_general < 0 || moce_n_general >= E)
+      throw ConfigError("moe.moce_n_general", "must be in [0, " + str(E) + "), got " + str(moce_n_general));
+    const int64_t grouped = E - moce_n_general;
+    if (grouped % n_cluster != 0)
+      throw ConfigError("moe.n_cluster", "the " + str(grouped) + " cluster experts do not split into " +
+                                             str(n_cluster) + " equal groups");
+    if (K > grouped / n_cluster)
+      throw ConfigError("moe.n_expert_used", "K = " + str(K) + " exceeds the " + str(grouped / n_cluster) +
+                                                 " experts of one cluster group");
+    if (moce_n_general > 0 && (moce_general_used < 1 || moce_general_used > moce_n_general))
+      throw ConfigError(
+          "moe.moce_general_used",
+          "must be in [1, moe.moce_n_general = " + str(moce_n_general) + "], got " + str(moce_general_used));
+    if (!(centroid_decay >= 0 && centroid_decay < 1))
+      throw ConfigError("moe.centroid_decay", "must be in [0, 1), got " + std::to_string(centroid_decay));
+  }
+  if (expert_form == ExpertForm::kAdapter) {
+    if (adapter_dim < 1) throw ConfigError("moe.adapter_dim", "must be >= 1, got " + str(adapter_dim));
+    if (!std::isfinite(adapter_scale))
+      throw ConfigError("moe.adapter_scale", "must be finite, got " + std::to_string(adapter_scale));
+  }
 }
 
 void bind_moe_config(ConfigBinder& b, MoEConfig* c) {
@@ -71,6 +126,21 @@ void bind_moe_config(ConfigBinder& b, MoEConfig* c) {
   b.bind("moe.balance_coef", &c->balance_coef);
   b.bind("moe.seq_balance_coef", &c->seq_balance_coef);
   b.bind("moe.z_loss_coef", &c->z_loss_coef);
+  // Hierarchical / MoCE block and expert form.
+  b.bind("moe.n_cluster", &c->n_cluster);
+  b.bind("moe.n_cluster_used", &c->n_cluster_used);
+  b.bind("moe.cluster_capacity_factor", &c->cluster_capacity_factor);
+  b.bind("moe.reliability_decay", &c->reliability_decay);
+  b.bind("moe.reliability_explode", &c->reliability_explode);
+  b.bind("moe.diversity_coef", &c->diversity_coef);
+  b.bind("moe.adaptive_weight", &c->adaptive_weight);
+  b.bind("moe.moce_n_general", &c->moce_n_general);
+  b.bind("moe.moce_general_used", &c->moce_general_used);
+  b.bind("moe.centroid_decay", &c->centroid_decay);
+  b.bind_enum("moe.expert_form", &c->expert_form,
+              {{"ffn", ExpertForm::kFFN}, {"adapter", ExpertForm::kAdapter}});
+  b.bind("moe.adapter_dim", &c->adapter_dim);
+  b.bind("moe.adapter_scale", &c->adapter_scale);
 }
 
 std::string to_string(ScoreFunc v) {
@@ -84,6 +154,9 @@ std::string to_string(ExpertAct v) {
 }
 std::string to_string(ExpertsImplKind v) {
   return v == ExpertsImplKind::kGrouped ? "grouped" : "reference";
+}
+std::string to_string(ExpertForm v) {
+  return v == ExpertForm::kFFN ? "ffn" : "adapter";
 }
 
 }  // namespace moeforge

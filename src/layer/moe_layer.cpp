@@ -15,7 +15,7 @@ void record_expert_health(const torch::Tensor& y_sorted, RoutingPlan& plan) {
   auto rms = torch::zeros({E}, torch::kDouble);
   auto bad = torch::zeros({E}, torch::kLong);
   auto row_sq = y_sorted.detach().to(torch::kDouble).pow(2).mean(1).cpu();  // [N]
-  auto row_bad = (~torch::isfinite(y_sorted.detach())).any(1).cpu();          // [N]
+  auto row_bad = (~torch::isfinite(y_sorted.detach())).any(1).cpu();        // [N]
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -31,8 +31,16 @@ void record_expert_health(const torch::Tensor& y_sorted, RoutingPlan& plan) {
 MoELayerImpl::MoELayerImpl(const MoEConfig& cfg, int64_t d_model) : cfg_(cfg) {
   cfg_.validate();
   router = register_module("router", make_router(cfg_, d_model));
-  experts = register_module("experts", Experts(cfg_.routed_experts(), d_model, cfg_.routed_width(),
-                                               cfg_.expert_act, cfg_.experts_impl));
+  if (cfg_.expert_form == ExpertForm::kAdapter) {
+    dense = register_module("dense", DenseFFN(d_model, cfg_.d_expert, cfg_.expert_act));
+    // Frozen (sparse upcycling): only adapters and router train. Still a parameter, so checkpoints keep it.
+    for (auto& p : dense->parameters()) p.set_requires_grad(false);
+    adapters = register_module(
+        "adapters", AdapterExperts(cfg_.routed_experts(), d_model, cfg_.adapter_dim, cfg_.adapter_scale));
+  } else {
+    experts = register_module("experts", Experts(cfg_.routed_experts(), d_model, cfg_.routed_width(),
+                                                 cfg_.expert_act, cfg_.experts_impl));
+  }
   if (cfg_.n_shared_expert > 0)
     shared =
         register_module("shared", DenseFFN(d_model, cfg_.n_shared_expert * cfg_.d_expert, cfg_.expert_act));
@@ -50,10 +58,23 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
   const int64_t T = x2.size(0);
 
   RoutingPlan plan = router->route(x2, ctx);
-  auto x_sorted = dispatch(x2, plan);                          // [N, C]
-  auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]
-  if (router->wants_expert_health()) record_expert_health(y_sorted, plan);
-  auto y = combine(y_sorted, plan, T);  // [T, C]
+  torch::Tensor y;  // [T, C] routed output
+  if (adapters) {
+    // Adapter form: the experts' input rows are the frozen FFN's output z, not x, and z is added back.
+    auto z = dense->forward(x2);                                  // [T, C]
+    auto z_sorted = dispatch(z, plan);                            // [N, C]
+    auto a_sorted = adapters->forward(z_sorted, plan.offsets());  // [N, C]
+    if (router->wants_expert_health()) record_expert_health(a_sorted, plan);
+    y = z + combine(a_sorted, plan, T);
+  } else {
+    auto x_sorted = dispatch(x2, plan);                          // [N, C]
+    auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]
+    if (router->wants_expert_health()) record_expert_health(y_sorted, plan);
+    y = combine(y_sorted, plan, T);
+  }
+  // A router's per-token output scale (ClusterMoE's adaptive weight a(x)) scales the routed output only;
+  // shared experts are outside the router's control.
+  if (plan.token_scale.defined()) y = y * plan.token_scale.to(y.dtype()).unsqueeze(1);
   if (shared) y = y + shared->forward(x2);
   if (is_training()) last_plan_ = plan;
   return {y.reshape(shape), plan};

@@ -1,5 +1,7 @@
 #include "moeforge/routing/factory.h"
 
+#include "moeforge/routing/hierarchical.h"
+#include "moeforge/routing/moce.h"
 #include "moeforge/routing/topk.h"
 #include "moeforge/util/error.h"
 
@@ -8,6 +10,8 @@ namespace moeforge {
 std::shared_ptr<Router> make_router(const MoEConfig& cfg, int64_t d_model) {
   cfg.validate();
   if (cfg.router == "topk") return std::make_shared<TopKRouterImpl>(cfg, d_model);
+  if (cfg.router == "hierarchical") return std::make_shared<HierarchicalRouterImpl>(cfg, d_model);
+  if (cfg.router == "moce") return std::make_shared<MoCERouterImpl>(cfg, d_model);
   throw ConfigError("moe.router", "router '" + cfg.router + "' is not available in this build");
 }
 

@@ -11,6 +11,7 @@ enum class ScoreFunc { kSoftmax, kSigmoid };
 enum class OverflowOrder { kTokenOrder, kBatchPrioritized };
 enum class ExpertAct { kSwiGLU, kGELU };
 enum class ExpertsImplKind { kGrouped, kReference };
+enum class ExpertForm { kFFN, kAdapter };
 
 struct MoEConfig {
   std::string router = "topk";  // moe.router
@@ -35,6 +36,25 @@ struct MoEConfig {
   double seq_balance_coef = 0.0;  // moe.seq_balance_coef: sequence-wise balance loss alpha
   double z_loss_coef = 1e-3;      // moe.z_loss_coef: router z-loss beta
 
+  // --- Hierarchical cluster routing (router "hierarchical", ROUTING.md section 5) and MoCE (router "moce",
+  // section 6). For "hierarchical", moe.n_expert_used is K_e, the experts taken inside each selected cluster,
+  // so a token has up to n_cluster_used * n_expert_used assignments. For "moce" it is K inside the group.
+  int64_t n_cluster = 2;                 // moe.n_cluster: G (expert clusters / sequence clusters)
+  int64_t n_cluster_used = 1;            // moe.n_cluster_used: K_c clusters per token (hierarchical)
+  double cluster_capacity_factor = 0.0;  // moe.cluster_capacity_factor: cap_c = ceil(CF*T*K_c/G), 0 = none
+  double reliability_decay = 0.9;        // moe.reliability_decay: EMA decay of expert/cluster reliability
+  double reliability_explode = 10.0;     // moe.reliability_explode: output RMS > this x median = unhealthy
+  double diversity_coef = 1e-2;          // moe.diversity_coef: within-cluster router-row cosine penalty
+  bool adaptive_weight = false;          // moe.adaptive_weight: scale the MoE output by sigmoid(w.x)
+  int64_t moce_n_general = 0;            // moe.moce_n_general: general experts (last ones of n_expert)
+  int64_t moce_general_used = 1;         // moe.moce_general_used: general experts per token
+  double centroid_decay = 0.99;          // moe.centroid_decay: EMA decay of MoCE's online centroids
+  // Expert form (any router): full FFN experts, or MoCE/PESC adapters on a frozen dense FFN of width
+  // d_expert.
+  ExpertForm expert_form = ExpertForm::kFFN;  // moe.expert_form: "ffn" | "adapter"
+  int64_t adapter_dim = 64;                   // moe.adapter_dim: adapter bottleneck width
+  double adapter_scale = 1.0;  // moe.adapter_scale: lambda in A(z) = lambda W_up gelu(W_down z)
+
   // Shapes after DeepSeekMoE fine-grained splitting: m*E experts of width F/m, m*K active.
   int64_t routed_experts() const { return n_expert * expert_split; }
   int64_t routed_used() const { return n_expert_used * expert_split; }
@@ -42,6 +62,8 @@ struct MoEConfig {
 
   // Throws ConfigError naming the field when a value is out of range.
   void validate() const;
+  // The checks of the hierarchical / MoCE block and the expert form (called by validate()).
+  void validate_cluster_routing() const;
 };
 
 // The values moe.router accepts in this build.
@@ -55,5 +77,6 @@ std::string to_string(ScoreFunc v);
 std::string to_string(OverflowOrder v);
 std::string to_string(ExpertAct v);
 std::string to_string(ExpertsImplKind v);
+std::string to_string(ExpertForm v);
 
 }  // namespace moeforge

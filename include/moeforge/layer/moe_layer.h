@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "moeforge/config/moe_config.h"
+#include "moeforge/layer/adapter_experts.h"
 #include "moeforge/layer/experts.h"
 #include "moeforge/routing/router.h"
 
@@ -31,7 +32,11 @@ class MoELayerImpl : public torch::nn::Module {
 
   const MoEConfig& config() const { return cfg_; }
   std::shared_ptr<Router> router;
-  Experts experts{nullptr};
+  Experts experts{nullptr};  // moe.expert_form = "ffn"
+  // moe.expert_form = "adapter" (MoCE/PESC): a frozen dense FFN of width d_expert whose output feeds the
+  // adapter experts and is added to their combined output (adapter_experts.h).
+  DenseFFN dense{nullptr};
+  AdapterExperts adapters{nullptr};
   DenseFFN shared{nullptr};  // K_s shared experts merged into one FFN of width K_s * F (same function)
   const RoutingPlan& last_plan() const { return last_plan_; }
 

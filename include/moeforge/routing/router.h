@@ -34,6 +34,9 @@ struct RoutingPlan {
   // Optional, router-specific.
   torch::Tensor scores;       // [T, E] detached router scores, for after_step updates that need them (BIP)
   torch::Tensor seq_cluster;  // [B] int64 the cluster each sequence was routed in (MoCE), for later layers
+  // [T] float, differentiable: a per-token scale of the routed output that MoELayer's combine step applies
+  // (ClusterMoE's adaptive routing weight a(x) = sigmoid(w.x)); undefined = 1.
+  torch::Tensor token_scale;
   // Filled by MoELayer after the experts ran, when router->wants_expert_health():
   torch::Tensor expert_out_rms;    // [E] float64 RMS of each expert's output rows (0 for an idle expert)
   torch::Tensor expert_nonfinite;  // [E] int64 output rows with a NaN or Inf

@@ -1,0 +1,328 @@
+// Hierarchical cluster routing, ROUTING.md section 5. See the header for the legend.
+#include "moeforge/routing/hierarchical.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "moeforge/routing/losses.h"
+
+namespace moeforge {
+
+namespace {
+
+// r never reaches 0, so log r stays finite and a recovered expert can come back (r in (0, 1]).
+constexpr double kMinReliability = 1e-4;
+// An expert is penalised for the loss of its tokens only when it exceeds the layer mean by this factor:
+// experts naturally serve tokens of different difficulty, and a small excess is not a fault.
+constexpr double kLossTolerance = 1.5;
+
+double finite_mean(const std::vector<double>& v) {
+  double s = 0;
+  int64_t n = 0;
+  for (double x : v)
+    if (std::isfinite(x)) s += x, ++n;
+  return n ? s / double(n) : std::numeric_limits<double>::quiet_NaN();
+}
+
+}  // namespace
+
+HierarchicalRouterImpl::HierarchicalRouterImpl(const MoEConfig& cfg, int64_t d_model)
+    : cfg_(cfg),
+      n_expert_(cfg.routed_experts()),
+      n_cluster_(cfg.n_cluster),
+      n_per_cluster_(cfg.routed_experts() / std::max<int64_t>(cfg.n_cluster, 1)),
+      k_cluster_(cfg.n_cluster_used),
+      k_expert_(cfg.routed_used()) {
+  cfg_.validate();
+  // nn.Linear's default initialisation U(-1/sqrt(C), 1/sqrt(C)) for both stages, as the top-K router.
+  const double bound = 1.0 / std::sqrt(double(d_model));
+  cluster_weight =
+      register_parameter("cluster_weight", torch::empty({n_cluster_, d_model}).uniform_(-bound, bound));
+  expert_weight = register_parameter(
+      "expert_weight", torch::empty({n_cluster_, n_per_cluster_, d_model}).uniform_(-bound, bound));
+  // Zero start: a(x) = 0.5 for every token until w is learned (the paper's form has no bias).
+  if (cfg_.adaptive_weight) adaptive_weight = register_parameter("adaptive_weight", torch::zeros({d_model}));
+  expert_reliability = register_buffer("expert_reliability", torch::ones({n_expert_}));
+  cluster_reliability = register_buffer("cluster_reliability", torch::ones({n_cluster_}));
+  expert_active = register_buffer("expert_active", torch::ones({n_expert_}));
+  expert_count = register_buffer("expert_count", torch::zeros({n_expert_}, torch::kDouble));
+  cluster_count = register_buffer("cluster_count", torch::zeros({n_cluster_}, torch::kDouble));
+}
+
+RoutingPlan HierarchicalRouterImpl::route(const torch::Tensor& x, const RouteContext& /*ctx*/) {
+  const int64_t T = x.size(0), G = n_cluster_, Eg = n_per_cluster_, Kc = k_cluster_, Ke = k_expert_;
+  const auto dev = x.device();
+  // Reliability and pruning enter the logits as log(r * active): log r for a degraded expert (section 5),
+  // -inf for a pruned one. A cluster is routable while any of its experts is.
+  auto expert_bias = (expert_reliability * expert_active).log().to(x.dtype()).view({G, Eg});  // [G, Eg]
+  auto cluster_active = expert_active.view({G, Eg}).amax(1);                                  // [G]
+  auto cluster_bias = (cluster_reliability * cluster_active).log().to(x.dtype());             // [G]
+
+  // Stage 1: softmax over clusters, top K_c.
+  auto zc = torch::matmul(x, cluster_weight.t());  // [T, G] learned logits
+  auto pc = torch::softmax(zc + cluster_bias, 1);  // [T, G]
+  auto top_c = pc.topk(Kc, 1);
+  auto pc_sel = std::get<0>(top_c);  // [T, Kc]
+  auto c_sel = std::get<1>(top_c);   // [T, Kc]
+
+  // Stage 2: only the selected clusters' routers run, O(C * K_c * Eg) per token. Pair p = t*Kc + kc.
+  auto c_flat = c_sel.reshape({-1}).cpu();  // [T*Kc]
+  std::vector<torch::Tensor> pairs_of(G);   // [n_g] pairs that selected cluster g (on dev)
+  std::vector<torch::Tensor> idx_parts, logit_parts;
+  for (int64_t g = 0; g < G; ++g) {
+    auto idx = (c_flat == g).nonzero().squeeze(1);  // [n_g]
+    if (idx.numel() == 0) continue;
+    auto tok = torch::div(idx, Kc, "floor").to(dev);                                     // [n_g]
+    logit_parts.push_back(torch::matmul(x.index_select(0, tok), expert_weight[g].t()));  // [n_g, Eg]
+    pairs_of[g] = idx.to(dev);
+    idx_parts.push_back(pairs_of[g]);
+  }
+  auto ze = torch::zeros({T * Kc, Eg}, x.options());  // [T*Kc, Eg] learned logits of each pair's cluster
+  if (!idx_parts.empty()) ze = ze.index_copy(0, torch::cat(idx_parts), torch::cat(logit_parts));
+  auto pe = torch::softmax(ze + expert_bias.index_select(0, c_sel.reshape({-1})), 1);  // [T*Kc, Eg]
+  auto top_e = pe.topk(Ke, 1);
+  auto pe_sel = std::get<0>(top_e);  // [T*Kc, Ke]
+  auto e_sel = std::get<1>(top_e);   // [T*Kc, Ke] local expert ids
+
+  // Gate = p(cluster) * p(expert | cluster); assignments listed cluster-rank major.
+  auto gate = (pc_sel.reshape({T * Kc, 1}) * pe_sel).reshape({T, Kc * Ke});          // [T, Kc*Ke]
+  auto expert_id = (c_sel.reshape({T * Kc, 1}) * Eg + e_sel).reshape({T, Kc * Ke});  // [T, Kc*Ke]
+  auto raw_gate = gate.detach();
+  // Renormalised over the token's K_c*K_e assignments when asked, but never over a single assignment: its
+  // gate would be the constant 1 and the router would get no gradient (the defect ROUTING.md section 6
+  // names).
+  if (cfg_.renormalize && Kc * Ke >= 2) gate = gate / gate.sum(1, true).clamp_min(1e-20);
+
+  // Capacity, cluster level first: cap_c = ceil(CF_c * T * K_c / G) (token, cluster) pairs per cluster,
+  // overflow rules of section 1. A zero probability means a pruned cluster chosen only to fill K_c.
+  auto raw_cpu = raw_gate.cpu();
+  torch::Tensor priority;  // [T] Switch batch-prioritised order: a token's best assignment
+  if (cfg_.overflow == OverflowOrder::kBatchPrioritized) priority = std::get<0>(raw_cpu.max(1));
+  auto c_sel_cpu = c_sel.cpu();
+  const int64_t cap_c = expert_capacity(cfg_.cluster_capacity_factor, T, Kc, G);
+  RoutingPlan cplan =
+      build_plan_from_choices(c_sel_cpu, pc_sel.detach().cpu() > 0, priority, pc_sel.detach(), G, cap_c);
+  auto kept_tc = torch::zeros({T, G}, torch::kBool);  // [T, G] pairs the cluster level served
+  {
+    const auto off = cplan.offsets();
+    auto tok = cplan.token_index.cpu();
+    for (int64_t g = 0; g < G; ++g)
+      kept_tc.select(1, g).index_fill_(0, tok.narrow(0, off[g], off[g + 1] - off[g]), true);
+  }
+  auto keep = kept_tc.gather(1, c_sel_cpu).unsqueeze(2).expand({T, Kc, Ke}).reshape({T, Kc * Ke}) &
+              (raw_cpu > 0);  // [T, Kc*Ke]
+
+  // Then the expert level: cap_e = ceil(CF * T * K_c*K_e / E).
+  const int64_t cap_e = expert_capacity(cfg_.capacity_factor, T, Kc * Ke, n_expert_);
+  RoutingPlan plan = build_plan_from_choices(expert_id.cpu(), keep, priority, gate, n_expert_, cap_e);
+  // Requested = every valid assignment, so that drops at the cluster level count as drops too.
+  plan.stats = make_routing_stats(plan.stats.load, T, (raw_cpu > 0).sum().item<int64_t>());
+
+  // Aux losses, all over full softmaxes (never over the selected logits only).
+  auto loss = torch::zeros({}, x.options());
+  if (cfg_.balance_coef > 0) {
+    // Switch loss over clusters + the mean over clusters of the Switch loss over their experts, each on
+    // the pairs that selected the cluster.
+    auto within = torch::zeros({}, x.options());
+    int64_t used = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      if (!pairs_of[g].defined()) continue;
+      within =
+          within + switch_balance_loss(pe.index_select(0, pairs_of[g]), e_sel.index_select(0, pairs_of[g]));
+      ++used;
+    }
+    if (used > 0) within = within / double(used);
+    loss = loss + cfg_.balance_coef * (switch_balance_loss(pc, c_sel) + within);
+  }
+  if (cfg_.z_loss_coef > 0) loss = loss + cfg_.z_loss_coef * (router_z_loss(zc) + router_z_loss(ze));
+  if (cfg_.diversity_coef > 0 && Eg >= 2) loss = loss + cfg_.diversity_coef * diversity_loss();
+  plan.aux_loss = loss;
+
+  if (cfg_.adaptive_weight) plan.token_scale = torch::sigmoid(torch::matmul(x, adaptive_weight));  // [T]
+
+  {
+    torch::NoGradGuard ng;
+    auto le =
+        torch::tensor(std::vector<double>(plan.stats.load.begin(), plan.stats.load.end()), torch::kDouble);
+    auto lc =
+        torch::tensor(std::vector<double>(cplan.stats.load.begin(), cplan.stats.load.end()), torch::kDouble);
+    expert_count.add_(le.to(expert_count.device()));
+    cluster_count.add_(lc.to(cluster_count.device()));
+  }
+  return plan;
+}
+
+// The health signal h_e in [0, 1] of an expert that served tokens in the plan (idle experts get no update):
+//   h = share of its output rows that are finite;
+//   h = 0 if its output RMS exceeds reliability_explode x the median RMS of the healthy active experts;
+//   h *= min(1, 1.5 * L_mean / L_e) when per-token losses are given: L_e = mean loss of the tokens it served,
+//        L_mean = the mean over the batch.
+// r <- decay * r + (1 - decay) * h, clamped to [1e-4, 1]. A cluster's h is the load-weighted mean of its
+// experts' h.
+void HierarchicalRouterImpl::after_step(const RoutingPlan& plan) {
+  if (!plan.expert_out_rms.defined() || !plan.expert_nonfinite.defined()) return;
+  torch::NoGradGuard ng;
+  const auto off = plan.offsets();
+  const int64_t E = n_expert_, G = n_cluster_, Eg = n_per_cluster_;
+  auto rms_t = plan.expert_out_rms.to(torch::kCPU, torch::kDouble).contiguous();
+  auto bad_t = plan.expert_nonfinite.to(torch::kCPU, torch::kLong).contiguous();
+  const double* rms = rms_t.data_ptr<double>();
+  const int64_t* bad = bad_t.data_ptr<int64_t>();
+
+  std::vector<double> healthy_rms;
+  for (int64_t e = 0; e < E; ++e)
+    if (off[e + 1] > off[e] && bad[e] == 0 && std::isfinite(rms[e])) healthy_rms.push_back(rms[e]);
+  double median = 0;
+  if (!healthy_rms.empty()) {
+    std::nth_element(healthy_rms.begin(), healthy_rms.begin() + healthy_rms.size() / 2, healthy_rms.end());
+    median = healthy_rms[healthy_rms.size() / 2];
+  }
+
+  std::vector<double> loss_e(E, std::numeric_limits<double>::quiet_NaN());
+  double loss_mean = std::numeric_limits<double>::quiet_NaN();
+  if (plan.token_loss.defined()) {
+    auto tl = plan.token_loss.to(torch::kCPU, torch::kDouble).contiguous();
+    loss_mean = finite_mean(std::vector<double>(tl.data_ptr<double>(), tl.data_ptr<double>() + tl.numel()));
+    auto sorted = tl.index_select(0, plan.token_index.cpu()).contiguous();  // [N]
+    const double* ls = sorted.data_ptr<double>();
+    for (int64_t e = 0; e < E; ++e) {
+      if (off[e + 1] == off[e]) continue;
+      double s = 0;
+      for (int64_t i = off[e]; i < off[e + 1]; ++i) s += ls[i];
+      loss_e[e] = s / double(off[e + 1] - off[e]);
+    }
+  }
+
+  std::vector<double> h(E, -1.0);  // -1: no signal this step
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    double he = 1.0 - double(bad[e]) / double(n);
+    if (!std::isfinite(rms[e]) || (median > 0 && rms[e] > cfg_.reliability_explode * median)) he = 0;
+    if (std::isfinite(loss_mean) && loss_mean > 0) {
+      if (!std::isfinite(loss_e[e]))
+        he = 0;
+      else if (loss_e[e] > 0)
+        he *= std::min(1.0, kLossTolerance * loss_mean / loss_e[e]);
+    }
+    h[e] = he;
+  }
+
+  const double d = cfg_.reliability_decay;
+  auto r_e = expert_reliability.to(torch::kCPU, torch::kDouble).contiguous();
+  auto r_c = cluster_reliability.to(torch::kCPU, torch::kDouble).contiguous();
+  double* re = r_e.data_ptr<double>();
+  double* rc = r_c.data_ptr<double>();
+  for (int64_t e = 0; e < E; ++e)
+    if (h[e] >= 0) re[e] = std::clamp(d * re[e] + (1 - d) * h[e], kMinReliability, 1.0);
+  for (int64_t g = 0; g < G; ++g) {
+    double num = 0, den = 0;
+    for (int64_t e = g * Eg; e < (g + 1) * Eg; ++e) {
+      if (h[e] < 0) continue;
+      const double w = double(off[e + 1] - off[e]);
+      num += w * h[e];
+      den += w;
+    }
+    if (den > 0) rc[g] = std::clamp(d * rc[g] + (1 - d) * num / den, kMinReliability, 1.0);
+  }
+  expert_reliability.copy_(r_e.to(expert_reliability.scalar_type()));
+  cluster_reliability.copy_(r_c.to(cluster_reliability.scalar_type()));
+}
+
+torch::Tensor HierarchicalRouterImpl::diversity_loss() const {
+  const int64_t Eg = n_per_cluster_;
+  if (Eg < 2) return torch::zeros({}, expert_weight.options());
+  auto w = expert_weight / expert_weight.norm(2, {2}, true).clamp_min(1e-12);  // [G, Eg, C] unit rows
+  auto cos = torch::matmul(w, w.transpose(1, 2));                              // [G, Eg, Eg]
+  auto off_diag = cos.sum({1, 2}) - cos.diagonal(0, 1, 2).sum(1);              // [G]
+  return (off_diag / double(Eg * (Eg - 1))).mean();
+}
+
+void HierarchicalRouterImpl::set_pruned(const std::vector<int64_t>& experts) {
+  torch::NoGradGuard ng;
+  auto active = torch::ones({n_expert_});
+  for (int64_t e : experts) {
+    TORCH_CHECK(e >= 0 && e < n_expert_, "set_pruned: expert ", e, " out of range [0, ", n_expert_, ")");
+    active[e] = 0;
+  }
+  TORCH_CHECK(active.sum().item<double>() >= 1, "set_pruned: cannot prune every expert");
+  expert_active.copy_(active);
+}
+
+std::vector<int64_t> HierarchicalRouterImpl::pruned() const {
+  auto a = expert_active.cpu();
+  std::vector<int64_t> out;
+  for (int64_t e = 0; e < n_expert_; ++e)
+    if (a[e].item<double>() == 0) out.push_back(e);
+  return out;
+}
+
+void HierarchicalRouterImpl::reset_counts() {
+  torch::NoGradGuard ng;
+  expert_count.zero_();
+  cluster_count.zero_();
+}
+
+HierarchicalSummary HierarchicalRouterImpl::summary() const {
+  auto ec = expert_count.to(torch::kCPU, torch::kDouble).contiguous();
+  auto cc = cluster_count.to(torch::kCPU, torch::kDouble).contiguous();
+  auto er = expert_reliability.to(torch::kCPU, torch::kDouble).contiguous();
+  auto cr = cluster_reliability.to(torch::kCPU, torch::kDouble).contiguous();
+  auto ea = expert_active.to(torch::kCPU, torch::kDouble).contiguous();
+  const double e_total = ec.sum().item<double>(), c_total = cc.sum().item<double>();
+  HierarchicalSummary s;
+  std::vector<double> e_load, c_load;
+  for (int64_t g = 0; g < n_cluster_; ++g) {
+    ClusterSummary c;
+    c.id = g;
+    c.load = cc.data_ptr<double>()[g];
+    c.share = c_total > 0 ? c.load / c_total : 0;
+    c.reliability = cr.data_ptr<double>()[g];
+    c_load.push_back(c.load);
+    for (int64_t e = g * n_per_cluster_; e < (g + 1) * n_per_cluster_; ++e) {
+      ExpertSummary x;
+      x.id = e;
+      x.load = ec.data_ptr<double>()[e];
+      x.share = e_total > 0 ? x.load / e_total : 0;
+      x.reliability = er.data_ptr<double>()[e];
+      x.pruned = ea.data_ptr<double>()[e] == 0;
+      e_load.push_back(x.load);
+      c.experts.push_back(x);
+    }
+    s.clusters.push_back(std::move(c));
+  }
+  s.max_vio_expert = max_violation(e_load);
+  s.max_vio_cluster = max_violation(c_load);
+  return s;
+}
+
+nlohmann::json HierarchicalSummary::to_json() const {
+  nlohmann::json j;
+  j["max_vio_expert"] = max_vio_expert;
+  j["max_vio_cluster"] = max_vio_cluster;
+  j["clusters"] = nlohmann::json::array();
+  for (const auto& c : clusters) {
+    nlohmann::json jc{{"id", c.id}, {"load", c.load}, {"share", c.share}, {"reliability", c.reliability}};
+    jc["experts"] = nlohmann::json::array();
+    for (const auto& e : c.experts)
+      jc["experts"].push_back({{"id", e.id},
+                               {"load", e.load},
+                               {"share", e.share},
+                               {"reliability", e.reliability},
+                               {"pruned", e.pruned}});
+    j["clusters"].push_back(jc);
+  }
+  return j;
+}
+
+std::vector<int64_t> experts_below_load_share(const std::vector<double>& load, double share_threshold) {
+  double total = 0;
+  for (double l : load) total += l;
+  std::vector<int64_t> out;
+  for (size_t e = 0; e < load.size(); ++e)
+    if ((total > 0 ? load[e] / total : 0.0) < share_threshold) out.push_back(int64_t(e));
+  return out;
+}
+
+}  // namespace moeforge

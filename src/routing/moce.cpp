@@ -1,0 +1,191 @@
+// MoCE dual-stage routing, ROUTING.md section 6. See the header for the legend.
+#include "moeforge/routing/moce.h"
+
+#include <cmath>
+#include <limits>
+
+#include "moeforge/routing/losses.h"
+
+namespace moeforge {
+
+namespace {
+
+torch::Tensor unit_rows(const torch::Tensor& v) {  // [M, D] -> rows of norm 1 (zero rows stay zero)
+  return v / v.norm(2, {1}, true).clamp_min(1e-12);
+}
+
+// Switch balance loss over each group's full softmax, on the tokens routed in that group, averaged over the
+// groups that have tokens. (The reference's loss took a softmax over only the selected logits: the
+// constant E/K, no gradient. This one has the gradient of the Switch loss.)
+torch::Tensor group_balance_loss(const torch::Tensor& probs, const torch::Tensor& choices,
+                                 const std::vector<torch::Tensor>& rows_of) {
+  auto loss = torch::zeros({}, probs.options());
+  int64_t used = 0;
+  for (const auto& rows : rows_of) {
+    if (!rows.defined()) continue;
+    loss = loss + switch_balance_loss(probs.index_select(0, rows), choices.index_select(0, rows));
+    ++used;
+  }
+  return used > 0 ? loss / double(used) : loss;
+}
+
+}  // namespace
+
+MoCERouterImpl::MoCERouterImpl(const MoEConfig& cfg, int64_t d_model)
+    : cfg_(cfg),
+      n_expert_(cfg.routed_experts()),
+      n_cluster_(cfg.n_cluster),
+      n_per_group_((cfg.routed_experts() - cfg.moce_n_general) / std::max<int64_t>(cfg.n_cluster, 1)),
+      n_general_(cfg.moce_n_general),
+      k_(cfg.routed_used()),
+      k_general_(cfg.moce_n_general > 0 ? cfg.moce_general_used : 0) {
+  cfg_.validate();
+  // nn.Linear's default initialisation, as the top-K router.
+  const double bound = 1.0 / std::sqrt(double(d_model));
+  group_weight = register_parameter(
+      "group_weight", torch::empty({n_cluster_, n_per_group_, d_model}).uniform_(-bound, bound));
+  if (n_general_ > 0)
+    general_weight =
+        register_parameter("general_weight", torch::empty({n_general_, d_model}).uniform_(-bound, bound));
+  centroids = register_buffer("centroids", torch::zeros({n_cluster_, d_model}));
+  centroid_count = register_buffer("centroid_count", torch::zeros({n_cluster_}, torch::kDouble));
+  expert_count = register_buffer("expert_count", torch::zeros({n_expert_}, torch::kDouble));
+}
+
+torch::Tensor MoCERouterImpl::assign(const torch::Tensor& pooled) const {
+  torch::NoGradGuard ng;
+  auto sims =
+      torch::matmul(unit_rows(pooled.to(centroids.dtype())), centroids.to(pooled.device()).t());  // [B, G]
+  // Uninitialised centroids (count 0) do not compete.
+  auto init = (centroid_count.to(pooled.device()) > 0);  // [G]
+  if (!init.any().item<bool>()) return torch::zeros({pooled.size(0)}, torch::kLong);
+  sims = sims.masked_fill(~init.unsqueeze(0), -std::numeric_limits<float>::infinity());
+  return sims.argmax(1).to(torch::kCPU, torch::kLong);
+}
+
+void MoCERouterImpl::seed_centroids(const torch::Tensor& unit) {
+  torch::NoGradGuard ng;
+  auto count = centroid_count.cpu();
+  for (int64_t g = 0; g < n_cluster_; ++g) {
+    if (count[g].item<double>() > 0) continue;
+    auto init = (count > 0).to(unit.device());  // [G]
+    int64_t row = 0;
+    if (init.any().item<bool>()) {
+      // Farthest point: the sequence whose best similarity to an initialised centroid is lowest.
+      auto sims = torch::matmul(unit, centroids.t().to(unit.dtype()));                       // [B, G]
+      sims = sims.masked_fill(~init.unsqueeze(0), -std::numeric_limits<float>::infinity());  // [B, G]
+      row = std::get<0>(sims.max(1)).argmin().item<int64_t>();
+    }
+    centroids[g].copy_(unit[row]);
+    count[g] = 1.0;
+    centroid_count.copy_(count);
+  }
+}
+
+RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ctx) {
+  const int64_t T = x.size(0), C = x.size(1), G = n_cluster_, Eg = n_per_group_;
+  const int64_t B = ctx.seq_len > 0 ? T / ctx.seq_len : 1, S = T / B;
+  TORCH_CHECK(B * S == T, "moce: T = ", T, " is not a multiple of seq_len = ", ctx.seq_len);
+  const auto dev = x.device();
+
+  // Stage 1: one cluster id per sequence.
+  auto unit = unit_rows(x.detach().view({B, S, C}).mean(1));  // [B, C] stop-gradient mean pool
+  torch::Tensor ids;                                          // [B] int64 CPU
+  if (ctx.seq_cluster.defined()) {
+    ids = ctx.seq_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
+    TORCH_CHECK(ids.numel() == B, "moce: ctx.seq_cluster has ", ids.numel(), " ids for ", B, " sequences");
+    TORCH_CHECK(ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < G,
+                "moce: ctx.seq_cluster ids must be in [0, ", G, ")");
+  } else {
+    if (ctx.training) seed_centroids(unit);
+    ids = assign(unit);
+  }
+  if (ctx.training) {
+    // Online centroids move in after_step, from every batch routed since the last step.
+    torch::NoGradGuard ng;
+    if (!pending_sum_.defined() || pending_sum_.device() != dev) {
+      pending_sum_ = torch::zeros({G, C}, torch::TensorOptions().dtype(torch::kDouble).device(dev));
+      pending_n_ = torch::zeros({G}, torch::kDouble);
+    }
+    pending_sum_.index_add_(0, ids.to(dev), unit.to(torch::kDouble));
+    pending_n_.index_add_(0, ids, torch::ones({B}, torch::kDouble));
+  }
+
+  // Stage 2: top-K inside the sequence's group, with that group's router over its Eg experts only.
+  auto tok_cluster = ids.unsqueeze(1).expand({B, S}).reshape({T});  // [T] CPU
+  std::vector<torch::Tensor> rows_of(G), logit_parts;
+  for (int64_t g = 0; g < G; ++g) {
+    auto rows = (tok_cluster == g).nonzero().squeeze(1);  // [n_g]
+    if (rows.numel() == 0) continue;
+    rows_of[g] = rows.to(dev);
+    logit_parts.push_back(torch::matmul(x.index_select(0, rows_of[g]), group_weight[g].t()));  // [n_g, Eg]
+  }
+  std::vector<torch::Tensor> idx_parts;
+  for (auto& r : rows_of)
+    if (r.defined()) idx_parts.push_back(r);
+  auto z = torch::zeros({T, Eg}, x.options()).index_copy(0, torch::cat(idx_parts), torch::cat(logit_parts));
+  auto p = torch::softmax(z, 1);  // [T, Eg] full softmax inside the group
+  auto top = p.topk(k_, 1);
+  auto gate = std::get<0>(top);                                  // [T, K]
+  auto local = std::get<1>(top);                                 // [T, K]
+  auto choices = tok_cluster.to(dev).unsqueeze(1) * Eg + local;  // [T, K] global ids
+  // Renormalise over the K selected only when K >= 2: with K = 1 it would be the constant 1 and the router
+  // would get no gradient (the reference's K = 1 defect).
+  if (cfg_.renormalize && k_ >= 2) gate = gate / gate.sum(1, true);
+  auto loss = torch::zeros({}, x.options());
+  if (cfg_.balance_coef > 0) loss = loss + cfg_.balance_coef * group_balance_loss(p, local, rows_of);
+  if (cfg_.z_loss_coef > 0) loss = loss + cfg_.z_loss_coef * router_z_loss(z);
+
+  if (n_general_ > 0) {
+    // General experts: a cluster-independent router over the last n_general experts, for every token.
+    auto zg = torch::matmul(x, general_weight.t());  // [T, n_general]
+    auto pg = torch::softmax(zg, 1);
+    auto topg = pg.topk(k_general_, 1);
+    auto gate_g = std::get<0>(topg);  // [T, Kg]
+    auto local_g = std::get<1>(topg);
+    if (cfg_.renormalize && k_general_ >= 2) gate_g = gate_g / gate_g.sum(1, true);
+    choices = torch::cat({choices, local_g + G * Eg}, 1);
+    gate = torch::cat({gate, gate_g}, 1);
+    if (cfg_.balance_coef > 0) loss = loss + cfg_.balance_coef * switch_balance_loss(pg, local_g);
+    if (cfg_.z_loss_coef > 0) loss = loss + cfg_.z_loss_coef * router_z_loss(zg);
+  }
+
+  torch::Tensor priority;
+  if (cfg_.overflow == OverflowOrder::kBatchPrioritized && cfg_.capacity_factor > 0)
+    priority = std::get<0>(gate.detach().cpu().max(1));
+  // Capacity as section 1 over all of a token's choices; a group's experts only see its sequences' tokens.
+  const int64_t cap = expert_capacity(cfg_.capacity_factor, T, k_ + k_general_, n_expert_);
+  RoutingPlan plan = build_plan_from_choices(choices.cpu(), {}, priority, gate, n_expert_, cap);
+  plan.aux_loss = loss;
+  plan.seq_cluster = ids;
+  {
+    torch::NoGradGuard ng;
+    auto le =
+        torch::tensor(std::vector<double>(plan.stats.load.begin(), plan.stats.load.end()), torch::kDouble);
+    expert_count.add_(le.to(expert_count.device()));
+  }
+  return plan;
+}
+
+void MoCERouterImpl::after_step(const RoutingPlan& /*plan*/) {
+  if (!pending_sum_.defined()) return;
+  torch::NoGradGuard ng;
+  auto count = centroid_count.cpu();
+  auto n = pending_n_;
+  const double d = cfg_.centroid_decay;
+  for (int64_t g = 0; g < n_cluster_; ++g) {
+    const double ng_ = n[g].item<double>();
+    if (ng_ == 0) continue;
+    auto dir = unit_rows((pending_sum_[g] / ng_).unsqueeze(0)).squeeze(0).to(centroids.dtype());  // [C]
+    auto c = centroids[g];
+    auto next = count[g].item<double>() > 0 ? d * c + (1 - d) * dir : dir;
+    // Spherical k-means keeps centroids on the unit sphere; so does its online (EMA) form.
+    c.copy_(unit_rows(next.unsqueeze(0)).squeeze(0));
+    count[g] = count[g].item<double>() + ng_;
+  }
+  centroid_count.copy_(count);
+  pending_sum_.zero_();
+  pending_n_.zero_();
+}
+
+}  // namespace moeforge
