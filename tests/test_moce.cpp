@@ -1,0 +1,276 @@
+// MoCE dual-stage routing (ROUTING.md section 6) and the spherical k-means behind its offline clustering.
+#include <cmath>
+#include <cstdio>
+#include <map>
+
+#include "moeforge/data/kmeans.h"
+#include "moeforge/layer/moe_layer.h"
+#include "moeforge/routing/moce.h"
+#include "moeforge/util/error.h"
+#include "test_util.h"
+
+namespace moeforge {
+namespace {
+
+MoEConfig moce_config() {
+  MoEConfig c;
+  c.router = "moce";
+  c.n_expert = 8;
+  c.n_cluster = 4;  // groups of 2
+  c.n_expert_used = 1;
+  c.d_expert = 16;
+  return c;
+}
+
+std::shared_ptr<MoCERouterImpl> as_moce(const MoELayer& layer) {
+  auto r = std::dynamic_pointer_cast<MoCERouterImpl>(layer->router);
+  EXPECT_TRUE(r != nullptr);
+  return r;
+}
+
+// Orthonormal directions [G, D] (QR of a seeded Gaussian).
+torch::Tensor directions(int64_t G, int64_t D) {
+  auto q = std::get<0>(torch::linalg_qr(torch::randn({D, G})));  // [D, G]
+  return q.t().contiguous();
+}
+
+// B sequences of S tokens; sequence b is drawn around direction dir[label[b]] (scale 3, noise 0.3).
+torch::Tensor sequences_around(const torch::Tensor& dir, const torch::Tensor& label, int64_t S) {
+  const int64_t B = label.size(0), D = dir.size(1);
+  auto centre = dir.index_select(0, label) * 3.0;                                // [B, D]
+  return centre.unsqueeze(1).expand({B, S, D}) + 0.3 * torch::randn({B, S, D});  // [B, S, D]
+}
+
+TEST(KMeans, RecoversWellSeparatedClustersWithPurityOne) {
+  torch::manual_seed(11);
+  const int64_t G = 4, D = 12, per = 40;
+  auto dir = directions(G, D);
+  auto label = torch::arange(G).repeat_interleave(per);                              // [M]
+  auto scale = torch::rand({G * per, 1}) * 5 + 0.5;                                  // cosine ignores it
+  auto x = (dir.index_select(0, label) + 0.1 * torch::randn({G * per, D})) * scale;  // [M, D]
+  auto res = spherical_kmeans(x, G, {});
+  // Purity: every found cluster holds one true label only, and every label maps to one cluster.
+  std::map<int64_t, std::map<int64_t, int64_t>> counts;
+  for (int64_t i = 0; i < G * per; ++i) ++counts[res.assignment[i].item<int64_t>()][label[i].item<int64_t>()];
+  int64_t majority = 0;
+  for (auto& c : counts) {
+    int64_t best = 0;
+    for (auto& l : c.second) best = std::max(best, l.second);
+    majority += best;
+  }
+  EXPECT_EQ(counts.size(), size_t(G));
+  EXPECT_DOUBLE_EQ(double(majority) / double(G * per), 1.0);
+  // Centroids are unit vectors; new points go to the centroid of their label's cluster.
+  EXPECT_TENSOR_NEAR(res.centroids.norm(2, {1}), torch::ones({G}), 1e-5, 0);  // float32 normalisation
+  auto fresh = dir + 0.1 * torch::randn({G, D});
+  auto near = nearest_centroid(fresh, res.centroids);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t want = res.assignment[g * per].item<int64_t>();
+    EXPECT_EQ(near[g].item<int64_t>(), want) << "label " << g;
+  }
+  EXPECT_GT(res.mean_similarity, 0.9);  // noise 0.1 per coordinate in 12 dims: cos ~ 0.94
+}
+
+TEST(KMeans, IsDeterministicForASeed) {
+  torch::manual_seed(12);
+  auto x = torch::randn({60, 5});
+  auto a = spherical_kmeans(x, 3, {25, 3, 7}), b = spherical_kmeans(x, 3, {25, 3, 7});
+  EXPECT_TRUE(a.assignment.equal(b.assignment));
+  EXPECT_TRUE(a.centroids.equal(b.centroids));
+}
+
+TEST(MoCE, TokensAreOnlyRoutedInsideTheirSequenceGroup) {
+  torch::manual_seed(13);
+  auto cfg = moce_config();
+  cfg.n_expert = 10;
+  cfg.moce_n_general = 2;  // experts 8, 9 are general
+  cfg.n_expert_used = 2;
+  MoELayer layer(cfg, 8);
+  const int64_t B = 6, S = 10;
+  auto x = torch::randn({B, S, 8});
+  RouteContext ctx;
+  ctx.seq_cluster = torch::tensor({3, 0, 1, 3, 2, 0}, torch::kLong);
+  auto out = layer->forward(x, ctx);
+  EXPECT_TRUE(out.plan.seq_cluster.equal(ctx.seq_cluster));
+  const auto off = out.plan.offsets();
+  auto tok = out.plan.token_index.cpu();
+  std::vector<int64_t> group_hits(B * S, 0), general_hits(B * S, 0);
+  for (int64_t e = 0; e < 10; ++e)
+    for (int64_t i = off[e]; i < off[e + 1]; ++i) {
+      const int64_t t = tok[i].item<int64_t>();
+      if (e >= 8) {
+        ++general_hits[t];
+        continue;
+      }
+      EXPECT_EQ(e / 2, ctx.seq_cluster[t / S].item<int64_t>()) << "token " << t << " left its group";
+      ++group_hits[t];
+    }
+  for (int64_t t = 0; t < B * S; ++t) {
+    EXPECT_EQ(group_hits[t], 2) << "token " << t;    // K = 2 = the whole group of 2
+    EXPECT_EQ(general_hits[t], 1) << "token " << t;  // one general expert
+  }
+}
+
+TEST(MoCE, UnseenSequencesGetTheirNearestCentroid) {
+  torch::manual_seed(14);
+  const int64_t G = 4, C = 8, B = 12, S = 6;
+  MoCERouter router(moce_config(), C);
+  auto dir = directions(G, C);
+  {
+    torch::NoGradGuard ng;
+    router->centroids.copy_(dir);
+    router->centroid_count.fill_(1);
+  }
+  auto label = torch::randint(G, {B}, torch::kLong);
+  auto x = sequences_around(dir, label, S);
+  RouteContext ctx;
+  ctx.n_seq = B;
+  ctx.seq_len = S;
+  auto plan = router->route(x.reshape({B * S, C}), ctx);  // evaluation: no ids given
+  EXPECT_TRUE(plan.seq_cluster.equal(label)) << plan.seq_cluster << " vs " << label;
+  EXPECT_TRUE(plan.seq_cluster.equal(nearest_centroid(x.mean(1), dir)));
+  EXPECT_TRUE(router->centroids.equal(dir)) << "evaluation must not move centroids";
+}
+
+TEST(MoCE, OnlineCentroidsMoveTowardTheData) {
+  torch::manual_seed(15);
+  const int64_t G = 2, C = 8, B = 16, S = 4;
+  auto cfg = moce_config();
+  cfg.n_cluster = G;
+  cfg.centroid_decay = 0.9;
+  MoCERouter router(cfg, C);
+  router->train();
+  auto dir = directions(G + 1, C);  // two cluster directions and one off-axis direction
+  {
+    torch::NoGradGuard ng;
+    // Start each centroid tilted toward the off-axis direction: cosine 1/sqrt(2) with its cluster.
+    router->centroids.copy_((dir.slice(0, 0, 2) + dir[2]) / std::sqrt(2.0));
+    router->centroid_count.fill_(1);
+  }
+  auto cos_to_data = [&] { return (router->centroids * dir.slice(0, 0, 2)).sum(1); };  // [G]
+  auto before = cos_to_data();
+  RouteContext ctx;
+  ctx.training = true;
+  ctx.n_seq = B;
+  ctx.seq_len = S;
+  for (int step = 0; step < 40; ++step) {
+    auto label = torch::randint(G, {B}, torch::kLong);
+    auto x = sequences_around(dir, label, S).reshape({B * S, C});
+    auto plan = router->route(x, ctx);
+    router->after_step(plan);
+  }
+  auto after = cos_to_data();
+  std::printf("cosine centroid-to-cluster: before %.3f %.3f, after %.3f %.3f\n", before[0].item<double>(),
+              before[1].item<double>(), after[0].item<double>(), after[1].item<double>());
+  // 40 EMA steps at 0.9 leave 0.9^40 = 1.5% of the start; the data's own mean direction has cosine ~0.99
+  // with its axis (noise 0.3 per coordinate around a centre of norm 3, averaged over 4 tokens).
+  for (int64_t g = 0; g < G; ++g) {
+    EXPECT_GT(after[g].item<double>(), before[g].item<double>() + 0.2) << "centroid " << g;
+    EXPECT_GT(after[g].item<double>(), 0.97) << "centroid " << g;
+  }
+}
+
+TEST(MoCE, OnlineClusteringSeedsCentroidsFromTheFirstBatch) {
+  torch::manual_seed(16);
+  const int64_t G = 2, C = 8, B = 8, S = 4;
+  auto cfg = moce_config();
+  cfg.n_cluster = G;
+  MoCERouter router(cfg, C);
+  auto dir = directions(G, C);
+  auto label = torch::tensor({0, 0, 0, 1, 1, 0, 1, 1}, torch::kLong);
+  RouteContext ctx;
+  ctx.training = true;
+  ctx.n_seq = B;
+  ctx.seq_len = S;
+  auto plan = router->route(sequences_around(dir, label, S).reshape({B * S, C}), ctx);
+  // Farthest-point seeding puts one centroid in each cluster, so the two labels get different ids.
+  EXPECT_TRUE(plan.seq_cluster.equal(label) || plan.seq_cluster.equal(1 - label)) << plan.seq_cluster;
+}
+
+TEST(MoCE, GatesAndBalanceLossCarryGradientEvenWithK1) {
+  torch::manual_seed(17);
+  auto cfg = moce_config();  // K = 1, renormalize = true: the reference's no-gradient case
+  cfg.balance_coef = 0;
+  cfg.z_loss_coef = 0;
+  MoELayer layer(cfg, 8);
+  layer->train();
+  RouteContext ctx;
+  ctx.seq_cluster = torch::tensor({0, 1, 2, 3}, torch::kLong);
+  auto x = torch::randn({4, 8, 8}, torch::requires_grad());
+  auto out = layer->forward(x, ctx);
+  out.y.pow(2).mean().backward();
+  auto r = as_moce(layer);
+  EXPECT_GT(r->group_weight.grad().abs().sum().item<double>(), 0) << "K = 1 gate must carry gradient";
+
+  auto cfg2 = moce_config();
+  cfg2.z_loss_coef = 0;
+  MoCERouter balance_only(cfg2, 8);
+  auto plan = balance_only->route(torch::randn({32, 8}), [] {
+    RouteContext c;
+    c.n_seq = 4;
+    c.seq_len = 8;
+    c.seq_cluster = torch::tensor({0, 1, 2, 3}, torch::kLong);
+    return c;
+  }());
+  plan.aux_loss.backward();
+  EXPECT_GT(balance_only->group_weight.grad().abs().sum().item<double>(), 0)
+      << "the balance loss over the full group softmax must have a gradient";
+}
+
+TEST(MoCE, StateRoundTripGivesSameOutputsAndClusters) {
+  torch::manual_seed(18);
+  auto cfg = moce_config();
+  cfg.moce_n_general = 0;
+  MoELayer a(cfg, 8);
+  a->train();
+  for (int s = 0; s < 3; ++s) {
+    torch::NoGradGuard ng;
+    a->forward(torch::randn({8, 5, 8}));
+    a->after_step();
+  }
+  MoELayer b(cfg, 8);
+  {
+    torch::NoGradGuard ng;
+    auto pb = b->named_parameters(), bb = b->named_buffers();
+    for (const auto& p : a->named_parameters()) pb[p.key()].copy_(p.value());
+    for (const auto& p : a->named_buffers()) bb[p.key()].copy_(p.value());
+  }
+  a->eval();
+  b->eval();
+  torch::NoGradGuard ng;
+  auto x = torch::randn({6, 5, 8});
+  auto oa = a->forward(x), ob = b->forward(x);
+  EXPECT_TRUE(ob.plan.seq_cluster.equal(oa.plan.seq_cluster));
+  EXPECT_TENSOR_NEAR(ob.y, oa.y, 0, 0);  // same weights, same ops: bit-identical
+}
+
+TEST(MoCE, BadConfigNamesTheField) {
+  auto expect_field = [](MoEConfig c, const std::string& field) {
+    try {
+      MoELayer layer(c, 8);
+      ADD_FAILURE() << "no error for " << field;
+    } catch (const ConfigError& e) {
+      EXPECT_EQ(e.field(), field) << e.what();
+      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+    }
+  };
+  auto c = moce_config();
+  c.n_cluster = 3;  // 8 experts do not split into 3 groups
+  expect_field(c, "moe.n_cluster");
+  c = moce_config();
+  c.n_expert_used = 3;  // > 2 experts per group
+  expect_field(c, "moe.n_expert_used");
+  c = moce_config();
+  c.moce_n_general = 8;
+  expect_field(c, "moe.moce_n_general");
+  c = moce_config();
+  c.moce_n_general = 4;
+  c.moce_general_used = 5;
+  expect_field(c, "moe.moce_general_used");
+  c = moce_config();
+  c.centroid_decay = 1.5;
+  expect_field(c, "moe.centroid_decay");
+}
+
+}  // namespace
+}  // namespace moeforge
