@@ -65,6 +65,29 @@ void ConfigBinder::bind(const std::string& key, std::string* field) {
   };
 }
 
+void ConfigBinder::bind(const std::string& key, std::vector<std::string>* field) {
+  setters_[key] = [key, field](const toml::node& n, const std::string& where) {
+    if (auto v = n.value_exact<std::string>()) {
+      *field = {*v};
+      return;
+    }
+    const auto* array = n.as_array();
+    if (!array)
+      throw ConfigError(key,
+                        "expected an array of strings, got " + type_name(n) + " (" + located(where, n) + ")");
+    std::vector<std::string> values;
+    for (size_t i = 0; i < array->size(); ++i) {
+      const auto& item = *array->get(i);
+      auto v = item.value_exact<std::string>();
+      if (!v)
+        throw ConfigError(key, "element " + std::to_string(i) + ": expected a string, got " +
+                                   type_name(item) + " (" + located(where, item) + ")");
+      values.push_back(*v);
+    }
+    *field = std::move(values);  // assigned only when every element is valid
+  };
+}
+
 void ConfigBinder::bind_choice(const std::string& key, std::vector<std::string> allowed,
                                std::function<void(const std::string&)> set) {
   setters_[key] = [key, allowed, set](const toml::node& n, const std::string& where) {

@@ -23,6 +23,8 @@ class ConfigBinder {
   void bind(const std::string& key, double* field);
   void bind(const std::string& key, bool* field);
   void bind(const std::string& key, std::string* field);
+  // A TOML array of strings; a single string is taken as a list of one (so --set k=word works).
+  void bind(const std::string& key, std::vector<std::string>* field);
   template <class Enum>
   void bind_enum(const std::string& key, Enum* field, std::vector<std::pair<std::string, Enum>> names) {
     std::vector<std::string> allowed;

@@ -1,0 +1,68 @@
+// Packing documents into fixed-length training sequences, and seeded, resumable batching over them.
+//
+// Dimensions: N = number of packed sequences, S = seq_len, B = batch size.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moeforge/data/corpus.h"
+#include "moeforge/data/random.h"
+#include "moeforge/data/tokenizer.h"
+
+namespace moeforge {
+
+struct PackedData {
+  torch::Tensor tokens;              // [N, S + 1] int64: inputs are [:, :-1], targets [:, 1:]
+  torch::Tensor domain;              // [N] int64: domain id (index in `domains`) of each sequence
+  std::vector<std::string> domains;  // sorted domain names
+  int64_t seq_len() const { return tokens.size(1) - 1; }
+  int64_t size() const { return tokens.size(0); }
+};
+
+// Each document becomes <s> text </s>, cut into windows of S + 1 tokens that overlap by one token (so each
+// token is a target exactly once). Sequences never mix documents, so a sequence's domain label is exact.
+// A document's tail shorter than S + 1 tokens is dropped, not padded: the model then needs no padding
+// id and no loss mask. Documents of a domain not in `domains` -> std::invalid_argument naming it.
+PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& tok, int64_t seq_len,
+                          const std::vector<std::string>& domains);
+
+// Walks the sequences in batches, epoch after epoch. With shuffle, each epoch visits the sequences in
+// a fresh order drawn from (seed, epoch) and drops the last partial batch so every batch has B rows;
+// without shuffle, it visits them in order and the last batch of an epoch may be smaller (so an
+// evaluation pass sees every sequence once).
+class Batcher {
+ public:
+  // Throws std::invalid_argument when batch_size < 1 or, with shuffle, there are fewer than batch_size
+  // sequences.
+  Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffle);
+
+  struct Batch {
+    torch::Tensor tokens;  // [B, S + 1] int64
+    torch::Tensor domain;  // [B] int64
+  };
+  Batch next();
+
+  int64_t epoch() const { return epoch_; }        // the epoch the next batch comes from
+  int64_t position() const { return position_; }  // index of the next sequence within that epoch's order
+  // next() then continues exactly as the original would have. Throws std::out_of_range on bad values.
+  void restore(int64_t epoch, int64_t position);
+
+  int64_t batches_per_epoch() const;
+  const PackedData& data() const { return data_; }
+
+ private:
+  void start_epoch(int64_t epoch);
+  PackedData data_;
+  int64_t batch_size_;
+  uint64_t seed_;
+  bool shuffle_;
+  int64_t epoch_ = 0;
+  int64_t position_ = 0;
+  std::vector<int64_t> order_;  // [N] the current epoch's visiting order
+};
+
+}  // namespace moeforge

@@ -1,0 +1,47 @@
+// Corpus readers and the fixed train / validation / held-out split.
+//
+// Two corpora: the Brown corpus ("brown": 500 tagged documents in 15 genres, read from <data.dir>/brown)
+// and a plain folder of .txt files ("text:PATH": one document per file, the sub-folder name as domain, or
+// "text" for files directly in PATH).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "moeforge/data/data_config.h"
+
+namespace moeforge {
+
+struct Document {
+  std::string id;      // Brown: the file name ("ca01"); text: the path relative to the corpus folder
+  std::string domain;  // Brown: the genre name ("press_reportage"); text: the sub-folder name or "text"
+  std::string text;    // Brown: tags stripped, tokens joined with ordinary spacing
+};
+
+// The 15 Brown genres, indexed by their file letter ('a' -> "press_reportage"). Letters i, o and q are
+// unused.
+const std::vector<std::pair<char, std::string>>& brown_genres();
+
+// Turns one Brown file's "word/tag" tokens into readable text: tags stripped, `` and '' become ",
+// punctuation attached to its neighbour. `where` names the file for errors.
+std::string brown_detokenize(const std::string& tagged, const std::string& where);
+
+// Reads every document of cfg.corpus, sorted by id. Throws FileError naming a missing or unreadable path
+// (with a hint to run scripts/install-deps.sh for Brown).
+std::vector<Document> load_corpus(const DataConfig& cfg);
+
+struct CorpusSplit {
+  std::vector<Document> train, validation, heldout;
+  std::vector<std::string> domains;  // sorted names of all domains (held-out ones too); domain id = index
+};
+
+// Puts documents of held-out genres in `heldout`, then a seeded cfg.validation_fraction of each remaining
+// domain's documents in `validation`, the rest in `train`. The result depends only on the documents' ids
+// and domains and on cfg, not on the order of `docs` nor on the platform's standard library.
+// An unknown held-out genre -> ConfigError("data.heldout_genres", ...).
+CorpusSplit split_corpus(std::vector<Document> docs, const DataConfig& cfg);
+
+// Index of `domain` in `domains`, or -1.
+int64_t domain_id(const std::vector<std::string>& domains, const std::string& domain);
+
+}  // namespace moeforge

@@ -1,0 +1,30 @@
+// The [data] section of a moeforge config: which corpus, how it is split, the tokenizer's size and the
+// length of packed training sequences.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+struct DataConfig {
+  std::string corpus = "brown";  // data.corpus: "brown" or "text:PATH" (a folder of .txt files)
+  std::string dir = "data";      // data.dir: the folder holding brown/ (relative to the cwd)
+  std::vector<std::string> heldout_genres =
+      {};                             // data.heldout_genres: genre names or letters kept out of training
+  double validation_fraction = 0.05;  // data.validation_fraction: share of each training genre's documents
+  int64_t vocab_size = 2048;          // data.vocab_size: SentencePiece BPE vocabulary
+  int64_t seq_len = 128;              // data.seq_len: tokens per packed sequence
+  int64_t seed = 1234;                // data.seed: seeds the split and the tokenizer's sampling
+
+  // Throws ConfigError naming the field when a value is out of range. Held-out genres of a "brown" corpus
+  // are checked here; those of a "text:" corpus can only be checked against its folders by split_corpus.
+  void validate() const;
+};
+
+class ConfigBinder;
+// Registers every [data] key of `cfg` under "data.<key>".
+void bind_data_config(ConfigBinder& binder, DataConfig* cfg);
+
+}  // namespace moeforge

@@ -1,0 +1,105 @@
+// Dimensions: N = number of packed sequences, S = seq_len, B = batch size.
+#include "moeforge/data/batching.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <numeric>
+#include <stdexcept>
+
+namespace moeforge {
+
+PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& tok, int64_t seq_len,
+                          const std::vector<std::string>& domains) {
+  if (seq_len < 1) throw std::invalid_argument("pack_documents: seq_len must be >= 1");
+  const int64_t n_doc = static_cast<int64_t>(docs.size());
+  std::vector<int64_t> doc_domain(docs.size());
+  for (int64_t i = 0; i < n_doc; ++i) {
+    doc_domain[i] = domain_id(domains, docs[i].domain);
+    if (doc_domain[i] < 0)
+      throw std::invalid_argument("pack_documents: document '" + docs[i].id + "' has domain '" +
+                                  docs[i].domain + "', which is not in the domain list");
+  }
+  // SentencePiece's encoder is const and thread-safe; encoding is most of the cost.
+  std::vector<std::vector<int64_t>> ids(docs.size());
+  at::parallel_for(0, n_doc, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      auto body = tok.encode(docs[i].text);
+      ids[i].reserve(body.size() + 2);
+      ids[i].push_back(tok.bos_id());
+      ids[i].insert(ids[i].end(), body.begin(), body.end());
+      ids[i].push_back(tok.eos_id());
+    }
+  });
+  // A document of L tokens gives (L - 1) / S windows: window j holds tokens [j*S, j*S + S], so the last
+  // token of one window is the first input of the next and every token after the first is a target once.
+  int64_t n_seq = 0;
+  for (const auto& d : ids) n_seq += (static_cast<int64_t>(d.size()) - 1) / seq_len;
+
+  PackedData out;
+  out.tokens = torch::empty({n_seq, seq_len + 1}, torch::kLong);  // [N, S + 1]
+  out.domain = torch::empty({n_seq}, torch::kLong);               // [N]
+  out.domains = domains;
+  int64_t* tokens = out.tokens.data_ptr<int64_t>();
+  int64_t* domain = out.domain.data_ptr<int64_t>();
+  int64_t row = 0;
+  for (int64_t i = 0; i < n_doc; ++i) {
+    const int64_t windows = (static_cast<int64_t>(ids[i].size()) - 1) / seq_len;
+    for (int64_t j = 0; j < windows; ++j, ++row) {
+      std::copy_n(ids[i].data() + j * seq_len, seq_len + 1, tokens + row * (seq_len + 1));
+      domain[row] = doc_domain[i];
+    }
+  }
+  return out;
+}
+
+Batcher::Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffle)
+    : data_(std::move(data)), batch_size_(batch_size), seed_(seed), shuffle_(shuffle) {
+  if (batch_size_ < 1) throw std::invalid_argument("Batcher: batch_size must be >= 1");
+  if (data_.size() < 1)
+    throw std::invalid_argument("Batcher: no sequences (documents shorter than seq_len?)");
+  if (shuffle_ && data_.size() < batch_size_)
+    throw std::invalid_argument("Batcher: " + std::to_string(data_.size()) +
+                                " sequences are fewer than batch_size " + std::to_string(batch_size_));
+  start_epoch(0);
+}
+
+int64_t Batcher::batches_per_epoch() const {
+  const int64_t n = data_.size();
+  return shuffle_ ? n / batch_size_ : (n + batch_size_ - 1) / batch_size_;
+}
+
+void Batcher::start_epoch(int64_t epoch) {
+  epoch_ = epoch;
+  position_ = 0;
+  if (shuffle_) {
+    // Each epoch's order depends only on (seed, epoch), so restore() can rebuild it without replaying.
+    order_ =
+        seeded_permutation(data_.size(), seed_ ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(epoch + 1)));
+  } else if (static_cast<int64_t>(order_.size()) != data_.size()) {
+    order_.resize(static_cast<size_t>(data_.size()));
+    std::iota(order_.begin(), order_.end(), int64_t{0});
+  }
+}
+
+Batcher::Batch Batcher::next() {
+  const int64_t n = data_.size();
+  // With shuffle an epoch ends when a full batch no longer fits; without, when every sequence was visited.
+  const bool epoch_done = shuffle_ ? position_ + batch_size_ > n : position_ >= n;
+  if (epoch_done) start_epoch(epoch_ + 1);
+  const int64_t take = std::min(batch_size_, n - position_);
+  auto index = torch::from_blob(order_.data() + position_, {take}, torch::kLong).clone();  // [B]
+  position_ += take;
+  return Batch{data_.tokens.index_select(0, index), data_.domain.index_select(0, index)};
+}
+
+void Batcher::restore(int64_t epoch, int64_t position) {
+  if (epoch < 0 || position < 0 || position > data_.size())
+    throw std::out_of_range("Batcher::restore: epoch " + std::to_string(epoch) + ", position " +
+                            std::to_string(position) + " is outside [0, " + std::to_string(data_.size()) +
+                            "]");
+  start_epoch(epoch);
+  position_ = position;
+}
+
+}  // namespace moeforge

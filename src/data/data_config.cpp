@@ -1,0 +1,60 @@
+#include "moeforge/data/data_config.h"
+
+#include <cmath>
+#include <set>
+
+#include "moeforge/config/binder.h"
+#include "moeforge/data/corpus.h"
+#include "moeforge/util/error.h"
+
+namespace moeforge {
+
+void DataConfig::validate() const {
+  const bool is_text = corpus.rfind("text:", 0) == 0;
+  if (corpus != "brown" && !is_text)
+    throw ConfigError("data.corpus", "unknown corpus '" + corpus + "' (expected \"brown\" or \"text:PATH\")");
+  if (is_text && corpus.size() == 5)
+    throw ConfigError("data.corpus", "\"text:\" needs a folder path after the colon");
+  if (corpus == "brown" && dir.empty())
+    throw ConfigError("data.dir", "must name the folder that holds brown/ (e.g. \"data\")");
+  if (!std::isfinite(validation_fraction) || validation_fraction < 0 || validation_fraction >= 1)
+    throw ConfigError("data.validation_fraction",
+                      "must be in [0, 1), got " + std::to_string(validation_fraction));
+  // SentencePiece needs room for its 3 special pieces plus every character of the corpus (~80 in Brown).
+  if (vocab_size < 100 || vocab_size > (int64_t{1} << 20))
+    throw ConfigError("data.vocab_size", "must be in [100, 1048576], got " + std::to_string(vocab_size));
+  if (seq_len < 1) throw ConfigError("data.seq_len", "must be >= 1, got " + std::to_string(seq_len));
+  if (seed < 0) throw ConfigError("data.seed", "must be >= 0, got " + std::to_string(seed));
+  if (corpus == "brown") {
+    std::set<char> letters;  // genres named twice (by letter and by name) count once
+    for (const auto& g : heldout_genres) {
+      bool known = false;
+      for (const auto& [letter, name] : brown_genres()) {
+        if (g == name || g == std::string(1, letter)) {
+          known = true;
+          letters.insert(letter);
+        }
+      }
+      if (!known) {
+        std::string all;
+        for (const auto& kv : brown_genres()) all += (all.empty() ? "" : ", ") + kv.second;
+        throw ConfigError("data.heldout_genres",
+                          "unknown Brown genre '" + g + "' (expected a letter a..r or one of: " + all + ")");
+      }
+    }
+    if (letters.size() == brown_genres().size())
+      throw ConfigError("data.heldout_genres", "holds out every genre, leaving nothing to train on");
+  }
+}
+
+void bind_data_config(ConfigBinder& b, DataConfig* c) {
+  b.bind("data.corpus", &c->corpus);
+  b.bind("data.dir", &c->dir);
+  b.bind("data.heldout_genres", &c->heldout_genres);
+  b.bind("data.validation_fraction", &c->validation_fraction);
+  b.bind("data.vocab_size", &c->vocab_size);
+  b.bind("data.seq_len", &c->seq_len);
+  b.bind("data.seed", &c->seed);
+}
+
+}  // namespace moeforge
