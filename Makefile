@@ -20,10 +20,10 @@ build: deps $(BUILD)/CMakeCache.txt
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
-# The main job. Until the trainer lands this runs the layer benchmark on the default shapes.
+# The main job: train the embedded default (configs/default.toml) on the Brown corpus, evaluate it, print a
+# sample, and write runs/default/ (metrics.jsonl, checkpoints/, report.md with plots).
 run: build
-	mkdir -p runs
-	./$(BUILD)/moeforge bench --json runs/bench.json
+	./$(BUILD)/moeforge train --out runs/default
 
 bench: build
 	mkdir -p runs

@@ -23,6 +23,7 @@ packages=(
   libglpk-dev                        # exact balanced-assignment oracle (routing optimality gap)
   gnuplot-nox                        # PNG plots in reports
   clang-format
+  zlib1g-dev                         # checkpoint checksums (CRC-32)
 )
 
 if [ "${MOEFORGE_SKIP_APT:-0}" != 1 ]; then

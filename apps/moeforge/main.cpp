@@ -1,13 +1,23 @@
 // moeforge: the command line. Each subcommand has --help.
-#include <torch/torch.h>
 #include <CLI/CLI.hpp>
+#include <torch/torch.h>
 
+#include <filesystem>
+#include <iomanip>
 #include <iostream>
 
 #include "../../bench/layer_bench.h"
+#include "moeforge/model/checkpoint.h"
+#include "moeforge/model/generate.h"
+#include "moeforge/train/report.h"
+#include "moeforge/train/trainer.h"
+#include "moeforge/train/upcycle.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
 #include "moeforge/util/runtime.h"
+
+namespace fs = std::filesystem;
+using namespace moeforge;
 
 namespace {
 
@@ -24,6 +34,31 @@ std::vector<std::string> split_csv(const std::string& s) {
   return out;
 }
 
+std::string fixed(double v, int p) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(p) << v;
+  return os.str();
+}
+
+std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g) {
+  auto ids = lm.tokenizer->encode(prompt);
+  ids.insert(ids.begin(), lm.tokenizer->bos_id());
+  auto opt = g;
+  opt.eos_id = lm.tokenizer->eos_id();
+  auto out = generate(lm.model, ids, opt);
+  if (!out.empty() && out.back() == opt.eos_id) out.pop_back();
+  return prompt + lm.tokenizer->decode(out).insert(0, prompt.empty() || out.empty() ? "" : " ");
+}
+
+void print_eval(const EvalResult& r) {
+  std::cout << r.split << ": loss " << fixed(r.loss, 4) << ", perplexity " << fixed(r.perplexity, 2) << " over "
+            << r.tokens << " tokens; MaxVio_global " << fixed(r.max_vio_global, 3) << ", specialisation "
+            << fixed(r.specialization, 3) << "\n";
+  for (size_t l = 0; l < r.layers.size(); ++l)
+    std::cout << "  MoE layer " << l << ": MaxVio_global " << fixed(r.layers[l].max_vio_global, 3)
+              << ", specialisation " << fixed(r.layers[l].specialization, 3) << "\n";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -33,14 +68,65 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "LibTorch threads (default: the cores available)")
       ->check(CLI::NonNegativeNumber);
 
-  auto* bench =
-      app.add_subcommand("bench", "MoE layer vs dense-equivalent FFN vs plain expert loop (BENCHMARKS.md)");
+  // train
+  auto* train = app.add_subcommand("train", "train a MoE language model (default: configs/default.toml)");
+  std::string config_path, out_dir = "runs/default", resume;
+  std::vector<std::string> overrides;
+  int64_t stop_after = 0;
+  bool no_report = false;
+  train->add_option("--config", config_path, "TOML config file (default: the embedded configs/default.toml)")
+      ->check(CLI::ExistingFile);
+  train->add_option("--set", overrides, "override a config key: section.key=value (repeatable)");
+  train->add_option("--out", out_dir, "run folder: metrics.jsonl, checkpoints/, report.md");
+  train->add_option("--resume", resume, "continue from a checkpoint folder (or a run's checkpoints/ folder)");
+  train->add_option("--stop-after", stop_after, "stop with a checkpoint after this many steps in total")
+      ->check(CLI::NonNegativeNumber);
+  train->add_flag("--no-report", no_report, "skip report.md and the sample");
+  std::string init_from;
+  train->add_option("--init", init_from,
+                    "start from this checkpoint's weights, tokenizer and config (+ --set), fresh optimiser");
+
+  // upcycle
+  auto* up = app.add_subcommand("upcycle", "build an MoE checkpoint from a dense one (sparse upcycling)");
+  UpcycleOptions up_opt;
+  up->add_option("--checkpoint", up_opt.dense_checkpoint, "the dense checkpoint")->required();
+  up->add_option("--set", up_opt.overrides, "config overrides for the MoE model, e.g. model.moe_every=2");
+  up->add_option("--out", up_opt.out_dir, "the new checkpoint folder")->required();
+  up->add_option("--noise", up_opt.noise, "relative std of noise added to each expert copy")
+      ->check(CLI::NonNegativeNumber);
+  up->add_option("--seed", up_opt.seed, "seed for the router initialisation and the noise");
+
+  // eval
+  auto* eval = app.add_subcommand("eval", "evaluate a checkpoint: perplexity and routing measures");
+  std::string ckpt_dir, split = "validation";
+  eval->add_option("--checkpoint", ckpt_dir, "checkpoint folder")->required();
+  eval->add_option("--split", split, "validation or heldout")->check(CLI::IsMember({"validation", "heldout"}));
+  int64_t eval_batches = 0;
+  eval->add_option("--batches", eval_batches, "batches to evaluate (0 = the whole split)");
+
+  // generate
+  auto* gen = app.add_subcommand("generate", "generate text from a checkpoint (KV cache)");
+  std::string prompt;
+  GenerateOptions gopt;
+  gen->add_option("--checkpoint", ckpt_dir, "checkpoint folder")->required();
+  gen->add_option("--prompt", prompt, "the text to continue")->required();
+  gen->add_option("--max-tokens", gopt.max_tokens, "new tokens at most")->check(CLI::PositiveNumber);
+  gen->add_option("--temperature", gopt.temperature, "sampling temperature (0 = greedy)")->check(CLI::NonNegativeNumber);
+  gen->add_option("--top-p", gopt.top_p, "nucleus sampling mass")->check(CLI::Range(0.0, 1.0));
+  gen->add_option("--seed", gopt.seed, "sampling seed");
+
+  // inspect
+  auto* inspect = app.add_subcommand("inspect", "model summary and per-layer / per-expert utilisation");
+  inspect->add_option("--checkpoint", ckpt_dir, "checkpoint folder")->required();
+
+  // bench
+  auto* bench = app.add_subcommand("bench", "MoE layer vs dense-equivalent FFN vs plain expert loop (BENCHMARKS.md)");
   std::string json_path, shapes_csv;
-  moeforge::LayerBenchOptions bench_opt;
+  LayerBenchOptions bench_opt;
   bench->add_option("--json", json_path, "write the results as JSON to this file");
   bench->add_option("--reps", bench_opt.reps, "timed repetitions per variant")->check(CLI::Range(1, 1000));
   std::string shape_names;
-  for (auto& s : moeforge::default_bench_shapes()) shape_names += (shape_names.empty() ? "" : ",") + s.name;
+  for (auto& s : default_bench_shapes()) shape_names += (shape_names.empty() ? "" : ",") + s.name;
   bench->add_option("--shapes", shapes_csv, "comma-separated subset of: " + shape_names);
 
   try {
@@ -50,19 +136,108 @@ int main(int argc, char** argv) {
   }
 
   try {
-    moeforge::init_threads(threads);
-    if (bench->parsed()) {
+    init_threads(threads);
+    if (train->parsed()) {
+      RunConfig cfg;
+      if (!init_from.empty() && config_path.empty()) {
+        const auto ckpt = load_checkpoint(init_from);
+        cfg = load_run_config_text(ckpt.config_toml, init_from + "/config.toml", overrides);
+      } else {
+        cfg = load_run_config(config_path, overrides);
+      }
+      if (threads > 0) cfg.train.threads = threads;
+      TrainOptions opt;
+      opt.out_dir = out_dir;
+      opt.resume = resume;
+      opt.stop_after = stop_after;
+      opt.init_from = init_from;
+      auto summary = train_model(cfg, opt, std::cout);
+      if (!no_report) {
+        auto lm = load_model(summary.checkpoint);
+        const std::string tok = lm.tokenizer->serialized();
+        DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
+        const double unigram = unigram_perplexity(data.train.tokens, data.validation.tokens, lm.tokenizer->vocab_size());
+        GenerateOptions g;
+        g.max_tokens = 48;
+        g.seed = 7;
+        const std::string sample = sample_text(lm, "The jury said", g);
+        std::cout << "sample: " << sample << "\n";
+        auto counts = count_model(*lm.model);
+        ReportInputs rin;
+        rin.run_dir = out_dir;
+        rin.title = "moeforge run: " + lm.cfg.moe.router + " router, " + std::to_string(lm.cfg.moe.routed_experts()) +
+                    " experts, top-" + std::to_string(lm.cfg.moe.routed_used());
+        rin.facts = {{"steps", std::to_string(summary.step)},
+                     {"parameters (total / active per token)",
+                      std::to_string(counts.total_params) + " / " + std::to_string(counts.active_params)},
+                     {"training throughput", fixed(summary.tokens_per_s, 0) + " tokens/s (" + describe_machine() + ")"},
+                     {"unigram baseline perplexity (validation)", fixed(unigram, 2)}};
+        if (summary.validation) {
+          rin.facts.push_back({"validation perplexity", fixed(summary.validation->perplexity, 2)});
+          rin.facts.push_back({"MaxVio_global (validation, mean over layers)",
+                               fixed(summary.validation->max_vio_global, 3)});
+          rin.facts.push_back({"specialisation I(genre; expert)/H(genre)", fixed(summary.validation->specialization, 3)});
+          rin.validation = &*summary.validation;
+        }
+        if (summary.heldout)
+          rin.facts.push_back({"held-out genre perplexity", fixed(summary.heldout->perplexity, 2)});
+        rin.sample = sample;
+        std::cout << "unigram baseline perplexity " << fixed(unigram, 2) << "; report: " << write_report(rin) << "\n";
+      }
+    } else if (up->parsed()) {
+      std::cout << upcycle(up_opt) << "\n";
+    } else if (eval->parsed()) {
+      auto lm = load_model(ckpt_dir);
+      const std::string tok = lm.tokenizer->serialized();
+      DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
+      const PackedData& set = split == "heldout" ? data.heldout : data.validation;
+      if (!set.tokens.defined() || set.size() == 0)
+        throw ConfigError("data.heldout_genres", "this checkpoint's config has no held-out genres to evaluate");
+      print_eval(evaluate(lm.model, set, lm.cfg.train.batch_size, eval_batches, split));
+    } else if (gen->parsed()) {
+      auto lm = load_model(ckpt_dir);
+      std::cout << sample_text(lm, prompt, gopt) << "\n";
+    } else if (inspect->parsed()) {
+      auto lm = load_model(ckpt_dir);
+      auto c = count_model(*lm.model);
+      const auto& m = lm.cfg.model;
+      std::cout << "checkpoint " << lm.dir << " (step " << lm.step << ")\n"
+                << "model: " << m.n_layer << " layers, d_model " << m.d_model << ", " << m.n_head << " heads, vocab "
+                << m.vocab_size << ", context " << m.max_seq_len << ", MoE every " << m.moe_every << " layer(s)\n"
+                << "moe: router " << lm.cfg.moe.router << ", " << lm.cfg.moe.routed_experts() << " experts of width "
+                << lm.cfg.moe.routed_width() << ", top-" << lm.cfg.moe.routed_used() << ", "
+                << lm.cfg.moe.n_shared_expert << " shared\n"
+                << "parameters: " << c.total_params << " total, " << c.active_params << " active per token ("
+                << c.embedding_params << " in the embedding); " << fixed(c.flops_per_token / 1e6, 2)
+                << " MFLOP per token (forward)\n";
+      std::cout << "\nshapes:\n";
+      for (auto& p : lm.model->named_parameters()) std::cout << "  " << p.key() << " " << p.value().sizes() << "\n";
+      for (auto& b : lm.model->named_buffers()) std::cout << "  " << b.key() << " " << b.value().sizes() << " (state)\n";
+      const std::string tok = lm.tokenizer->serialized();
+      DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
+      auto r = evaluate(lm.model, data.validation, lm.cfg.train.batch_size, 8, "validation");
+      std::cout << "\nutilisation on " << r.tokens << " validation tokens:\n";
+      for (size_t l = 0; l < r.layers.size(); ++l) {
+        const auto& L = r.layers[l];
+        int64_t total = 0;
+        for (auto x : L.load) total += x;
+        std::cout << "  MoE layer " << l << " (MaxVio " << fixed(L.max_vio_global, 3) << "):";
+        for (size_t e = 0; e < L.load.size(); ++e)
+          std::cout << " e" << e << "=" << fixed(100.0 * double(L.load[e]) / double(std::max<int64_t>(total, 1)), 1)
+                    << "%";
+        std::cout << "\n";
+      }
+    } else if (bench->parsed()) {
       bench_opt.shapes = split_csv(shapes_csv);
       for (auto& s : bench_opt.shapes) {
         bool ok = false;
-        for (auto& d : moeforge::default_bench_shapes()) ok = ok || d.name == s;
-        if (!ok)
-          throw moeforge::ConfigError("--shapes", "unknown shape '" + s + "' (expected " + shape_names + ")");
+        for (auto& d : default_bench_shapes()) ok = ok || d.name == s;
+        if (!ok) throw ConfigError("--shapes", "unknown shape '" + s + "' (expected " + shape_names + ")");
       }
-      std::cout << "moeforge bench: " << moeforge::describe_machine() << "\n";
-      auto result = moeforge::run_layer_bench(bench_opt, std::cout);
+      std::cout << "moeforge bench: " << describe_machine() << "\n";
+      auto result = run_layer_bench(bench_opt, std::cout);
       if (!json_path.empty()) {
-        moeforge::write_file_atomic(json_path, result.dump(2) + "\n");
+        write_file_atomic(json_path, result.dump(2) + "\n");
         std::cout << "wrote " << json_path << "\n";
       }
     }

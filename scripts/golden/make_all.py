@@ -8,6 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import moe_block  # noqa: E402
+import transformer  # noqa: E402
 
 
 def main():
@@ -15,6 +16,7 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     torch.set_num_threads(1)
     moe_block.write(out_dir)
+    transformer.write(out_dir)
 
 
 if __name__ == "__main__":

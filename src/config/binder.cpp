@@ -26,6 +26,7 @@ std::string type_name(const toml::node& node) {
 }  // namespace
 
 void ConfigBinder::bind(const std::string& key, int64_t* field) {
+  dumpers_[key] = [field] { return std::to_string(*field); };
   setters_[key] = [key, field](const toml::node& n, const std::string& where) {
     if (auto v = n.value_exact<int64_t>()) {
       *field = *v;
@@ -36,6 +37,14 @@ void ConfigBinder::bind(const std::string& key, int64_t* field) {
 }
 
 void ConfigBinder::bind(const std::string& key, double* field) {
+  dumpers_[key] = [field] {
+    std::ostringstream os;
+    os.precision(17);
+    os << *field;
+    std::string s = os.str();
+    if (s.find_first_of(".eEn") == std::string::npos) s += ".0";  // keep it a TOML float
+    return s;
+  };
   setters_[key] = [key, field](const toml::node& n, const std::string& where) {
     if (n.is_floating_point() || n.is_integer()) {
       *field = n.value<double>().value();
@@ -46,6 +55,7 @@ void ConfigBinder::bind(const std::string& key, double* field) {
 }
 
 void ConfigBinder::bind(const std::string& key, bool* field) {
+  dumpers_[key] = [field] { return std::string(*field ? "true" : "false"); };
   setters_[key] = [key, field](const toml::node& n, const std::string& where) {
     if (auto v = n.value_exact<bool>()) {
       *field = *v;
@@ -56,6 +66,11 @@ void ConfigBinder::bind(const std::string& key, bool* field) {
 }
 
 void ConfigBinder::bind(const std::string& key, std::string* field) {
+  dumpers_[key] = [field] {
+    std::ostringstream os;
+    os << toml::value<std::string>(*field);
+    return os.str();
+  };
   setters_[key] = [key, field](const toml::node& n, const std::string& where) {
     if (auto v = n.value_exact<std::string>()) {
       *field = *v;
@@ -66,6 +81,13 @@ void ConfigBinder::bind(const std::string& key, std::string* field) {
 }
 
 void ConfigBinder::bind(const std::string& key, std::vector<std::string>* field) {
+  dumpers_[key] = [field] {
+    toml::array a;
+    for (auto& v : *field) a.push_back(v);
+    std::ostringstream os;
+    os << a;
+    return os.str();
+  };
   setters_[key] = [key, field](const toml::node& n, const std::string& where) {
     if (auto v = n.value_exact<std::string>()) {
       *field = {*v};
@@ -89,7 +111,13 @@ void ConfigBinder::bind(const std::string& key, std::vector<std::string>* field)
 }
 
 void ConfigBinder::bind_choice(const std::string& key, std::vector<std::string> allowed,
-                               std::function<void(const std::string&)> set) {
+                               std::function<void(const std::string&)> set,
+                               std::function<std::string()> get) {
+  dumpers_[key] = [get] {
+    std::ostringstream os;
+    os << toml::value<std::string>(get());
+    return os.str();
+  };
   setters_[key] = [key, allowed, set](const toml::node& n, const std::string& where) {
     std::string all;
     for (auto& a : allowed) all += (all.empty() ? "" : ", ") + a;
@@ -160,6 +188,21 @@ void ConfigBinder::apply_override(const std::string& assignment) const {
     doc.insert("v", value);  // a bare word: take it as a string
   }
   set(key, *doc.get("v"), "--set " + assignment);
+}
+
+std::string ConfigBinder::to_toml() const {
+  std::ostringstream os;
+  std::string section;
+  for (auto& [key, dump] : dumpers_) {
+    const auto dot = key.find('.');
+    const std::string sec = key.substr(0, dot);
+    if (sec != section) {
+      os << (section.empty() ? "" : "\n") << "[" << sec << "]\n";
+      section = sec;
+    }
+    os << key.substr(dot + 1) << " = " << dump() << "\n";
+  }
+  return os.str();
 }
 
 std::vector<std::string> ConfigBinder::keys() const {

@@ -41,20 +41,21 @@ bool SafeTensors::contains(const std::string& name) const {
 }
 
 SafeTensors read_safetensors(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  std::ifstream in(path, std::ios::binary);
   if (!in) throw FileError(path, "cannot open safetensors file");
-  const int64_t file_size = in.tellg();
-  in.seekg(0);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return parse_safetensors(bytes, path);
+}
+
+SafeTensors parse_safetensors(const std::string& bytes, const std::string& path) {
+  const int64_t file_size = static_cast<int64_t>(bytes.size());
   if (file_size < 8) throw FileError(path, "truncated: " + std::to_string(file_size) + " bytes, no header");
   uint64_t header_len = 0;
-  unsigned char len_bytes[8];
-  in.read(reinterpret_cast<char*>(len_bytes), 8);
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<unsigned char>(bytes[i]);
   if (header_len > uint64_t(file_size - 8))
     throw FileError(path, "header length " + std::to_string(header_len) + " runs past the end of the file (" +
                               std::to_string(file_size) + " bytes): truncated or not safetensors");
-  std::string header(header_len, '\0');
-  in.read(header.data(), std::streamsize(header_len));
+  const std::string header = bytes.substr(8, header_len);
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(header);
@@ -63,9 +64,7 @@ SafeTensors read_safetensors(const std::string& path) {
   }
   if (!j.is_object()) throw FileError(path, "header is not a JSON object");
   const int64_t data_size = file_size - 8 - int64_t(header_len);
-  std::string data(data_size, '\0');
-  in.read(data.data(), data_size);
-  if (!in) throw FileError(path, "could not read tensor data");
+  const char* data = bytes.data() + 8 + header_len;
 
   SafeTensors out;
   std::vector<std::pair<int64_t, int64_t>> ranges;
@@ -101,7 +100,7 @@ SafeTensors read_safetensors(const std::string& path) {
       throw FileError(path, where + ": " + std::to_string(offs[1] - offs[0]) + " bytes for a " + dt +
                                 " tensor of " + std::to_string(numel) + " elements (" +
                                 std::to_string(nbytes) + " expected)");
-    if (nbytes > 0) std::memcpy(t.data_ptr(), data.data() + offs[0], size_t(nbytes));
+    if (nbytes > 0) std::memcpy(t.data_ptr(), data + offs[0], size_t(nbytes));
     ranges.push_back({offs[0], offs[1]});
     out.tensors.push_back({name, t});
   }
@@ -116,9 +115,8 @@ SafeTensors read_safetensors(const std::string& path) {
   return out;
 }
 
-void write_safetensors(const std::string& path,
-                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+std::string safetensors_bytes(const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::vector<torch::Tensor> cpu;
@@ -134,15 +132,19 @@ void write_safetensors(const std::string& path,
   }
   std::string h = header.dump();
   while ((h.size() + 8) % 8 != 0) h.push_back(' ');  // align data to 8 bytes
-  write_file_atomic(path, [&](std::ostream& os) {
-    uint64_t len = h.size();
-    unsigned char len_bytes[8];
-    for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<unsigned char>((len >> (8 * i)) & 0xff);
-    os.write(reinterpret_cast<const char*>(len_bytes), 8);
-    os.write(h.data(), std::streamsize(h.size()));
-    for (auto& c : cpu)
-      os.write(static_cast<const char*>(c.data_ptr()), std::streamsize(c.numel() * c.element_size()));
-  });
+  std::string out;
+  uint64_t len = h.size();
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((len >> (8 * i)) & 0xff));
+  out += h;
+  for (auto& c : cpu)
+    out.append(static_cast<const char*>(c.data_ptr()), size_t(c.numel() * c.element_size()));
+  return out;
+}
+
+void write_safetensors(const std::string& path,
+                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  write_file_atomic(path, safetensors_bytes(tensors, metadata));
 }
 
 }  // namespace moeforge

@@ -29,10 +29,17 @@ class ConfigBinder {
   void bind_enum(const std::string& key, Enum* field, std::vector<std::pair<std::string, Enum>> names) {
     std::vector<std::string> allowed;
     for (auto& n : names) allowed.push_back(n.first);
-    bind_choice(key, allowed, [field, names](const std::string& v) {
-      for (auto& n : names)
-        if (n.first == v) *field = n.second;
-    });
+    bind_choice(
+        key, allowed,
+        [field, names](const std::string& v) {
+          for (auto& n : names)
+            if (n.first == v) *field = n.second;
+        },
+        [field, names]() {
+          for (auto& n : names)
+            if (n.second == *field) return n.first;
+          return std::string();
+        });
   }
 
   // Applies every key of a parsed TOML document. `where` names the source (a file path) for errors.
@@ -45,14 +52,17 @@ class ConfigBinder {
   void apply_text(const std::string& text, const std::string& where) const;
 
   bool has(const std::string& key) const { return setters_.count(key) != 0; }
+  // The current values of every bound key as a TOML document, one [section] per prefix.
+  std::string to_toml() const;
   std::vector<std::string> keys() const;
 
  private:
   using Setter = std::function<void(const toml::node&, const std::string& where)>;
   void bind_choice(const std::string& key, std::vector<std::string> allowed,
-                   std::function<void(const std::string&)> set);
+                   std::function<void(const std::string&)> set, std::function<std::string()> get);
   void set(const std::string& key, const toml::node& value, const std::string& where) const;
   std::map<std::string, Setter> setters_;
+  std::map<std::string, std::function<std::string()>> dumpers_;  // key -> TOML literal of the value
 };
 
 }  // namespace moeforge

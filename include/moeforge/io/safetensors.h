@@ -24,6 +24,11 @@ struct SafeTensors {
 // FileError naming the path and the offending entry.
 SafeTensors read_safetensors(const std::string& path);
 
+// The bytes of a safetensors file, and their parse (`where` names the source in errors).
+std::string safetensors_bytes(const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
+SafeTensors parse_safetensors(const std::string& bytes, const std::string& where);
+
 // Writes CPU copies of `tensors` atomically (temporary name, then rename).
 void write_safetensors(const std::string& path,
                        const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
