@@ -1,0 +1,102 @@
+// A decoder-only transformer language model with MoE FFNs: token embedding, RMSNorm, rotary position
+// embedding, causal multi-head attention, an MoELayer every model.moe_every layers and dense SwiGLU FFNs
+// elsewhere, tied or untied output head.
+//
+// Legend: B sequences, S positions, C = d_model, H heads, D = C / H head width, V vocabulary.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "moeforge/config/moe_config.h"
+#include "moeforge/layer/moe_layer.h"
+#include "moeforge/model/config.h"
+
+namespace moeforge {
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight;  // [C]
+
+ private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+// Per-layer key/value cache for generation.
+struct KVCache {
+  std::vector<torch::Tensor> k, v;  // per layer [B, H, S_past, D]
+  int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(2); }
+};
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(int64_t d_model, int64_t n_head);
+  // x [B, S, C]; cos/sin [S, D/2] for the positions of x; cache_k/v: the layer's cache (updated) or null.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        torch::Tensor* cache_k, torch::Tensor* cache_v);
+  torch::Tensor w_qkv;  // [3C, C]
+  torch::Tensor w_out;  // [C, C]
+
+ private:
+  int64_t n_head_;
+};
+TORCH_MODULE(Attention);
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  BlockImpl(const ModelConfig& m, const MoEConfig& moe, bool is_moe);
+  RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
+  Attention attn{nullptr};
+  MoELayer moe{nullptr};  // set when this block's FFN is MoE
+  DenseFFN ffn{nullptr};  // otherwise
+};
+TORCH_MODULE(Block);
+
+struct LMOutput {
+  torch::Tensor logits;            // [B, S, V]
+  torch::Tensor aux_loss;          // scalar: sum of the MoE layers' aux losses
+  std::vector<RoutingPlan> plans;  // one per MoE layer, in layer order
+  torch::Tensor pooled_first_moe;  // [B, C] mean-pooled input of the first MoE layer (sequence embedding)
+};
+
+class TransformerLMImpl : public torch::nn::Module {
+ public:
+  TransformerLMImpl(const ModelConfig& m, const MoEConfig& moe);
+
+  // tokens [B, S] int64. ctx carries sequence clusters / domains for routers; training follows is_training().
+  // cache: for generation, positions continue after cache->length() and the cache is extended.
+  LMOutput forward(const torch::Tensor& tokens, RouteContext ctx = {}, KVCache* cache = nullptr);
+
+  // After the optimiser step: router state updates, with the per-token loss [B*S] of the batch.
+  void after_step(const torch::Tensor& token_loss = {});
+
+  std::vector<MoELayer> moe_layers() const;
+  const ModelConfig& model_config() const { return m_; }
+  const MoEConfig& moe_config() const { return moe_; }
+
+  torch::Tensor embedding;  // [V, C]
+  torch::Tensor head;       // [V, C], only when not tied
+  torch::nn::ModuleList blocks;
+  RMSNorm final_norm{nullptr};
+
+ private:
+  ModelConfig m_;
+  MoEConfig moe_;
+  torch::Tensor rope_cos_, rope_sin_;  // [max_seq_len, D/2] (not state: recomputed from the config)
+};
+TORCH_MODULE(TransformerLM);
+
+// Counts for `moeforge inspect`: total and active parameters, FLOPs per token (forward, matmuls only).
+struct ModelCounts {
+  int64_t total_params = 0;
+  int64_t active_params = 0;  // per token: dense parts + K routed + shared experts + routers
+  int64_t embedding_params = 0;
+  double flops_per_token = 0;  // 2 * active matmul params + attention score/value FLOPs at max_seq_len
+};
+ModelCounts count_model(const TransformerLMImpl& model);
+
+}  // namespace moeforge

@@ -1,0 +1,158 @@
+#include "moeforge/model/transformer.h"
+
+#include <cmath>
+
+namespace moeforge {
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  return x * torch::rsqrt(x.pow(2).mean(-1, true) + eps_) * weight;
+}
+
+AttentionImpl::AttentionImpl(int64_t d_model, int64_t n_head) : n_head_(n_head) {
+  w_qkv = register_parameter("w_qkv", torch::randn({3 * d_model, d_model}) * 0.02);
+  w_out = register_parameter("w_out", torch::randn({d_model, d_model}) * 0.02);
+}
+
+namespace {
+// Rotary embedding, half-split convention (GPT-NeoX / Llama in Hugging Face): the first and second halves
+// of each head's D dimensions form the rotated pairs. x [B, H, S, D], cos/sin [S, D/2].
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  auto x1 = x.narrow(-1, 0, half), x2 = x.narrow(-1, half, half);
+  return torch::cat({x1 * cos - x2 * sin, x1 * sin + x2 * cos}, -1);
+}
+}  // namespace
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                     const torch::Tensor& sin, torch::Tensor* cache_k,
+                                     torch::Tensor* cache_v) {
+  const int64_t B = x.size(0), S = x.size(1), C = x.size(2), H = n_head_, D = C / H;
+  auto qkv = torch::matmul(x, w_qkv.t()).view({B, S, 3, H, D});     // [B, S, 3, H, D]
+  auto q = apply_rope(qkv.select(2, 0).transpose(1, 2), cos, sin);  // [B, H, S, D]
+  auto k = apply_rope(qkv.select(2, 1).transpose(1, 2), cos, sin);  // [B, H, S, D]
+  auto v = qkv.select(2, 2).transpose(1, 2);                        // [B, H, S, D]
+  int64_t past = 0;
+  if (cache_k) {
+    if (cache_k->defined()) {
+      past = cache_k->size(2);
+      k = torch::cat({*cache_k, k}, 2);
+      v = torch::cat({*cache_v, v}, 2);
+    }
+    *cache_k = k;
+    *cache_v = v;
+  }
+  const int64_t S_kv = k.size(2);
+  auto att = torch::matmul(q, k.transpose(2, 3)) / std::sqrt(double(D));  // [B, H, S, S_kv]
+  // Query i sits at absolute position past + i and sees keys 0..past + i.
+  auto mask = torch::ones({S, S_kv}, torch::TensorOptions().dtype(torch::kBool).device(x.device()))
+                  .triu(past + 1);  // [S, S_kv] true = future
+  att = att.masked_fill(mask, -std::numeric_limits<float>::infinity());
+  auto y = torch::matmul(torch::softmax(att, -1), v);  // [B, H, S, D]
+  y = y.transpose(1, 2).reshape({B, S, C});
+  return torch::matmul(y, w_out.t());
+}
+
+BlockImpl::BlockImpl(const ModelConfig& m, const MoEConfig& moe_cfg, bool is_moe) {
+  attn_norm = register_module("attn_norm", RMSNorm(m.d_model, m.norm_eps));
+  attn = register_module("attn", Attention(m.d_model, m.n_head));
+  ffn_norm = register_module("ffn_norm", RMSNorm(m.d_model, m.norm_eps));
+  if (is_moe)
+    moe = register_module("moe", MoELayer(moe_cfg, m.d_model));
+  else
+    ffn = register_module("ffn", DenseFFN(m.d_model, m.d_ff, ExpertAct::kSwiGLU));
+}
+
+TransformerLMImpl::TransformerLMImpl(const ModelConfig& m, const MoEConfig& moe_cfg) : m_(m), moe_(moe_cfg) {
+  m_.validate();
+  moe_.validate();
+  embedding = register_parameter("embedding", torch::randn({m.vocab_size, m.d_model}) * 0.02);
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < m.n_layer; ++i) blocks->push_back(Block(m_, moe_, m_.is_moe_layer(i)));
+  final_norm = register_module("final_norm", RMSNorm(m.d_model, m.norm_eps));
+  if (!m.tie_embeddings) head = register_parameter("head", torch::randn({m.vocab_size, m.d_model}) * 0.02);
+  // Rotary tables: angle(pos, i) = pos * theta^(-2i / D).
+  const int64_t D = m.d_model / m.n_head;
+  auto inv_freq = torch::pow(m.rope_theta, -torch::arange(0, D, 2, torch::kDouble) / double(D));  // [D/2]
+  auto angles = torch::outer(torch::arange(m.max_seq_len, torch::kDouble), inv_freq);             // [S, D/2]
+  rope_cos_ = angles.cos();  // float64: cast to the activations' dtype at use
+  rope_sin_ = angles.sin();
+}
+
+LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ctx, KVCache* cache) {
+  const int64_t B = tokens.size(0), S = tokens.size(1);
+  const int64_t past = cache ? cache->length() : 0;
+  TORCH_CHECK(past + S <= m_.max_seq_len, "sequence of ", past + S, " tokens exceeds model max_seq_len ",
+              m_.max_seq_len);
+  if (cache && cache->k.empty()) {
+    cache->k.resize(m_.n_layer);
+    cache->v.resize(m_.n_layer);
+  }
+  auto x = embedding.index_select(0, tokens.reshape(-1)).view({B, S, m_.d_model});  // [B, S, C]
+  auto cos = rope_cos_.narrow(0, past, S).to(x.device(), x.scalar_type());          // [S, D/2]
+  auto sin = rope_sin_.narrow(0, past, S).to(x.device(), x.scalar_type());
+  LMOutput out;
+  out.aux_loss = torch::zeros({}, x.options());
+  ctx.n_seq = B;
+  ctx.seq_len = S;
+  ctx.training = is_training();
+  for (int64_t i = 0; i < m_.n_layer; ++i) {
+    auto* blk = blocks[i]->as<BlockImpl>();
+    x = x + blk->attn->forward(blk->attn_norm->forward(x), cos, sin, cache ? &cache->k[i] : nullptr,
+                               cache ? &cache->v[i] : nullptr);
+    auto h = blk->ffn_norm->forward(x);  // [B, S, C]
+    if (blk->moe) {
+      if (!out.pooled_first_moe.defined()) out.pooled_first_moe = h.detach().mean(1);  // [B, C]
+      auto r = blk->moe->forward(h, ctx);
+      // A sequence keeps the cluster the first clustering layer gave it (MoCE) in every later layer.
+      if (!ctx.seq_cluster.defined() && r.plan.seq_cluster.defined()) ctx.seq_cluster = r.plan.seq_cluster;
+      out.aux_loss = out.aux_loss + r.plan.aux_loss;
+      out.plans.push_back(std::move(r.plan));
+      x = x + r.y;
+    } else {
+      x = x + blk->ffn->forward(h);
+    }
+  }
+  x = final_norm->forward(x);
+  out.logits = torch::matmul(x, (m_.tie_embeddings ? embedding : head).t());  // [B, S, V]
+  return out;
+}
+
+void TransformerLMImpl::after_step(const torch::Tensor& token_loss) {
+  for (auto& l : moe_layers()) l->after_step(token_loss);
+}
+
+std::vector<MoELayer> TransformerLMImpl::moe_layers() const {
+  std::vector<MoELayer> out;
+  for (const auto& b : *blocks) {
+    auto* blk = b->as<BlockImpl>();
+    if (blk->moe) out.push_back(blk->moe);
+  }
+  return out;
+}
+
+ModelCounts count_model(const TransformerLMImpl& model) {
+  ModelCounts c;
+  const auto& m = model.model_config();
+  const auto& moe = model.moe_config();
+  int64_t routed = 0;
+  for (const auto& p : model.named_parameters()) {
+    c.total_params += p.value().numel();
+    if (p.key().find(".experts.") != std::string::npos) routed += p.value().numel();
+  }
+  c.embedding_params = model.embedding.numel();
+  const double share = double(moe.routed_used()) / double(moe.routed_experts());
+  c.active_params = c.total_params - routed + static_cast<int64_t>(std::llround(share * double(routed)));
+  // Matmul FLOPs: 2 per multiply-add over every active weight except the embedding lookup (the tied head
+  // re-uses it as a matmul), plus attention scores and values: 2 * 2 * S * C per layer at full context.
+  const double matmul_params =
+      double(c.active_params - c.embedding_params) + double(m.vocab_size * m.d_model);
+  c.flops_per_token =
+      2.0 * matmul_params + 4.0 * double(m.max_seq_len) * double(m.d_model) * double(m.n_layer);
+  return c;
+}
+
+}  // namespace moeforge
