@@ -1,6 +1,6 @@
 // moeforge: the command line. Each subcommand has --help.
-#include <CLI/CLI.hpp>
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 
 #include <filesystem>
 #include <iomanip>
@@ -51,9 +51,9 @@ std::string sample_text(LoadedModel& lm, const std::string& prompt, const Genera
 }
 
 void print_eval(const EvalResult& r) {
-  std::cout << r.split << ": loss " << fixed(r.loss, 4) << ", perplexity " << fixed(r.perplexity, 2) << " over "
-            << r.tokens << " tokens; MaxVio_global " << fixed(r.max_vio_global, 3) << ", specialisation "
-            << fixed(r.specialization, 3) << "\n";
+  std::cout << r.split << ": loss " << fixed(r.loss, 4) << ", perplexity " << fixed(r.perplexity, 2)
+            << " over " << r.tokens << " tokens; MaxVio_global " << fixed(r.max_vio_global, 3)
+            << ", specialisation " << fixed(r.specialization, 3) << "\n";
   for (size_t l = 0; l < r.layers.size(); ++l)
     std::cout << "  MoE layer " << l << ": MaxVio_global " << fixed(r.layers[l].max_vio_global, 3)
               << ", specialisation " << fixed(r.layers[l].specialization, 3) << "\n";
@@ -100,7 +100,8 @@ int main(int argc, char** argv) {
   auto* eval = app.add_subcommand("eval", "evaluate a checkpoint: perplexity and routing measures");
   std::string ckpt_dir, split = "validation";
   eval->add_option("--checkpoint", ckpt_dir, "checkpoint folder")->required();
-  eval->add_option("--split", split, "validation or heldout")->check(CLI::IsMember({"validation", "heldout"}));
+  eval->add_option("--split", split, "validation or heldout")
+      ->check(CLI::IsMember({"validation", "heldout"}));
   int64_t eval_batches = 0;
   eval->add_option("--batches", eval_batches, "batches to evaluate (0 = the whole split)");
 
@@ -111,7 +112,8 @@ int main(int argc, char** argv) {
   gen->add_option("--checkpoint", ckpt_dir, "checkpoint folder")->required();
   gen->add_option("--prompt", prompt, "the text to continue")->required();
   gen->add_option("--max-tokens", gopt.max_tokens, "new tokens at most")->check(CLI::PositiveNumber);
-  gen->add_option("--temperature", gopt.temperature, "sampling temperature (0 = greedy)")->check(CLI::NonNegativeNumber);
+  gen->add_option("--temperature", gopt.temperature, "sampling temperature (0 = greedy)")
+      ->check(CLI::NonNegativeNumber);
   gen->add_option("--top-p", gopt.top_p, "nucleus sampling mass")->check(CLI::Range(0.0, 1.0));
   gen->add_option("--seed", gopt.seed, "sampling seed");
 
@@ -120,7 +122,8 @@ int main(int argc, char** argv) {
   inspect->add_option("--checkpoint", ckpt_dir, "checkpoint folder")->required();
 
   // bench
-  auto* bench = app.add_subcommand("bench", "MoE layer vs dense-equivalent FFN vs plain expert loop (BENCHMARKS.md)");
+  auto* bench =
+      app.add_subcommand("bench", "MoE layer vs dense-equivalent FFN vs plain expert loop (BENCHMARKS.md)");
   std::string json_path, shapes_csv;
   LayerBenchOptions bench_opt;
   bench->add_option("--json", json_path, "write the results as JSON to this file");
@@ -156,7 +159,8 @@ int main(int argc, char** argv) {
         auto lm = load_model(summary.checkpoint);
         const std::string tok = lm.tokenizer->serialized();
         DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
-        const double unigram = unigram_perplexity(data.train.tokens, data.validation.tokens, lm.tokenizer->vocab_size());
+        const double unigram =
+            unigram_perplexity(data.train.tokens, data.validation.tokens, lm.tokenizer->vocab_size());
         GenerateOptions g;
         g.max_tokens = 48;
         g.seed = 7;
@@ -165,24 +169,28 @@ int main(int argc, char** argv) {
         auto counts = count_model(*lm.model);
         ReportInputs rin;
         rin.run_dir = out_dir;
-        rin.title = "moeforge run: " + lm.cfg.moe.router + " router, " + std::to_string(lm.cfg.moe.routed_experts()) +
-                    " experts, top-" + std::to_string(lm.cfg.moe.routed_used());
+        rin.title = "moeforge run: " + lm.cfg.moe.router + " router, " +
+                    std::to_string(lm.cfg.moe.routed_experts()) + " experts, top-" +
+                    std::to_string(lm.cfg.moe.routed_used());
         rin.facts = {{"steps", std::to_string(summary.step)},
                      {"parameters (total / active per token)",
                       std::to_string(counts.total_params) + " / " + std::to_string(counts.active_params)},
-                     {"training throughput", fixed(summary.tokens_per_s, 0) + " tokens/s (" + describe_machine() + ")"},
+                     {"training throughput",
+                      fixed(summary.tokens_per_s, 0) + " tokens/s (" + describe_machine() + ")"},
                      {"unigram baseline perplexity (validation)", fixed(unigram, 2)}};
         if (summary.validation) {
           rin.facts.push_back({"validation perplexity", fixed(summary.validation->perplexity, 2)});
-          rin.facts.push_back({"MaxVio_global (validation, mean over layers)",
-                               fixed(summary.validation->max_vio_global, 3)});
-          rin.facts.push_back({"specialisation I(genre; expert)/H(genre)", fixed(summary.validation->specialization, 3)});
+          rin.facts.push_back(
+              {"MaxVio_global (validation, mean over layers)", fixed(summary.validation->max_vio_global, 3)});
+          rin.facts.push_back(
+              {"specialisation I(genre; expert)/H(genre)", fixed(summary.validation->specialization, 3)});
           rin.validation = &*summary.validation;
         }
         if (summary.heldout)
           rin.facts.push_back({"held-out genre perplexity", fixed(summary.heldout->perplexity, 2)});
         rin.sample = sample;
-        std::cout << "unigram baseline perplexity " << fixed(unigram, 2) << "; report: " << write_report(rin) << "\n";
+        std::cout << "unigram baseline perplexity " << fixed(unigram, 2) << "; report: " << write_report(rin)
+                  << "\n";
       }
     } else if (up->parsed()) {
       std::cout << upcycle(up_opt) << "\n";
@@ -192,7 +200,8 @@ int main(int argc, char** argv) {
       DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
       const PackedData& set = split == "heldout" ? data.heldout : data.validation;
       if (!set.tokens.defined() || set.size() == 0)
-        throw ConfigError("data.heldout_genres", "this checkpoint's config has no held-out genres to evaluate");
+        throw ConfigError("data.heldout_genres",
+                          "this checkpoint's config has no held-out genres to evaluate");
       print_eval(evaluate(lm.model, set, lm.cfg.train.batch_size, eval_batches, split));
     } else if (gen->parsed()) {
       auto lm = load_model(ckpt_dir);
@@ -202,17 +211,20 @@ int main(int argc, char** argv) {
       auto c = count_model(*lm.model);
       const auto& m = lm.cfg.model;
       std::cout << "checkpoint " << lm.dir << " (step " << lm.step << ")\n"
-                << "model: " << m.n_layer << " layers, d_model " << m.d_model << ", " << m.n_head << " heads, vocab "
-                << m.vocab_size << ", context " << m.max_seq_len << ", MoE every " << m.moe_every << " layer(s)\n"
-                << "moe: router " << lm.cfg.moe.router << ", " << lm.cfg.moe.routed_experts() << " experts of width "
-                << lm.cfg.moe.routed_width() << ", top-" << lm.cfg.moe.routed_used() << ", "
-                << lm.cfg.moe.n_shared_expert << " shared\n"
+                << "model: " << m.n_layer << " layers, d_model " << m.d_model << ", " << m.n_head
+                << " heads, vocab " << m.vocab_size << ", context " << m.max_seq_len << ", MoE every "
+                << m.moe_every << " layer(s)\n"
+                << "moe: router " << lm.cfg.moe.router << ", " << lm.cfg.moe.routed_experts()
+                << " experts of width " << lm.cfg.moe.routed_width() << ", top-" << lm.cfg.moe.routed_used()
+                << ", " << lm.cfg.moe.n_shared_expert << " shared\n"
                 << "parameters: " << c.total_params << " total, " << c.active_params << " active per token ("
                 << c.embedding_params << " in the embedding); " << fixed(c.flops_per_token / 1e6, 2)
                 << " MFLOP per token (forward)\n";
       std::cout << "\nshapes:\n";
-      for (auto& p : lm.model->named_parameters()) std::cout << "  " << p.key() << " " << p.value().sizes() << "\n";
-      for (auto& b : lm.model->named_buffers()) std::cout << "  " << b.key() << " " << b.value().sizes() << " (state)\n";
+      for (auto& p : lm.model->named_parameters())
+        std::cout << "  " << p.key() << " " << p.value().sizes() << "\n";
+      for (auto& b : lm.model->named_buffers())
+        std::cout << "  " << b.key() << " " << b.value().sizes() << " (state)\n";
       const std::string tok = lm.tokenizer->serialized();
       DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
       auto r = evaluate(lm.model, data.validation, lm.cfg.train.batch_size, 8, "validation");
@@ -223,8 +235,8 @@ int main(int argc, char** argv) {
         for (auto x : L.load) total += x;
         std::cout << "  MoE layer " << l << " (MaxVio " << fixed(L.max_vio_global, 3) << "):";
         for (size_t e = 0; e < L.load.size(); ++e)
-          std::cout << " e" << e << "=" << fixed(100.0 * double(L.load[e]) / double(std::max<int64_t>(total, 1)), 1)
-                    << "%";
+          std::cout << " e" << e << "="
+                    << fixed(100.0 * double(L.load[e]) / double(std::max<int64_t>(total, 1)), 1) << "%";
         std::cout << "\n";
       }
     } else if (bench->parsed()) {

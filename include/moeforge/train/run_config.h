@@ -1,0 +1,37 @@
+// The whole run configuration: [model], [moe], [train], [data]. Read from TOML (a file, or the embedded
+// configs/default.toml), then `--set section.key=value` overrides; unknown keys and bad values are errors
+// that name the key.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "moeforge/config/binder.h"
+#include "moeforge/config/moe_config.h"
+#include "moeforge/data/data_config.h"
+#include "moeforge/model/config.h"
+
+namespace moeforge {
+
+struct RunConfig {
+  ModelConfig model;
+  MoEConfig moe;
+  TrainConfig train;
+  DataConfig data;
+
+  void validate() const;        // every section; ConfigError names the field
+  std::string to_toml() const;  // every key, re-readable by load_run_config_text
+};
+
+void bind_run_config(ConfigBinder& b, RunConfig* c);
+
+// The embedded default (configs/default.toml at build time).
+const std::string& default_config_text();
+
+// Defaults of the structs, then `text` (TOML; `where` names it in errors), then overrides; validated.
+RunConfig load_run_config_text(const std::string& text, const std::string& where,
+                               const std::vector<std::string>& overrides = {});
+// The same from a file; an empty path means the embedded default.
+RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+}  // namespace moeforge

@@ -1,0 +1,61 @@
+// Training a MoE language model end to end: data, model, AdamW with warm-up + cosine, gradient clipping
+// and accumulation, evaluation, metrics as JSONL, a NaN/Inf guard, router after_step hooks, atomic
+// checkpoints and exact resume.
+#pragma once
+
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "moeforge/data/data.h"
+#include "moeforge/model/transformer.h"
+#include "moeforge/train/evaluate.h"
+#include "moeforge/train/run_config.h"
+
+namespace moeforge {
+
+struct TrainOptions {
+  std::string out_dir = "runs/default";  // metrics.jsonl, checkpoints/, report.md go here
+  std::string resume;                    // a checkpoint folder, or a run's checkpoints/ folder
+  std::string init_from;   // start from this checkpoint's weights and tokenizer (fresh optimiser,
+                           // step 0): fine-tuning an upcycled checkpoint
+  int64_t stop_after = 0;  // stop (with a checkpoint) once this many steps are done; 0 = train.steps
+  bool progress = true;
+};
+
+struct TrainSummary {
+  int64_t step = 0;                 // steps done in total
+  std::vector<double> step_losses;  // training loss (cross-entropy) of every step this run did
+  int64_t skipped_steps = 0;        // non-finite steps skipped (train.nan_policy = "skip")
+  std::optional<EvalResult> validation, heldout;
+  std::string checkpoint;  // the checkpoint written last
+  double tokens_per_s = 0;
+  double seconds = 0;
+};
+
+// Everything derived from [data]: the split, the tokenizer (trained, cached, or from a checkpoint) and the
+// packed splits.
+struct DataBundle {
+  CorpusSplit split;
+  std::optional<Tokenizer> tokenizer;
+  PackedData train, validation, heldout;
+};
+DataBundle prepare_data(const DataConfig& cfg, const std::string* tokenizer_model, std::ostream& log);
+
+// A trained model restored from a checkpoint (for eval, generate, inspect, prune, upcycle).
+struct LoadedModel {
+  RunConfig cfg;
+  std::optional<Tokenizer> tokenizer;
+  TransformerLM model{nullptr};
+  int64_t step = 0;
+  std::string dir;
+};
+LoadedModel load_model(const std::string& checkpoint_dir);
+
+// Builds the model of `cfg` for a vocabulary of `vocab_size` tokens.
+TransformerLM build_model(RunConfig& cfg, int64_t vocab_size);
+
+TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& log);
+
+}  // namespace moeforge

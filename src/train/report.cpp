@@ -1,0 +1,174 @@
+#include "moeforge/train/report.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "moeforge/util/atomic_file.h"
+#include "moeforge/util/error.h"
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+namespace {
+
+void write_text(const fs::path& path, const std::string& text) {
+  write_file_atomic(path.string(), text);
+}
+
+std::string quote(const std::string& s) {
+  return "'" + s + "'";
+}
+
+void run_gnuplot(const fs::path& script) {
+  const std::string cmd = "gnuplot " + quote(script.string()) + " 2>" + quote(script.string() + ".log");
+  if (std::system(cmd.c_str()) != 0)
+    throw FileError(script.string(),
+                    "gnuplot failed (see " + script.string() + ".log; is gnuplot-nox installed?)");
+}
+
+}  // namespace
+
+double unigram_perplexity(const torch::Tensor& train_tokens, const torch::Tensor& eval_tokens,
+                          int64_t vocab_size) {
+  auto tr = train_tokens.narrow(1, 1, train_tokens.size(1) - 1).reshape(-1);
+  auto counts = torch::bincount(tr, {}, vocab_size).to(torch::kDouble) + 1.0;  // add-one smoothing
+  auto logp = (counts / counts.sum()).log();
+  auto ev = eval_tokens.narrow(1, 1, eval_tokens.size(1) - 1).reshape(-1);
+  return std::exp(-logp.index_select(0, ev).mean().item<double>());
+}
+
+std::string write_report(const ReportInputs& in) {
+  const fs::path dir(in.run_dir), plots = dir / "plots";
+  fs::create_directories(plots);
+  // Read metrics.jsonl.
+  std::ifstream metrics(dir / "metrics.jsonl");
+  if (!metrics) throw FileError((dir / "metrics.jsonl").string(), "missing: nothing to report");
+  std::ostringstream train_dat, val_dat, held_dat;
+  std::vector<std::ostringstream> load_dat;
+  size_t n_layer = 0, n_expert = 0;
+  int line_no = 0;
+  for (std::string line; std::getline(metrics, line);) {
+    ++line_no;
+    if (line.empty()) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const std::exception& e) {
+      throw FileError((dir / "metrics.jsonl").string() + ":" + std::to_string(line_no), "not JSON");
+    }
+    const auto split = j.value("split", "");
+    const int64_t step = j.value("step", int64_t{0});
+    if (split == "train") {
+      train_dat << step << " " << j.value("loss", 0.0) << " " << j.value("max_vio_batch", 0.0) << "\n";
+      if (j.contains("load")) {
+        const auto& loads = j["load"];
+        n_layer = loads.size();
+        if (load_dat.size() < n_layer) load_dat.resize(n_layer);
+        for (size_t l = 0; l < n_layer; ++l) {
+          std::vector<double> v = loads[l].get<std::vector<double>>();
+          n_expert = v.size();
+          double total = 0;
+          for (double x : v) total += x;
+          load_dat[l] << step;
+          for (double x : v) load_dat[l] << " " << (total > 0 ? x / total : 0.0);
+          load_dat[l] << "\n";
+        }
+      }
+    } else if (split == "validation") {
+      val_dat << step << " " << j.value("loss", 0.0) << "\n";
+    } else if (split == "heldout") {
+      held_dat << step << " " << j.value("loss", 0.0) << "\n";
+    }
+  }
+  write_text(plots / "train.dat", train_dat.str());
+  write_text(plots / "validation.dat", val_dat.str() + "\n");
+  write_text(plots / "heldout.dat", held_dat.str() + "\n");
+
+  std::ostringstream gp;
+  gp << "set terminal pngcairo size 900,500 font 'sans,10'\n"
+     << "set output " << quote((plots / "loss.png").string()) << "\n"
+     << "set title 'Loss'\nset xlabel 'step'\nset ylabel 'cross-entropy (nats)'\nset grid\nset key top "
+        "right\n"
+     << "plot " << quote((plots / "train.dat").string()) << " using 1:2 with lines lw 1 title 'train', "
+     << quote((plots / "validation.dat").string())
+     << " using 1:2 with linespoints lw 2 pt 7 title 'validation'";
+  if (!held_dat.str().empty())
+    gp << ", " << quote((plots / "heldout.dat").string())
+       << " using 1:2 with linespoints lw 2 pt 5 title 'held-out genres'";
+  gp << "\n";
+  std::vector<std::string> images = {"loss.png"};
+  if (n_layer > 0 && n_expert > 0) {
+    for (size_t l = 0; l < n_layer; ++l)
+      write_text(plots / ("load_layer" + std::to_string(l) + ".dat"), load_dat[l].str());
+    gp << "set terminal pngcairo size 900," << 260 * n_layer << " font 'sans,9'\n"
+       << "set output " << quote((plots / "load.png").string()) << "\n"
+       << "set multiplot layout " << n_layer
+       << ",1 title 'Expert load share per MoE layer (training batches)'\n"
+       << "set key outside right\nset ylabel 'share of assignments'\nset xlabel 'step'\n";
+    for (size_t l = 0; l < n_layer; ++l) {
+      gp << "set title 'MoE layer " << l << "'\nplot ";
+      for (size_t e = 0; e < n_expert; ++e)
+        gp << (e ? ", " : "") << quote((plots / ("load_layer" + std::to_string(l) + ".dat")).string())
+           << " using 1:" << e + 2 << " with lines title 'e" << e << "'";
+      gp << "\n";
+    }
+    gp << "unset multiplot\n";
+    images.push_back("load.png");
+  }
+  if (in.validation && !in.validation->layers.empty()) {
+    const auto& v = *in.validation;
+    const size_t L = v.layers.size();
+    gp << "set terminal pngcairo size 900," << 60 + 30 * v.domains.size() * L + 60 * L << " font 'sans,9'\n"
+       << "set output " << quote((plots / "expert_domain.png").string()) << "\n"
+       << "set multiplot layout " << L << ",1 title 'P(expert | domain), validation set'\n"
+       << "unset key\nset xlabel 'expert'\nset palette defined (0 'white', 1 '#08306b')\nset cbrange [0:*]\n";
+    for (size_t l = 0; l < L; ++l) {
+      std::ostringstream mat;
+      std::ostringstream ytics;
+      ytics << "set ytics (";
+      int row = 0;
+      for (size_t d = 0; d < v.domains.size(); ++d) {
+        const auto& counts = v.layers[l].domain_expert[d];
+        double total = 0;
+        for (auto c : counts) total += double(c);
+        if (total <= 0) continue;
+        for (auto c : counts) mat << double(c) / total << " ";
+        mat << "\n";
+        ytics << (row ? ", " : "") << "'" << v.domains[d] << "' " << row;
+        ++row;
+      }
+      ytics << ")\n";
+      const auto file = plots / ("expert_domain_layer" + std::to_string(l) + ".dat");
+      write_text(file, mat.str());
+      gp << ytics.str() << "set title 'MoE layer " << l << " (specialisation " << std::fixed
+         << std::setprecision(3) << v.layers[l].specialization << ")'\nplot " << quote(file.string())
+         << " matrix with image\n";
+    }
+    gp << "unset multiplot\n";
+    images.push_back("expert_domain.png");
+  }
+  write_text(plots / "plots.gp", gp.str());
+  run_gnuplot(plots / "plots.gp");
+
+  std::ostringstream md;
+  md << "# " << in.title << "\n\n| | |\n|---|---|\n";
+  for (auto& [k, val] : in.facts) md << "| " << k << " | " << val << " |\n";
+  md << "\n## Loss\n\n![loss](plots/loss.png)\n\n";
+  if (std::find(images.begin(), images.end(), "load.png") != images.end())
+    md << "## Expert load over time\n\nShare of each layer's assignments per expert, on training batches.\n\n"
+       << "![load](plots/load.png)\n\n";
+  if (std::find(images.begin(), images.end(), "expert_domain.png") != images.end())
+    md << "## Expert x genre\n\nP(expert | genre) on the validation set; specialisation = I(genre; expert) / "
+          "H(genre).\n\n![expert x genre](plots/expert_domain.png)\n\n";
+  if (!in.sample.empty()) md << "## Sample\n\n```\n" << in.sample << "\n```\n";
+  const auto path = (dir / "report.md").string();
+  write_text(path, md.str());
+  return path;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,294 @@
+#include "moeforge/train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <sstream>
+
+#include "moeforge/model/checkpoint.h"
+#include "moeforge/train/optim.h"
+#include "moeforge/util/atomic_file.h"
+#include "moeforge/util/error.h"
+#include "moeforge/util/progress.h"
+#include "moeforge/util/runtime.h"
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+namespace {
+
+// The default CPU generator's state (noise in routers, sampling): saved so a resumed run draws the same.
+torch::Tensor rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_rng_state(const torch::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+std::string step_name(int64_t step) {
+  std::ostringstream os;
+  os << "step-" << std::setw(6) << std::setfill('0') << step;
+  return os.str();
+}
+
+// Keeps the newest `keep` step-NNNNNN folders.
+void prune_checkpoints(const fs::path& dir, int64_t keep) {
+  std::vector<fs::path> steps;
+  for (auto& e : fs::directory_iterator(dir))
+    if (e.is_directory() && e.path().filename().string().rfind("step-", 0) == 0 &&
+        e.path().filename().string().find(".tmp") == std::string::npos)
+      steps.push_back(e.path());
+  std::sort(steps.begin(), steps.end());
+  for (size_t i = 0; i + size_t(keep) < steps.size(); ++i) fs::remove_all(steps[i]);
+}
+
+std::string fmt(double v, int precision = 4) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(precision) << v;
+  return os.str();
+}
+
+}  // namespace
+
+DataBundle prepare_data(const DataConfig& cfg, const std::string* tokenizer_model, std::ostream& log) {
+  DataBundle d;
+  d.split = split_corpus(load_corpus(cfg), cfg);
+  if (tokenizer_model) {
+    d.tokenizer = Tokenizer::from_serialized(*tokenizer_model);
+  } else {
+    const auto t0 = std::chrono::steady_clock::now();
+    d.tokenizer = train_or_load_tokenizer(d.split, cfg, (fs::path(cfg.dir) / "cache").string());
+    log << "tokenizer: " << d.tokenizer->vocab_size() << " pieces ("
+        << fmt(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1) << " s)\n";
+  }
+  d.train = pack_documents(d.split.train, *d.tokenizer, cfg.seq_len, d.split.domains);
+  d.validation = pack_documents(d.split.validation, *d.tokenizer, cfg.seq_len, d.split.domains);
+  if (!d.split.heldout.empty())
+    d.heldout = pack_documents(d.split.heldout, *d.tokenizer, cfg.seq_len, d.split.domains);
+  log << "data: " << d.split.train.size() << "/" << d.split.validation.size() << "/" << d.split.heldout.size()
+      << " documents (train/validation/held-out), " << d.train.size() << " training sequences of "
+      << cfg.seq_len << " tokens\n";
+  return d;
+}
+
+TransformerLM build_model(RunConfig& cfg, int64_t vocab_size) {
+  cfg.model.vocab_size = vocab_size;
+  cfg.model.max_seq_len = cfg.data.seq_len;
+  return TransformerLM(cfg.model, cfg.moe);
+}
+
+LoadedModel load_model(const std::string& checkpoint_dir) {
+  LoadedModel lm;
+  lm.dir = resolve_checkpoint_dir(checkpoint_dir);
+  auto ckpt = load_checkpoint(lm.dir);
+  lm.cfg = load_run_config_text(ckpt.config_toml, lm.dir + "/config.toml");
+  lm.tokenizer = Tokenizer::from_serialized(ckpt.tokenizer_model);
+  lm.model = build_model(lm.cfg, lm.tokenizer->vocab_size());
+  load_module_state(*lm.model, ckpt.model, lm.dir + "/model.safetensors");
+  lm.model->eval();
+  lm.step = ckpt.step;
+  return lm;
+}
+
+TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& log) {
+  std::optional<Checkpoint> resume;
+  std::string resume_dir;
+  if (!opt.resume.empty()) {
+    resume_dir = resolve_checkpoint_dir(opt.resume);
+    resume = load_checkpoint(resume_dir);
+    // A resumed run continues the checkpoint's own configuration exactly.
+    cfg = load_run_config_text(resume->config_toml, resume_dir + "/config.toml");
+  }
+  std::optional<Checkpoint> init;
+  if (!opt.init_from.empty()) {
+    if (resume) throw ConfigError("--init", "cannot be combined with --resume");
+    init = load_checkpoint(opt.init_from);
+  }
+  cfg.validate();
+  const auto& tc = cfg.train;
+  const int threads = init_threads(int(tc.threads));
+  torch::manual_seed(uint64_t(tc.seed));
+
+  const std::string* tokenizer_model = resume ? &resume->tokenizer_model
+                                       : init ? &init->tokenizer_model
+                                              : nullptr;
+  DataBundle data = prepare_data(cfg.data, tokenizer_model, log);
+  TransformerLM model = build_model(cfg, data.tokenizer->vocab_size());
+  model->train();
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  std::vector<torch::Tensor> params;
+  for (auto& p : model->named_parameters()) {
+    if (!p.value().requires_grad()) continue;  // frozen parts (upcycled dense FFN) are not optimised
+    named.push_back({p.key(), p.value()});
+    params.push_back(p.value());
+  }
+  AdamW optim(named, tc);
+  Batcher batcher(data.train, tc.batch_size, uint64_t(tc.seed), /*shuffle=*/true);
+
+  int64_t step = 0;
+  if (init) {
+    load_module_state(*model, init->model, opt.init_from + "/model.safetensors");
+    log << "initialised from " << opt.init_from << "\n";
+  }
+  if (resume) {
+    load_module_state(*model, resume->model, resume_dir + "/model.safetensors");
+    optim.load_state(resume->optimizer, resume_dir + "/optimizer.safetensors");
+    step = resume->step;
+    batcher.restore(std::stoll(resume->trainer_meta.at("batcher_epoch")),
+                    std::stoll(resume->trainer_meta.at("batcher_position")));
+    for (auto& t : resume->trainer)
+      if (t.first == "rng.cpu") set_rng_state(t.second);
+    log << "resumed from " << resume_dir << " at step " << step << "\n";
+  }
+
+  fs::create_directories(opt.out_dir);
+  const fs::path ckpt_root = fs::path(opt.out_dir) / "checkpoints";
+  const std::string metrics_path = (fs::path(opt.out_dir) / "metrics.jsonl").string();
+  std::ofstream metrics(metrics_path, resume ? std::ios::app : std::ios::trunc);
+  if (!metrics) throw FileError(metrics_path, "cannot open for writing");
+  auto counts = count_model(*model);
+  log << "model: " << counts.total_params << " parameters, " << counts.active_params << " active per token, "
+      << fmt(counts.flops_per_token / 1e6, 2) << " MFLOP/token; router " << cfg.moe.router << ", "
+      << cfg.moe.routed_experts() << " experts, top-" << cfg.moe.routed_used() << "; " << threads
+      << " threads\n";
+
+  auto save = [&](int64_t at_step) {
+    Checkpoint c;
+    c.step = at_step;
+    c.config_toml = cfg.to_toml();
+    c.tokenizer_model = data.tokenizer->serialized();
+    c.model = module_state(*model);
+    c.optimizer = optim.state();
+    c.trainer = {{"rng.cpu", rng_state()}};
+    c.trainer_meta = {{"batcher_epoch", std::to_string(batcher.epoch())},
+                      {"batcher_position", std::to_string(batcher.position())},
+                      {"step", std::to_string(at_step)}};
+    const fs::path dir = ckpt_root / step_name(at_step);
+    save_checkpoint(dir.string(), c);
+    write_file_atomic((ckpt_root / "latest").string(), step_name(at_step) + "\n");
+    prune_checkpoints(ckpt_root, tc.keep_checkpoints);
+    return dir.string();
+  };
+
+  auto run_eval = [&](int64_t at_step, TrainSummary& summary) {
+    summary.validation = evaluate(model, data.validation, tc.batch_size, tc.eval_batches, "validation");
+    auto j = summary.validation->to_json();
+    j["step"] = at_step;
+    metrics << j.dump() << "\n";
+    std::string line = "eval @" + std::to_string(at_step) + ": validation loss " +
+                       fmt(summary.validation->loss) + " (ppl " + fmt(summary.validation->perplexity, 2) +
+                       ")";
+    if (data.heldout.tokens.defined() && data.heldout.size() > 0) {
+      summary.heldout = evaluate(model, data.heldout, tc.batch_size, tc.eval_batches, "heldout");
+      auto h = summary.heldout->to_json();
+      h["step"] = at_step;
+      metrics << h.dump() << "\n";
+      line += ", held-out loss " + fmt(summary.heldout->loss) + " (ppl " +
+              fmt(summary.heldout->perplexity, 2) + ")";
+    }
+    line += ", MaxVio_global " + fmt(summary.validation->max_vio_global, 3) + ", specialisation " +
+            fmt(summary.validation->specialization, 3);
+    metrics.flush();
+    return line;
+  };
+
+  TrainSummary summary;
+  const int64_t last = opt.stop_after > 0 ? std::min(opt.stop_after, tc.steps) : tc.steps;
+  const int64_t S = cfg.data.seq_len;
+  ProgressBar bar("train", tc.steps, log, opt.progress);
+  const auto t_start = std::chrono::steady_clock::now();
+  int64_t tokens_done = 0;
+  std::vector<std::string> eval_lines;
+  while (step < last) {
+    const double lr = learning_rate(tc, step);
+    double loss_sum = 0, aux_sum = 0;
+    torch::Tensor token_loss;
+    std::vector<RoutingPlan> plans;
+    for (int64_t micro = 0; micro < tc.grad_accum; ++micro) {
+      auto batch = batcher.next();
+      const int64_t B = batch.tokens.size(0);
+      auto inputs = batch.tokens.narrow(1, 0, S);
+      auto targets = batch.tokens.narrow(1, 1, S);
+      RouteContext ctx;
+      ctx.seq_domain = batch.domain;
+      auto out = model->forward(inputs, ctx);
+      auto ce = torch::nn::functional::cross_entropy(
+          out.logits.reshape({B * S, -1}), targets.reshape(-1),
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]
+      auto loss = ce.mean() + out.aux_loss;
+      (loss / double(tc.grad_accum)).backward();
+      loss_sum += ce.mean().item<double>() / double(tc.grad_accum);
+      aux_sum += out.aux_loss.item<double>() / double(tc.grad_accum);
+      token_loss = ce.detach();
+      plans = std::move(out.plans);
+      tokens_done += B * S;
+    }
+    const double grad_norm = clip_grad_norm(params, tc.grad_clip);
+    if (!std::isfinite(loss_sum) || !std::isfinite(aux_sum) || !std::isfinite(grad_norm)) {
+      std::ostringstream why;
+      why << "non-finite training "
+          << (!std::isfinite(loss_sum)  ? "loss"
+              : !std::isfinite(aux_sum) ? "aux loss"
+                                        : "gradient")
+          << " at step " << step << " (loss " << loss_sum << ", aux " << aux_sum << ", grad norm "
+          << grad_norm << ")";
+      if (tc.nan_policy == "stop")
+        throw std::runtime_error(
+            why.str() + "; stopped without writing a checkpoint (train.nan_policy = \"stop\")" +
+            (summary.checkpoint.empty() ? "" : "; last good checkpoint: " + summary.checkpoint));
+      log << "\n" << why.str() << ": step skipped (train.nan_policy = \"skip\")\n";
+      optim.zero_grad();
+      ++summary.skipped_steps;
+      ++step;
+      continue;
+    }
+    optim.step(lr);
+    model->after_step(token_loss);
+    optim.zero_grad();
+    ++step;
+    summary.step_losses.push_back(loss_sum);
+
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    const double tok_s = double(tokens_done) / std::max(elapsed, 1e-9);
+    if (step % tc.log_every == 0 || step == last) {
+      nlohmann::json j = {{"step", step},         {"split", "train"}, {"loss", loss_sum},
+                          {"aux_loss", aux_sum},  {"lr", lr},         {"grad_norm", grad_norm},
+                          {"tokens_per_s", tok_s}};
+      nlohmann::json max_vio = nlohmann::json::array(), loads = nlohmann::json::array();
+      double mv = 0;
+      for (auto& p : plans) {
+        max_vio.push_back(p.stats.max_vio);
+        loads.push_back(p.stats.load);
+        mv += p.stats.max_vio / double(plans.size());
+      }
+      j["max_vio_batch"] = mv;
+      j["max_vio_batch_layers"] = max_vio;
+      j["load"] = loads;
+      metrics << j.dump() << "\n";
+      metrics.flush();
+    }
+    bar.update(step, "loss " + fmt(loss_sum, 3) + " | " + fmt(tok_s / 1000.0, 1) + "k tok/s");
+    if (tc.eval_every > 0 && step % tc.eval_every == 0 && step != last)
+      eval_lines.push_back(run_eval(step, summary));
+    if (tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 && step != last)
+      summary.checkpoint = save(step);
+  }
+  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  summary.tokens_per_s = double(tokens_done) / std::max(summary.seconds, 1e-9);
+  bar.finish(summary.step_losses.empty() ? "" : "loss " + fmt(summary.step_losses.back(), 3));
+  for (auto& l : eval_lines) log << l << "\n";
+  if (step == tc.steps || tc.eval_every > 0) log << run_eval(step, summary) << "\n";
+  summary.checkpoint = save(step);
+  summary.step = step;
+  log << "checkpoint: " << summary.checkpoint << "\n";
+  return summary;
+}
+
+}  // namespace moeforge
