@@ -41,7 +41,7 @@ TEST(Bip, MaxVioFallsBelowPointOneOnASkewedStream) {
   const int kSteps = 30;
   std::vector<double> vio;
   for (int step = 0; step < kSteps; ++step) {
-    auto plan = r.route(skewed_batch(4096), train_ctx());
+    auto plan = r.route(skewed_batch(16384), train_ctx());
     vio.push_back(plan.stats.max_vio);
     r.after_step(plan);
   }
@@ -53,9 +53,10 @@ TEST(Bip, MaxVioFallsBelowPointOneOnASkewedStream) {
   std::cout << "bip causal: MaxVio step 0 " << vio[0] << ", first < 0.1 at step " << first
             << ", max over steps 10..29 " << tail << "\n";
   EXPECT_GT(vio[0], 0.5);  // skewed before balancing (q = 0 routes as plain top-K)
-  // q jumps to the coordinate optimum of the previous batch: balanced from the next few steps on.
+  // q moves by bip_iters = 2 coordinate steps per batch towards the previous batches' dual optimum:
+  // measured below 0.1 at step 6; the bound leaves room for other seeds.
   EXPECT_GE(first, 0);
-  EXPECT_LE(first, 5);
+  EXPECT_LE(first, 10);
   EXPECT_LT(tail, 0.1);
 }
 
@@ -82,7 +83,7 @@ TEST(Bip, CausalModeRoutesWithThePreviousQ) {
 
 TEST(Bip, SolveModeNearTheExactOptimumAndWithinCapacity) {
   torch::manual_seed(42);
-  double worst_gap = 0, worst_vio = 0, worst_gap_causal1 = 0;
+  double worst_gap = -1, worst_vio = 0, worst_gap_causal1 = -1;
   for (int trial = 0; trial < 10; ++trial) {
     const int64_t T = 48;
     auto x = torch::randn({T, kC});
@@ -104,10 +105,12 @@ TEST(Bip, SolveModeNearTheExactOptimumAndWithinCapacity) {
     worst_gap_causal1 = std::max(worst_gap_causal1, optimality_gap(plan.scores, one, kK, cap).gap);
   }
   std::cout << "bip solve (50 iterations): worst gap " << worst_gap << ", worst capacity violation "
-            << worst_vio << "; 1 iteration: worst gap " << worst_gap_causal1 << "\n";
-  // Near the LP optimum: the dual coordinate ascent stops at a point whose primal is within 1% of it.
-  EXPECT_LT(worst_gap, 0.01);
-  EXPECT_GT(worst_gap, -1e-9);  // within capacity, so it cannot beat the optimum (float64 sums)
+            << worst_vio << "; 1 iteration from q = 0: worst gap " << worst_gap_causal1
+            << " (negative: it overfills)\n";
+  // 50 midpoint iterations reach the LP optimum on these 48x8 problems (measured gap 0); 1e-6 allows for
+  // the float32 scores summed against GLPK's float64 objective.
+  EXPECT_LT(worst_gap, 1e-6);
+  EXPECT_GT(worst_gap, -1e-6);  // within capacity, so it cannot beat the optimum (float32 vs float64)
   EXPECT_EQ(worst_vio, 0.0);    // meets the capacity
 }
 

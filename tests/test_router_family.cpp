@@ -91,7 +91,9 @@ TEST(RouterFamily, StateRoundTripThroughNamedParametersAndBuffers) {
         bb[kv.key()].copy_(kv.value());
         ++n_buffers;
       }
-      if (v.cfg.router != "topk") EXPECT_GT(n_buffers, 0u);  // the router state is a buffer
+      if (v.cfg.router != "topk") {
+        EXPECT_GT(n_buffers, 0u);  // the router state is a buffer
+      }
     }
     auto x = torch::randn({4, 16, 12});
     for (bool training : {false, true}) {

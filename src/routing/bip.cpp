@@ -13,13 +13,24 @@ void bip_dual_iterations(torch::Tensor& q, const torch::Tensor& s, int64_t k, in
   const int64_t T = s.size(0), E = s.size(1);
   auto sd = s.detach().to(q.dtype());  // [T, E]
   auto qd = q.to(sd.device());         // [E]
+  // Tie rule (open in ROUTING.md section 4): each order statistic is taken as the midpoint between the
+  // K-th and (K+1)-th (the cap-th and (cap+1)-th) largest, not the (K+1)-th itself. At the exact
+  // (K+1)-th value, the token defining q_e sits in a tie with its own p_t, the top-K of (s - q) breaks it
+  // arbitrarily and overfills the expert; with midpoints a fixed point has no ties, so its top-K of
+  // (s - q) meets every capacity (measured: tests/test_bip.cpp reaches the GLPK optimum in <= 50
+  // iterations where the (K+1)-th rule stalls 1-2 tokens over capacity).
+  auto mid_kth = [](const torch::Tensor& a, int64_t kth_smallest, int64_t dim) {
+    return 0.5 *
+           (std::get<0>(a.kthvalue(kth_smallest, dim)) + std::get<0>(a.kthvalue(kth_smallest + 1, dim)));
+  };
   for (int64_t it = 0; it < n_iter; ++it) {
-    // (K+1)-th largest of E values = the (E-K)-th smallest; with K = E every expert is taken, p = 0.
+    // Between the (K+1)-th and K-th largest over e = the (E-K)-th and (E-K+1)-th smallest; with K = E
+    // every expert is taken, p = 0.
     torch::Tensor p = torch::zeros({T}, sd.options());  // [T]
-    if (k < E) p = std::get<0>((sd - qd.unsqueeze(0)).kthvalue(E - k, 1)).clamp_min(0);
-    // (cap+1)-th largest of T values = the (T-cap)-th smallest; with cap >= T no expert is ever full.
+    if (k < E) p = mid_kth(sd - qd.unsqueeze(0), E - k, 1).clamp_min(0);
+    // Between the (cap+1)-th and cap-th largest over t; with cap >= T no expert is ever full.
     if (cap < T)
-      qd = std::get<0>((sd - p.unsqueeze(1)).kthvalue(T - cap, 0)).clamp_min(0);  // [E]
+      qd = mid_kth(sd - p.unsqueeze(1), T - cap, 0).clamp_min(0);  // [E]
     else
       qd = torch::zeros({E}, sd.options());
   }

@@ -15,7 +15,8 @@ int64_t bip_capacity(int64_t n_tokens, int64_t k, int64_t n_expert);
 // n_iter dual coordinate steps from q (updated in place), scores s [T, E] (detached):
 //   p_t = max(0, (K+1)-th largest over e of (s_te - q_e))
 //   q_e = max(0, (cap+1)-th largest over t of (s_te - p_t))
-// Each (K+1)-th / (cap+1)-th largest is a partial selection (kthvalue), O(T E) per iteration.
+// with the midpoint tie rule of bip.cpp (each "(K+1)-th largest" is the midpoint of the K-th and
+// (K+1)-th). Order statistics are partial selections (kthvalue), O(T E) per iteration.
 void bip_dual_iterations(torch::Tensor& q, const torch::Tensor& s, int64_t k, int64_t cap, int64_t n_iter);
 
 class BipRouterImpl : public TopKRouterImpl {
