@@ -1,4 +1,5 @@
 // Every router of the family through MoELayer: forward/backward, state round trip, bad configs.
+#include "moeforge/config/binder.h"
 #include "moeforge/config/moe_config.h"
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/util/error.h"
@@ -139,6 +140,26 @@ TEST(RouterFamily, BadConfigNamesTheField) {
     const auto& all = available_routers();
     EXPECT_NE(std::find(all.begin(), all.end(), r), all.end()) << r;
   }
+}
+
+TEST(RouterFamily, KeysBindFromToml) {
+  MoEConfig c;
+  ConfigBinder b;
+  bind_moe_config(b, &c);
+  b.apply_text(
+      "[moe]\nrouter = \"expert_choice\"\nec_mode = \"noncausal\"\nec_eval = \"batch\"\n"
+      "ec_capacity_factor = 1.5\nec_threshold_decay = 0.9\nbias_update_rate = 0.01\n"
+      "bip_iters = 4\nbip_mode = \"solve\"\n",
+      "t.toml");
+  EXPECT_EQ(c.router, "expert_choice");
+  EXPECT_EQ(c.ec_mode, ECMode::kNonCausal);
+  EXPECT_EQ(c.ec_eval, ECEval::kBatch);
+  EXPECT_DOUBLE_EQ(c.ec_capacity_factor, 1.5);
+  EXPECT_DOUBLE_EQ(c.ec_threshold_decay, 0.9);
+  EXPECT_DOUBLE_EQ(c.bias_update_rate, 0.01);
+  EXPECT_EQ(c.bip_iters, 4);
+  EXPECT_EQ(c.bip_mode, BipMode::kSolve);
+  expect_config_error([&] { b.apply_override("moe.ec_mode=sideways"); }, "moe.ec_mode");
 }
 
 }  // namespace
