@@ -8,7 +8,8 @@
 namespace moeforge {
 
 const std::vector<std::string>& available_routers() {
-  static const std::vector<std::string> kRouters = {"topk", "hierarchical", "moce"};
+  static const std::vector<std::string> kRouters = {"topk", "expert_choice", "loss_free",
+                                                    "bip",  "hierarchical",  "moce"};
   return kRouters;
 }
 
@@ -48,6 +49,19 @@ void MoEConfig::validate() const {
   nonneg("moe.z_loss_coef", z_loss_coef);
   if (gshard_random_second && n_expert_used < 2)
     throw ConfigError("moe.gshard_random_second", "needs moe.n_expert_used >= 2");
+
+  // --- Expert choice, loss-free and BIP routers (ROUTING.md sections 2-4) ---
+  // CF <= E keeps k_e <= T: an expert cannot take more tokens than the batch (or a position group) has.
+  if (!std::isfinite(ec_capacity_factor) || ec_capacity_factor <= 0 || ec_capacity_factor > double(n_expert))
+    throw ConfigError("moe.ec_capacity_factor",
+                      "must be in (0, moe.n_expert], got " + std::to_string(ec_capacity_factor));
+  if (router == "expert_choice" && score != ScoreFunc::kSoftmax)
+    throw ConfigError("moe.score", "expert_choice scores are a softmax over experts (Zhou et al. 2022)");
+  if (!(ec_threshold_decay >= 0 && ec_threshold_decay < 1))
+    throw ConfigError("moe.ec_threshold_decay",
+                      "must be in [0, 1), got " + std::to_string(ec_threshold_decay));
+  nonneg("moe.bias_update_rate", bias_update_rate);
+  if (bip_iters < 1) throw ConfigError("moe.bip_iters", "must be >= 1, got " + std::to_string(bip_iters));
   validate_cluster_routing();
 }
 
@@ -141,6 +155,17 @@ void bind_moe_config(ConfigBinder& b, MoEConfig* c) {
               {{"ffn", ExpertForm::kFFN}, {"adapter", ExpertForm::kAdapter}});
   b.bind("moe.adapter_dim", &c->adapter_dim);
   b.bind("moe.adapter_scale", &c->adapter_scale);
+
+  // --- Expert choice, loss-free and BIP routers (ROUTING.md sections 2-4) ---
+  b.bind("moe.ec_capacity_factor", &c->ec_capacity_factor);
+  b.bind_enum(
+      "moe.ec_mode", &c->ec_mode,
+      {{"causal", ECMode::kCausal}, {"noncausal", ECMode::kNonCausal}, {"threshold", ECMode::kThreshold}});
+  b.bind_enum("moe.ec_eval", &c->ec_eval, {{"batch", ECEval::kBatch}, {"threshold", ECEval::kThreshold}});
+  b.bind("moe.ec_threshold_decay", &c->ec_threshold_decay);
+  b.bind("moe.bias_update_rate", &c->bias_update_rate);
+  b.bind("moe.bip_iters", &c->bip_iters);
+  b.bind_enum("moe.bip_mode", &c->bip_mode, {{"causal", BipMode::kCausal}, {"solve", BipMode::kSolve}});
 }
 
 std::string to_string(ScoreFunc v) {
@@ -157,6 +182,16 @@ std::string to_string(ExpertsImplKind v) {
 }
 std::string to_string(ExpertForm v) {
   return v == ExpertForm::kFFN ? "ffn" : "adapter";
+}
+
+std::string to_string(ECMode v) {
+  return v == ECMode::kCausal ? "causal" : v == ECMode::kNonCausal ? "noncausal" : "threshold";
+}
+std::string to_string(ECEval v) {
+  return v == ECEval::kBatch ? "batch" : "threshold";
+}
+std::string to_string(BipMode v) {
+  return v == BipMode::kCausal ? "causal" : "solve";
 }
 
 }  // namespace moeforge

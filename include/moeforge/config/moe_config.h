@@ -13,6 +13,11 @@ enum class ExpertAct { kSwiGLU, kGELU };
 enum class ExpertsImplKind { kGrouped, kReference };
 enum class ExpertForm { kFFN, kAdapter };
 
+// --- Expert choice, loss-free and BIP routers (ROUTING.md sections 2-4) ---
+enum class ECMode { kCausal, kNonCausal, kThreshold };
+enum class ECEval { kBatch, kThreshold };
+enum class BipMode { kCausal, kSolve };
+
 struct MoEConfig {
   std::string router = "topk";  // moe.router
   int64_t n_expert = 8;         // moe.n_expert: routed experts E (before fine-grained splitting)
@@ -54,6 +59,22 @@ struct MoEConfig {
   ExpertForm expert_form = ExpertForm::kFFN;  // moe.expert_form: "ffn" | "adapter"
   int64_t adapter_dim = 64;                   // moe.adapter_dim: adapter bottleneck width
   double adapter_scale = 1.0;  // moe.adapter_scale: lambda in A(z) = lambda W_up gelu(W_down z)
+  // --- Expert choice, loss-free and BIP routers (ROUTING.md sections 2-4) ---
+  // Expert choice (Zhou et al. 2022): expert e takes k_e = round(T * ec_capacity_factor / E) tokens.
+  double ec_capacity_factor = 2.0;  // moe.ec_capacity_factor: the paper's CF (2 = compute of top-2)
+  // How EC routes in training: "causal" (choice among the tokens at the same position across the batch,
+  // the LM default), "noncausal" (choice over the whole batch: leaks the future, encoders/analysis only),
+  // "threshold" (per-token routing with the calibrated thresholds, training and evaluation alike).
+  ECMode ec_mode = ECMode::kCausal;
+  // Routing in evaluation for ec_mode causal/noncausal: "threshold" (what generation can use) or "batch"
+  // (the training grouping; evaluation reports both, ROUTING.md section 2).
+  ECEval ec_eval = ECEval::kThreshold;
+  double ec_threshold_decay = 0.99;  // moe.ec_threshold_decay: EMA decay of the thresholds
+  // Loss-free balancing (Wang et al. 2024): bias step u.
+  double bias_update_rate = 1e-3;  // moe.bias_update_rate
+  // BIP balancing (Sun 2025): dual iterations per step and causal/solve-then-route (non-causal) mode.
+  int64_t bip_iters = 2;                // moe.bip_iters
+  BipMode bip_mode = BipMode::kCausal;  // moe.bip_mode: "causal" | "solve"
 
   // Shapes after DeepSeekMoE fine-grained splitting: m*E experts of width F/m, m*K active.
   int64_t routed_experts() const { return n_expert * expert_split; }
@@ -78,5 +99,8 @@ std::string to_string(OverflowOrder v);
 std::string to_string(ExpertAct v);
 std::string to_string(ExpertsImplKind v);
 std::string to_string(ExpertForm v);
+std::string to_string(ECMode v);
+std::string to_string(ECEval v);
+std::string to_string(BipMode v);
 
 }  // namespace moeforge

@@ -1,0 +1,58 @@
+// Expert-choice routing (Zhou et al., NeurIPS 2022, arXiv 2202.09368; ROUTING.md section 2): every expert
+// picks its k_e = round(T * CF / E) highest-scoring tokens, so a token gets 0..E experts.
+//
+// Legend: B sequences, S positions, T = B*S tokens, C model width, E experts.
+#pragma once
+
+#include "moeforge/config/moe_config.h"
+#include "moeforge/routing/router.h"
+
+namespace moeforge {
+
+// Builds a plan from a selection mask: assignments grouped by expert, ascending token order inside an
+// expert (nonzero() of the [E, T] transpose is already in that order, so no sort is needed).
+//   mask   [T, E] bool
+//   scores [T, E] differentiable gate source: gate of (t, e) = scores[t, e]
+RoutingPlan build_plan_from_mask(const torch::Tensor& mask, const torch::Tensor& scores);
+
+// The per-position capacity of causal-safe EC: with c = B * CF / E tokens per expert per position,
+// position p gets floor((p+1) c + 1/2) - floor(p c + 1/2). It depends on p, B and CF only (never on the
+// tokens), and sums over S positions to round(S c) = k_e, so every expert gets exactly its capacity.
+int64_t ec_position_capacity(int64_t p, int64_t n_seq, double capacity_factor, int64_t n_expert);
+// k_e = round(T * CF / E), half away from zero.
+int64_t ec_capacity(int64_t n_tokens, double capacity_factor, int64_t n_expert);
+
+class ExpertChoiceRouterImpl : public Router {
+ public:
+  ExpertChoiceRouterImpl(const MoEConfig& cfg, int64_t d_model);
+
+  // Training: batch routing (ec_mode causal / noncausal) or threshold routing (ec_mode threshold).
+  // Evaluation: threshold routing unless ec_eval = batch (then the training grouping). route() never
+  // changes the router's state: the thresholds are calibrated in after_step from plan.scores.
+  RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) override;
+  // Threshold calibration: EMA of each expert's k_e-th largest score of the batch just routed.
+  void after_step(const RoutingPlan& plan) override;
+  int64_t n_expert() const override { return n_expert_; }
+  std::string name() const override;
+
+  // The evaluation routing can be switched without rebuilding (an evaluator reports both losses).
+  void set_eval_routing(ECEval v) { eval_routing_ = v; }
+  ECEval eval_routing() const { return eval_routing_; }
+
+  // The three routings from scores s [T, E] (softmax), usable directly by tests and analysis.
+  torch::Tensor select_noncausal(const torch::Tensor& s) const;              // [T, E] bool
+  torch::Tensor select_causal(const torch::Tensor& s, int64_t n_seq) const;  // [T, E] bool
+  torch::Tensor select_threshold(const torch::Tensor& s) const;              // [T, E] bool
+
+  torch::Tensor weight;           // [E, C] router projection (nn.Linear layout)
+  torch::Tensor threshold;        // [E] buffer: calibrated score threshold per expert
+  torch::Tensor threshold_steps;  // [] int64 buffer: calibration updates so far (0 = uncalibrated)
+
+ private:
+  MoEConfig cfg_;
+  int64_t n_expert_;
+  ECEval eval_routing_;
+};
+TORCH_MODULE(ExpertChoiceRouter);
+
+}  // namespace moeforge

@@ -1,0 +1,31 @@
+// Loss-free balancing (Wang et al. 2024, arXiv 2408.15664; ROUTING.md section 3): token-choice top-K
+// whose selection adds a per-expert bias b, moved after each step against the load just seen.
+#pragma once
+
+#include "moeforge/routing/topk.h"
+
+namespace moeforge {
+
+class LossFreeRouterImpl : public TopKRouterImpl {
+ public:
+  // The balance-loss terms of cfg are dropped (balancing without an aux-loss gradient is the point of
+  // the method, Wang et al. section 3); the z-loss stays.
+  LossFreeRouterImpl(const MoEConfig& cfg, int64_t d_model);
+
+  // Selection: top-K of (s + b) with the b of the previous steps; gates from s alone.
+  RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) override;
+  // b_e += u * sign(mean(c) - c_e), c = plan.stats.load of the batch just routed (Wang et al. Alg. 1).
+  void after_step(const RoutingPlan& plan) override;
+  std::string name() const override { return "loss_free"; }
+
+  torch::Tensor bias;  // [E] buffer, no gradient, init 0
+
+ private:
+  double update_rate_;
+};
+TORCH_MODULE(LossFreeRouter);
+
+// cfg without the balance-loss terms (loss-free and BIP balance through their selection bias instead).
+MoEConfig without_balance_loss(MoEConfig cfg);
+
+}  // namespace moeforge

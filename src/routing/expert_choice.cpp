@@ -1,0 +1,150 @@
+// Expert-choice routing, ROUTING.md section 2. Legend: B sequences, S positions, T = B*S, E experts.
+#include "moeforge/routing/expert_choice.h"
+
+#include <cmath>
+
+#include "moeforge/routing/losses.h"
+
+namespace moeforge {
+
+RoutingPlan build_plan_from_mask(const torch::Tensor& mask, const torch::Tensor& scores) {
+  const int64_t T = mask.size(0), E = mask.size(1);
+  auto mask_et = mask.t().to(torch::kCPU).contiguous();  // [E, T]
+  auto pairs = mask_et.nonzero();                        // [N, 2] (e, t), row-major: grouped by expert
+  auto expert = pairs.select(1, 0).contiguous();         // [N]
+  auto token = pairs.select(1, 1).contiguous();          // [N]
+  auto count_t = mask_et.sum(1).to(torch::kLong);        // [E]
+  auto offsets = torch::zeros({E + 1}, torch::kLong);    // [E+1]
+  offsets.narrow(0, 1, E).copy_(count_t.cumsum(0));
+
+  RoutingPlan plan;
+  const auto device = scores.device();
+  plan.token_index = token.to(device);
+  plan.expert_offsets = offsets;
+  plan.gate = scores.reshape({T * E}).index_select(0, (token * E + expert).to(device));  // [N]
+  plan.aux_loss = torch::zeros({}, scores.options());
+  std::vector<int64_t> load(count_t.data_ptr<int64_t>(), count_t.data_ptr<int64_t>() + E);
+  const int64_t n = plan.token_index.numel();
+  plan.stats = make_routing_stats(std::move(load), T, n);  // EC drops nothing: requested = kept
+  return plan;
+}
+
+int64_t ec_capacity(int64_t n_tokens, double capacity_factor, int64_t n_expert) {
+  return static_cast<int64_t>(std::floor(double(n_tokens) * capacity_factor / double(n_expert) + 0.5));
+}
+
+int64_t ec_position_capacity(int64_t p, int64_t n_seq, double capacity_factor, int64_t n_expert) {
+  const double c = double(n_seq) * capacity_factor / double(n_expert);
+  return static_cast<int64_t>(std::floor(double(p + 1) * c + 0.5) - std::floor(double(p) * c + 0.5));
+}
+
+ExpertChoiceRouterImpl::ExpertChoiceRouterImpl(const MoEConfig& cfg, int64_t d_model)
+    : cfg_(cfg), n_expert_(cfg.routed_experts()), eval_routing_(cfg.ec_eval) {
+  cfg_.validate();
+  // nn.Linear's default initialisation, as the token-choice router.
+  const double bound = 1.0 / std::sqrt(double(d_model));
+  weight = register_parameter("weight", torch::empty({n_expert_, d_model}).uniform_(-bound, bound));
+  // Before any calibration, 1/E: the score of every expert under a uniform softmax. Only threshold
+  // routing reads it, and calibration replaces it outright at the first update.
+  threshold = register_buffer("threshold", torch::full({n_expert_}, 1.0 / double(n_expert_)));
+  threshold_steps = register_buffer("threshold_steps", torch::zeros({}, torch::kLong));
+}
+
+std::string ExpertChoiceRouterImpl::name() const {
+  // Non-causal EC says so in its name: it leaks the future of a sequence (ROUTING.md section 2).
+  switch (cfg_.ec_mode) {
+    case ECMode::kCausal:
+      return "expert_choice(causal)";
+    case ECMode::kNonCausal:
+      return "expert_choice(noncausal: leaks the future)";
+    case ECMode::kThreshold:
+      return "expert_choice(threshold)";
+  }
+  return "expert_choice";
+}
+
+torch::Tensor ExpertChoiceRouterImpl::select_noncausal(const torch::Tensor& s) const {
+  // NON-CAUSAL: expert e takes the k_e best tokens of the whole batch, so a position's routing depends
+  // on later positions of its own sequence (Zhou et al. 2022 as published).
+  const int64_t T = s.size(0);
+  const int64_t k = std::min(ec_capacity(T, cfg_.ec_capacity_factor, n_expert_), T);
+  auto mask = torch::zeros(s.sizes(), s.options().dtype(torch::kBool));  // [T, E]
+  if (k == 0) return mask;
+  auto idx = std::get<1>(s.detach().topk(k, 0));  // [k, E] tokens chosen by each expert
+  return mask.scatter_(0, idx, true);
+}
+
+torch::Tensor ExpertChoiceRouterImpl::select_causal(const torch::Tensor& s, int64_t n_seq) const {
+  // Causal-safe: the choice for position p is made among the B tokens at position p (one per sequence),
+  // with a per-position capacity fixed in advance, so nothing at positions > p of any sequence can move
+  // it. The B sequences are rows b*S..b*S+S-1 of s.
+  const int64_t T = s.size(0), E = s.size(1), B = n_seq;
+  TORCH_CHECK(B >= 1 && T % B == 0, "expert_choice: T = ", T, " is not a multiple of n_seq = ", B);
+  const int64_t S = T / B;
+  auto s_sbe = s.detach().reshape({B, S, E}).permute({1, 0, 2});             // [S, B, E]
+  auto mask_sbe = torch::zeros({S, B, E}, s.options().dtype(torch::kBool));  // [S, B, E]
+  // The per-position capacity takes at most two values (floor and ceil of c): one topk per value.
+  std::vector<int64_t> cap(S);
+  for (int64_t p = 0; p < S; ++p)
+    cap[p] = std::min(ec_position_capacity(p, B, cfg_.ec_capacity_factor, E), B);
+  std::vector<int64_t> values(cap.begin(), cap.end());
+  std::sort(values.begin(), values.end());
+  values.erase(std::unique(values.begin(), values.end()), values.end());
+  for (int64_t v : values) {
+    if (v == 0) continue;
+    std::vector<int64_t> pos;
+    for (int64_t p = 0; p < S; ++p)
+      if (cap[p] == v) pos.push_back(p);
+    auto pos_t = torch::tensor(pos, torch::kLong).to(s.device());     // [P]
+    auto idx = std::get<1>(s_sbe.index_select(0, pos_t).topk(v, 1));  // [P, v, E]
+    auto sub = torch::zeros({int64_t(pos.size()), B, E}, mask_sbe.options()).scatter_(1, idx, true);
+    mask_sbe.index_copy_(0, pos_t, sub);
+  }
+  return mask_sbe.permute({1, 0, 2}).reshape({T, E});
+}
+
+torch::Tensor ExpertChoiceRouterImpl::select_threshold(const torch::Tensor& s) const {
+  // Generation-time EC: a token goes to every expert whose score passes its threshold, and at least to
+  // its top-1 (ROUTING.md section 2). Per token, so causal.
+  auto sd = s.detach();
+  auto mask = sd >= threshold.to(s.device()).unsqueeze(0);  // [T, E]
+  auto top1 = std::get<1>(sd.max(1, true));                 // [T, 1]
+  return mask.scatter_(1, top1, true);
+}
+
+RoutingPlan ExpertChoiceRouterImpl::route(const torch::Tensor& x, const RouteContext& ctx) {
+  auto logits = torch::matmul(x, weight.t());  // [T, E]
+  auto s = torch::softmax(logits, 1);          // [T, E]
+  torch::Tensor mask;                          // [T, E] bool
+  const bool use_threshold =
+      cfg_.ec_mode == ECMode::kThreshold || (!ctx.training && eval_routing_ == ECEval::kThreshold);
+  if (use_threshold)
+    mask = select_threshold(s);
+  else if (cfg_.ec_mode == ECMode::kNonCausal)
+    mask = select_noncausal(s);
+  else
+    mask = select_causal(s, ctx.seq_len > 0 ? x.size(0) / ctx.seq_len : 1);
+  RoutingPlan plan = build_plan_from_mask(mask, s);
+  // No balance loss: EC is balanced by construction (Zhou et al. 2022 section 3); the z-loss may stay.
+  if (cfg_.z_loss_coef > 0) plan.aux_loss = cfg_.z_loss_coef * router_z_loss(logits);
+  plan.scores = s.detach();
+  return plan;
+}
+
+void ExpertChoiceRouterImpl::after_step(const RoutingPlan& plan) {
+  if (!plan.scores.defined()) return;
+  torch::NoGradGuard ng;
+  // The k_e-th largest score of each expert over the batch: the score a token needs to be among the
+  // CF/E share of tokens that expert takes. It is a statistic of the batch already routed, so using it
+  // later cannot leak.
+  const int64_t T = plan.scores.size(0);
+  const int64_t k = std::min(std::max<int64_t>(ec_capacity(T, cfg_.ec_capacity_factor, n_expert_), 1), T);
+  auto kth = std::get<0>(plan.scores.topk(k, 0)).select(0, k - 1).to(threshold.device(), threshold.dtype());
+  if (threshold_steps.item<int64_t>() == 0)
+    threshold.copy_(kth);  // the first batch sets the thresholds (no bias towards the 1/E start)
+  else
+    threshold.mul_(cfg_.ec_threshold_decay).add_(kth, 1.0 - cfg_.ec_threshold_decay);
+  threshold_steps.add_(1);
+}
+
+}  // namespace moeforge

@@ -1,0 +1,36 @@
+#include "moeforge/routing/loss_free.h"
+
+namespace moeforge {
+
+MoEConfig without_balance_loss(MoEConfig cfg) {
+  cfg.balance_coef = 0;
+  cfg.seq_balance_coef = 0;
+  return cfg;
+}
+
+LossFreeRouterImpl::LossFreeRouterImpl(const MoEConfig& cfg, int64_t d_model)
+    : TopKRouterImpl(without_balance_loss(cfg), d_model), update_rate_(cfg.bias_update_rate) {
+  bias = register_buffer("bias", torch::zeros({n_expert()}));
+}
+
+RoutingPlan LossFreeRouterImpl::route(const torch::Tensor& x, const RouteContext& ctx) {
+  // The bias only holds loads of batches already trained on: routing a batch never sees its own load.
+  return route_scores(score(x, ctx.training), bias, ctx);
+}
+
+void LossFreeRouterImpl::after_step(const RoutingPlan& plan) {
+  const auto& c = plan.stats.load;  // [E]
+  if (c.empty()) return;
+  double mean = 0;
+  for (int64_t v : c) mean += double(v);
+  mean /= double(c.size());
+  auto step = torch::empty({int64_t(c.size())});  // [E] sign(mean(c) - c_e)
+  for (size_t e = 0; e < c.size(); ++e) {
+    const double d = mean - double(c[e]);
+    step[e] = d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0);
+  }
+  torch::NoGradGuard ng;
+  bias.add_(step.to(bias.device(), bias.dtype()), update_rate_);
+}
+
+}  // namespace moeforge
