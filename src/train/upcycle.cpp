@@ -13,11 +13,12 @@ std::string upcycle(const UpcycleOptions& opt) {
   RunConfig cfg = load_run_config_text(dense.cfg.to_toml(), dense.dir + "/config.toml", opt.overrides);
   if (cfg.model.moe_every <= 0)
     throw ConfigError("model.moe_every", "upcycling needs MoE layers: set it to >= 1");
-  if (cfg.moe.routed_width() != dense.cfg.model.d_ff)
+  const bool adapter = cfg.moe.expert_form == ExpertForm::kAdapter;
+  const int64_t width = adapter ? cfg.moe.d_expert : cfg.moe.routed_width();
+  if (width != dense.cfg.model.d_ff)
     throw ConfigError("moe.d_expert", "an upcycled expert copies the dense FFN, so its width (" +
-                                          std::to_string(cfg.moe.routed_width()) +
-                                          ") must equal model.d_ff (" + std::to_string(dense.cfg.model.d_ff) +
-                                          ")");
+                                          std::to_string(width) + ") must equal model.d_ff (" +
+                                          std::to_string(dense.cfg.model.d_ff) + ")");
   if (cfg.model.d_model != dense.cfg.model.d_model || cfg.model.n_layer != dense.cfg.model.n_layer ||
       cfg.model.n_head != dense.cfg.model.n_head)
     throw ConfigError("model", "upcycling keeps the dense model's d_model, n_layer and n_head");
@@ -35,16 +36,23 @@ std::string upcycle(const UpcycleOptions& opt) {
       ++copied;
       continue;
     }
-    // blocks.<i>.moe.experts.<w> <- blocks.<i>.ffn.<w>, broadcast over experts.
-    const auto pos = name.find(".moe.experts.");
-    if (pos != std::string::npos) {
-      const std::string dense_name = name.substr(0, pos) + ".ffn." + name.substr(pos + 13);
+    // FFN experts: blocks.<i>.moe.experts.<w> <- blocks.<i>.ffn.<w>, broadcast over experts (plus noise).
+    // Adapter form (MoCE/PESC): blocks.<i>.moe.dense.<w> <- blocks.<i>.ffn.<w>, frozen; the adapters keep
+    // their initialisation (W_up = 0), so the upcycled model starts as the dense one.
+    for (const std::string part : {".moe.experts.", ".moe.dense."}) {
+      const auto pos = name.find(part);
+      if (pos == std::string::npos) continue;
+      const std::string dense_name = name.substr(0, pos) + ".ffn." + name.substr(pos + part.size());
       auto d = src.find(dense_name);
       if (d == src.end())
         throw FileError(dense.dir, "no dense FFN weight '" + dense_name + "' to upcycle from");
-      auto copy = d->second.unsqueeze(0).expand_as(t).clone();
-      if (opt.noise > 0) copy += torch::randn_like(copy) * (opt.noise * d->second.std().item<double>());
-      t.copy_(copy);
+      if (part == ".moe.dense.") {
+        t.copy_(d->second);
+      } else {
+        auto copy = d->second.unsqueeze(0).expand_as(t).clone();
+        if (opt.noise > 0) copy += torch::randn_like(copy) * (opt.noise * d->second.std().item<double>());
+        t.copy_(copy);
+      }
       ++upcycled;
     }
   }

@@ -1,5 +1,7 @@
 #include "test_util.h"
 
+#include <filesystem>
+#include <fstream>
 #include <sstream>
 
 namespace moeforge::test {
@@ -46,6 +48,58 @@ torch::Tensor numeric_grad(const std::function<torch::Tensor()>& f, torch::Tenso
     grad[i] = (fp - fm) / (2 * eps);
   }
   return grad.view(param.sizes());
+}
+
+std::string tiny_text_corpus() {
+  namespace fs = std::filesystem;
+  static const std::string dir = [] {
+    const fs::path root = fs::path(::testing::TempDir()) / "moeforge_tiny_corpus";
+    fs::remove_all(root);
+    const char* animals[] = {"cat", "dog", "bird", "fox", "horse", "mouse"};
+    const char* verbs[] = {"sees", "chases", "likes", "follows"};
+    const char* tools[] = {"hammer", "saw", "drill", "wrench", "chisel"};
+    const char* acts[] = {"cuts", "holds", "turns", "breaks"};
+    for (int f = 0; f < 6; ++f) {
+      for (const std::string domain : {"animals", "tools"}) {
+        fs::create_directories(root / domain);
+        std::ofstream out(root / domain / ("doc" + std::to_string(f) + ".txt"));
+        const bool a = domain == "animals";
+        for (int i = 0; i < 60; ++i)
+          out << "the " << (a ? animals[(i + f) % 6] : tools[(i + f) % 5]) << " "
+              << (a ? verbs[i % 4] : acts[i % 4]) << " the "
+              << (a ? animals[(i * 7 + f) % 6] : tools[(i * 3 + f) % 5]) << ". ";
+      }
+    }
+    return root.string();
+  }();
+  return dir;
+}
+
+std::vector<std::string> tiny_run_overrides(const std::string& name, const std::vector<std::string>& extra) {
+  const auto data = std::filesystem::path(::testing::TempDir()) / ("moeforge_tiny_data_" + name);
+  std::vector<std::string> o = {"model.d_model=32",
+                                "model.n_layer=2",
+                                "model.n_head=2",
+                                "model.d_ff=48",
+                                "model.moe_every=1",
+                                "moe.n_expert=4",
+                                "moe.d_expert=24",
+                                "train.steps=40",
+                                "train.batch_size=4",
+                                "train.lr=1e-2",
+                                "train.warmup=5",
+                                "train.eval_every=0",
+                                "train.eval_batches=2",
+                                "train.log_every=5",
+                                "train.threads=1",
+                                "data.corpus=\"text:" + tiny_text_corpus() + "\"",
+                                "data.dir=\"" + data.string() + "\"",
+                                "data.vocab_size=128",
+                                "data.seq_len=16",
+                                "data.validation_fraction=0.2",
+                                "data.heldout_genres=[]"};
+  o.insert(o.end(), extra.begin(), extra.end());
+  return o;
 }
 
 }  // namespace moeforge::test

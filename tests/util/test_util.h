@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "moeforge/io/safetensors.h"
 
@@ -25,5 +26,14 @@ SafeTensors load_golden(const std::string& name);
 
 // Central finite-difference gradient of scalar f() with respect to every element of `param` (double).
 torch::Tensor numeric_grad(const std::function<torch::Tensor()>& f, torch::Tensor param, double eps = 1e-6);
+
+// A small generated text corpus in a temporary folder (two domains, "animals" and "tools", of templated
+// sentences; learnable by a tiny model in a few dozen steps), for data.corpus = "text:<path>".
+std::string tiny_text_corpus();
+
+// --set overrides for a tiny model trained on tiny_text_corpus(); `name` keeps each test's tokenizer cache
+// apart. Extra overrides are appended (later ones win).
+std::vector<std::string> tiny_run_overrides(const std::string& name,
+                                            const std::vector<std::string>& extra = {});
 
 }  // namespace moeforge::test
