@@ -50,12 +50,25 @@ MoCERouterImpl::MoCERouterImpl(const MoEConfig& cfg, int64_t d_model)
   centroids = register_buffer("centroids", torch::zeros({n_cluster_, d_model}));
   centroid_count = register_buffer("centroid_count", torch::zeros({n_cluster_}, torch::kDouble));
   expert_count = register_buffer("expert_count", torch::zeros({n_expert_}, torch::kDouble));
+  pooled_mean = register_buffer("pooled_mean", torch::zeros({d_model}));
+  pooled_mean_count = register_buffer("pooled_mean_count", torch::zeros({1}, torch::kDouble));
+}
+
+torch::Tensor MoCERouterImpl::embed(const torch::Tensor& pooled) const {
+  torch::NoGradGuard ng;
+  auto p = pooled.to(centroids.dtype());
+  // Mean-pooled hidden states share one dominant direction (frequent words, the residual stream's bias), so
+  // raw cosines are all close to 1 and online k-means puts nearly every sequence in one cluster. Centring
+  // on the running mean of pooled vectors (as sentence-embedding practice does) leaves the part that tells
+  // sequences apart. Before any mean is known (the very first batch), the batch's own mean is used.
+  auto center =
+      pooled_mean_count.item<double>() > 0 ? pooled_mean.to(p.device()).unsqueeze(0) : p.mean(0, true);
+  return unit_rows(p - center);
 }
 
 torch::Tensor MoCERouterImpl::assign(const torch::Tensor& pooled) const {
   torch::NoGradGuard ng;
-  auto sims =
-      torch::matmul(unit_rows(pooled.to(centroids.dtype())), centroids.to(pooled.device()).t());  // [B, G]
+  auto sims = torch::matmul(embed(pooled), centroids.to(pooled.device()).t());  // [B, G]
   // Uninitialised centroids (count 0) do not compete.
   auto init = (centroid_count.to(pooled.device()) > 0);  // [G]
   if (!init.any().item<bool>()) return torch::zeros({pooled.size(0)}, torch::kLong);
@@ -89,8 +102,9 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
   const auto dev = x.device();
 
   // Stage 1: one cluster id per sequence.
-  auto unit = unit_rows(x.detach().view({B, S, C}).mean(1));  // [B, C] stop-gradient mean pool
-  torch::Tensor ids;                                          // [B] int64 CPU
+  auto pooled = x.detach().view({B, S, C}).mean(1);  // [B, C] stop-gradient mean pool
+  auto unit = embed(pooled);                         // [B, C] centred, unit rows
+  torch::Tensor ids;                                 // [B] int64 CPU
   if (ctx.seq_cluster.defined()) {
     ids = ctx.seq_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
     TORCH_CHECK(ids.numel() == B, "moce: ctx.seq_cluster has ", ids.numel(), " ids for ", B, " sequences");
@@ -98,7 +112,7 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
                 "moce: ctx.seq_cluster ids must be in [0, ", G, ")");
   } else {
     if (ctx.training) seed_centroids(unit);
-    ids = assign(unit);
+    ids = assign(pooled);
   }
   if (ctx.training) {
     // Online centroids move in after_step, from every batch routed since the last step.
@@ -106,7 +120,9 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
     if (!pending_sum_.defined() || pending_sum_.device() != dev) {
       pending_sum_ = torch::zeros({G, C}, torch::TensorOptions().dtype(torch::kDouble).device(dev));
       pending_n_ = torch::zeros({G}, torch::kDouble);
+      pending_pool_sum_ = torch::zeros({C}, torch::TensorOptions().dtype(torch::kDouble).device(dev));
     }
+    pending_pool_sum_.add_(pooled.to(torch::kDouble).sum(0));
     pending_sum_.index_add_(0, ids.to(dev), unit.to(torch::kDouble));
     pending_n_.index_add_(0, ids, torch::ones({B}, torch::kDouble));
   }
@@ -184,8 +200,17 @@ void MoCERouterImpl::after_step(const RoutingPlan& /*plan*/) {
     count[g] = count[g].item<double>() + ng_;
   }
   centroid_count.copy_(count);
+  // The running mean of pooled vectors that embed() centres on.
+  const double n_seq = n.sum().item<double>();
+  auto batch_mean = (pending_pool_sum_ / n_seq).to(pooled_mean.dtype());
+  if (pooled_mean_count.item<double>() > 0)
+    pooled_mean.mul_(d).add_(batch_mean, 1 - d);
+  else
+    pooled_mean.copy_(batch_mean);
+  pooled_mean_count.add_(n_seq);
   pending_sum_.zero_();
   pending_n_.zero_();
+  pending_pool_sum_.zero_();
 }
 
 }  // namespace moeforge

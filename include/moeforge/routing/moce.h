@@ -28,6 +28,8 @@ class MoCERouterImpl : public Router {
   // Nearest centroid (cosine) of each row of pooled [B, C]; only initialised centroids compete (all ids 0
   // if none is initialised yet).
   torch::Tensor assign(const torch::Tensor& pooled) const;  // -> [B] int64 (CPU)
+  // The clustering space: pooled [B, C] centred on the running mean of pooled vectors, rows of norm 1.
+  torch::Tensor embed(const torch::Tensor& pooled) const;
   // Global id of local expert j of group g.
   int64_t group_expert(int64_t g, int64_t j) const { return g * n_per_group_ + j; }
   int64_t n_per_group() const { return n_per_group_; }
@@ -37,6 +39,8 @@ class MoCERouterImpl : public Router {
   torch::Tensor centroids;       // [G, C] buffer, unit rows once initialised
   torch::Tensor centroid_count;  // [G] buffer (float64): sequences absorbed per centroid (0 = uninitialised)
   torch::Tensor expert_count;    // [E] buffer (float64): assignments kept since construction
+  torch::Tensor pooled_mean;     // [C] buffer: running mean of the pooled vectors (embed() centres on it)
+  torch::Tensor pooled_mean_count;  // [1] buffer (float64): sequences it has seen (0 = not yet known)
 
  private:
   // Seeds uninitialised centroids from the batch (farthest-point: the sequence least similar to every
@@ -45,8 +49,9 @@ class MoCERouterImpl : public Router {
 
   MoEConfig cfg_;
   int64_t n_expert_, n_cluster_, n_per_group_, n_general_, k_, k_general_;
-  torch::Tensor pending_sum_;  // [G, C] sum of unit pooled vectors routed since the last after_step
-  torch::Tensor pending_n_;    // [G] their count
+  torch::Tensor pending_sum_;       // [G, C] sum of unit pooled vectors routed since the last after_step
+  torch::Tensor pending_n_;         // [G] their count
+  torch::Tensor pending_pool_sum_;  // [C] sum of raw pooled vectors since the last after_step
 };
 TORCH_MODULE(MoCERouter);
 
