@@ -1,6 +1,7 @@
 #include "moeforge/layer/moe_layer.h"
 
 #include "moeforge/layer/dispatch.h"
+#include "moeforge/layer/fused_moe.h"
 #include "moeforge/routing/factory.h"
 
 namespace moeforge {
@@ -15,7 +16,7 @@ void record_expert_health(const torch::Tensor& y_sorted, RoutingPlan& plan) {
   auto rms = torch::zeros({E}, torch::kDouble);
   auto bad = torch::zeros({E}, torch::kLong);
   auto row_sq = y_sorted.detach().to(torch::kDouble).pow(2).mean(1).cpu();  // [N]
-  auto row_bad = (~torch::isfinite(y_sorted.detach())).any(1).cpu();          // [N]
+  auto row_bad = (~torch::isfinite(y_sorted.detach())).any(1).cpu();        // [N]
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -50,10 +51,18 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
   const int64_t T = x2.size(0);
 
   RoutingPlan plan = router->route(x2, ctx);
-  auto x_sorted = dispatch(x2, plan);                          // [N, C]
-  auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]
-  if (router->wants_expert_health()) record_expert_health(y_sorted, plan);
-  auto y = combine(y_sorted, plan, T);  // [T, C]
+  torch::Tensor y;  // [T, C]
+  const auto w = experts->weights();
+  if (experts->impl() == ExpertsImplKind::kGrouped && !router->wants_expert_health() &&
+      fused_moe_supported(x2, w)) {
+    // The fast path: dispatch, experts and combine in one function (fused_moe.h).
+    y = fused_moe(x2, plan, w, &experts->workspace());
+  } else {
+    auto x_sorted = dispatch(x2, plan);                          // [N, C]
+    auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]
+    if (router->wants_expert_health()) record_expert_health(y_sorted, plan);
+    y = combine(y_sorted, plan, T);
+  }
   if (shared) y = y + shared->forward(x2);
   if (is_training()) last_plan_ = plan;
   return {y.reshape(shape), plan};
