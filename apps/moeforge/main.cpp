@@ -27,6 +27,7 @@ std::vector<std::string> split_csv(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  moeforge::ensure_openmp_wait_policy(argv);
   CLI::App app{"moeforge: Mixture-of-Experts routing, training and measurement in C++"};
   app.require_subcommand(1);
   int threads = 0;
