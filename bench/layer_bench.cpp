@@ -2,9 +2,12 @@
 
 #include <torch/torch.h>
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <fstream>
 #include <functional>
 #include <iomanip>
 #include <map>
@@ -56,14 +59,50 @@ std::map<std::string, Timing> interleaved(
   return out;
 }
 
-// Skewed routing: a constant input channel and router weights on it equal to log(1/(e+1)) give every token
-// a Zipf(1) prior over experts on top of its own scores.
+// Skewed routing: a constant input channel and router weights on it equal to s * log(1/(e+1)) multiply
+// every token's router probabilities by a Zipf prior (e+1)^-s on top of its own scores. s = 1 gave
+// MaxVio ~6-7 (nearly everything on the first experts); s = 0.15 gives MaxVio ~1 at E=16, K=2 and ~2 at
+// E=64, K=8: a realistic imbalance for a router that is not yet balanced.
+constexpr double kSkewZipfExponent = 0.15;
+
 void make_skewed(torch::Tensor& x, TopKRouterImpl& router) {
   torch::NoGradGuard ng;
   x.select(1, 0).fill_(1.0);
   const int64_t E = router.weight.size(0);
-  auto prior = torch::arange(1, E + 1, torch::kFloat).reciprocal().log();
+  auto prior = torch::arange(1, E + 1, torch::kFloat).reciprocal().log() * kSkewZipfExponent;
   router.weight.select(1, 0).copy_(prior);
+}
+
+// A field of /proc/self/status in kB ("VmRSS", "VmHWM"), or -1.
+int64_t proc_status_kb(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1));
+  return -1;
+}
+
+// Peak resident memory (MiB) that one call of fn adds to what the process holds before it: free heap is
+// returned to the system (malloc_trim), the kernel's high-water mark is reset (writing 5 to
+// /proc/self/clear_refs, Linux >= 4.0), and the mark after the call is compared with the resident size
+// before it. Negative when the mark cannot be reset.
+double peak_rss_mib(const std::function<void()>& fn) {
+  malloc_trim(0);
+  {
+    std::ofstream clear("/proc/self/clear_refs");
+    clear << "5";
+    if (!clear.good()) return -1;
+  }
+  const int64_t base = proc_status_kb("VmRSS");
+  fn();
+  const int64_t hwm = proc_status_kb("VmHWM");
+  if (base < 0 || hwm < 0) return -1;
+  return double(hwm - base) / 1024.0;
+}
+
+// Drops every gradient, so that a memory pass allocates its gradients like a first training step.
+void drop_grads(torch::nn::Module& m) {
+  for (auto& p : m.parameters()) p.mutable_grad() = torch::Tensor();
 }
 
 }  // namespace
@@ -74,7 +113,8 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
   log << std::left << std::setw(14) << "shape" << std::setw(9) << "routing" << std::setw(8) << "router"
       << std::setw(18) << "direction" << std::right << std::setw(10) << "moe_ms" << std::setw(10)
       << "dense_ms" << std::setw(10) << "loop_ms" << std::setw(12) << "dense_ratio" << std::setw(13)
-      << "loop_speedup" << std::setw(9) << "maxvio"
+      << "loop_speedup" << std::setw(9) << "maxvio" << std::setw(10) << "moe_MiB" << std::setw(10)
+      << "loop_MiB"
       << "\n";
   for (const auto& shape : default_bench_shapes()) {
     if (!opt.shapes.empty() &&
@@ -104,6 +144,7 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
       ExpertWeights dense_w{ExpertAct::kSwiGLU, dense->w_gate.unsqueeze(0), dense->w_up.unsqueeze(0),
                             dense->w_down.unsqueeze(0)};
       const std::vector<int64_t> dense_off = {0, N};
+      Workspace dense_ws;  // moeforge's own kernels on the dense side get the same buffer reuse
 
       for (const auto& direction : opt.directions) {
         const bool backward = direction == "forward_backward";
@@ -125,7 +166,7 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
                 {"moe", [&] { run([&] { return layer->forward(xg).y; }, gy_tok); }},
                 {"dense_torch", [&] { run([&] { return dense->forward(xdg); }, gy_rows); }},
                 {"dense_own",
-                 [&] { run([&] { return experts_grouped(xdg, dense_off, dense_w); }, gy_rows); }},
+                 [&] { run([&] { return experts_grouped(xdg, dense_off, dense_w, &dense_ws); }, gy_rows); }},
                 {"loop",
                  [&] {
                    run(
@@ -137,7 +178,25 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
                  }},
             },
             opt.reps);
-        layer->zero_grad();
+        // Memory passes, one call each after the timed ones: the MoE layer starts without its workspace,
+        // so its buffers are counted; both start without gradients.
+        auto run_moe = [&] { run([&] { return layer->forward(xg).y; }, gy_tok); };
+        auto run_loop = [&] {
+          run(
+              [&] {
+                auto plan = layer->router->route(xg, {});
+                return moe_plain_loop(xg, plan, weights);
+              },
+              gy_tok);
+        };
+        drop_grads(*layer);
+        xg.mutable_grad() = torch::Tensor();
+        const double loop_peak = peak_rss_mib(run_loop);
+        drop_grads(*layer);
+        xg.mutable_grad() = torch::Tensor();
+        layer->experts->workspace().clear();
+        const double moe_peak = peak_rss_mib(run_moe);
+        drop_grads(*layer);
         dense->zero_grad();
         const double moe_ms = timings["moe"].median();
         const double dense_ms = std::min(timings["dense_torch"].median(), timings["dense_own"].median());
@@ -167,17 +226,25 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
               std::min(timings["dense_torch"].max(), timings["dense_own"].max())}},
             {"loop_ms_range", {timings["loop"].min(), timings["loop"].max()}},
             {"reps", opt.reps},
+            {"skew_zipf_exponent", routing == "skewed" ? kSkewZipfExponent : 0.0},
+            {"moe_peak_mib", moe_peak},
+            {"loop_peak_mib", loop_peak},
         };
         results.push_back(r);
         log << std::left << std::setw(14) << shape.name << std::setw(9) << routing << std::setw(8) << "topk"
             << std::setw(18) << direction << std::right << std::fixed << std::setprecision(2) << std::setw(10)
             << moe_ms << std::setw(10) << dense_ms << std::setw(10) << loop_ms << std::setprecision(3)
             << std::setw(12) << dense_ms / moe_ms << std::setw(13) << loop_ms / moe_ms << std::setw(9)
-            << plan0.stats.max_vio << std::endl;
+            << plan0.stats.max_vio << std::setprecision(1) << std::setw(10) << moe_peak << std::setw(10)
+            << loop_peak << std::endl;
       }
     }
   }
-  return {{"machine", describe_machine()}, {"results", results}};
+  return {{"machine", describe_machine()},
+          {"memory_method",
+           "peak RSS above the resident size before one call (malloc_trim, then VmHWM reset via "
+           "/proc/self/clear_refs), one call per variant after the timed ones; MoE workspace cleared first"},
+          {"results", results}};
 }
 
 }  // namespace moeforge

@@ -2,11 +2,19 @@
 
 #include <cmath>
 
+#include "grouped_ops.h"
+
 namespace moeforge {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// A scratch buffer: from the workspace when there is one, else fresh.
+torch::Tensor scratch(Workspace* ws, const std::string& key, at::IntArrayRef shape,
+                      const torch::TensorOptions& opt) {
+  return ws ? ws->get(key, shape, opt) : torch::empty(shape, opt);
+}
 
 // out[rows of e] = in[rows of e] @ w[e]^T (transpose_w) or @ w[e]; w: [E, O, I]. Rows of empty experts
 // are untouched (there are none).
@@ -21,34 +29,28 @@ void grouped_mm(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor
   }
 }
 
-// dw[e] = d[rows of e]^T @ in[rows of e]: [E, O, I]; zero for experts without rows.
-torch::Tensor grouped_weight_grad(const torch::Tensor& d, const torch::Tensor& in,
-                                  const std::vector<int64_t>& off, const torch::Tensor& w_like) {
-  auto dw = torch::zeros_like(w_like);
-  const int64_t E = static_cast<int64_t>(off.size()) - 1;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    auto o = dw[e];
-    at::mm_out(o, d.narrow(0, off[e], n).t(), in.narrow(0, off[e], n));
-  }
-  return dw;
-}
-
+// SwiGLU experts: the GEMMs through grouped_mm (small groups to the small-GEMM kernel), the activation as
+// one fused pass (kernels/cpu/swiglu), intermediates from the workspace; backward keeps only a and b.
 class GroupedSwiGLUFn : public torch::autograd::Function<GroupedSwiGLUFn> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor w_gate,
-                               torch::Tensor w_up, torch::Tensor w_down, std::vector<int64_t> off) {
+                               torch::Tensor w_up, torch::Tensor w_down, std::vector<int64_t> off,
+                               Workspace* ws) {
     const int64_t N = x.size(0), F = w_up.size(1), C = w_down.size(1);
-    auto a = torch::empty({N, F}, x.options());  // [N, F] gate pre-activation
-    auto b = torch::empty({N, F}, x.options());  // [N, F] up projection
-    auto y = torch::empty({N, C}, x.options());  // [N, C]
-    grouped_mm(a, x, w_gate, off, true);
-    grouped_mm(b, x, w_up, off, true);
-    auto h = torch::silu(a).mul_(b);  // [N, F]
-    grouped_mm(y, h, w_down, off, true);
+    const auto opt = x.options();
+    auto a = scratch(ws, "a", {N, F}, opt);        // [N, F] gate pre-activation
+    auto b = scratch(ws, "b", {N, F}, opt);        // [N, F] up projection
+    auto h = scratch(ws, "rows_f2", {N, F}, opt);  // [N, F]
+    auto y = torch::empty({N, C}, opt);            // [N, C]
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_swiglu_forward", [&] {
+      detail::grouped_mm_nt<scalar_t>(a, x, w_gate, off);
+      detail::grouped_mm_nt<scalar_t>(b, x, w_up, off);
+      detail::swiglu_forward<scalar_t>(h, a, b, torch::Tensor());
+      detail::grouped_mm_nt<scalar_t>(y, h, w_down, off);
+    });
     ctx->save_for_backward({x, a, b, w_gate, w_up, w_down});
     ctx->saved_data["off"] = off;
+    ctx->saved_data["ws"] = reinterpret_cast<int64_t>(ws);
     return y;
   }
 
@@ -56,22 +58,25 @@ class GroupedSwiGLUFn : public torch::autograd::Function<GroupedSwiGLUFn> {
     auto saved = ctx->get_saved_variables();
     auto x = saved[0], a = saved[1], b = saved[2], w_gate = saved[3], w_up = saved[4], w_down = saved[5];
     const auto off = ctx->saved_data["off"].toIntVector();
-    auto gy = grads[0].contiguous();  // [N, C]
-    auto sa = torch::silu(a);         // [N, F]
-    auto h = sa * b;                  // [N, F] recomputed rather than saved
-    auto dh = torch::empty_like(a);   // [N, F]
-    grouped_mm(dh, gy, w_down, off, false);
-    auto dw_down = grouped_weight_grad(gy, h, off, w_down);
-    auto db = dh * sa;
-    auto da = at::silu_backward(dh.mul_(b), a);
-    auto dx = torch::empty_like(x);
-    grouped_mm(dx, da, w_gate, off, false);
-    auto dx_up = torch::empty_like(x);
-    grouped_mm(dx_up, db, w_up, off, false);
-    dx.add_(dx_up);
-    auto dw_gate = grouped_weight_grad(da, x, off, w_gate);
-    auto dw_up = grouped_weight_grad(db, x, off, w_up);
-    return {dx, dw_gate, dw_up, dw_down, torch::Tensor()};
+    auto* ws = reinterpret_cast<Workspace*>(ctx->saved_data["ws"].toInt());
+    const int64_t N = x.size(0), F = w_up.size(1);
+    const auto opt = x.options();
+    auto gy = grads[0].contiguous();                // [N, C]
+    auto dh = scratch(ws, "rows_f1", {N, F}, opt);  // [N, F] gy W_down, then da in place
+    auto h = scratch(ws, "rows_f2", {N, F}, opt);   // [N, F] recomputed rather than saved, then db
+    auto dx = torch::empty_like(x);                 // [N, C]
+    torch::Tensor dw_gate, dw_up, dw_down, no_gate;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_swiglu_backward", [&] {
+      detail::grouped_mm_nn(dh, gy, w_down, off, false);
+      detail::swiglu_forward<scalar_t>(h, a, b, no_gate);
+      dw_down = detail::grouped_weight_grad(gy, h, off, w_down);
+      detail::swiglu_backward<scalar_t>(dh, h, no_gate, dh, a, b, no_gate);
+      dw_gate = detail::grouped_weight_grad(dh, x, off, w_gate);
+      dw_up = detail::grouped_weight_grad(h, x, off, w_up);
+      detail::grouped_mm_nn(dx, dh, w_gate, off, false);
+      detail::grouped_mm_nn(dx, h, w_up, off, true);
+    });
+    return {dx, dw_gate, dw_up, dw_down, torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -98,11 +103,11 @@ class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
     auto h = torch::gelu(a);
     auto dh = torch::empty_like(a);
     grouped_mm(dh, gy, w_down, off, false);
-    auto dw_down = grouped_weight_grad(gy, h, off, w_down);
+    auto dw_down = detail::grouped_weight_grad(gy, h, off, w_down);
     auto da = at::gelu_backward(dh, a);
     auto dx = torch::empty_like(x);
     grouped_mm(dx, da, w_up, off, false);
-    auto dw_up = grouped_weight_grad(da, x, off, w_up);
+    auto dw_up = detail::grouped_weight_grad(da, x, off, w_up);
     return {dx, dw_up, dw_down, torch::Tensor()};
   }
 };
@@ -137,10 +142,16 @@ torch::Tensor experts_reference(const torch::Tensor& x_sorted, const std::vector
 }
 
 torch::Tensor experts_grouped(const torch::Tensor& x_sorted, const std::vector<int64_t>& off,
-                              const ExpertWeights& w) {
+                              const ExpertWeights& w, Workspace* ws) {
   check_shapes(x_sorted, off, w);
   auto x = x_sorted.contiguous();
-  if (w.act == ExpertAct::kSwiGLU) return GroupedSwiGLUFn::apply(x, w.w_gate, w.w_up, w.w_down, off);
+  const bool kernels_fit =
+      x.device().is_cpu() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble);
+  if (w.act == ExpertAct::kSwiGLU && kernels_fit)
+    return GroupedSwiGLUFn::apply(x, w.w_gate.contiguous(), w.w_up.contiguous(), w.w_down.contiguous(), off,
+                                  ws);
+  if (w.act == ExpertAct::kSwiGLU)
+    return experts_reference(x, off, w);  // no kernels for this device/dtype yet
   return GroupedGELUFn::apply(x, w.w_up, w.w_down, off);
 }
 
@@ -156,7 +167,7 @@ ExpertsImpl::ExpertsImpl(int64_t n_expert, int64_t d_model, int64_t d_ff, Expert
 
 torch::Tensor ExpertsImpl::forward(const torch::Tensor& x_sorted, const std::vector<int64_t>& offsets) {
   if (impl_ == ExpertsImplKind::kReference) return experts_reference(x_sorted, offsets, weights());
-  return experts_grouped(x_sorted, offsets, weights());
+  return experts_grouped(x_sorted, offsets, weights(), workspace_.get());
 }
 
 DenseFFNImpl::DenseFFNImpl(int64_t d_model, int64_t d_ff, ExpertAct act) : act_(act) {

@@ -1,6 +1,7 @@
 #include "moeforge/layer/moe_layer.h"
 
 #include "moeforge/layer/dispatch.h"
+#include "moeforge/layer/fused_moe.h"
 #include "moeforge/routing/factory.h"
 
 namespace moeforge {
@@ -66,6 +67,10 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
     auto a_sorted = adapters->forward(z_sorted, plan.offsets());  // [N, C]
     if (router->wants_expert_health()) record_expert_health(a_sorted, plan);
     y = z + combine(a_sorted, plan, T);
+  } else if (experts->impl() == ExpertsImplKind::kGrouped && !router->wants_expert_health() &&
+             fused_moe_supported(x2, experts->weights())) {
+    // The fast path: dispatch, experts and combine in one function (fused_moe.h).
+    y = fused_moe(x2, plan, experts->weights(), &experts->workspace());
   } else {
     auto x_sorted = dispatch(x2, plan);                          // [N, C]
     auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]

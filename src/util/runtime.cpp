@@ -2,7 +2,9 @@
 
 #include <sched.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -23,6 +25,12 @@ int init_threads(int n) {
   return n;
 }
 
+void ensure_openmp_wait_policy(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
+  if (setenv("OMP_WAIT_POLICY", "PASSIVE", 1) != 0) return;
+  execv("/proc/self/exe", argv);  // returns only on failure: then carry on with the default policy
+}
+
 std::string describe_machine() {
   std::string model = "unknown CPU";
   std::ifstream cpuinfo("/proc/cpuinfo");
@@ -33,7 +41,9 @@ std::string describe_machine() {
     }
   }
   std::ostringstream os;
-  os << model << ", " << at::get_num_threads() << " threads, LibTorch " << TORCH_VERSION;
+  const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
+  os << model << ", " << at::get_num_threads() << " threads, LibTorch " << TORCH_VERSION
+     << ", OMP_WAIT_POLICY=" << (wait_policy ? wait_policy : "default");
   if (torch::cuda::is_available()) os << ", CUDA devices: " << torch::cuda::device_count();
   return os.str();
 }

@@ -8,9 +8,11 @@
 
 #include <torch/torch.h>
 
+#include <memory>
 #include <vector>
 
 #include "moeforge/config/moe_config.h"
+#include "moeforge/layer/workspace.h"
 
 namespace moeforge {
 
@@ -26,11 +28,12 @@ struct ExpertWeights {
 torch::Tensor experts_reference(const torch::Tensor& x_sorted, const std::vector<int64_t>& offsets,
                                 const ExpertWeights& w);
 
-// The grouped implementation: one autograd function for all experts, GEMMs written into preallocated
-// slices of one buffer, the activation applied in one pass, and a hand-written backward that keeps only
-// the pre-activations. Same signature and results as experts_reference.
+// The grouped implementation: one autograd function for all experts, GEMMs written into slices of one
+// buffer (groups of a few rows through the small-GEMM kernel, in parallel over experts), SwiGLU as one
+// fused kernel pass, and a hand-written backward that keeps only the pre-activations. Same results as
+// experts_reference. ws (optional) supplies reused scratch buffers and must outlive the backward pass.
 torch::Tensor experts_grouped(const torch::Tensor& x_sorted, const std::vector<int64_t>& offsets,
-                              const ExpertWeights& w);
+                              const ExpertWeights& w, Workspace* ws = nullptr);
 
 class ExpertsImpl : public torch::nn::Module {
  public:
@@ -39,12 +42,15 @@ class ExpertsImpl : public torch::nn::Module {
   ExpertWeights weights() const { return {act_, w_gate, w_up, w_down}; }
   ExpertsImplKind impl() const { return impl_; }
   void set_impl(ExpertsImplKind impl) { impl_ = impl; }
+  // Scratch buffers reused from call to call (not state: never saved, may be cleared at any time).
+  Workspace& workspace() { return *workspace_; }
 
   torch::Tensor w_gate, w_up, w_down;
 
  private:
   ExpertAct act_;
   ExpertsImplKind impl_;
+  std::shared_ptr<Workspace> workspace_ = std::make_shared<Workspace>();
 };
 TORCH_MODULE(Experts);
 

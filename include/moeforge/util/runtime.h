@@ -9,7 +9,15 @@ namespace moeforge {
 // defaults to 1 thread on some machines). Returns the count set.
 int init_threads(int n = 0);
 
-// "CPU model, N cores, LibTorch version" for bench and report headers.
+// LibTorch's OpenMP threads spin for a while after every parallel region, while OpenBLAS's own pthreads
+// (Debian's libopenblas0-pthread) need the same cores for the next GEMM: on the 2-core bench machine that
+// oversubscription made every MoE layer variant, the dense FFN and the plain loop alike, 2-6x slower
+// (docs/performance.md). libgomp reads OMP_WAIT_POLICY only when it loads, so if the user has not chosen
+// one, this sets it to PASSIVE and restarts the process with the same arguments (execv of
+// /proc/self/exe). Call first thing in main; it returns only when nothing had to be done or exec failed.
+void ensure_openmp_wait_policy(char** argv);
+
+// "CPU model, N cores, LibTorch version, OpenMP wait policy" for bench and report headers.
 std::string describe_machine();
 
 }  // namespace moeforge

@@ -1,0 +1,29 @@
+// Dispatch -> experts -> combine as one autograd function (the fast path of MoELayer on CPU; SwiGLU).
+// Its plain twin is moe_plain_loop (moe_layer.h), with the same signature and results.
+//
+// Legend: T tokens, C model width, F expert hidden width, E experts, N assignments.
+// What it does, after MegaBlocks/ScatterMoE: rows are gathered straight into the expert GEMMs' input in
+// expert order, the gate is folded into the fused SwiGLU pass, the output rows are scatter-added back to
+// their tokens; backward keeps only the two pre-activations [N, F] (x is re-gathered, h recomputed), and
+// the gate gradient <dy[token], y_row> is taken as <dh, silu(a) b> inside the fused backward pass, so
+// the expert output rows need not be kept. All intermediates live in a per-layer Workspace.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "moeforge/layer/experts.h"
+#include "moeforge/layer/workspace.h"
+#include "moeforge/routing/router.h"
+
+namespace moeforge {
+
+// Whether fused_moe can run x with these weights (CPU, float or double, SwiGLU).
+bool fused_moe_supported(const torch::Tensor& x, const ExpertWeights& w);
+
+// x [T, C] -> y [T, C], y[t] = sum over assignments i of t of gate[i] * expert_{e(i)}(x[t]);
+// differentiable in x, plan.gate and the weights. ws may be null (fresh buffers every call); if given, it
+// must outlive the backward pass of the result.
+torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w,
+                        Workspace* ws = nullptr);
+
+}  // namespace moeforge

@@ -1,0 +1,101 @@
+#include "moeforge/layer/fused_moe.h"
+
+#include "grouped_ops.h"
+
+namespace moeforge {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// A scratch buffer: from the layer's workspace when there is one, else fresh.
+torch::Tensor scratch(Workspace* ws, const std::string& key, at::IntArrayRef shape,
+                      const torch::TensorOptions& opt) {
+  return ws ? ws->get(key, shape, opt) : torch::empty(shape, opt);
+}
+
+class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
+ public:
+  // x [T, C], gate [N], w_gate/w_up [E, F, C], w_down [E, C, F], token_index [N] int64 grouped by expert.
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor gate,
+                               torch::Tensor w_gate, torch::Tensor w_up, torch::Tensor w_down,
+                               torch::Tensor token_index, std::vector<int64_t> off, Workspace* ws) {
+    const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w_up.size(1);
+    const auto opt = x.options();
+    auto xs = scratch(ws, "rows_c1", {N, C}, opt);      // [N, C] x rows in expert order
+    auto a = scratch(ws, "a", {N, F}, opt);             // [N, F] gate pre-activation (saved)
+    auto b = scratch(ws, "b", {N, F}, opt);             // [N, F] up projection (saved)
+    auto h = scratch(ws, "rows_f2", {N, F}, opt);       // [N, F] gate * silu(a) * b
+    auto y_rows = scratch(ws, "rows_c2", {N, C}, opt);  // [N, C] gated expert outputs
+    auto y = torch::zeros({T, C}, opt);                 // [T, C]
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_moe_forward", [&] {
+      detail::gather_rows<scalar_t>(xs, x, token_index);
+      detail::grouped_mm_nt<scalar_t>(a, xs, w_gate, off);
+      detail::grouped_mm_nt<scalar_t>(b, xs, w_up, off);
+      detail::swiglu_forward<scalar_t>(h, a, b, gate);
+      detail::grouped_mm_nt<scalar_t>(y_rows, h, w_down, off);
+      detail::scatter_add_gated<scalar_t>(y, y_rows, token_index, torch::Tensor());
+    });
+    ctx->save_for_backward({x, gate, w_gate, w_up, w_down, token_index, a, b});
+    ctx->saved_data["off"] = off;
+    ctx->saved_data["ws"] = reinterpret_cast<int64_t>(ws);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto x = s[0], gate = s[1], w_gate = s[2], w_up = s[3], w_down = s[4], token_index = s[5], a = s[6],
+         b = s[7];
+    const auto off = ctx->saved_data["off"].toIntVector();
+    auto* ws = reinterpret_cast<Workspace*>(ctx->saved_data["ws"].toInt());
+    const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w_up.size(1);
+    const auto opt = x.options();
+    auto gy = grads[0].contiguous();                     // [T, C]
+    auto rows_c1 = scratch(ws, "rows_c1", {N, C}, opt);  // dy rows, then x rows
+    auto dh = scratch(ws, "rows_f1", {N, F}, opt);       // [N, F] dy_row W_down, then da in place
+    auto hg = scratch(ws, "rows_f2", {N, F}, opt);       // [N, F] gate * h, then db
+    auto dxs = scratch(ws, "rows_c2", {N, C}, opt);      // [N, C]
+    auto d_gate = torch::empty({N}, opt);
+    auto dx = torch::zeros({T, C}, opt);
+    torch::Tensor dw_gate, dw_up, dw_down;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_moe_backward", [&] {
+      detail::gather_rows<scalar_t>(rows_c1, gy, token_index);
+      detail::grouped_mm_nn(dh, rows_c1, w_down, off, false);
+      detail::swiglu_forward<scalar_t>(hg, a, b, gate);  // recomputed rather than kept from forward
+      dw_down = detail::grouped_weight_grad(rows_c1, hg, off, w_down);
+      detail::swiglu_backward<scalar_t>(dh, hg, d_gate, dh, a, b, gate);
+      auto& da = dh;
+      auto& db = hg;
+      detail::gather_rows<scalar_t>(rows_c1, x, token_index);
+      dw_gate = detail::grouped_weight_grad(da, rows_c1, off, w_gate);
+      dw_up = detail::grouped_weight_grad(db, rows_c1, off, w_up);
+      detail::grouped_mm_nn(dxs, da, w_gate, off, false);
+      detail::grouped_mm_nn(dxs, db, w_up, off, true);
+      detail::scatter_add_gated<scalar_t>(dx, dxs, token_index, torch::Tensor());
+    });
+    return {dx, d_gate, dw_gate, dw_up, dw_down, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+bool fused_moe_supported(const torch::Tensor& x, const ExpertWeights& w) {
+  return x.device().is_cpu() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble) &&
+         w.act == ExpertAct::kSwiGLU && w.w_up.scalar_type() == x.scalar_type();
+}
+
+torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w,
+                        Workspace* ws) {
+  TORCH_CHECK(x.dim() == 2, "fused_moe: x must be [T, C]");
+  TORCH_CHECK(fused_moe_supported(x, w), "fused_moe: needs CPU float/double input and SwiGLU experts");
+  const auto off = plan.offsets();
+  TORCH_CHECK(static_cast<int64_t>(off.size()) == w.w_up.size(0) + 1,
+              "fused_moe: offsets must have E+1 entries");
+  TORCH_CHECK(off.back() == plan.n_assign(), "fused_moe: offsets must span the assignments");
+  auto index = plan.token_index.to(torch::kCPU, torch::kLong).contiguous();
+  auto gate = plan.gate.to(x.scalar_type()).contiguous();  // differentiable cast
+  return FusedMoEFn::apply(x.contiguous(), gate, w.w_gate.contiguous(), w.w_up.contiguous(),
+                           w.w_down.contiguous(), index, off, ws);
+}
+
+}  // namespace moeforge

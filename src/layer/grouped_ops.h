@@ -1,0 +1,152 @@
+// Glue between LibTorch tensors and the CPU kernels (kernels/cpu), shared by the grouped experts and the
+// fused MoE function: per-expert GEMMs and row-parallel kernel launches. Internal to src/layer.
+//
+// Legend: N rows grouped by expert (off [E+1]), T tokens, C model width, F expert hidden width,
+// weights in nn.Linear's layout [E, O, I].
+#pragma once
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/cpu/gather_rows.h"
+#include "kernels/cpu/scatter_add_gated.h"
+#include "kernels/cpu/small_mm.h"
+#include "kernels/cpu/swiglu.h"
+
+namespace moeforge::detail {
+
+// Groups of at most this many rows go to the small-GEMM kernel instead of BLAS: at decode sizes a
+// product is bound by reading the expert's weights, and BLAS's packing and thread start-up per call
+// cost more than the product (decode bench: T = 1, 4, 16 give 1-4 rows per expert).
+constexpr int64_t kSmallGroupRows = 16;
+
+template <typename T>
+T* data(const torch::Tensor& t) {
+  return t.data_ptr<T>();
+}
+
+// out[rows of e] = in[rows of e] @ w[e]^T for every expert; w [E, O, I], in [N, I], out [N, O].
+// Small groups run as small_mm_nt tasks over (expert, block of 64 outputs) in parallel; large groups go
+// to BLAS one expert at a time (BLAS threads them itself).
+template <typename T>
+void grouped_mm_nt(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor& w,
+                   const std::vector<int64_t>& off) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1, O = w.size(1), I = w.size(2);
+  std::vector<int64_t> small;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    if (n <= kSmallGroupRows) {
+      small.push_back(e);
+      continue;
+    }
+    auto o = out.narrow(0, off[e], n);
+    at::mm_out(o, in.narrow(0, off[e], n), w[e].t());
+  }
+  if (small.empty()) return;
+  constexpr int64_t kBlock = 64;
+  const int64_t n_block = (O + kBlock - 1) / kBlock;
+  T* po = data<T>(out);
+  const T* pi = data<T>(in);
+  const T* pw = data<T>(w);
+  at::parallel_for(0, static_cast<int64_t>(small.size()) * n_block, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t e = small[t / n_block], o0 = (t % n_block) * kBlock, o1 = std::min(O, o0 + kBlock);
+      kernels::cpu::small_mm_nt(po + off[e] * O + o0, O, pi + off[e] * I, pw + (e * O + o0) * I,
+                                off[e + 1] - off[e], o1 - o0, I);
+    }
+  });
+}
+
+// out[rows of e] (+)= in[rows of e] @ w[e]; w [E, I, O], in [N, I], out [N, O] (backward products).
+inline void grouped_mm_nn(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor& w,
+                          const std::vector<int64_t>& off, bool accumulate) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    auto o = out.narrow(0, off[e], n);
+    if (accumulate)
+      o.addmm_(in.narrow(0, off[e], n), w[e]);
+    else
+      at::mm_out(o, in.narrow(0, off[e], n), w[e]);
+  }
+}
+
+// dw[e] = d[rows of e]^T @ in[rows of e]: [E, O, I] like w; zero for experts without rows.
+inline torch::Tensor grouped_weight_grad(const torch::Tensor& d, const torch::Tensor& in,
+                                         const std::vector<int64_t>& off, const torch::Tensor& w_like) {
+  auto dw = torch::empty_like(w_like, at::MemoryFormat::Contiguous);
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    auto o = dw[e];
+    if (n == 0)
+      o.zero_();
+    else
+      at::mm_out(o, d.narrow(0, off[e], n).t(), in.narrow(0, off[e], n));
+  }
+  return dw;
+}
+
+// Row-parallel launches of the kernels. Grains keep a task at a few hundred KiB of traffic.
+template <typename T>
+void gather_rows(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor& index) {
+  const int64_t N = out.size(0), C = out.size(1);
+  T* po = data<T>(out);
+  const T* pi = data<T>(in);
+  const int64_t* px = index.data_ptr<int64_t>();
+  at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
+    kernels::cpu::gather_rows(po + r0 * C, pi, px + r0, r1 - r0, C);
+  });
+}
+
+// out [T, C] += gate * in [N, C] at rows index; gate undefined = 1. Threads split the columns (no races).
+template <typename T>
+void scatter_add_gated(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor& index,
+                       const torch::Tensor& gate) {
+  const int64_t N = in.size(0), C = in.size(1);
+  T* po = data<T>(out);
+  const T* pi = data<T>(in);
+  const T* pg = gate.defined() ? data<T>(gate) : nullptr;
+  const int64_t* px = index.data_ptr<int64_t>();
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    kernels::cpu::scatter_add_gated(po, pi, px, pg, N, C, c0, c1);
+  });
+}
+
+template <typename T>
+void swiglu_forward(torch::Tensor& h, const torch::Tensor& a, const torch::Tensor& b,
+                    const torch::Tensor& gate) {
+  const int64_t N = a.size(0), F = a.size(1);
+  T* ph = data<T>(h);
+  const T* pa = data<T>(a);
+  const T* pb = data<T>(b);
+  const T* pg = gate.defined() ? data<T>(gate) : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    kernels::cpu::swiglu_forward(ph + r0 * F, pa + r0 * F, pb + r0 * F, pg ? pg + r0 : nullptr, r1 - r0, F);
+  });
+}
+
+// da may be dh; d_gate undefined when there is no gate.
+template <typename T>
+void swiglu_backward(torch::Tensor& da, torch::Tensor& db, torch::Tensor& d_gate, const torch::Tensor& dh,
+                     const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& gate) {
+  const int64_t N = a.size(0), F = a.size(1);
+  T* pda = data<T>(da);
+  T* pdb = data<T>(db);
+  T* pdg = d_gate.defined() ? data<T>(d_gate) : nullptr;
+  const T* pdh = data<T>(dh);
+  const T* pa = data<T>(a);
+  const T* pb = data<T>(b);
+  const T* pg = gate.defined() ? data<T>(gate) : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    const int64_t o = r0 * F;
+    kernels::cpu::swiglu_backward(pda + o, pdb + o, pdg ? pdg + r0 : nullptr, pdh + o, pa + o, pb + o,
+                                  pg ? pg + r0 : nullptr, r1 - r0, F);
+  });
+}
+
+}  // namespace moeforge::detail

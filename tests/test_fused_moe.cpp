@@ -1,0 +1,123 @@
+// The fused MoE function (dispatch -> experts -> combine in one autograd function, CPU kernels) against
+// its plain twin moe_plain_loop: outputs and gradients of x, the gates and all weights, in float64 and
+// float32, with empty experts, skewed loads, decode sizes (the small-GEMM path) and workspace reuse.
+#include "moeforge/layer/fused_moe.h"
+#include "moeforge/layer/moe_layer.h"
+#include "test_util.h"
+
+namespace moeforge {
+namespace {
+
+struct Case {
+  int64_t T, C, F, E, K;
+  bool skewed;  // draw experts from a Zipf-like law, so some experts get most rows and some none
+};
+
+struct Result {
+  torch::Tensor y, dx, dgate, dw_gate, dw_up, dw_down;
+};
+
+// Experts [T, K] without repeats inside a token (token-choice top-K), uniform or skewed.
+torch::Tensor draw_experts(const Case& c) {
+  auto probs = torch::ones({c.E}, torch::kDouble);
+  if (c.skewed) probs = torch::arange(1, c.E + 1, torch::kDouble).pow(-1.5);
+  return torch::multinomial(probs.expand({c.T, c.E}), c.K, /*replacement=*/false);  // [T, K]
+}
+
+Result run(bool fused, const Case& c, torch::ScalarType dtype, const torch::Tensor& experts, Workspace* ws) {
+  torch::manual_seed(3);
+  auto opt = torch::TensorOptions().dtype(dtype);
+  auto x = torch::randn({c.T, c.C}, opt).requires_grad_();
+  auto gate_tk = torch::rand({c.T, c.K}, opt).add_(0.1).requires_grad_();  // [T, K]
+  const double s_in = 1.0 / std::sqrt(double(c.C)), s_ff = 1.0 / std::sqrt(double(c.F));
+  auto w_gate = (torch::randn({c.E, c.F, c.C}, opt) * s_in).requires_grad_();
+  auto w_up = (torch::randn({c.E, c.F, c.C}, opt) * s_in).requires_grad_();
+  auto w_down = (torch::randn({c.E, c.C, c.F}, opt) * s_ff).requires_grad_();
+  auto gy = torch::randn({c.T, c.C}, opt);
+  ExpertWeights w{ExpertAct::kSwiGLU, w_gate, w_up, w_down};
+  auto plan = build_plan_from_choices(experts, {}, {}, gate_tk, c.E, 0);
+  auto y = fused ? fused_moe(x, plan, w, ws) : moe_plain_loop(x, plan, w);
+  y.backward(gy);
+  return {y.detach(), x.grad(), gate_tk.grad(), w_gate.grad(), w_up.grad(), w_down.grad()};
+}
+
+void expect_match(const Case& c, torch::ScalarType dtype, double atol, double rtol, Workspace* ws) {
+  torch::manual_seed(c.T * 31 + c.E);
+  auto experts = draw_experts(c);
+  auto ref = run(false, c, dtype, experts, nullptr);
+  auto fast = run(true, c, dtype, experts, ws);
+  EXPECT_TENSOR_NEAR(fast.y, ref.y, atol, rtol);
+  EXPECT_TENSOR_NEAR(fast.dx, ref.dx, atol, rtol);
+  EXPECT_TENSOR_NEAR(fast.dgate, ref.dgate, atol, rtol);
+  EXPECT_TENSOR_NEAR(fast.dw_gate, ref.dw_gate, atol, rtol);
+  EXPECT_TENSOR_NEAR(fast.dw_up, ref.dw_up, atol, rtol);
+  EXPECT_TENSOR_NEAR(fast.dw_down, ref.dw_down, atol, rtol);
+}
+
+// float64: the same products summed in another order (BLAS vs the small kernel, fused vs separate
+// activation, libmvec exp within a few ulp); values are O(1), so 1e-11 is ~1e5 ulp of slack and far
+// below any indexing or gating error (O(0.1)).
+constexpr double kAtol64 = 1e-11, kRtol64 = 1e-9;
+// float32: sums of up to a few hundred products of O(1) values, accumulated in another order; ~1e-6
+// relative per product, grown by sqrt(length), stays below 1e-4.
+constexpr double kAtol32 = 1e-4, kRtol32 = 1e-3;
+
+TEST(FusedMoE, MatchesPlainLoopFloat64) {
+  for (const Case& c : {Case{40, 8, 12, 6, 2, false}, Case{64, 8, 12, 6, 2, true},  // large groups (BLAS)
+                        Case{1, 8, 12, 6, 2, false}, Case{4, 8, 12, 6, 2, false},   // decode: small path
+                        Case{16, 8, 12, 16, 2, true}, Case{300, 16, 20, 8, 3, true}}) {
+    SCOPED_TRACE("T=" + std::to_string(c.T) + " E=" + std::to_string(c.E) + (c.skewed ? " skewed" : ""));
+    expect_match(c, torch::kDouble, kAtol64, kRtol64, nullptr);
+  }
+}
+
+TEST(FusedMoE, MatchesPlainLoopFloat32) {
+  for (const Case& c : {Case{200, 32, 48, 8, 2, false}, Case{200, 32, 48, 8, 2, true},
+                        Case{4, 32, 48, 16, 2, false}, Case{16, 32, 48, 16, 2, true}}) {
+    SCOPED_TRACE("T=" + std::to_string(c.T) + " E=" + std::to_string(c.E) + (c.skewed ? " skewed" : ""));
+    expect_match(c, torch::kFloat, kAtol32, kRtol32, nullptr);
+  }
+}
+
+TEST(FusedMoE, EmptyExpertsGetZeroGradient) {
+  // Every token picks experts 0 and 2 of 5: experts 1, 3, 4 have no rows.
+  const Case c{10, 6, 8, 5, 2, false};
+  auto experts = torch::tensor({0, 2}, torch::kLong).repeat({c.T, 1});  // [T, 2]
+  auto ref = run(false, c, torch::kDouble, experts, nullptr);
+  auto fast = run(true, c, torch::kDouble, experts, nullptr);
+  EXPECT_TENSOR_NEAR(fast.y, ref.y, kAtol64, kRtol64);
+  EXPECT_TENSOR_NEAR(fast.dw_up, ref.dw_up, kAtol64, kRtol64);
+  for (int64_t e : {1, 3, 4}) {
+    EXPECT_EQ(fast.dw_gate[e].abs().max().item<double>(), 0.0);
+    EXPECT_EQ(fast.dw_down[e].abs().max().item<double>(), 0.0);
+  }
+}
+
+TEST(FusedMoE, WorkspaceReuseGivesTheSameResults) {
+  // The second and third calls reuse the first call's buffers (and a smaller N reuses larger ones).
+  Workspace ws;
+  for (const Case& c :
+       {Case{50, 8, 12, 6, 2, false}, Case{50, 8, 12, 6, 2, true}, Case{7, 8, 12, 6, 2, false}})
+    expect_match(c, torch::kDouble, kAtol64, kRtol64, &ws);
+  EXPECT_GT(ws.bytes(), 0);
+}
+
+TEST(FusedMoE, LayerUsesItAndMatchesTheReferenceLayer) {
+  torch::manual_seed(5);
+  MoEConfig cfg;
+  cfg.n_expert = 6;
+  cfg.n_expert_used = 2;
+  cfg.d_expert = 8;
+  MoELayer fast(cfg, 5);
+  cfg.experts_impl = ExpertsImplKind::kReference;
+  MoELayer ref(cfg, 5);
+  torch::NoGradGuard ng;
+  auto pf = fast->named_parameters(), pr = ref->named_parameters();
+  for (auto& kv : pf) pr[kv.key()].copy_(kv.value());
+  auto x = torch::randn({30, 5});
+  EXPECT_TENSOR_NEAR(fast->forward(x).y, ref->forward(x).y, kAtol32, kRtol32);
+  EXPECT_GT(fast->experts->workspace().bytes(), 0);  // the fused path ran
+}
+
+}  // namespace
+}  // namespace moeforge
