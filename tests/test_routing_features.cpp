@@ -140,8 +140,9 @@ TEST(Pruning, PrunedExpertGetsNoAssignments) {
       layer->router->set_expert_mask(active);
       auto pruned = layer->forward(x).plan;
       EXPECT_EQ(pruned.stats.load[busiest], 0) << router << " training=" << training;
-      if (router == "topk" || router == "bip")  // dropless token choice: every token still gets K experts
+      if (router == "topk" || router == "bip") {  // dropless token choice: every token still gets K experts
         EXPECT_EQ(pruned.n_assign(), 4 * 8 * 2) << router;
+      }
     }
   }
 }
