@@ -66,7 +66,7 @@ RunConfig tiny_config(const std::string& name, std::vector<std::string> extra) {
                                 "train.threads=1",
                                 "data.corpus=\"text:" + corpus_dir() + "\"",
                                 "data.dir=\"" + data.string() + "\"",
-                                "data.vocab_size=96",
+                                "data.vocab_size=128",
                                 "data.seq_len=16",
                                 "data.validation_fraction=0.25",
                                 "data.heldout_genres=[]"};
