@@ -2,6 +2,7 @@
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 
+#include <cmath>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -9,6 +10,9 @@
 #include "../../bench/layer_bench.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/generate.h"
+#include "moeforge/routing/hierarchical.h"
+#include "moeforge/routing/moce.h"
+#include "moeforge/train/prune.h"
 #include "moeforge/train/report.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/train/upcycle.h"
@@ -50,6 +54,52 @@ std::string sample_text(LoadedModel& lm, const std::string& prompt, const Genera
   return prompt + lm.tokenizer->decode(out).insert(0, prompt.empty() || out.empty() ? "" : " ");
 }
 
+// MoCE: sequences by (nearest-centroid cluster, domain) and the purity, when the router has clusters.
+void print_cluster_table(const EvalResult& r) {
+  if (r.cluster_domain.empty()) return;
+  std::cout << "clusters x domains (sequences; nearest-centroid assignment), purity "
+            << fixed(r.cluster_purity, 3) << ":\n  cluster";
+  for (auto& d : r.domains) std::cout << " " << std::setw(std::max<int>(6, int(d.size()))) << d;
+  std::cout << "\n";
+  for (size_t c = 0; c < r.cluster_domain.size(); ++c) {
+    std::cout << "  " << std::setw(7) << c;
+    for (size_t d = 0; d < r.domains.size(); ++d)
+      std::cout << " " << std::setw(std::max<int>(6, int(r.domains[d].size()))) << r.cluster_domain[c][d];
+    std::cout << "\n";
+  }
+}
+
+// What a layer's router knows beyond the loads: pruned experts (any router), the hierarchical router's
+// per-cluster / per-expert utilisation and reliability, MoCE's cluster sizes.
+void print_router_state(const Router& router, size_t layer) {
+  auto pruned = router.pruned_experts();
+  if (!pruned.empty()) {
+    std::cout << "    pruned experts:";
+    for (int64_t e : pruned) std::cout << " e" << e;
+    std::cout << "\n";
+  }
+  if (auto* h = dynamic_cast<const HierarchicalRouterImpl*>(&router)) {
+    auto s = h->summary();
+    std::cout << "    hierarchical summary (layer " << layer << "): MaxVio clusters "
+              << fixed(s.max_vio_cluster, 3) << ", experts " << fixed(s.max_vio_expert, 3) << "\n";
+    for (auto& c : s.clusters) {
+      std::cout << "      cluster " << c.id << ": share " << fixed(100 * c.share, 1) << "%, reliability "
+                << fixed(c.reliability, 3) << "\n       ";
+      for (auto& e : c.experts)
+        std::cout << " e" << e.id << " " << fixed(100 * e.share, 1) << "% r=" << fixed(e.reliability, 3)
+                  << (e.pruned ? " (pruned)" : "") << ";";
+      std::cout << "\n";
+    }
+  }
+  if (auto* m = dynamic_cast<const MoCERouterImpl*>(&router)) {
+    auto count = m->centroid_count.to(torch::kCPU, torch::kDouble);
+    std::cout << "    MoCE clusters (training sequences absorbed per centroid):";
+    for (int64_t g = 0; g < count.numel(); ++g)
+      std::cout << " c" << g << "=" << int64_t(count[g].item<double>());
+    std::cout << "\n";
+  }
+}
+
 void print_eval(const EvalResult& r) {
   std::cout << r.split << ": loss " << fixed(r.loss, 4) << ", perplexity " << fixed(r.perplexity, 2)
             << " over " << r.tokens << " tokens; MaxVio_global " << fixed(r.max_vio_global, 3)
@@ -57,6 +107,12 @@ void print_eval(const EvalResult& r) {
   for (size_t l = 0; l < r.layers.size(); ++l)
     std::cout << "  MoE layer " << l << ": MaxVio_global " << fixed(r.layers[l].max_vio_global, 3)
               << ", specialisation " << fixed(r.layers[l].specialization, 3) << "\n";
+  if (r.has_ec)
+    std::cout << "expert choice: batch-routed loss " << fixed(r.ec_batch_loss, 4) << " (ppl "
+              << fixed(std::exp(r.ec_batch_loss), 2) << "), threshold-routed loss "
+              << fixed(r.ec_threshold_loss, 4) << " (ppl " << fixed(std::exp(r.ec_threshold_loss), 2)
+              << "), gap " << fixed(r.ec_gap(), 4) << " (generation can only use threshold routing)\n";
+  print_cluster_table(r);
 }
 
 }  // namespace
@@ -121,6 +177,19 @@ int main(int argc, char** argv) {
   // inspect
   auto* inspect = app.add_subcommand("inspect", "model summary and per-layer / per-expert utilisation");
   inspect->add_option("--checkpoint", ckpt_dir, "checkpoint folder")->required();
+
+  // prune
+  auto* prune = app.add_subcommand(
+      "prune", "remove experts under a validation load share from routing; report the perplexity change");
+  PruneOptions prune_opt;
+  prune->add_option("--checkpoint", prune_opt.checkpoint, "checkpoint folder")->required();
+  prune
+      ->add_option("--min-load", prune_opt.min_load,
+                   "prune experts whose load share is below this, in [0, 1)")
+      ->required();
+  prune->add_option("--out", prune_opt.out_dir, "the pruned checkpoint folder")->required();
+  prune->add_option("--batches", prune_opt.eval_batches,
+                    "validation batches to measure (0 = the whole split)");
 
   // bench
   auto* bench =
@@ -228,6 +297,9 @@ int main(int argc, char** argv) {
         std::cout << "  " << b.key() << " " << b.value().sizes() << " (state)\n";
       const std::string tok = lm.tokenizer->serialized();
       DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
+      // The hierarchical summary's loads are counts since reset_counts(): make them this evaluation's.
+      for (auto& layer : lm.model->moe_layers())
+        if (auto h = std::dynamic_pointer_cast<HierarchicalRouterImpl>(layer->router)) h->reset_counts();
       auto r = evaluate(lm.model, data.validation, lm.cfg.train.batch_size, 8, "validation");
       std::cout << "\nutilisation on " << r.tokens << " validation tokens:\n";
       for (size_t l = 0; l < r.layers.size(); ++l) {
@@ -239,7 +311,11 @@ int main(int argc, char** argv) {
           std::cout << " e" << e << "="
                     << fixed(100.0 * double(L.load[e]) / double(std::max<int64_t>(total, 1)), 1) << "%";
         std::cout << "\n";
+        print_router_state(*lm.model->moe_layers().at(l)->router, l);
       }
+      print_cluster_table(r);
+    } else if (prune->parsed()) {
+      prune_checkpoint(prune_opt, std::cout);
     } else if (bench->parsed()) {
       bench_opt.shapes = split_csv(shapes_csv);
       for (auto& s : bench_opt.shapes) {

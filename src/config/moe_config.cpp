@@ -112,6 +112,12 @@ void MoEConfig::validate_cluster_routing() const {
     if (!(centroid_decay >= 0 && centroid_decay < 1))
       throw ConfigError("moe.centroid_decay", "must be in [0, 1), got " + std::to_string(centroid_decay));
   }
+  if (moce_clustering != SeqClustering::kOnline && router != "moce")
+    throw ConfigError("moe.moce_clustering",
+                      "\"" + to_string(moce_clustering) +
+                          "\" needs moe.router = \"moce\" (only MoCE routes by sequence "
+                          "cluster), got \"" +
+                          router + "\"");
   if (expert_form == ExpertForm::kAdapter) {
     if (adapter_dim < 1) throw ConfigError("moe.adapter_dim", "must be >= 1, got " + str(adapter_dim));
     if (!std::isfinite(adapter_scale))
@@ -151,6 +157,10 @@ void bind_moe_config(ConfigBinder& b, MoEConfig* c) {
   b.bind("moe.moce_n_general", &c->moce_n_general);
   b.bind("moe.moce_general_used", &c->moce_general_used);
   b.bind("moe.centroid_decay", &c->centroid_decay);
+  b.bind_enum("moe.moce_clustering", &c->moce_clustering,
+              {{"online", SeqClustering::kOnline},
+               {"hidden", SeqClustering::kHidden},
+               {"tfidf", SeqClustering::kTfidf}});
   b.bind_enum("moe.expert_form", &c->expert_form,
               {{"ffn", ExpertForm::kFFN}, {"adapter", ExpertForm::kAdapter}});
   b.bind("moe.adapter_dim", &c->adapter_dim);
@@ -189,6 +199,9 @@ std::string to_string(ECMode v) {
 }
 std::string to_string(ECEval v) {
   return v == ECEval::kBatch ? "batch" : "threshold";
+}
+std::string to_string(SeqClustering v) {
+  return v == SeqClustering::kOnline ? "online" : v == SeqClustering::kHidden ? "hidden" : "tfidf";
 }
 std::string to_string(BipMode v) {
   return v == BipMode::kCausal ? "causal" : "solve";

@@ -58,6 +58,9 @@ Batcher::Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffl
   if (batch_size_ < 1) throw std::invalid_argument("Batcher: batch_size must be >= 1");
   if (data_.size() < 1)
     throw std::invalid_argument("Batcher: no sequences (documents shorter than seq_len?)");
+  if (data_.cluster.defined() && data_.cluster.numel() != data_.size())
+    throw std::invalid_argument("Batcher: " + std::to_string(data_.cluster.numel()) + " cluster ids for " +
+                                std::to_string(data_.size()) + " sequences");
   if (shuffle_ && data_.size() < batch_size_)
     throw std::invalid_argument("Batcher: " + std::to_string(data_.size()) +
                                 " sequences are fewer than batch_size " + std::to_string(batch_size_));
@@ -90,7 +93,9 @@ Batcher::Batch Batcher::next() {
   const int64_t take = std::min(batch_size_, n - position_);
   auto index = torch::from_blob(order_.data() + position_, {take}, torch::kLong).clone();  // [B]
   position_ += take;
-  return Batch{data_.tokens.index_select(0, index), data_.domain.index_select(0, index)};
+  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}};
+  if (data_.cluster.defined()) b.cluster = data_.cluster.index_select(0, index);
+  return b;
 }
 
 void Batcher::restore(int64_t epoch, int64_t position) {

@@ -137,12 +137,20 @@ NamedTensors module_state(const torch::nn::Module& module) {
   return out;
 }
 
+namespace {
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+}  // namespace
+
 void load_module_state(torch::nn::Module& module, const NamedTensors& state, const std::string& where) {
   std::map<std::string, const torch::Tensor*> given;
   for (auto& s : state) given[s.first] = &s.second;
   torch::NoGradGuard ng;
   for (auto& [name, target] : module_state(module)) {
     auto it = given.find(name);
+    // Checkpoints written before pruning existed have no expert mask: every expert stays routable.
+    if (it == given.end() && ends_with(name, ".expert_active")) continue;
     if (it == given.end())
       throw FileError(where, "tensor '" + name + "' is missing (model/config mismatch?)");
     const auto& src = *it->second;

@@ -48,6 +48,7 @@ ExpertChoiceRouterImpl::ExpertChoiceRouterImpl(const MoEConfig& cfg, int64_t d_m
   // routing reads it, and calibration replaces it outright at the first update.
   threshold = register_buffer("threshold", torch::full({n_expert_}, 1.0 / double(n_expert_)));
   threshold_steps = register_buffer("threshold_steps", torch::zeros({}, torch::kLong));
+  register_expert_mask(n_expert_);
 }
 
 std::string ExpertChoiceRouterImpl::name() const {
@@ -108,7 +109,12 @@ torch::Tensor ExpertChoiceRouterImpl::select_threshold(const torch::Tensor& s) c
   // its top-1 (ROUTING.md section 2). Per token, so causal.
   auto sd = s.detach();
   auto mask = sd >= threshold.to(s.device()).unsqueeze(0);  // [T, E]
-  auto top1 = std::get<1>(sd.max(1, true));                 // [T, 1]
+  if (has_pruned()) {
+    // A pruned expert passes no threshold, and the minimum-one expert is the best routable one.
+    sd = sd + selection_mask_bias(sd).unsqueeze(0);
+    mask = mask & (expert_active_.to(s.device()) != 0).unsqueeze(0);
+  }
+  auto top1 = std::get<1>(sd.max(1, true));  // [T, 1]
   return mask.scatter_(1, top1, true);
 }
 
@@ -124,6 +130,8 @@ RoutingPlan ExpertChoiceRouterImpl::route(const torch::Tensor& x, const RouteCon
     mask = select_noncausal(s);
   else
     mask = select_causal(s, ctx.seq_len > 0 ? x.size(0) / ctx.seq_len : 1);
+  // A pruned expert chooses no tokens (its capacity is not handed to the others: the rest route as before).
+  if (!use_threshold && has_pruned()) mask = mask & (expert_active_.to(s.device()) != 0).unsqueeze(0);
   RoutingPlan plan = build_plan_from_mask(mask, s);
   // No balance loss: EC is balanced by construction (Zhou et al. 2022 section 3); the z-loss may stay.
   if (cfg_.z_loss_coef > 0) plan.aux_loss = cfg_.z_loss_coef * router_z_loss(logits);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 
 #include "moeforge/routing/losses.h"
 
@@ -248,6 +249,19 @@ void HierarchicalRouterImpl::set_pruned(const std::vector<int64_t>& experts) {
   }
   TORCH_CHECK(active.sum().item<double>() >= 1, "set_pruned: cannot prune every expert");
   expert_active.copy_(active);
+}
+
+void HierarchicalRouterImpl::set_expert_mask(const torch::Tensor& active) {
+  auto a = active.to(torch::kCPU, torch::kFloat).reshape({-1});
+  if (a.numel() != n_expert_)
+    throw std::invalid_argument("hierarchical: expert mask has " + std::to_string(a.numel()) +
+                                " entries for " + std::to_string(n_expert_) + " experts");
+  std::vector<int64_t> off;
+  for (int64_t e = 0; e < n_expert_; ++e)
+    if (a[e].item<float>() == 0) off.push_back(e);
+  if (int64_t(off.size()) == n_expert_)
+    throw std::invalid_argument("hierarchical: cannot prune every expert");
+  set_pruned(off);
 }
 
 std::vector<int64_t> HierarchicalRouterImpl::pruned() const {

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 
 #include "moeforge/routing/losses.h"
 
@@ -52,6 +53,7 @@ MoCERouterImpl::MoCERouterImpl(const MoEConfig& cfg, int64_t d_model)
   expert_count = register_buffer("expert_count", torch::zeros({n_expert_}, torch::kDouble));
   pooled_mean = register_buffer("pooled_mean", torch::zeros({d_model}));
   pooled_mean_count = register_buffer("pooled_mean_count", torch::zeros({1}, torch::kDouble));
+  register_expert_mask(n_expert_);
 }
 
 torch::Tensor MoCERouterImpl::embed(const torch::Tensor& pooled) const {
@@ -64,6 +66,38 @@ torch::Tensor MoCERouterImpl::embed(const torch::Tensor& pooled) const {
   auto center =
       pooled_mean_count.item<double>() > 0 ? pooled_mean.to(p.device()).unsqueeze(0) : p.mean(0, true);
   return unit_rows(p - center);
+}
+
+void MoCERouterImpl::set_centroids(const torch::Tensor& c, const torch::Tensor& sizes,
+                                   const torch::Tensor& mean) {
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == n_cluster_ && c.size(1) == centroids.size(1),
+              "moce: set_centroids expects [", n_cluster_, ", ", centroids.size(1), "], got ", c.sizes());
+  TORCH_CHECK(sizes.numel() == n_cluster_, "moce: set_centroids expects ", n_cluster_, " sizes");
+  torch::NoGradGuard ng;
+  centroids.copy_(unit_rows(c.to(centroids.device(), centroids.scalar_type())));
+  // A count of at least 1 marks every centroid initialised, even one whose cluster came out empty.
+  centroid_count.copy_(sizes.to(centroid_count.device(), centroid_count.scalar_type()).clamp_min(1.0));
+  if (mean.defined()) {
+    pooled_mean.copy_(mean.to(pooled_mean.device(), pooled_mean.scalar_type()));
+    pooled_mean_count.fill_(sizes.sum().item<double>());
+  }
+}
+
+void MoCERouterImpl::set_expert_mask(const torch::Tensor& active) {
+  auto a = active.to(torch::kCPU, torch::kFloat).reshape({-1});
+  if (a.numel() == n_expert_) {
+    auto groups = (a.narrow(0, 0, n_cluster_ * n_per_group_) != 0).view({n_cluster_, n_per_group_}).sum(1);
+    for (int64_t g = 0; g < n_cluster_; ++g)
+      if (groups[g].item<int64_t>() < k_)
+        throw std::invalid_argument("moce: pruning would leave cluster " + std::to_string(g) + " with " +
+                                    std::to_string(groups[g].item<int64_t>()) +
+                                    " routable experts; it needs moe.n_expert_used = " + std::to_string(k_));
+    if (n_general_ > 0 &&
+        (a.narrow(0, n_cluster_ * n_per_group_, n_general_) != 0).sum().item<int64_t>() < k_general_)
+      throw std::invalid_argument(
+          "moce: pruning would leave fewer general experts than moe.moce_general_used");
+  }
+  Router::set_expert_mask(a);
 }
 
 torch::Tensor MoCERouterImpl::assign(const torch::Tensor& pooled) const {
@@ -141,9 +175,19 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
     if (r.defined()) idx_parts.push_back(r);
   auto z = torch::zeros({T, Eg}, x.options()).index_copy(0, torch::cat(idx_parts), torch::cat(logit_parts));
   auto p = torch::softmax(z, 1);  // [T, Eg] full softmax inside the group
-  auto top = p.topk(k_, 1);
-  auto gate = std::get<0>(top);                                  // [T, K]
-  auto local = std::get<1>(top);                                 // [T, K]
+  torch::Tensor gate, local;      // [T, K]
+  const bool pruned = has_pruned();
+  torch::Tensor mask_bias;  // [E] 0 / -inf (router.h: pruning masks the selection, not the scores)
+  if (pruned) {
+    mask_bias = selection_mask_bias(p);
+    auto bias_local = mask_bias.narrow(0, 0, G * Eg).view({G, Eg}).index_select(0, tok_cluster.to(dev));
+    local = std::get<1>((p.detach() + bias_local).topk(k_, 1));  // [T, Eg] bias of each token's group
+    gate = p.gather(1, local);
+  } else {
+    auto top = p.topk(k_, 1);
+    gate = std::get<0>(top);
+    local = std::get<1>(top);
+  }
   auto choices = tok_cluster.to(dev).unsqueeze(1) * Eg + local;  // [T, K] global ids
   // Renormalise over the K selected only when K >= 2: with K = 1 it would be the constant 1 and the router
   // would get no gradient (the reference's K = 1 defect).
@@ -156,9 +200,15 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
     // General experts: a cluster-independent router over the last n_general experts, for every token.
     auto zg = torch::matmul(x, general_weight.t());  // [T, n_general]
     auto pg = torch::softmax(zg, 1);
-    auto topg = pg.topk(k_general_, 1);
-    auto gate_g = std::get<0>(topg);  // [T, Kg]
-    auto local_g = std::get<1>(topg);
+    torch::Tensor gate_g, local_g;  // [T, Kg]
+    if (pruned) {
+      local_g = std::get<1>((pg.detach() + mask_bias.narrow(0, G * Eg, n_general_)).topk(k_general_, 1));
+      gate_g = pg.gather(1, local_g);
+    } else {
+      auto topg = pg.topk(k_general_, 1);
+      gate_g = std::get<0>(topg);
+      local_g = std::get<1>(topg);
+    }
     if (cfg_.renormalize && k_general_ >= 2) gate_g = gate_g / gate_g.sum(1, true);
     choices = torch::cat({choices, local_g + G * Eg}, 1);
     gate = torch::cat({gate, gate_g}, 1);

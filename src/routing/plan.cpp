@@ -2,7 +2,9 @@
 // then a counting sort by expert (no full sort, no [T, E] masks).
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
+#include <stdexcept>
 
 #include "moeforge/routing/router.h"
 
@@ -95,6 +97,52 @@ RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Te
   plan.aux_loss = torch::zeros({}, gate_tk.options());
   plan.stats = make_routing_stats(std::move(count), T, requested);
   return plan;
+}
+
+}  // namespace moeforge
+
+namespace moeforge {
+
+void Router::register_expert_mask(int64_t n_expert) {
+  expert_active_ = register_buffer("expert_active", torch::ones({n_expert}));
+}
+
+torch::Tensor Router::expert_mask() const {
+  TORCH_CHECK(expert_active_.defined(), name(), ": this router has no expert mask");
+  return expert_active_.to(torch::kCPU, torch::kFloat).clone();
+}
+
+std::vector<int64_t> Router::pruned_experts() const {
+  auto a = expert_mask().contiguous();
+  std::vector<int64_t> out;
+  for (int64_t e = 0; e < a.numel(); ++e)
+    if (a.data_ptr<float>()[e] == 0) out.push_back(e);
+  return out;
+}
+
+void Router::set_expert_mask(const torch::Tensor& active) {
+  TORCH_CHECK(expert_active_.defined(), name(), ": this router has no expert mask");
+  auto a = active.to(torch::kCPU, torch::kFloat).reshape({-1});  // [E]
+  if (a.numel() != n_expert())
+    throw std::invalid_argument(name() + ": expert mask has " + std::to_string(a.numel()) + " entries for " +
+                                std::to_string(n_expert()) + " experts");
+  a = (a != 0).to(torch::kFloat);
+  const int64_t n_active = a.sum().item<int64_t>();
+  if (n_active < min_active_experts())
+    throw std::invalid_argument(name() + ": pruning would leave " + std::to_string(n_active) +
+                                " routable experts; this router needs at least " +
+                                std::to_string(min_active_experts()));
+  torch::NoGradGuard ng;
+  expert_active_.copy_(a.to(expert_active_.device(), expert_active_.scalar_type()));
+}
+
+bool Router::has_pruned() const {
+  return expert_active_.defined() && (expert_active_ == 0).any().item<bool>();
+}
+
+torch::Tensor Router::selection_mask_bias(const torch::Tensor& like) const {
+  auto active = expert_active_.to(like.device(), like.scalar_type());  // [E]
+  return torch::zeros_like(active).masked_fill(active == 0, -std::numeric_limits<double>::infinity());
 }
 
 }  // namespace moeforge

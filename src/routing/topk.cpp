@@ -16,6 +16,7 @@ TopKRouterImpl::TopKRouterImpl(const MoEConfig& cfg, int64_t d_model)
     // Zero start: no noise until the router learns it (Shazeer 2017 initialises W_noise to zero).
     noise_weight = register_parameter("noise_weight", torch::zeros({n_expert_, d_model}));
   }
+  register_expert_mask(n_expert_);
 }
 
 TokenScores TopKRouterImpl::score(const torch::Tensor& x, bool training) {
@@ -46,8 +47,16 @@ RoutingPlan TopKRouterImpl::route_scores(const TokenScores& s, const torch::Tens
                                          const RouteContext& ctx) {
   const int64_t T = s.scores.size(0);
   torch::Tensor choices, gate_tk;  // [T, K]
-  if (selection_bias.defined()) {
-    choices = std::get<1>((s.scores.detach() + selection_bias.to(s.scores.device())).topk(k_, 1));
+  // Pruned experts leave the selection only (a -inf bias); the gates keep the unmasked scores, so the
+  // other experts' gates do not move (router.h, set_expert_mask).
+  torch::Tensor bias;  // [E] or undefined
+  if (selection_bias.defined()) bias = selection_bias.to(s.scores.device(), s.scores.scalar_type());
+  if (has_pruned()) {
+    auto m = selection_mask_bias(s.scores);
+    bias = bias.defined() ? bias + m : m;
+  }
+  if (bias.defined()) {
+    choices = std::get<1>((s.scores.detach() + bias).topk(k_, 1));
     gate_tk = s.scores.gather(1, choices);
   } else {
     auto top = s.scores.topk(k_, 1);

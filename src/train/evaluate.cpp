@@ -1,7 +1,11 @@
 #include "moeforge/train/evaluate.h"
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 
+#include "moeforge/routing/expert_choice.h"
+#include "moeforge/routing/moce.h"
 #include "moeforge/routing/stats.h"
 
 namespace moeforge {
@@ -51,6 +55,73 @@ void finish_routing(LayerRouting& layer) {
   layer.specialization = hd > 0 ? mi / hd : 0.0;
 }
 
+namespace {
+
+// One pass over the set: sums the loss into r (loss, perplexity, tokens) and, with `measure`, the routing
+// counts and the cluster x domain table.
+void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch_size, int64_t max_batches,
+                     bool measure, EvalResult& r) {
+  Batcher batcher(data, batch_size, 0, /*shuffle=*/false);
+  const int64_t n_batches =
+      max_batches > 0 ? std::min(max_batches, batcher.batches_per_epoch()) : batcher.batches_per_epoch();
+  const int64_t n_domain = int64_t(data.domains.size());
+  int64_t n_cluster = 0;
+  for (auto& l : model->moe_layers()) {
+    if (auto m = std::dynamic_pointer_cast<MoCERouterImpl>(l->router)) n_cluster = m->n_cluster();
+    break;  // the first MoE layer assigns the clusters every later layer keeps
+  }
+  if (measure && n_cluster > 0) r.cluster_domain.assign(n_cluster, std::vector<int64_t>(n_domain, 0));
+  double loss_sum = 0;
+  int64_t tokens = 0;
+  for (int64_t b = 0; b < n_batches; ++b) {
+    auto batch = batcher.next();
+    const int64_t B = batch.tokens.size(0), S = batch.tokens.size(1) - 1;
+    auto inputs = batch.tokens.narrow(1, 0, S);
+    auto targets = batch.tokens.narrow(1, 1, S);
+    RouteContext ctx;
+    ctx.seq_domain = batch.domain;
+    // No ctx.seq_cluster even when training had offline clusters: evaluation assigns each sequence to its
+    // nearest centroid, as generation must (ROUTING.md section 6).
+    auto out = model->forward(inputs, ctx);
+    auto ce = torch::nn::functional::cross_entropy(
+        out.logits.reshape({B * S, -1}), targets.reshape(-1),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    loss_sum += ce.item<double>();
+    tokens += B * S;
+    if (!measure) continue;
+    auto dom = batch.domain.to(torch::kCPU).contiguous();  // [B]
+    const int64_t* d = dom.data_ptr<int64_t>();
+    std::vector<int64_t> token_domain(B * S);
+    for (int64_t t = 0; t < B * S; ++t) token_domain[t] = d[t / S];
+    if (r.layers.size() < out.plans.size()) r.layers.resize(out.plans.size());
+    for (size_t l = 0; l < out.plans.size(); ++l)
+      accumulate_routing(r.layers[l], out.plans[l], token_domain, n_domain);
+    if (n_cluster > 0 && !out.plans.empty() && out.plans[0].seq_cluster.defined()) {
+      auto c = out.plans[0].seq_cluster.to(torch::kCPU, torch::kLong).contiguous();  // [B]
+      for (int64_t i = 0; i < B; ++i)
+        if (d[i] >= 0 && d[i] < n_domain) ++r.cluster_domain[c.data_ptr<int64_t>()[i]][d[i]];
+    }
+  }
+  r.tokens = tokens;
+  r.loss = tokens > 0 ? loss_sum / double(tokens) : 0.0;
+  r.perplexity = std::exp(r.loss);
+}
+
+}  // namespace
+
+double table_purity(const std::vector<std::vector<int64_t>>& counts) {
+  int64_t total = 0, best = 0;
+  for (const auto& row : counts) {
+    int64_t m = 0;
+    for (int64_t n : row) {
+      total += n;
+      m = std::max(m, n);
+    }
+    best += m;
+  }
+  return total > 0 ? double(best) / double(total) : 0.0;
+}
+
 EvalResult evaluate(TransformerLM& model, const PackedData& data, int64_t batch_size, int64_t max_batches,
                     const std::string& split) {
   EvalResult r;
@@ -59,36 +130,35 @@ EvalResult evaluate(TransformerLM& model, const PackedData& data, int64_t batch_
   const bool was_training = model->is_training();
   model->eval();
   torch::NoGradGuard ng;
-  Batcher batcher(data, batch_size, 0, /*shuffle=*/false);
-  const int64_t n_batches =
-      max_batches > 0 ? std::min(max_batches, batcher.batches_per_epoch()) : batcher.batches_per_epoch();
-  double loss_sum = 0;
-  for (int64_t b = 0; b < n_batches; ++b) {
-    auto batch = batcher.next();
-    const int64_t B = batch.tokens.size(0), S = batch.tokens.size(1) - 1;
-    auto inputs = batch.tokens.narrow(1, 0, S);
-    auto targets = batch.tokens.narrow(1, 1, S);
-    RouteContext ctx;
-    ctx.seq_domain = batch.domain;
-    auto out = model->forward(inputs, ctx);
-    auto ce = torch::nn::functional::cross_entropy(
-        out.logits.reshape({B * S, -1}), targets.reshape(-1),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    loss_sum += ce.item<double>();
-    r.tokens += B * S;
-    std::vector<int64_t> token_domain(B * S);
-    auto dom = batch.domain.to(torch::kCPU).contiguous();
-    for (int64_t t = 0; t < B * S; ++t) token_domain[t] = dom.data_ptr<int64_t>()[t / S];
-    if (r.layers.size() < out.plans.size()) r.layers.resize(out.plans.size());
-    for (size_t l = 0; l < out.plans.size(); ++l)
-      accumulate_routing(r.layers[l], out.plans[l], token_domain, int64_t(data.domains.size()));
-  }
-  r.loss = r.tokens > 0 ? loss_sum / double(r.tokens) : 0.0;
-  r.perplexity = std::exp(r.loss);
+  evaluation_pass(model, data, batch_size, max_batches, /*measure=*/true, r);
   for (auto& l : r.layers) {
     finish_routing(l);
     r.max_vio_global += l.max_vio_global / double(r.layers.size());
     r.specialization += l.specialization / double(r.layers.size());
+  }
+  r.cluster_purity = table_purity(r.cluster_domain);
+
+  // Expert choice trained with batch routing: the other evaluation routing too, so that both losses and
+  // their gap are reported (ROUTING.md section 2). A model trained with ec_mode = threshold has one routing.
+  std::vector<std::shared_ptr<ExpertChoiceRouterImpl>> ec;
+  for (auto& l : model->moe_layers())
+    if (auto e = std::dynamic_pointer_cast<ExpertChoiceRouterImpl>(l->router))
+      if (e->config_mode() != ECMode::kThreshold) ec.push_back(e);
+  if (!ec.empty()) {
+    const ECEval configured = ec.front()->eval_routing();
+    const ECEval other = configured == ECEval::kBatch ? ECEval::kThreshold : ECEval::kBatch;
+    for (auto& e : ec) e->set_eval_routing(other);
+    EvalResult o;
+    try {
+      evaluation_pass(model, data, batch_size, max_batches, /*measure=*/false, o);
+    } catch (...) {
+      for (auto& e : ec) e->set_eval_routing(configured);
+      throw;
+    }
+    for (auto& e : ec) e->set_eval_routing(configured);
+    r.has_ec = true;
+    r.ec_batch_loss = configured == ECEval::kBatch ? r.loss : o.loss;
+    r.ec_threshold_loss = configured == ECEval::kBatch ? o.loss : r.loss;
   }
   if (was_training) model->train();
   return r;
@@ -101,14 +171,24 @@ nlohmann::json EvalResult::to_json() const {
                            {"max_vio_global", l.max_vio_global},
                            {"specialization", l.specialization},
                            {"domain_expert", l.domain_expert}});
-  return {{"split", split},
-          {"loss", loss},
-          {"perplexity", perplexity},
-          {"tokens", tokens},
-          {"max_vio_global", max_vio_global},
-          {"specialization", specialization},
-          {"domains", domains},
-          {"layers", layers_json}};
+  nlohmann::json j = {{"split", split},
+                      {"loss", loss},
+                      {"perplexity", perplexity},
+                      {"tokens", tokens},
+                      {"max_vio_global", max_vio_global},
+                      {"specialization", specialization},
+                      {"domains", domains},
+                      {"layers", layers_json}};
+  if (has_ec) {
+    j["ec_batch_loss"] = ec_batch_loss;
+    j["ec_threshold_loss"] = ec_threshold_loss;
+    j["ec_gap"] = ec_gap();
+  }
+  if (!cluster_domain.empty()) {
+    j["cluster_domain"] = cluster_domain;
+    j["cluster_purity"] = cluster_purity;
+  }
+  return j;
 }
 
 }  // namespace moeforge

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "moeforge/model/checkpoint.h"
+#include "moeforge/train/clustering.h"
 #include "moeforge/train/optim.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
@@ -130,7 +131,6 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     params.push_back(p.value());
   }
   AdamW optim(named, tc);
-  Batcher batcher(data.train, tc.batch_size, uint64_t(tc.seed), /*shuffle=*/true);
 
   int64_t step = 0;
   if (init) {
@@ -141,12 +141,45 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     load_module_state(*model, resume->model, resume_dir + "/model.safetensors");
     optim.load_state(resume->optimizer, resume_dir + "/optimizer.safetensors");
     step = resume->step;
-    batcher.restore(std::stoll(resume->trainer_meta.at("batcher_epoch")),
-                    std::stoll(resume->trainer_meta.at("batcher_position")));
     for (auto& t : resume->trainer)
       if (t.first == "rng.cpu") set_rng_state(t.second);
     log << "resumed from " << resume_dir << " at step " << step << "\n";
   }
+
+  // MoCE offline clustering (ROUTING.md section 6): before the first step, on the weights training starts
+  // from; a resumed run keeps the ids it started with (the centroids are router buffers, already restored).
+  if (cfg.moe.moce_clustering != SeqClustering::kOnline) {
+    if (resume) {
+      for (auto& t : resume->trainer)
+        if (t.first == "cluster.train") data.train.cluster = t.second.to(torch::kLong);
+      if (!data.train.cluster.defined() || data.train.cluster.numel() != data.train.size())
+        throw FileError(resume_dir + "/trainer.safetensors",
+                        "no cluster.train ids for the " + std::to_string(data.train.size()) +
+                            " training sequences (moe.moce_clustering = \"" +
+                            to_string(cfg.moe.moce_clustering) + "\")");
+    } else {
+      if (cfg.moe.moce_clustering == SeqClustering::kHidden && !init)
+        throw ConfigError(
+            "moe.moce_clustering",
+            "\"hidden\" clusters the hidden states of a trained checkpoint: pass --init CHECKPOINT");
+      const auto t0 = std::chrono::steady_clock::now();
+      auto clusters = cluster_sequences(model, data.train, cfg.moe.moce_clustering, cfg.moe.n_cluster,
+                                        data.tokenizer->vocab_size(), uint64_t(tc.seed), tc.batch_size);
+      set_router_centroids(model, clusters);
+      data.train.cluster = clusters.assignment;
+      model->train();
+      log << "clusters (" << to_string(cfg.moe.moce_clustering) << ", spherical k-means): sizes";
+      for (int64_t g = 0; g < clusters.sizes.numel(); ++g) log << " " << clusters.sizes[g].item<int64_t>();
+      log << "; mean cosine " << fmt(clusters.mean_similarity, 3) << ", domain purity "
+          << fmt(table_purity(clusters.cluster_domain), 3) << " ("
+          << fmt(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1) << " s)\n";
+    }
+  }
+  // Built once the training sequences have their clusters (the batches carry them).
+  Batcher batcher(data.train, tc.batch_size, uint64_t(tc.seed), /*shuffle=*/true);
+  if (resume)
+    batcher.restore(std::stoll(resume->trainer_meta.at("batcher_epoch")),
+                    std::stoll(resume->trainer_meta.at("batcher_position")));
 
   fs::create_directories(opt.out_dir);
   const fs::path ckpt_root = fs::path(opt.out_dir) / "checkpoints";
@@ -167,6 +200,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     c.model = module_state(*model);
     c.optimizer = optim.state();
     c.trainer = {{"rng.cpu", rng_state()}};
+    if (data.train.cluster.defined()) c.trainer.push_back({"cluster.train", data.train.cluster});
     c.trainer_meta = {{"batcher_epoch", std::to_string(batcher.epoch())},
                       {"batcher_position", std::to_string(batcher.position())},
                       {"step", std::to_string(at_step)}};
@@ -195,6 +229,12 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     }
     line += ", MaxVio_global " + fmt(summary.validation->max_vio_global, 3) + ", specialisation " +
             fmt(summary.validation->specialization, 3);
+    if (summary.validation->has_ec)
+      line += "; expert choice: batch-routed loss " + fmt(summary.validation->ec_batch_loss) +
+              ", threshold-routed " + fmt(summary.validation->ec_threshold_loss) + " (gap " +
+              fmt(summary.validation->ec_gap()) + ")";
+    if (!summary.validation->cluster_domain.empty())
+      line += "; cluster purity " + fmt(summary.validation->cluster_purity, 3);
     metrics.flush();
     return line;
   };
@@ -218,6 +258,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       auto targets = batch.tokens.narrow(1, 1, S);
       RouteContext ctx;
       ctx.seq_domain = batch.domain;
+      ctx.seq_cluster = batch.cluster;  // offline clusters (MoCE); undefined = the router assigns
       auto out = model->forward(inputs, ctx);
       auto ce = torch::nn::functional::cross_entropy(
           out.logits.reshape({B * S, -1}), targets.reshape(-1),

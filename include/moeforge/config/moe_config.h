@@ -17,6 +17,8 @@ enum class ExpertForm { kFFN, kAdapter };
 enum class ECMode { kCausal, kNonCausal, kThreshold };
 enum class ECEval { kBatch, kThreshold };
 enum class BipMode { kCausal, kSolve };
+// MoCE's stage-1 sequence clusters (ROUTING.md section 6).
+enum class SeqClustering { kOnline, kHidden, kTfidf };
 
 struct MoEConfig {
   std::string router = "topk";  // moe.router
@@ -54,6 +56,13 @@ struct MoEConfig {
   int64_t moce_n_general = 0;            // moe.moce_n_general: general experts (last ones of n_expert)
   int64_t moce_general_used = 1;         // moe.moce_general_used: general experts per token
   double centroid_decay = 0.99;          // moe.centroid_decay: EMA decay of MoCE's online centroids
+  // moe.moce_clustering: how training sequences get their cluster. "online" (the default: works from
+  // scratch) assigns each batch to the nearest EMA centroid; "hidden" clusters, before training, the
+  // mean-pooled first-MoE-layer input of every training sequence under the --init checkpoint's weights
+  // with spherical k-means, and makes the k-means centroids the router's (so generation's nearest-centroid
+  // assignment lives in the same space); "tfidf" clusters TF-IDF bags of words and gives the router the
+  // mean hidden representation of each cluster. Offline ids are fixed for the whole run.
+  SeqClustering moce_clustering = SeqClustering::kOnline;
   // Expert form (any router): full FFN experts, or MoCE/PESC adapters on a frozen dense FFN of width
   // d_expert.
   ExpertForm expert_form = ExpertForm::kFFN;  // moe.expert_form: "ffn" | "adapter"
@@ -102,5 +111,6 @@ std::string to_string(ExpertForm v);
 std::string to_string(ECMode v);
 std::string to_string(ECEval v);
 std::string to_string(BipMode v);
+std::string to_string(SeqClustering v);
 
 }  // namespace moeforge

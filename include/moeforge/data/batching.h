@@ -19,6 +19,7 @@ struct PackedData {
   torch::Tensor tokens;              // [N, S + 1] int64: inputs are [:, :-1], targets [:, 1:]
   torch::Tensor domain;              // [N] int64: domain id (index in `domains`) of each sequence
   std::vector<std::string> domains;  // sorted domain names
+  torch::Tensor cluster;             // [N] int64: offline sequence cluster (MoCE), undefined when none
   int64_t seq_len() const { return tokens.size(1) - 1; }
   int64_t size() const { return tokens.size(0); }
 };
@@ -41,8 +42,9 @@ class Batcher {
   Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffle);
 
   struct Batch {
-    torch::Tensor tokens;  // [B, S + 1] int64
-    torch::Tensor domain;  // [B] int64
+    torch::Tensor tokens;   // [B, S + 1] int64
+    torch::Tensor domain;   // [B] int64
+    torch::Tensor cluster;  // [B] int64, defined when the data has clusters
   };
   Batch next();
 

@@ -38,6 +38,7 @@ class ExpertChoiceRouterImpl : public Router {
   // The evaluation routing can be switched without rebuilding (an evaluator reports both losses).
   void set_eval_routing(ECEval v) { eval_routing_ = v; }
   ECEval eval_routing() const { return eval_routing_; }
+  ECMode config_mode() const { return cfg_.ec_mode; }  // moe.ec_mode: how it routes in training
 
   // The three routings from scores s [T, E] (softmax), usable directly by tests and analysis.
   torch::Tensor select_noncausal(const torch::Tensor& s) const;              // [T, E] bool

@@ -55,6 +55,9 @@ class HierarchicalRouterImpl : public Router {
   // pruned is never selected). The mask is a buffer, so a pruned checkpoint keeps it.
   void set_pruned(const std::vector<int64_t>& experts);
   std::vector<int64_t> pruned() const;
+  // The Router pruning interface over the same "expert_active" buffer (set_pruned semantics).
+  void set_expert_mask(const torch::Tensor& active) override;
+  torch::Tensor expert_mask() const override { return expert_active.to(torch::kCPU, torch::kFloat).clone(); }
 
   HierarchicalSummary summary() const;
   void reset_counts();

@@ -33,6 +33,16 @@ class MoCERouterImpl : public Router {
   // Global id of local expert j of group g.
   int64_t group_expert(int64_t g, int64_t j) const { return g * n_per_group_ + j; }
   int64_t n_per_group() const { return n_per_group_; }
+  int64_t n_cluster() const { return n_cluster_; }
+
+  // Offline clustering (ROUTING.md section 6): centroids [G, C] from spherical k-means on this router's own
+  // representation (the mean-pooled input of the first MoE layer), and the sequences behind each, so that
+  // an unseen sequence's nearest centroid is the cluster its training neighbours had. Rows are normalised.
+  // `mean` [C], when given, is the vector the clustering space was centred on (embed() uses it from now on).
+  void set_centroids(const torch::Tensor& centroids, const torch::Tensor& sizes,
+                     const torch::Tensor& mean = {});  // [G, C], [G], [C]
+  // Each group needs K routable experts, the general experts K_general (set_expert_mask checks both).
+  void set_expert_mask(const torch::Tensor& active) override;
 
   torch::Tensor group_weight;    // [G, Eg, C] each cluster's router
   torch::Tensor general_weight;  // [n_general, C] the cluster-independent router (when n_general > 0)

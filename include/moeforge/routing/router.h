@@ -62,6 +62,26 @@ class Router : public torch::nn::Module {
   virtual bool wants_expert_health() const { return false; }
   virtual int64_t n_expert() const = 0;
   virtual std::string name() const = 0;
+
+  // Pruning (ROUTING.md section 5): active [E], 1 = routable, 0 = removed from routing. A pruned expert gets
+  // no assignment; only the *selection* is masked, the scores are not, so the gates of the other experts
+  // are unchanged and pruning an expert that no token chose leaves the layer's output unchanged. The mask
+  // is the buffer "expert_active", so a pruned checkpoint keeps it. Throws std::invalid_argument (naming
+  // the layer's router) when the shape is wrong or too few experts would remain to route a token.
+  virtual void set_expert_mask(const torch::Tensor& active);
+  virtual torch::Tensor expert_mask() const;  // [E] float on CPU, 1 = routable
+  std::vector<int64_t> pruned_experts() const;
+
+ protected:
+  // Registers the [E] "expert_active" buffer (all ones); every router but the hierarchical one (which has
+  // its own, with the same name) calls it in its constructor.
+  void register_expert_mask(int64_t n_expert);
+  // The fewest routable experts this router needs (top-K needs K). Used by the default set_expert_mask.
+  virtual int64_t min_active_experts() const { return 1; }
+  bool has_pruned() const;  // any expert masked out
+  // [E] additive selection bias on `like`'s device and dtype: 0 for a routable expert, -inf for a pruned one.
+  torch::Tensor selection_mask_bias(const torch::Tensor& like) const;
+  torch::Tensor expert_active_;  // [E] buffer
 };
 
 // Makes a plan from per-token choices.

@@ -35,6 +35,7 @@ class TopKRouterImpl : public Router {
   torch::Tensor noise_weight;  // [E, C] noise projection, only when cfg.noisy
 
  private:
+  int64_t min_active_experts() const override { return k_; }  // every token needs K experts
   MoEConfig cfg_;
   int64_t n_expert_, k_;
 };

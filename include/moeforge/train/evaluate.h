@@ -29,8 +29,22 @@ struct EvalResult {
   double specialization = 0;  // averaged over MoE layers
   std::vector<LayerRouting> layers;
   std::vector<std::string> domains;
+  // Expert choice trained with batch grouping (ROUTING.md section 2): the loss of the same sequences with
+  // batch routing (causal-safe grouping, or the non-causal one the model was trained with) and with
+  // threshold routing, the only one generation can use. `loss` above is the one moe.ec_eval picks.
+  bool has_ec = false;
+  double ec_batch_loss = 0, ec_threshold_loss = 0;
+  double ec_gap() const { return ec_threshold_loss - ec_batch_loss; }
+  // MoCE (ROUTING.md section 6): sequences by (cluster the router assigned, domain label), from the first
+  // MoE layer's nearest-centroid assignment (what generation does), and the clusters' purity:
+  // sum_c max_d n(c, d) / n.
+  std::vector<std::vector<int64_t>> cluster_domain;  // [G][D], empty when the router has no clusters
+  double cluster_purity = 0;
   nlohmann::json to_json() const;
 };
+
+// Purity of a [G][D] count table: sum over rows of the row maximum, over the total (0 when empty).
+double table_purity(const std::vector<std::vector<int64_t>>& counts);
 
 // Runs the model in eval mode over `data` (in order, no shuffle) in batches of `batch_size`, at most
 // `max_batches` batches (0 = all).

@@ -1,0 +1,89 @@
+// MoCE offline clustering, ROUTING.md section 6. See the header for the legend.
+#include "moeforge/train/clustering.h"
+
+#include <stdexcept>
+
+#include "moeforge/data/kmeans.h"
+#include "moeforge/data/tfidf.h"
+#include "moeforge/routing/moce.h"
+#include "moeforge/util/error.h"
+
+namespace moeforge {
+
+torch::Tensor pooled_first_moe_inputs(TransformerLM& model, const PackedData& data, int64_t batch_size) {
+  if (model->moe_layers().empty())
+    throw std::invalid_argument("offline clustering: the model has no MoE layer to pool the input of");
+  const bool was_training = model->is_training();
+  model->eval();
+  torch::NoGradGuard ng;
+  const int64_t N = data.size(), S = data.seq_len();
+  std::vector<torch::Tensor> parts;
+  for (int64_t start = 0; start < N; start += batch_size) {
+    const int64_t B = std::min(batch_size, N - start);
+    auto inputs = data.tokens.narrow(0, start, B).narrow(1, 0, S);  // [B, S]
+    // Plain forward: the router sees exactly this pooled vector when it assigns the sequence.
+    parts.push_back(model->forward(inputs).pooled_first_moe.to(torch::kCPU, torch::kFloat));  // [B, C]
+  }
+  if (was_training) model->train();
+  return torch::cat(parts, 0);  // [N, C]
+}
+
+SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data, SeqClustering how,
+                                   int64_t n_cluster, int64_t vocab_size, uint64_t seed, int64_t batch_size) {
+  if (how == SeqClustering::kOnline)
+    throw ConfigError("moe.moce_clustering", "\"online\" has no offline clustering step");
+  if (n_cluster < 1 || n_cluster > data.size())
+    throw ConfigError("moe.n_cluster", "offline clustering needs 1 <= G <= " + std::to_string(data.size()) +
+                                           " training sequences, got " + std::to_string(n_cluster));
+  KMeansOptions opt;  // 25 iterations, 3 restarts: the MoCE reference's setting
+  opt.seed = seed;
+  auto raw = pooled_first_moe_inputs(model, data, batch_size);  // [N, C]
+  SequenceClusters out;
+  // The router clusters in a centred space (MoCERouterImpl::embed): cluster there too, and hand it the mean.
+  out.mean = raw.mean(0);  // [C]
+  auto pooled = raw - out.mean;
+  if (how == SeqClustering::kHidden) {
+    auto km = spherical_kmeans(pooled, n_cluster, opt);
+    out.assignment = km.assignment;
+    out.centroids = km.centroids;  // [G, C]
+    out.mean_similarity = km.mean_similarity;
+  } else {
+    const int64_t N = data.size(), S = data.seq_len();
+    auto inputs = data.tokens.narrow(1, 0, S).contiguous();  // [N, S]
+    std::vector<std::vector<int64_t>> rows(N);
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t* p = inputs.data_ptr<int64_t>() + i * S;
+      rows[i].assign(p, p + S);
+    }
+    auto km = spherical_kmeans(tfidf_embeddings(rows, vocab_size), n_cluster, opt);  // in [N, V]
+    out.assignment = km.assignment;
+    out.mean_similarity = km.mean_similarity;
+    // The router assigns by its hidden input, not by words: its centroid for cluster g is the direction of
+    // the mean unit representation of g's sequences.
+    auto unit = pooled / pooled.norm(2, {1}, true).clamp_min(1e-12);                          // [N, C]
+    auto sum = torch::zeros({n_cluster, pooled.size(1)}).index_add_(0, km.assignment, unit);  // [G, C]
+    out.centroids = sum / sum.norm(2, {1}, true).clamp_min(1e-12);
+  }
+  out.sizes = torch::zeros({n_cluster}, torch::kDouble)
+                  .index_add_(0, out.assignment, torch::ones({data.size()}, torch::kDouble));  // [G]
+  const int64_t D = int64_t(data.domains.size());
+  out.cluster_domain.assign(n_cluster, std::vector<int64_t>(D, 0));
+  auto a = out.assignment.contiguous();
+  auto d = data.domain.to(torch::kCPU).contiguous();
+  for (int64_t i = 0; i < data.size(); ++i) {
+    const int64_t di = d.data_ptr<int64_t>()[i];
+    if (di >= 0 && di < D) ++out.cluster_domain[a.data_ptr<int64_t>()[i]][di];
+  }
+  return out;
+}
+
+void set_router_centroids(TransformerLM& model, const SequenceClusters& clusters) {
+  // Only the first MoE layer assigns clusters; later layers keep its ids (TransformerLM::forward).
+  auto layers = model->moe_layers();
+  auto m = layers.empty() ? nullptr : std::dynamic_pointer_cast<MoCERouterImpl>(layers.front()->router);
+  if (!m)
+    throw ConfigError("moe.moce_clustering", "the first MoE layer has no MoCE router to give centroids");
+  m->set_centroids(clusters.centroids, clusters.sizes, clusters.mean);
+}
+
+}  // namespace moeforge
