@@ -28,6 +28,8 @@ class MoCERouterImpl : public Router {
   // Nearest centroid (cosine) of each row of pooled [B, C]; only initialised centroids compete (all ids 0
   // if none is initialised yet).
   torch::Tensor assign(const torch::Tensor& pooled) const;  // -> [B] int64 (CPU)
+  // Training-time assignment: nearest centroid under a capacity of ceil(B / G) sequences per cluster.
+  torch::Tensor assign_balanced(const torch::Tensor& unit) const;  // unit [B, C] from embed() -> [B]
   // The clustering space: pooled [B, C] centred on the running mean of pooled vectors, rows of norm 1.
   torch::Tensor embed(const torch::Tensor& pooled) const;
   // Global id of local expert j of group g.
