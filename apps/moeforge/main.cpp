@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 
 #include <filesystem>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 
@@ -144,6 +145,8 @@ int main(int argc, char** argv) {
   cmp->add_option("--routers", cmp_routers, "comma-separated routers (default: all)");
   cmp->add_option("--set", cmp_overrides,
                   "override a config key for every run: section.key=value (repeatable)");
+  bool cmp_render = false;
+  cmp->add_flag("--render-only", cmp_render, "redraw compare.md and plots from --out's compare.json");
   cmp->add_option("--out", cmp_out,
                   "folder for compare.md, compare.json, plots/ and one run folder per router");
 
@@ -254,6 +257,10 @@ int main(int argc, char** argv) {
                     << fixed(100.0 * double(L.load[e]) / double(std::max<int64_t>(total, 1)), 1) << "%";
         std::cout << "\n";
       }
+    } else if (cmp->parsed() && cmp_render) {
+      std::ifstream in(fs::path(cmp_out) / "compare.json");
+      if (!in) throw FileError((fs::path(cmp_out) / "compare.json").string(), "cannot read");
+      std::cout << "wrote " << write_compare_outputs(cmp_out, nlohmann::json::parse(in)) << "\n";
     } else if (cmp->parsed()) {
       CompareOptions copt;
       copt.routers = parse_router_list(cmp_routers);

@@ -279,13 +279,25 @@ void write_plots(const fs::path& dir, const nlohmann::json& result) {
      << quote((plots / "bars.png").string())
      << "\nset multiplot layout 2,3\nunset key\nset style data histograms\nset style histogram clustered\n"
      << "set style fill solid 0.8 border -1\nset boxwidth 0.8\nset xtics rotate by -30\nset xlabel ''\n"
-     << "set ylabel ''\nset yrange [0:*]\n";
+     << "set ylabel ''\n";
   for (auto& b : bars) {
     std::ostringstream dat;
-    for (auto& r : runs) dat << r["router"].get<std::string>() << " " << b.get(r) << "\n";
+    // An explicit range that always holds 0: a gap can be negative (a router that overfills capacity
+    // collects more score than the balanced optimum), and gnuplot rejects all-zero or all-negative bars in
+    // a [0:*] range.
+    double lo = 0, hi = 0;
+    for (auto& r : runs) {
+      const double v = b.get(r);
+      dat << r["router"].get<std::string>() << " " << v << "\n";
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    if (hi - lo <= 0) hi = 1;
+    const double pad = 0.1 * (hi - lo);
     const auto f = plots / ("bar_" + b.file + ".dat");
     write_file_atomic(f.string(), dat.str());
-    gp << "set title '" << b.title << "'\nplot " << quote(f.string()) << " using 2:xtic(1) lc 3\n";
+    gp << "set title '" << b.title << "'\nset yrange [" << (lo < 0 ? lo - pad : 0.0) << ":" << hi + pad
+       << "]\nplot " << quote(f.string()) << " using 2:xtic(1) lc 3\n";
   }
   gp << "unset multiplot\n";
   const auto script = plots / "compare.gp";
@@ -419,6 +431,11 @@ RunConfig equal_compute_config(const RunConfig& base, const std::string& router,
   return cfg;
 }
 
+std::string write_compare_outputs(const std::string& out_dir, const nlohmann::json& result, bool plots) {
+  if (plots) write_plots(out_dir, result);
+  return write_markdown(out_dir, result, plots);
+}
+
 nlohmann::json run_compare(const RunConfig& base, const CompareOptions& opt, std::ostream& log) {
   const auto routers = opt.routers.empty() ? available_routers() : opt.routers;
   const fs::path dir(opt.out_dir);
@@ -504,8 +521,7 @@ nlohmann::json run_compare(const RunConfig& base, const CompareOptions& opt, std
     // Written after every run so that an interrupted comparison keeps what it finished.
     write_file_atomic((dir / "compare.json").string(), result.dump(1) + "\n");
   }
-  if (opt.plots) write_plots(dir, result);
-  log << "wrote " << write_markdown(dir, result, opt.plots) << "\n";
+  log << "wrote " << write_compare_outputs(dir.string(), result, opt.plots) << "\n";
   return result;
 }
 

@@ -39,4 +39,9 @@ std::vector<std::string> parse_router_list(const std::string& csv);
 // out_dir/compare.json, out_dir/compare.md and out_dir/plots/*.png. Returns the JSON written.
 nlohmann::json run_compare(const RunConfig& base, const CompareOptions& opt, std::ostream& log);
 
+// compare.md (and plots/*.png when `plots`) from a comparison's JSON, as run_compare writes them: lets the
+// figures be redrawn from out_dir/compare.json without training again. Returns the path of compare.md.
+std::string write_compare_outputs(const std::string& out_dir, const nlohmann::json& result,
+                                  bool plots = true);
+
 }  // namespace moeforge
