@@ -228,6 +228,7 @@ void write_plots(const fs::path& dir, const nlohmann::json& result) {
      << quote((plots / "loss.png").string())
      << "\nset multiplot layout 2,1\nset grid\nset key top right\nset xlabel 'step'\n"
      << "set ylabel 'cross-entropy (nats)'\n";
+  // Router names hold "_", which gnuplot's enhanced text would read as a subscript: labels are noenhanced.
   std::string train_plot, val_plot, vio_plot;
   for (size_t i = 0; i < runs.size(); ++i) {
     const std::string name = runs[i]["router"];
@@ -244,11 +245,11 @@ void write_plots(const fs::path& dir, const nlohmann::json& result) {
     write_file_atomic(vf.string(), va.str() + "\n");
     const std::string sep = i ? ", " : "";
     train_plot += sep + quote(tf.string()) + " using 1:2 with lines lw 2 lc " + std::to_string(i + 1) +
-                  " title '" + name + "'";
+                  " title '" + name + "' noenhanced";
     val_plot += sep + quote(vf.string()) + " using 1:2 with linespoints lw 2 pt 7 lc " +
-                std::to_string(i + 1) + " title '" + name + "'";
+                std::to_string(i + 1) + " title '" + name + "' noenhanced";
     vio_plot += sep + quote(tf.string()) + " using 1:3 with lines lw 2 lc " + std::to_string(i + 1) +
-                " title '" + name + "'";
+                " title '" + name + "' noenhanced";
   }
   gp << "set title 'Training loss (moving average over "
      << std::max<size_t>(1, runs[0]["train_loss"].size() / 30) << " steps)'\nplot " << train_plot
@@ -278,7 +279,8 @@ void write_plots(const fs::path& dir, const nlohmann::json& result) {
   gp << "set terminal pngcairo size 1200,700 font 'sans,10'\nset output "
      << quote((plots / "bars.png").string())
      << "\nset multiplot layout 2,3\nunset key\nset style data histograms\nset style histogram clustered\n"
-     << "set style fill solid 0.8 border -1\nset boxwidth 0.8\nset xtics rotate by -30\nset xlabel ''\n"
+     << "set style fill solid 0.8 border -1\nset boxwidth 0.8\nset xtics rotate by -30 noenhanced\nset "
+        "xlabel ''\n"
      << "set ylabel ''\n";
   for (auto& b : bars) {
     std::ostringstream dat;
