@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 
@@ -12,6 +13,7 @@
 #include "moeforge/model/generate.h"
 #include "moeforge/routing/hierarchical.h"
 #include "moeforge/routing/moce.h"
+#include "moeforge/train/compare.h"
 #include "moeforge/train/prune.h"
 #include "moeforge/train/report.h"
 #include "moeforge/train/trainer.h"
@@ -202,6 +204,22 @@ int main(int argc, char** argv) {
   for (auto& s : default_bench_shapes()) shape_names += (shape_names.empty() ? "" : ",") + s.name;
   bench->add_option("--shapes", shapes_csv, "comma-separated subset of: " + shape_names);
 
+  // compare
+  auto* cmp = app.add_subcommand("compare",
+                                 "train one model per router on the same data and compute; "
+                                 "compare.md + plots (docs/comparison.md)");
+  std::string cmp_config, cmp_routers, cmp_out = "runs/compare";
+  std::vector<std::string> cmp_overrides;
+  cmp->add_option("--config", cmp_config, "TOML config file (e.g. configs/compare.toml)")
+      ->check(CLI::ExistingFile);
+  cmp->add_option("--routers", cmp_routers, "comma-separated routers (default: all)");
+  cmp->add_option("--set", cmp_overrides,
+                  "override a config key for every run: section.key=value (repeatable)");
+  bool cmp_render = false;
+  cmp->add_flag("--render-only", cmp_render, "redraw compare.md and plots from --out's compare.json");
+  cmp->add_option("--out", cmp_out,
+                  "folder for compare.md, compare.json, plots/ and one run folder per router");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -316,6 +334,19 @@ int main(int argc, char** argv) {
       print_cluster_table(r);
     } else if (prune->parsed()) {
       prune_checkpoint(prune_opt, std::cout);
+    } else if (cmp->parsed() && cmp_render) {
+      std::ifstream in(fs::path(cmp_out) / "compare.json");
+      if (!in) throw FileError((fs::path(cmp_out) / "compare.json").string(), "cannot read");
+      std::cout << "wrote " << write_compare_outputs(cmp_out, nlohmann::json::parse(in)) << "\n";
+    } else if (cmp->parsed()) {
+      CompareOptions copt;
+      copt.routers = parse_router_list(cmp_routers);
+      copt.out_dir = cmp_out;
+      copt.command = "moeforge";
+      for (int i = 1; i < argc; ++i) copt.command += std::string(" ") + argv[i];
+      RunConfig cfg = load_run_config(cmp_config, cmp_overrides);
+      if (threads > 0) cfg.train.threads = threads;
+      run_compare(cfg, copt, std::cout);
     } else if (bench->parsed()) {
       bench_opt.shapes = split_csv(shapes_csv);
       for (auto& s : bench_opt.shapes) {

@@ -50,6 +50,18 @@ void prune_checkpoints(const fs::path& dir, int64_t keep) {
   for (size_t i = 0; i + size_t(keep) < steps.size(); ++i) fs::remove_all(steps[i]);
 }
 
+// FNV-1a over the int64 token ids of `tokens`.
+uint64_t token_digest(const torch::Tensor& tokens) {
+  auto t = tokens.to(torch::kCPU, torch::kLong).contiguous();
+  const int64_t* p = t.data_ptr<int64_t>();
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    h ^= uint64_t(p[i]);
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
 std::string fmt(double v, int precision = 4) {
   std::ostringstream os;
   os << std::fixed << std::setprecision(precision) << v;
@@ -242,7 +254,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   TrainSummary summary;
   const int64_t last = opt.stop_after > 0 ? std::min(opt.stop_after, tc.steps) : tc.steps;
   const int64_t S = cfg.data.seq_len;
-  ProgressBar bar("train", tc.steps, log, opt.progress);
+  ProgressBar bar(opt.progress_label, tc.steps, log, opt.progress);
   const auto t_start = std::chrono::steady_clock::now();
   int64_t tokens_done = 0;
   std::vector<std::string> eval_lines;
@@ -254,6 +266,10 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     for (int64_t micro = 0; micro < tc.grad_accum; ++micro) {
       auto batch = batcher.next();
       const int64_t B = batch.tokens.size(0);
+      if (summary.first_batch_tokens == 0) {
+        summary.first_batch_tokens = batch.tokens.numel();
+        summary.first_batch_digest = token_digest(batch.tokens);
+      }
       auto inputs = batch.tokens.narrow(1, 0, S);
       auto targets = batch.tokens.narrow(1, 1, S);
       RouteContext ctx;
@@ -295,6 +311,9 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     optim.zero_grad();
     ++step;
     summary.step_losses.push_back(loss_sum);
+    double step_max_vio = 0;
+    for (auto& p : plans) step_max_vio += p.stats.max_vio / double(plans.size());
+    summary.step_max_vio.push_back(step_max_vio);
 
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
     const double tok_s = double(tokens_done) / std::max(elapsed, 1e-9);

@@ -22,12 +22,18 @@ struct TrainOptions {
                            // step 0): fine-tuning an upcycled checkpoint
   int64_t stop_after = 0;  // stop (with a checkpoint) once this many steps are done; 0 = train.steps
   bool progress = true;
+  std::string progress_label = "train";  // the progress bar's label (compare names the router there)
 };
 
 struct TrainSummary {
-  int64_t step = 0;                 // steps done in total
-  std::vector<double> step_losses;  // training loss (cross-entropy) of every step this run did
-  int64_t skipped_steps = 0;        // non-finite steps skipped (train.nan_policy = "skip")
+  int64_t step = 0;                  // steps done in total
+  std::vector<double> step_losses;   // training loss (cross-entropy) of every step this run did
+  std::vector<double> step_max_vio;  // MaxVio_batch of every step this run did, averaged over MoE layers
+  // The first training batch this run drew: its token count and an FNV-1a digest of its token ids, so that
+  // runs that should see the same data (moeforge compare) can show that they did.
+  int64_t first_batch_tokens = 0;
+  uint64_t first_batch_digest = 0;
+  int64_t skipped_steps = 0;  // non-finite steps skipped (train.nan_policy = "skip")
   std::optional<EvalResult> validation, heldout;
   std::string checkpoint;  // the checkpoint written last
   double tokens_per_s = 0;
