@@ -107,6 +107,74 @@ void drop_grads(torch::nn::Module& m) {
 
 }  // namespace
 
+// Each router's cost on the top-2 shape (T = 4096 as 32 sequences of 128, C = 512, F = 1024, 16 experts, two
+// active per token) against the topk router, interleaved in one run: the whole layer forward+backward in
+// training mode, and the router's route() alone. Active compute is equalised: expert choice takes CF = K,
+// hierarchical 1 of 4 clusters x top-2 inside it, MoCE top-2 inside the sequence's group of 4.
+nlohmann::json bench_router_costs(const LayerBenchOptions& opt, std::ostream& log) {
+  const auto shape = default_bench_shapes().front();  // top2
+  const int64_t S = 128, B = shape.T / S;
+  auto make_cfg = [&](const std::string& router) {
+    MoEConfig c;
+    c.router = router;
+    c.n_expert = shape.E;
+    c.n_expert_used = shape.K;
+    c.d_expert = shape.F;
+    if (router == "expert_choice") c.ec_capacity_factor = double(shape.K);
+    if (router == "hierarchical" || router == "moce") {
+      c.n_cluster = 4;
+      c.n_cluster_used = 1;
+    }
+    return c;
+  };
+  torch::manual_seed(1);
+  MoELayer base(make_cfg("topk"), shape.C);
+  base->train();
+  auto x = torch::randn({B, S, shape.C});
+  auto gy = torch::randn({B, S, shape.C});
+  nlohmann::json out = nlohmann::json::array();
+  log << "\nrouter cost on the top2 shape, ratio to topk (> 1 = slower), median of " << opt.reps << "\n";
+  for (const auto& name : available_routers()) {
+    if (name == "topk") continue;
+    MoELayer layer(make_cfg(name), shape.C);
+    layer->train();
+    auto step = [&](MoELayer& l) {
+      auto xg = x.clone().requires_grad_();
+      l->forward(xg).y.backward(gy);
+      l->zero_grad();
+      l->after_step();
+    };
+    auto route_only = [&](MoELayer& l) {
+      torch::NoGradGuard ng;
+      RouteContext ctx;
+      ctx.n_seq = B;
+      ctx.seq_len = S;
+      ctx.training = true;
+      l->router->route(x.view({B * S, shape.C}), ctx);
+    };
+    auto t = interleaved({{"topk_layer", [&] { step(base); }},
+                          {"router_layer", [&] { step(layer); }},
+                          {"topk_route", [&] { route_only(base); }},
+                          {"router_route", [&] { route_only(layer); }}},
+                         opt.reps);
+    const double layer_ratio = t["router_layer"].median() / t["topk_layer"].median();
+    const double route_ratio = t["router_route"].median() / t["topk_route"].median();
+    out.push_back({{"router", name},
+                   {"layer_fwd_bwd_ms", t["router_layer"].median()},
+                   {"topk_layer_fwd_bwd_ms", t["topk_layer"].median()},
+                   {"layer_ratio", layer_ratio},
+                   {"route_ms", t["router_route"].median()},
+                   {"topk_route_ms", t["topk_route"].median()},
+                   {"route_ratio", route_ratio}});
+    log << "  " << std::left << std::setw(14) << name << std::right << std::fixed << std::setprecision(3)
+        << "layer fwd+bwd " << std::setw(7) << layer_ratio << "  (" << std::setprecision(1)
+        << t["router_layer"].median() << " vs " << t["topk_layer"].median() << " ms)   route() "
+        << std::setprecision(3) << std::setw(7) << route_ratio << "  (" << std::setprecision(2)
+        << t["router_route"].median() << " vs " << t["topk_route"].median() << " ms)" << std::endl;
+  }
+  return out;
+}
+
 nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) {
   torch::manual_seed(0);
   nlohmann::json results = nlohmann::json::array();
@@ -240,7 +308,12 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
       }
     }
   }
+  nlohmann::json router_costs = nlohmann::json::array();
+  const bool top2_selected =
+      opt.shapes.empty() || std::find(opt.shapes.begin(), opt.shapes.end(), "top2") != opt.shapes.end();
+  if (opt.router_costs && top2_selected) router_costs = bench_router_costs(opt, log);
   return {{"machine", describe_machine()},
+          {"router_costs", router_costs},
           {"memory_method",
            "peak RSS above the resident size before one call (malloc_trim, then VmHWM reset via "
            "/proc/self/clear_refs), one call per variant after the timed ones; MoE workspace cleared first"},

@@ -20,11 +20,13 @@ struct LayerBenchOptions {
   std::vector<std::string> shapes;  // names from default_bench_shapes(); empty = all
   std::vector<std::string> routings = {"uniform", "skewed"};
   std::vector<std::string> directions = {"forward", "forward_backward"};
+  bool router_costs = true;  // every router on the top-2 shape, as a ratio to the topk router
 };
 
 std::vector<BenchShape> default_bench_shapes();
 
-// Runs the comparison and returns {"machine", "results": [...]}; prints a table to `log` as it goes.
+// Runs the comparison and returns {"machine", "results": [...], "router_costs": [...]}; prints a table to
+// `log` as it goes.
 nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log);
 
 }  // namespace moeforge

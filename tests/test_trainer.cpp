@@ -12,57 +12,8 @@ namespace fs = std::filesystem;
 namespace moeforge {
 namespace {
 
-// Two "domains" of templated sentences: enough structure for a small model to learn quickly.
-std::string corpus_dir() {
-  static const std::string dir = [] {
-    const fs::path root = fs::path(::testing::TempDir()) / "moeforge_trainer_corpus";
-    fs::remove_all(root);
-    const char* animals[] = {"cat", "dog", "bird", "fox", "horse", "mouse"};
-    const char* verbs[] = {"sees", "chases", "likes", "follows"};
-    const char* tools[] = {"hammer", "saw", "drill", "wrench", "chisel"};
-    const char* acts[] = {"cuts", "holds", "turns", "breaks"};
-    for (int f = 0; f < 6; ++f) {
-      for (const char* domain : {"animals", "tools"}) {
-        fs::create_directories(root / domain);
-        std::ofstream out(root / domain / ("doc" + std::to_string(f) + ".txt"));
-        for (int i = 0; i < 60; ++i) {
-          const bool a = std::string(domain) == "animals";
-          out << "the " << (a ? animals[(i + f) % 6] : tools[(i + f) % 5]) << " "
-              << (a ? verbs[i % 4] : acts[i % 4]) << " the "
-              << (a ? animals[(i * 7 + f) % 6] : tools[(i * 3 + f) % 5]) << ". ";
-        }
-      }
-    }
-    return root.string();
-  }();
-  return dir;
-}
-
 RunConfig tiny_config(const std::string& name, std::vector<std::string> extra = {}) {
-  const fs::path data = fs::path(::testing::TempDir()) / ("moeforge_trainer_data_" + name);
-  std::vector<std::string> o = {"model.d_model=32",
-                                "model.n_layer=2",
-                                "model.n_head=2",
-                                "model.d_ff=48",
-                                "model.moe_every=1",
-                                "moe.n_expert=4",
-                                "moe.d_expert=24",
-                                "train.steps=40",
-                                "train.batch_size=4",
-                                "train.lr=1e-2",
-                                "train.warmup=5",
-                                "train.eval_every=0",
-                                "train.eval_batches=2",
-                                "train.log_every=5",
-                                "train.threads=1",
-                                "data.corpus=\"text:" + corpus_dir() + "\"",
-                                "data.dir=\"" + data.string() + "\"",
-                                "data.vocab_size=128",
-                                "data.seq_len=16",
-                                "data.validation_fraction=0.2",
-                                "data.heldout_genres=[]"};
-  for (auto& e : extra) o.push_back(e);
-  return load_run_config_text("", "test", o);
+  return load_run_config_text("", "test", test::tiny_run_overrides(name, extra));
 }
 
 TrainOptions opts(const std::string& name) {

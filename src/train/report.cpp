@@ -90,7 +90,8 @@ std::string write_report(const ReportInputs& in) {
   write_text(plots / "heldout.dat", held_dat.str() + "\n");
 
   std::ostringstream gp;
-  gp << "set terminal pngcairo size 900,500 font 'sans,10'\n"
+  // noenhanced: names like press_reportage are text, not subscripts.
+  gp << "set terminal pngcairo noenhanced size 900,500 font 'sans,10'\n"
      << "set output " << quote((plots / "loss.png").string()) << "\n"
      << "set title 'Loss'\nset xlabel 'step'\nset ylabel 'cross-entropy (nats)'\nset grid\nset key top "
         "right\n"
@@ -105,7 +106,7 @@ std::string write_report(const ReportInputs& in) {
   if (n_layer > 0 && n_expert > 0) {
     for (size_t l = 0; l < n_layer; ++l)
       write_text(plots / ("load_layer" + std::to_string(l) + ".dat"), load_dat[l].str());
-    gp << "set terminal pngcairo size 900," << 260 * n_layer << " font 'sans,9'\n"
+    gp << "set terminal pngcairo noenhanced size 900," << 260 * n_layer << " font 'sans,9'\n"
        << "set output " << quote((plots / "load.png").string()) << "\n"
        << "set multiplot layout " << n_layer
        << ",1 title 'Expert load share per MoE layer (training batches)'\n"
@@ -123,10 +124,12 @@ std::string write_report(const ReportInputs& in) {
   if (in.validation && !in.validation->layers.empty()) {
     const auto& v = *in.validation;
     const size_t L = v.layers.size();
-    gp << "set terminal pngcairo size 900," << 60 + 30 * v.domains.size() * L + 60 * L << " font 'sans,9'\n"
+    gp << "set terminal pngcairo noenhanced size 900," << 60 + 30 * v.domains.size() * L + 60 * L
+       << " font 'sans,9'\n"
        << "set output " << quote((plots / "expert_domain.png").string()) << "\n"
        << "set multiplot layout " << L << ",1 title 'P(expert | domain), validation set'\n"
-       << "unset key\nset xlabel 'expert'\nset palette defined (0 'white', 1 '#08306b')\nset cbrange [0:*]\n";
+       << "unset key\nunset ylabel\nset xlabel 'expert'\nset palette defined (0 'white', 1 '#08306b')\nset "
+          "cbrange [0:*]\n";
     for (size_t l = 0; l < L; ++l) {
       std::ostringstream mat;
       std::ostringstream ytics;
