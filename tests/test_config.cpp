@@ -8,17 +8,7 @@
 namespace moeforge {
 namespace {
 
-// Expects `fn` to throw ConfigError for `field` with a message that names it.
-template <class Fn>
-void expect_config_error(Fn fn, const std::string& field) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error for " << field;
-  } catch (const ConfigError& e) {
-    EXPECT_EQ(e.field(), field) << e.what();
-    EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
-  }
-}
+using ::moeforge::test::expect_config_error;
 
 TEST(Config, DefaultsAreValid) {
   EXPECT_NO_THROW(MoEConfig{}.validate());

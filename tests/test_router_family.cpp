@@ -106,16 +106,7 @@ TEST(RouterFamily, StateRoundTripThroughNamedParametersAndBuffers) {
   }
 }
 
-template <class Fn>
-void expect_config_error(Fn fn, const std::string& field) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error for " << field;
-  } catch (const ConfigError& e) {
-    EXPECT_EQ(e.field(), field) << e.what();
-    EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
-  }
-}
+using ::moeforge::test::expect_config_error;
 
 TEST(RouterFamily, BadConfigNamesTheField) {
   auto with = [](const char* router, auto change) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moeforge/io/safetensors.h"
+#include "moeforge/util/error.h"
 
 namespace moeforge::test {
 
@@ -20,6 +21,18 @@ namespace moeforge::test {
 #define EXPECT_TENSOR_NEAR(actual, expected, atol, rtol)                             \
   EXPECT_TRUE(::moeforge::test::tensors_close((actual), (expected), (atol), (rtol))) \
       << #actual " vs " #expected
+
+// Expects `fn` to throw ConfigError for `field` with a message that names it.
+template <class Fn>
+void expect_config_error(Fn fn, const std::string& field) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error for " << field;
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.field(), field) << e.what();
+    EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+  }
+}
 
 // Golden files written by scripts/golden at build time.
 SafeTensors load_golden(const std::string& name);
