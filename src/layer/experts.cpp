@@ -10,11 +10,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// A scratch buffer: from the workspace when there is one, else fresh.
-torch::Tensor scratch(Workspace* ws, const std::string& key, at::IntArrayRef shape,
-                      const torch::TensorOptions& opt) {
-  return ws ? ws->get(key, shape, opt) : torch::empty(shape, opt);
-}
+using detail::scratch;
 
 // out[rows of e] = in[rows of e] @ w[e]^T (transpose_w) or @ w[e]; w: [E, O, I]. Rows of empty experts
 // are untouched (there are none).

@@ -8,11 +8,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// A scratch buffer: from the layer's workspace when there is one, else fresh.
-torch::Tensor scratch(Workspace* ws, const std::string& key, at::IntArrayRef shape,
-                      const torch::TensorOptions& opt) {
-  return ws ? ws->get(key, shape, opt) : torch::empty(shape, opt);
-}
+using detail::scratch;
 
 class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
  public:

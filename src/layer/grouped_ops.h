@@ -14,6 +14,7 @@
 #include "kernels/cpu/scatter_add_gated.h"
 #include "kernels/cpu/small_mm.h"
 #include "kernels/cpu/swiglu.h"
+#include "moeforge/layer/workspace.h"
 
 namespace moeforge::detail {
 
@@ -21,6 +22,12 @@ namespace moeforge::detail {
 // product is bound by reading the expert's weights, and BLAS's packing and thread start-up per call
 // cost more than the product (decode bench: T = 1, 4, 16 give 1-4 rows per expert).
 constexpr int64_t kSmallGroupRows = 16;
+
+// A scratch buffer: from the layer's workspace when there is one, else fresh.
+inline torch::Tensor scratch(Workspace* ws, const std::string& key, at::IntArrayRef shape,
+                             const torch::TensorOptions& opt) {
+  return ws ? ws->get(key, shape, opt) : torch::empty(shape, opt);
+}
 
 template <typename T>
 T* data(const torch::Tensor& t) {
