@@ -1,6 +1,7 @@
 // BIP balancing against ROUTING.md section 4: skewed stream, causality of q, gap to the exact GLPK optimum.
 #include "moeforge/routing/bip.h"
 #include "moeforge/routing/measures.h"
+#include "skewed_stream.h"
 #include "test_util.h"
 
 namespace moeforge {
@@ -18,20 +19,10 @@ MoEConfig bip_config(BipMode mode, int64_t iters) {
   return c;
 }
 
-// The same skewed stream as the loss-free test: per-expert logit offsets 0, 0.2, ..., 1.4.
-void make_skewed(TopKRouterImpl& r) {
-  torch::NoGradGuard ng;
-  r.weight.select(1, kC - 1).copy_(torch::arange(kE).to(torch::kFloat) * 0.2);
-}
+using test::make_skewed;
+using test::train_ctx;
 torch::Tensor skewed_batch(int64_t T) {
-  auto x = torch::randn({T, kC});
-  x.select(1, kC - 1).fill_(1.0);
-  return x;
-}
-RouteContext train_ctx() {
-  RouteContext ctx;
-  ctx.training = true;
-  return ctx;
+  return test::skewed_batch(T, kC);
 }
 
 TEST(Bip, MaxVioFallsBelowPointOneOnASkewedStream) {

@@ -1,6 +1,7 @@
 // Loss-free balancing against ROUTING.md section 3: the bias balances a skewed stream and never uses the
 // batch it routes.
 #include "moeforge/routing/loss_free.h"
+#include "skewed_stream.h"
 #include "test_util.h"
 
 namespace moeforge {
@@ -17,22 +18,10 @@ MoEConfig lf_config(ScoreFunc score = ScoreFunc::kSoftmax) {
   return c;
 }
 
-// A skewed stream: the last input feature is 1 and the router weight's last column is a fixed per-expert
-// logit offset 0, 0.2, ..., 1.4, so expert 7 is favoured over expert 0 by e^1.4 ~ 4x before balancing.
-void make_skewed(TopKRouterImpl& r) {
-  torch::NoGradGuard ng;
-  r.weight.select(1, kC - 1).copy_(torch::arange(kE).to(torch::kFloat) * 0.2);
-}
+using test::make_skewed;
+using test::train_ctx;
 torch::Tensor skewed_batch(int64_t T) {
-  auto x = torch::randn({T, kC});
-  x.select(1, kC - 1).fill_(1.0);
-  return x;
-}
-
-RouteContext train_ctx() {
-  RouteContext ctx;
-  ctx.training = true;
-  return ctx;
+  return test::skewed_batch(T, kC);
 }
 
 TEST(LossFree, MaxVioFallsBelowPointOneOnASkewedStream) {
