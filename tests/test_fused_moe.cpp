@@ -119,5 +119,99 @@ TEST(FusedMoE, LayerUsesItAndMatchesTheReferenceLayer) {
   EXPECT_GT(fast->experts->workspace().bytes(), 0);  // the fused path ran
 }
 
+// Gradient-accumulation fusion (grouped_ops.h fusable_grad): weight gradients are added into existing
+// .grad tensors by the GEMMs themselves. Every way autograd can be driven must still see the right values.
+struct Twins {
+  torch::Tensor x, gate_tk, gy1, gy2;
+  ExpertWeights fused, plain;  // equal values, separate leaves
+  RoutingPlan plan_fused, plan_plain;
+};
+
+Twins make_twins(const Case& c) {
+  torch::manual_seed(11);
+  auto opt = torch::TensorOptions().dtype(torch::kDouble);
+  Twins t;
+  t.x = torch::randn({c.T, c.C}, opt);
+  t.gate_tk = torch::rand({c.T, c.K}, opt).add_(0.1);
+  t.gy1 = torch::randn({c.T, c.C}, opt);
+  t.gy2 = torch::randn({c.T, c.C}, opt);
+  auto experts = draw_experts(c);
+  auto wg = torch::randn({c.E, c.F, c.C}, opt) * 0.3, wu = torch::randn({c.E, c.F, c.C}, opt) * 0.3,
+       wd = torch::randn({c.E, c.C, c.F}, opt) * 0.3;
+  auto leaf = [](const torch::Tensor& v) { return v.clone().requires_grad_(); };
+  t.fused = {ExpertAct::kSwiGLU, leaf(wg), leaf(wu), leaf(wd)};
+  t.plain = {ExpertAct::kSwiGLU, leaf(wg), leaf(wu), leaf(wd)};
+  t.plan_fused = build_plan_from_choices(experts, {}, {}, t.gate_tk, c.E, 0);
+  t.plan_plain = t.plan_fused;
+  return t;
+}
+
+std::vector<torch::Tensor> leaves(const ExpertWeights& w) {
+  return {w.w_gate, w.w_up, w.w_down};
+}
+
+TEST(FusedMoE, AccumulatesWeightGradientsIntoExistingGrad) {
+  const Case c{60, 8, 12, 6, 2, true};
+  auto t = make_twins(c);
+  Workspace ws;
+  const int64_t before = fused_grad_accumulations();
+  // Two backward passes without zeroing (gradient accumulation); the first finds no .grad (returned as
+  // usual), the second finds one and adds into it.
+  for (const auto& gy : {t.gy1, t.gy2}) {
+    fused_moe(t.x, t.plan_fused, t.fused, &ws).backward(gy);
+    moe_plain_loop(t.x, t.plan_plain, t.plain).backward(gy);
+  }
+  EXPECT_EQ(fused_grad_accumulations() - before, 3);  // the second pass, three weights
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_TENSOR_NEAR(leaves(t.fused)[i].grad(), leaves(t.plain)[i].grad(), kAtol64, kRtol64);
+  // A third pass after zeroing in place, as the trainer does.
+  for (auto& w : leaves(t.fused)) w.mutable_grad().zero_();
+  for (auto& w : leaves(t.plain)) w.mutable_grad().zero_();
+  fused_moe(t.x, t.plan_fused, t.fused, &ws).backward(t.gy1);
+  moe_plain_loop(t.x, t.plan_plain, t.plain).backward(t.gy1);
+  EXPECT_EQ(fused_grad_accumulations() - before, 6);
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_TENSOR_NEAR(leaves(t.fused)[i].grad(), leaves(t.plain)[i].grad(), kAtol64, kRtol64);
+}
+
+TEST(FusedMoE, AutogradGradAndHooksSeeTheWeightGradient) {
+  const Case c{40, 8, 12, 5, 2, false};
+  auto t = make_twins(c);
+  for (auto* w : {&t.fused, &t.plain})
+    for (auto& p : leaves(*w)) p.mutable_grad() = torch::zeros_like(p);
+  const int64_t before = fused_grad_accumulations();
+  // torch::autograd::grad: gradients are returned, .grad is left alone.
+  auto g_fused = torch::autograd::grad({fused_moe(t.x, t.plan_fused, t.fused)}, leaves(t.fused), {t.gy1});
+  auto g_plain =
+      torch::autograd::grad({moe_plain_loop(t.x, t.plan_plain, t.plain)}, leaves(t.plain), {t.gy1});
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_TENSOR_NEAR(g_fused[i], g_plain[i], kAtol64, kRtol64);
+    EXPECT_EQ(leaves(t.fused)[i].grad().abs().max().item<double>(), 0.0);
+  }
+  // backward(inputs = some weights): only those get gradients.
+  fused_moe(t.x, t.plan_fused, t.fused).backward(t.gy1, false, false, {{t.fused.w_up}});
+  EXPECT_TENSOR_NEAR(t.fused.w_up.grad(), g_plain[1], kAtol64, kRtol64);
+  EXPECT_EQ(t.fused.w_gate.grad().abs().max().item<double>(), 0.0);
+  // A hook on a weight sees (and may change) its gradient before accumulation.
+  auto hook = [](torch::Tensor g) { return g * 2; };
+  t.fused.w_down.register_hook(hook);
+  t.plain.w_down.register_hook(hook);
+  fused_moe(t.x, t.plan_fused, t.fused).backward(t.gy2);
+  moe_plain_loop(t.x, t.plan_plain, t.plain).backward(t.gy2);
+  EXPECT_TENSOR_NEAR(t.fused.w_down.grad(), t.plain.w_down.grad(), kAtol64, kRtol64);
+  EXPECT_EQ(fused_grad_accumulations() - before, 2);  // only w_gate and w_up of the last plain backward
+}
+
+TEST(FusedMoE, FrozenWeightsGetNoGradient) {
+  const Case c{30, 8, 12, 4, 2, false};
+  auto t = make_twins(c);
+  t.fused.w_down.set_requires_grad(false);
+  t.plain.w_down.set_requires_grad(false);
+  fused_moe(t.x, t.plan_fused, t.fused).backward(t.gy1);
+  moe_plain_loop(t.x, t.plan_plain, t.plain).backward(t.gy1);
+  EXPECT_FALSE(t.fused.w_down.grad().defined());
+  EXPECT_TENSOR_NEAR(t.fused.w_gate.grad(), t.plain.w_gate.grad(), kAtol64, kRtol64);
+}
+
 }  // namespace
 }  // namespace moeforge

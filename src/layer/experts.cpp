@@ -65,10 +65,10 @@ class GroupedSwiGLUFn : public torch::autograd::Function<GroupedSwiGLUFn> {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_swiglu_backward", [&] {
       detail::grouped_mm_nn(dh, gy, w_down, off, false);
       detail::swiglu_forward<scalar_t>(h, a, b, no_gate);
-      dw_down = detail::grouped_weight_grad(gy, h, off, w_down);
+      if (ctx->needs_input_grad(3)) dw_down = detail::grouped_weight_grad(gy, h, off, w_down);
       detail::swiglu_backward<scalar_t>(dh, h, no_gate, dh, a, b, no_gate);
-      dw_gate = detail::grouped_weight_grad(dh, x, off, w_gate);
-      dw_up = detail::grouped_weight_grad(h, x, off, w_up);
+      if (ctx->needs_input_grad(1)) dw_gate = detail::grouped_weight_grad(dh, x, off, w_gate);
+      if (ctx->needs_input_grad(2)) dw_up = detail::grouped_weight_grad(h, x, off, w_up);
       detail::grouped_mm_nn(dx, dh, w_gate, off, false);
       detail::grouped_mm_nn(dx, h, w_up, off, true);
     });
@@ -99,11 +99,12 @@ class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
     auto h = torch::gelu(a);
     auto dh = torch::empty_like(a);
     grouped_mm(dh, gy, w_down, off, false);
-    auto dw_down = detail::grouped_weight_grad(gy, h, off, w_down);
+    torch::Tensor dw_down, dw_up;
+    if (ctx->needs_input_grad(2)) dw_down = detail::grouped_weight_grad(gy, h, off, w_down);
     auto da = at::gelu_backward(dh, a);
     auto dx = torch::empty_like(x);
     grouped_mm(dx, da, w_up, off, false);
-    auto dw_up = detail::grouped_weight_grad(da, x, off, w_up);
+    if (ctx->needs_input_grad(1)) dw_up = detail::grouped_weight_grad(da, x, off, w_up);
     return {dx, dw_up, dw_down, torch::Tensor()};
   }
 };

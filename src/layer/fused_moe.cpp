@@ -1,8 +1,22 @@
 #include "moeforge/layer/fused_moe.h"
 
+#include <atomic>
+
 #include "grouped_ops.h"
 
 namespace moeforge {
+
+namespace {
+std::atomic<int64_t> g_fused_grad_accumulations{0};
+}  // namespace
+
+void detail::note_fused_grad_accumulation() {
+  g_fused_grad_accumulations.fetch_add(1);
+}
+int64_t fused_grad_accumulations() {
+  return g_fused_grad_accumulations.load();
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -58,13 +72,13 @@ class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
       detail::gather_rows<scalar_t>(rows_c1, gy, token_index);
       detail::grouped_mm_nn(dh, rows_c1, w_down, off, false);
       detail::swiglu_forward<scalar_t>(hg, a, b, gate);  // recomputed rather than kept from forward
-      dw_down = detail::grouped_weight_grad(rows_c1, hg, off, w_down);
+      if (ctx->needs_input_grad(4)) dw_down = detail::grouped_weight_grad(rows_c1, hg, off, w_down);
       detail::swiglu_backward<scalar_t>(dh, hg, d_gate, dh, a, b, gate);
       auto& da = dh;
       auto& db = hg;
       detail::gather_rows<scalar_t>(rows_c1, x, token_index);
-      dw_gate = detail::grouped_weight_grad(da, rows_c1, off, w_gate);
-      dw_up = detail::grouped_weight_grad(db, rows_c1, off, w_up);
+      if (ctx->needs_input_grad(2)) dw_gate = detail::grouped_weight_grad(da, rows_c1, off, w_gate);
+      if (ctx->needs_input_grad(3)) dw_up = detail::grouped_weight_grad(db, rows_c1, off, w_up);
       detail::grouped_mm_nn(dxs, da, w_gate, off, false);
       detail::grouped_mm_nn(dxs, db, w_up, off, true);
       detail::scatter_add_gated<scalar_t>(dx, dxs, token_index, torch::Tensor());

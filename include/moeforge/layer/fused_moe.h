@@ -6,7 +6,9 @@
 // expert order, the gate is folded into the fused SwiGLU pass, the output rows are scatter-added back to
 // their tokens; backward keeps only the two pre-activations [N, F] (x is re-gathered, h recomputed), and
 // the gate gradient <dy[token], y_row> is taken as <dh, silu(a) b> inside the fused backward pass, so
-// the expert output rows need not be kept. All intermediates live in a per-layer Workspace.
+// the expert output rows need not be kept. All intermediates live in a per-layer Workspace. Weight
+// gradients are added straight into existing .grad tensors (gradient-accumulation fusion, as Megatron
+// does) when a plain backward() runs; see fusable_grad in src/layer/grouped_ops.h.
 #pragma once
 
 #include <torch/torch.h>
@@ -25,5 +27,9 @@ bool fused_moe_supported(const torch::Tensor& x, const ExpertWeights& w);
 // must outlive the backward pass of the result.
 torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w,
                         Workspace* ws = nullptr);
+
+// How many weight gradients the grouped experts and fused_moe have added straight into an existing .grad
+// since the process started (gradient-accumulation fusion); for tests and the bench.
+int64_t fused_grad_accumulations();
 
 }  // namespace moeforge
