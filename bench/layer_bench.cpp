@@ -49,13 +49,20 @@ double time_ms(const std::function<void()>& fn) {
   return std::chrono::duration<double, std::milli>(t1 - t0).count();
 }
 
-// Runs every variant once as warm-up, then reps rounds of A B C ... interleaved.
+// Runs every variant once as warm-up, then reps rounds of A B C ... interleaved. Each round starts one
+// variant later (A B C, B C A, C A B, ...), so that no variant always runs right after the same one: a
+// variant that leaves the allocator and caches in a bad state (the plain loop frees ~400 MiB and trims
+// the heap) would otherwise always slow down the one after it.
 std::map<std::string, Timing> interleaved(
     const std::vector<std::pair<std::string, std::function<void()>>>& variants, int reps) {
   std::map<std::string, Timing> out;
   for (auto& v : variants) v.second();
+  const size_t n = variants.size();
   for (int r = 0; r < reps; ++r)
-    for (auto& v : variants) out[v.first].ms.push_back(time_ms(v.second));
+    for (size_t i = 0; i < n; ++i) {
+      const auto& v = variants[(i + static_cast<size_t>(r)) % n];
+      out[v.first].ms.push_back(time_ms(v.second));
+    }
   return out;
 }
 
