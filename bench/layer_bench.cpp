@@ -1,5 +1,7 @@
 #include "layer_bench.h"
 
+#include "timing.h"
+
 #include <torch/torch.h>
 
 #include <malloc.h>
@@ -30,41 +32,7 @@ std::vector<BenchShape> default_bench_shapes() {
 
 namespace {
 
-struct Timing {
-  std::vector<double> ms;
-  double median() const {
-    auto v = ms;
-    std::sort(v.begin(), v.end());
-    const size_t n = v.size();
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-  }
-  double min() const { return *std::min_element(ms.begin(), ms.end()); }
-  double max() const { return *std::max_element(ms.begin(), ms.end()); }
-};
-
-double time_ms(const std::function<void()>& fn) {
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  const auto t1 = std::chrono::steady_clock::now();
-  return std::chrono::duration<double, std::milli>(t1 - t0).count();
-}
-
-// Runs every variant once as warm-up, then reps rounds of A B C ... interleaved. Each round starts one
-// variant later (A B C, B C A, C A B, ...), so that no variant always runs right after the same one: a
-// variant that leaves the allocator and caches in a bad state (the plain loop frees ~400 MiB and trims
-// the heap) would otherwise always slow down the one after it.
-std::map<std::string, Timing> interleaved(
-    const std::vector<std::pair<std::string, std::function<void()>>>& variants, int reps) {
-  std::map<std::string, Timing> out;
-  for (auto& v : variants) v.second();
-  const size_t n = variants.size();
-  for (int r = 0; r < reps; ++r)
-    for (size_t i = 0; i < n; ++i) {
-      const auto& v = variants[(i + static_cast<size_t>(r)) % n];
-      out[v.first].ms.push_back(time_ms(v.second));
-    }
-  return out;
-}
+using bench::interleaved;
 
 // Skewed routing: a constant input channel and router weights on it equal to s * log(1/(e+1)) multiply
 // every token's router probabilities by a Zipf prior (e+1)^-s on top of its own scores. s = 1 gave

@@ -9,6 +9,7 @@
 #include <iostream>
 
 #include "../../bench/layer_bench.h"
+#include "../../bench/train_bench.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/generate.h"
 #include "moeforge/routing/hierarchical.h"
@@ -203,6 +204,14 @@ int main(int argc, char** argv) {
   std::string shape_names;
   for (auto& s : default_bench_shapes()) shape_names += (shape_names.empty() ? "" : ",") + s.name;
   bench->add_option("--shapes", shapes_csv, "comma-separated subset of: " + shape_names);
+  bool bench_train = false;
+  TrainBenchOptions train_bench_opt;
+  bench->add_flag("--train", bench_train,
+                  "instead of the layer: end-to-end training steps/s of a config, fused vs plain experts, "
+                  "and the machine's sgemm FLOP/s, interleaved (--reps steps each)");
+  bench->add_option("--config", train_bench_opt.config, "with --train: TOML config (default: embedded)")
+      ->check(CLI::ExistingFile);
+  bench->add_option("--set", train_bench_opt.overrides, "with --train: override a config key, key=value");
 
   // compare
   auto* cmp = app.add_subcommand("compare",
@@ -354,8 +363,13 @@ int main(int argc, char** argv) {
         for (auto& d : default_bench_shapes()) ok = ok || d.name == s;
         if (!ok) throw ConfigError("--shapes", "unknown shape '" + s + "' (expected " + shape_names + ")");
       }
+      if (bench_train && !shapes_csv.empty()) throw ConfigError("--shapes", "does not apply to --train");
+      if (!bench_train && (!train_bench_opt.config.empty() || !train_bench_opt.overrides.empty()))
+        throw ConfigError(train_bench_opt.config.empty() ? "--set" : "--config", "applies only with --train");
       std::cout << "moeforge bench: " << describe_machine() << "\n";
-      auto result = run_layer_bench(bench_opt, std::cout);
+      train_bench_opt.steps = bench_opt.reps;
+      auto result =
+          bench_train ? run_train_bench(train_bench_opt, std::cout) : run_layer_bench(bench_opt, std::cout);
       if (!json_path.empty()) {
         write_file_atomic(json_path, result.dump(2) + "\n");
         std::cout << "wrote " << json_path << "\n";
