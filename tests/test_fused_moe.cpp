@@ -213,5 +213,32 @@ TEST(FusedMoE, FrozenWeightsGetNoGradient) {
   EXPECT_TENSOR_NEAR(t.fused.w_gate.grad(), t.plain.w_gate.grad(), kAtol64, kRtol64);
 }
 
+TEST(FusedMoE, NoGradForwardRunsInChunksAndMatches) {
+  // Without autograd the experts run in chunks of ~1024 rows: 1400 or 2600 rows here give several
+  // chunks, and the skewed case (each token picks one of 4 experts twice as likely as the next) has one
+  // expert with more rows than a chunk.
+  for (const Case& c : {Case{700, 8, 12, 8, 2, false}, Case{1300, 8, 12, 4, 2, true}}) {
+    SCOPED_TRACE(c.skewed ? "skewed" : "uniform");
+    torch::manual_seed(21);
+    auto experts = draw_experts(c);
+    auto opt = torch::TensorOptions().dtype(torch::kDouble);
+    auto x = torch::randn({c.T, c.C}, opt);
+    auto gate_tk = torch::rand({c.T, c.K}, opt);
+    ExpertWeights w{ExpertAct::kSwiGLU, torch::randn({c.E, c.F, c.C}, opt),
+                    torch::randn({c.E, c.F, c.C}, opt), torch::randn({c.E, c.C, c.F}, opt)};
+    auto plan = build_plan_from_choices(experts, {}, {}, gate_tk, c.E, 0);
+    if (c.skewed) {
+      EXPECT_GT(plan.expert_offsets.diff().max().item<int64_t>(), 1024);
+    }
+    Workspace ws;
+    auto y = fused_moe(x, plan, w, &ws);                         // nothing requires grad: the chunked path
+    EXPECT_LT(ws.bytes(), c.T * c.K * (3 * c.F + 2 * c.C) * 8);  // smaller than the autograd path's
+    EXPECT_TENSOR_NEAR(y, moe_plain_loop(x, plan, w), kAtol64, kRtol64);
+    torch::NoGradGuard ng;  // grad mode off: chunked too, even with weights that require grad
+    for (auto* t : {&w.w_gate, &w.w_up, &w.w_down}) t->requires_grad_();
+    EXPECT_TENSOR_NEAR(fused_moe(x, plan, w, nullptr), y, kAtol64, kRtol64);
+  }
+}
+
 }  // namespace
 }  // namespace moeforge

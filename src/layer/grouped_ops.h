@@ -149,7 +149,10 @@ void scatter_add_gated(torch::Tensor& out, const torch::Tensor& in, const torch:
   const T* pi = data<T>(in);
   const T* pg = gate.defined() ? data<T>(gate) : nullptr;
   const int64_t* px = index.data_ptr<int64_t>();
-  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+  // Column blocks of at least 64 and of at least ~32K elements in all: at decode sizes (a few rows) waking
+  // the other threads costs more than the whole scatter.
+  const int64_t grain = std::max<int64_t>(64, (int64_t{1} << 15) / std::max<int64_t>(N, 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     kernels::cpu::scatter_add_gated(po, pi, px, pg, N, C, c0, c1);
   });
 }
