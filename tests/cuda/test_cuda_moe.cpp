@@ -5,9 +5,11 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <tuple>
@@ -17,6 +19,7 @@
 #include "cuda_test_util.h"
 #include "kernels/cuda/gemm_layout.h"
 #include "kernels/cuda/grouped_gemm.h"
+#include "kernels/cuda/moe_layer.h"
 
 namespace {
 
@@ -347,6 +350,389 @@ TEST(GroupedGemm, NoRowsAtAll) {
   EXPECT_EQ(dw.download(), std::vector<float>(E * O * I, 0.0f));
   EXPECT_OK(kc::grouped_mm_nt(h.get(), DType::kFloat32, nullptr, nullptr, nullptr, off.data(), E, O, I, false,
                               nullptr, nullptr));
+}
+
+// ---- The MoE driver against a CPU implementation of the whole layer ----
+
+struct Layer {
+  kc::MoeConfig cfg;
+  std::vector<float> x, wr, wg, wu, wd;  // as stored: bf16-rounded for bf16
+};
+
+Layer make_layer(const kc::MoeConfig& cfg, unsigned seed) {
+  std::mt19937 rng(seed);
+  const int64_t T = cfg.T, C = cfg.C, F = cfg.F, E = cfg.E;
+  const float sc = 1.0f / std::sqrt(float(C)), sf = 1.0f / std::sqrt(float(F));
+  Layer l;
+  l.cfg = cfg;
+  l.x = as_stored(cfg.dtype, normal_vector(T * C, rng));
+  l.wr = as_stored(cfg.dtype, normal_vector(E * C, rng, 3.0f * sc));  // decisive routing: clear top-K margins
+  l.wg = as_stored(cfg.dtype, normal_vector(E * F * C, rng, sc));
+  l.wu = as_stored(cfg.dtype, normal_vector(E * F * C, rng, sc));
+  l.wd = as_stored(cfg.dtype, normal_vector(E * C * F, rng, sf));
+  return l;
+}
+
+// The device side: weights, input, output, workspace, cuBLAS handle.
+struct DeviceLayer {
+  explicit DeviceLayer(const Layer& l)
+      : cfg(l.cfg),
+        x(cfg.dtype, l.x),
+        wr(cfg.dtype, l.wr),
+        wg(cfg.dtype, l.wg),
+        wu(cfg.dtype, l.wu),
+        wd(cfg.dtype, l.wd),
+        y(cfg.dtype, static_cast<size_t>(cfg.T * cfg.C)),
+        work(kc::moe_workspace_bytes(cfg)),
+        host_offsets(cfg.E + 1, -1) {
+    EXPECT_GT(work.size(), 0u);
+    const int rc = kc::moe_workspace_carve(cfg, work.get(), work.size(), host_offsets.data(), &ws);
+    EXPECT_EQ(rc, 0) << kc::error_string(rc);
+    weights = {wr.get(), wg.get(), wu.get(), wd.get()};
+  }
+  kc::MoeConfig cfg;
+  AnyBuf x, wr, wg, wu, wd, y;
+  DevBuf<char> work;
+  std::vector<int64_t> host_offsets;
+  kc::MoeWorkspace ws;
+  kc::MoeWeights weights;
+  CublasHandle cublas;
+};
+
+template <typename T>
+std::vector<T> from_device(const T* p, int64_t n) {
+  std::vector<T> v(n);
+  if (n > 0) {
+    EXPECT_EQ(cudaMemcpy(v.data(), p, sizeof(T) * n, cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+  return v;
+}
+
+double silu(double a) {
+  return a / (1.0 + std::exp(-a));
+}
+
+// Softmax of x Wr^T in double, [T, E].
+std::vector<double> cpu_probs(const Layer& l) {
+  const int64_t T = l.cfg.T, C = l.cfg.C, E = l.cfg.E;
+  std::vector<double> p(T * E);
+  for (int64_t t = 0; t < T; ++t) {
+    double mx = -1e300, s = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      double z = 0;
+      for (int64_t c = 0; c < C; ++c) z += double(l.x[t * C + c]) * l.wr[e * C + c];
+      p[t * E + e] = z;
+      mx = std::max(mx, z);
+    }
+    for (int64_t e = 0; e < E; ++e) s += p[t * E + e] = std::exp(p[t * E + e] - mx);
+    for (int64_t e = 0; e < E; ++e) p[t * E + e] /= s;
+  }
+  return p;
+}
+
+// The gates of the given choices under probabilities p.
+std::vector<double> cpu_gates(const Layer& l, const std::vector<double>& p, const std::vector<int32_t>& ids) {
+  const int64_t T = l.cfg.T, E = l.cfg.E, K = l.cfg.K;
+  std::vector<double> g(T * K);
+  for (int64_t t = 0; t < T; ++t) {
+    double sel = 0;
+    for (int64_t k = 0; k < K; ++k) sel += p[t * E + ids[t * K + k]];
+    for (int64_t k = 0; k < K; ++k)
+      g[t * K + k] = p[t * E + ids[t * K + k]] / (l.cfg.renormalize ? sel : 1.0);
+  }
+  return g;
+}
+
+// y of the layer with the given choices. For bf16 the values the GPU stores in bf16 (a, b, h, the expert
+// output rows, y) are rounded here too, so that only accumulation order and rounding-boundary flips differ.
+std::vector<float> cpu_forward(const Layer& l, const std::vector<double>& p,
+                               const std::vector<int32_t>& ids) {
+  const int64_t T = l.cfg.T, C = l.cfg.C, F = l.cfg.F, K = l.cfg.K;
+  const bool half = l.cfg.dtype == DType::kBFloat16;
+  auto r = [half](double v) { return half ? double(cudatest::to_float(cudatest::to_bf16(float(v)))) : v; };
+  const auto g = cpu_gates(l, p, ids);
+  std::vector<double> y(T * C, 0.0);
+  std::vector<double> h(F);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = ids[t * K + k];
+      for (int64_t f = 0; f < F; ++f) {
+        double a = 0, b = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          a += double(l.wg[(e * F + f) * C + c]) * l.x[t * C + c];
+          b += double(l.wu[(e * F + f) * C + c]) * l.x[t * C + c];
+        }
+        a = r(a), b = r(b);
+        h[f] = r(g[t * K + k] * silu(a) * b);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        double o = 0;
+        for (int64_t f = 0; f < F; ++f) o += double(l.wd[(e * C + c) * F + f]) * h[f];
+        y[t * C + c] += r(o);
+      }
+    }
+  std::vector<float> out(T * C);
+  for (int64_t i = 0; i < T * C; ++i) out[i] = static_cast<float>(r(y[i]));
+  return out;
+}
+
+// |got - want| <= tol (|want| + rms(want)): relative, with the output's scale as the floor near zero.
+void expect_scaled_close(const std::vector<float>& got, const std::vector<float>& want, float tol,
+                         const std::string& what) {
+  cudatest::expect_close(got, want, tol, cudatest::rms(want) + 1e-30f, what);
+}
+
+// The routing in the workspace: probabilities as the CPU's, the choices a top-K of them, and the sorted
+// layout exactly the CPU stable counting sort of those choices.
+std::vector<int32_t> check_routing(const Layer& l, DeviceLayer& d, const std::vector<double>& p) {
+  const int64_t T = l.cfg.T, E = l.cfg.E, K = l.cfg.K, N = T * K;
+  const auto probs = from_device(d.ws.probs, T * E);
+  for (int64_t i = 0; i < T * E; ++i) EXPECT_NEAR(probs[i], p[i], 1e-5) << "prob " << i;
+  const auto ids = from_device(d.ws.topk_id, T * K);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<bool> chosen(E, false);
+    double low = 2;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t e = ids[t * K + k];
+      EXPECT_TRUE(e >= 0 && e < E && !chosen[e]) << "token " << t;
+      if (e < 0 || e >= E) return ids;
+      chosen[e] = true;
+      low = std::min(low, p[t * E + e]);
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      if (!chosen[e]) {
+        EXPECT_LE(p[t * E + e], low + 1e-5) << "token " << t << " left out expert " << e;
+      }
+    }
+  }
+  std::vector<int64_t> off(E + 1, 0), tok(N), row(N);
+  for (int32_t e : ids) ++off[e + 1];
+  for (int64_t e = 0; e < E; ++e) off[e + 1] += off[e];
+  std::vector<int64_t> cur(off.begin(), off.end() - 1);
+  for (int64_t q = 0; q < N; ++q) {
+    const int64_t slot = cur[ids[q]]++;
+    tok[slot] = q / K;
+    row[q] = slot;
+  }
+  EXPECT_EQ(d.host_offsets, off);
+  EXPECT_EQ(from_device(d.ws.expert_offsets, E + 1), off);
+  EXPECT_EQ(from_device(d.ws.token_index, N), tok);
+  EXPECT_EQ(from_device(d.ws.row_of_assignment, N), row);
+  return ids;
+}
+
+std::string describe(const kc::MoeConfig& c) {
+  return "T " + std::to_string(c.T) + " C " + std::to_string(c.C) + " F " + std::to_string(c.F) + " E " +
+         std::to_string(c.E) + " K " + std::to_string(c.K) + " " + name(c.dtype) +
+         (c.grouped_gemm ? " grouped" : " loop") +
+         (c.deterministic_combine ? " gather-combine" : " atomic-combine") + (c.renormalize ? " renorm" : "");
+}
+
+kc::MoeConfig config(int64_t T, int64_t C, int64_t F, int64_t E, int64_t K, DType dt, bool grouped = true,
+                     bool deterministic = true, bool renorm = true) {
+  kc::MoeConfig c;
+  c.T = T, c.C = C, c.F = F, c.E = E, c.K = K, c.dtype = dt;
+  c.grouped_gemm = grouped, c.deterministic_combine = deterministic, c.renormalize = renorm;
+  return c;
+}
+
+// Aligned shapes (grouped cuBLAS call), odd shapes (per-expert loop), few tokens for many experts (empty
+// experts), a decode-like single token, both combines, both dtypes.
+const kc::MoeConfig kDriverCases[] = {
+    config(67, 64, 96, 8, 2, DType::kFloat32),
+    config(67, 64, 96, 8, 2, DType::kBFloat16),
+    config(67, 64, 96, 8, 2, DType::kBFloat16, false, false),
+    config(67, 64, 96, 8, 2, DType::kFloat32, true, false, false),
+    config(33, 40, 52, 5, 3, DType::kFloat32, true, false),
+    config(33, 40, 52, 5, 3, DType::kBFloat16),
+    config(5, 64, 96, 16, 2, DType::kBFloat16),
+    config(1, 64, 32, 64, 8, DType::kBFloat16, true, true, false),
+};
+
+class MoeDriver : public ::testing::TestWithParam<kc::MoeConfig> {};
+
+TEST_P(MoeDriver, ForwardMatchesCpuLayer) {
+  if (!cudatest::have_device()) GTEST_SKIP() << "no CUDA device";
+  const Layer l = make_layer(GetParam(), 21);
+  DeviceLayer d(l);
+  EXPECT_OK(kc::moe_forward(l.cfg, d.weights, d.x.get(), d.y.get(), d.ws, d.cublas.get(), nullptr));
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto p = cpu_probs(l);
+  const auto ids = check_routing(l, d, p);
+  // float32: two chained GEMMs (C and F terms) and __expf, a few ulp of the output scale each, so 1e-4 of
+  // it. bf16: the CPU rounds at the same points; a sum on either side of a rounding boundary moves one
+  // intermediate by a bf16 ulp (2^-8), propagated through the next product: 2^-6 of the output scale.
+  const float tol = l.cfg.dtype == DType::kFloat32 ? 1e-4f : 1.0f / 64;
+  expect_scaled_close(d.y.download(), cpu_forward(l, p, ids), tol, describe(l.cfg));
+
+  // A second call on the same workspace gives the same result (no state left behind); with the gather
+  // combine, bitwise.
+  const auto y1 = d.y.download();
+  EXPECT_OK(kc::moe_forward(l.cfg, d.weights, d.x.get(), d.y.get(), d.ws, d.cublas.get(), nullptr));
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  if (l.cfg.deterministic_combine)
+    EXPECT_EQ(d.y.download(), y1);
+  else
+    expect_scaled_close(d.y.download(), y1, 1e-5f, "repeat");
+}
+
+// Gradients of the layer in double with the GPU's choices: the expert path as FusedMoEFn::backward and the
+// router path through renormalisation and softmax, plus d_probs.
+struct CpuGrads {
+  std::vector<float> dx, dwr, dwg, dwu, dwd;
+};
+CpuGrads cpu_backward(const Layer& l, const std::vector<double>& p, const std::vector<int32_t>& ids,
+                      const std::vector<float>& dy, const std::vector<float>& d_probs) {
+  const int64_t T = l.cfg.T, C = l.cfg.C, F = l.cfg.F, E = l.cfg.E, K = l.cfg.K;
+  const auto g = cpu_gates(l, p, ids);
+  std::vector<double> dx(T * C, 0.0), dwr(E * C, 0.0), dwg(E * F * C, 0.0), dwu(E * F * C, 0.0),
+      dwd(E * C * F, 0.0), dg(T * K, 0.0);
+  std::vector<double> a(F), b(F), dh(F);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = ids[t * K + k];
+      const double gate = g[t * K + k];
+      for (int64_t f = 0; f < F; ++f) {
+        a[f] = b[f] = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          a[f] += double(l.wg[(e * F + f) * C + c]) * l.x[t * C + c];
+          b[f] += double(l.wu[(e * F + f) * C + c]) * l.x[t * C + c];
+        }
+        dh[f] = 0;
+        for (int64_t c = 0; c < C; ++c) dh[f] += double(l.wd[(e * C + c) * F + f]) * dy[t * C + c];
+      }
+      for (int64_t f = 0; f < F; ++f) {
+        const double s = 1.0 / (1.0 + std::exp(-a[f])), sa = a[f] * s;
+        const double h = gate * sa * b[f];
+        for (int64_t c = 0; c < C; ++c) dwd[(e * C + c) * F + f] += dy[t * C + c] * h;
+        dg[t * K + k] += dh[f] * sa * b[f];
+        const double db = gate * dh[f] * sa, da = gate * dh[f] * b[f] * s * (1.0 + a[f] * (1.0 - s));
+        for (int64_t c = 0; c < C; ++c) {
+          dwg[(e * F + f) * C + c] += da * l.x[t * C + c];
+          dwu[(e * F + f) * C + c] += db * l.x[t * C + c];
+          dx[t * C + c] += da * l.wg[(e * F + f) * C + c] + db * l.wu[(e * F + f) * C + c];
+        }
+      }
+    }
+  // Router: d_p from the gates (renormalised or not) and d_probs, then the softmax backward.
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> dp(E);
+    for (int64_t e = 0; e < E; ++e) dp[e] = d_probs.empty() ? 0.0 : d_probs[t * E + e];
+    double sel = 0, dot = 0;
+    for (int64_t k = 0; k < K; ++k) sel += p[t * E + ids[t * K + k]], dot += dg[t * K + k] * g[t * K + k];
+    for (int64_t k = 0; k < K; ++k)
+      dp[ids[t * K + k]] += l.cfg.renormalize ? (dg[t * K + k] - dot) / sel : dg[t * K + k];
+    double s = 0;
+    for (int64_t e = 0; e < E; ++e) s += p[t * E + e] * dp[e];
+    for (int64_t e = 0; e < E; ++e) {
+      const double dz = p[t * E + e] * (dp[e] - s);
+      for (int64_t c = 0; c < C; ++c) {
+        dwr[e * C + c] += dz * l.x[t * C + c];
+        dx[t * C + c] += dz * l.wr[e * C + c];
+      }
+    }
+  }
+  auto f = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  return {f(dx), f(dwr), f(dwg), f(dwu), f(dwd)};
+}
+
+TEST_P(MoeDriver, BackwardMatchesCpuLayer) {
+  if (!cudatest::have_device()) GTEST_SKIP() << "no CUDA device";
+  const Layer l = make_layer(GetParam(), 22);
+  const int64_t T = l.cfg.T, C = l.cfg.C, F = l.cfg.F, E = l.cfg.E;
+  DeviceLayer d(l);
+  EXPECT_OK(kc::moe_forward(l.cfg, d.weights, d.x.get(), d.y.get(), d.ws, d.cublas.get(), nullptr));
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto p = cpu_probs(l);
+  const auto ids = check_routing(l, d, p);
+
+  std::mt19937 rng(23);
+  const auto dy = as_stored(l.cfg.dtype, normal_vector(T * C, rng));
+  const auto d_probs = normal_vector(T * E, rng, 0.1f);
+  // Accumulate into prefilled float32 gradients, the gradient-accumulation case (beta = 1).
+  const auto pre_r = normal_vector(E * C, rng), pre_g = normal_vector(E * F * C, rng),
+             pre_u = normal_vector(E * F * C, rng), pre_d = normal_vector(E * C * F, rng);
+  AnyBuf ddy(l.cfg.dtype, dy), ddx(l.cfg.dtype, static_cast<size_t>(T * C));
+  AnyBuf dwr(DType::kFloat32, pre_r), dwg(DType::kFloat32, pre_g), dwu(DType::kFloat32, pre_u),
+      dwd(DType::kFloat32, pre_d);
+  DevBuf<float> ddp(d_probs);
+  kc::MoeGrads g;
+  g.dx = ddx.get(), g.d_router = dwr.get(), g.dw_gate = dwg.get(), g.dw_up = dwu.get(), g.dw_down = dwd.get();
+  g.grad_dtype = DType::kFloat32;
+  g.accumulate = true;
+  g.d_probs = ddp.get();
+  EXPECT_OK(kc::moe_backward(l.cfg, d.weights, d.x.get(), ddy.get(), g, d.ws, d.cublas.get(), nullptr));
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+  auto want = cpu_backward(l, p, ids, dy, d_probs);
+  // float32: as the forward. bf16: dh, gate * h, da and db are rounded to bf16 on the GPU (not emulated
+  // here) and the router GEMMs take d_logits in bf16, a few bf16 ulps (2^-8 each) of the gradients' scale.
+  const float tol = l.cfg.dtype == DType::kFloat32 ? 1e-4f : 1.0f / 32;
+  const std::string what = describe(l.cfg);
+  expect_scaled_close(ddx.download(), want.dx, tol, "dx " + what);
+  // The prefilled values are O(1) like the gradients; compare the added part against its own scale.
+  auto minus = [](std::vector<float> v, const std::vector<float>& pre) {
+    for (size_t i = 0; i < v.size(); ++i) v[i] -= pre[i];
+    return v;
+  };
+  expect_scaled_close(minus(dwr.download(), pre_r), want.dwr, tol, "d_router " + what);
+  expect_scaled_close(minus(dwg.download(), pre_g), want.dwg, tol, "dw_gate " + what);
+  expect_scaled_close(minus(dwu.download(), pre_u), want.dwu, tol, "dw_up " + what);
+  expect_scaled_close(minus(dwd.download(), pre_d), want.dwd, tol, "dw_down " + what);
+
+  // Written, not accumulated: experts without rows get zero gradients.
+  g.accumulate = false;
+  g.d_probs = nullptr;
+  EXPECT_OK(kc::moe_backward(l.cfg, d.weights, d.x.get(), ddy.get(), g, d.ws, d.cublas.get(), nullptr));
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  want = cpu_backward(l, p, ids, dy, {});
+  expect_scaled_close(ddx.download(), want.dx, tol, "dx without d_probs " + what);
+  expect_scaled_close(dwr.download(), want.dwr, tol, "d_router written " + what);
+  expect_scaled_close(dwg.download(), want.dwg, tol, "dw_gate written " + what);
+  expect_scaled_close(dwd.download(), want.dwd, tol, "dw_down written " + what);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, MoeDriver, ::testing::ValuesIn(kDriverCases));
+
+TEST(MoeDriverLimits, NoTokens) {
+  if (!cudatest::have_device()) GTEST_SKIP() << "no CUDA device";
+  const Layer l = make_layer(config(0, 64, 96, 8, 2, DType::kBFloat16), 3);
+  DeviceLayer d(l);
+  EXPECT_OK(kc::moe_forward(l.cfg, d.weights, d.x.get(), d.y.get(), d.ws, d.cublas.get(), nullptr));
+  EXPECT_EQ(d.host_offsets, std::vector<int64_t>(9, 0));
+  AnyBuf dwr(DType::kFloat32, std::vector<float>(8 * 64, 1.0f));
+  AnyBuf dwg(DType::kFloat32, std::vector<float>(8 * 96 * 64, 1.0f)), dwu(DType::kFloat32, 8 * 96 * 64),
+      dwd(DType::kFloat32, 8 * 64 * 96);
+  kc::MoeGrads g;
+  g.d_router = dwr.get(), g.dw_gate = dwg.get(), g.dw_up = dwu.get(), g.dw_down = dwd.get();
+  EXPECT_OK(kc::moe_backward(l.cfg, d.weights, d.x.get(), nullptr, g, d.ws, d.cublas.get(), nullptr));
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(dwr.download(), std::vector<float>(8 * 64, 0.0f));
+  EXPECT_EQ(dwg.download(), std::vector<float>(8 * 96 * 64, 0.0f));
+}
+
+TEST(MoeDriverLimits, ConfigChecksNeedNoDevice) {
+  EXPECT_TRUE(kc::moe_config_ok(config(4096, 512, 1024, 16, 2, DType::kBFloat16)));
+  EXPECT_TRUE(kc::moe_config_ok(config(4096, 512, 256, 64, 8, DType::kBFloat16)));
+  EXPECT_FALSE(kc::moe_config_ok(config(16, 512, 256, 300, 8, DType::kBFloat16)));  // E > 256
+  EXPECT_FALSE(kc::moe_config_ok(config(16, 512, 256, 4, 8, DType::kBFloat16)));    // K > E
+  EXPECT_FALSE(kc::moe_config_ok(config(16, 0, 256, 64, 8, DType::kBFloat16)));
+  EXPECT_EQ(kc::moe_workspace_bytes(config(16, 512, 256, 4, 8, DType::kBFloat16)), 0u);
+  // Every buffer 256-byte aligned, and large enough: the row buffers alone need 2 [N, C] + 4 [N, F].
+  const auto c = config(4096, 512, 1024, 16, 2, DType::kBFloat16);
+  const size_t bytes = kc::moe_workspace_bytes(c);
+  EXPECT_GE(bytes, size_t(2) * 8192 * (2 * 512 + 4 * 1024));
+  kc::MoeWorkspace ws;
+  std::vector<int64_t> host(17);
+  void* fake = reinterpret_cast<void*>(uintptr_t{1} << 30);  // never dereferenced by carving
+  ASSERT_EQ(kc::moe_workspace_carve(c, fake, bytes, host.data(), &ws), 0);
+  for (const void* p : std::initializer_list<const void*>{ws.logits, ws.token_index, ws.rows_c1, ws.rows_c2,
+                                                          ws.a, ws.b, ws.f1, ws.f2, ws.d_logits})
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 256, 0u);
+  // The last buffer ends inside the allocation.
+  EXPECT_LE(reinterpret_cast<uintptr_t>(ws.d_logits_cast) + 2 * 4096 * 16, (uintptr_t{1} << 30) + bytes);
+  EXPECT_NE(kc::moe_workspace_carve(c, fake, bytes - 1, host.data(), &ws), 0);
+  EXPECT_NE(kc::moe_workspace_carve(c, fake, bytes, nullptr, &ws), 0);
 }
 
 }  // namespace
