@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -306,8 +307,9 @@ TEST_P(GroupedGemm, MatchesPerExpertLoops) {
     expect_gemm_close(dout.download(), want, mag, dt, "NN " + tag);
   }
   // Weight gradient: dw[e] (+)= d[rows e]^T @ in[rows e], into the activations' type and into float32.
-  for (const DType dw_dt : {dt, DType::kFloat32}) {
-    if (dw_dt == DType::kFloat32 && dt == DType::kFloat32 && !use_scratch) continue;  // covered above
+  std::vector<DType> dw_types = {dt};
+  if (dt != DType::kFloat32) dw_types.push_back(DType::kFloat32);  // bf16 activations, float32 gradients
+  for (const DType dw_dt : dw_types) {
     const auto d = as_stored(dt, normal_vector(N * O, rng)), in = as_stored(dt, normal_vector(N * I, rng));
     const auto C0 = as_stored(dw_dt, normal_vector(E * O * I, rng));  // nonzero: empty experts must be zeroed
     AnyBuf dd(dt, d), din(dt, in), ddw(dw_dt, C0);
@@ -332,7 +334,15 @@ INSTANTIATE_TEST_SUITE_P(Cases, GroupedGemm,
                          ::testing::Combine(::testing::Values(DType::kFloat32, DType::kBFloat16),
                                             ::testing::Values(std::pair<int64_t, int64_t>{64, 96},
                                                               std::pair<int64_t, int64_t>{37, 53}),
-                                            ::testing::Bool(), ::testing::Bool()));
+                                            ::testing::Bool(), ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<GroupedParam>& i) {
+                           // No structured binding here: its commas would split the macro's arguments.
+                           const auto& shape = std::get<1>(i.param);
+                           return std::string(name(std::get<0>(i.param))) + "_O" +
+                                  std::to_string(shape.first) + "_I" + std::to_string(shape.second) +
+                                  (std::get<2>(i.param) ? "_scratch" : "_noscratch") +
+                                  (std::get<3>(i.param) ? "_accumulate" : "_write");
+                         });
 
 TEST(GroupedGemm, NoRowsAtAll) {
   if (!cudatest::have_device()) GTEST_SKIP() << "no CUDA device";
@@ -559,6 +569,7 @@ TEST_P(MoeDriver, ForwardMatchesCpuLayer) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto p = cpu_probs(l);
   const auto ids = check_routing(l, d, p);
+  ASSERT_TRUE(std::all_of(ids.begin(), ids.end(), [&](int32_t e) { return e >= 0 && e < l.cfg.E; }));
   // float32: two chained GEMMs (C and F terms) and __expf, a few ulp of the output scale each, so 1e-4 of
   // it. bf16: the CPU rounds at the same points; a sum on either side of a rounding boundary moves one
   // intermediate by a bf16 ulp (2^-8), propagated through the next product: 2^-6 of the output scale.
@@ -645,6 +656,7 @@ TEST_P(MoeDriver, BackwardMatchesCpuLayer) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto p = cpu_probs(l);
   const auto ids = check_routing(l, d, p);
+  ASSERT_TRUE(std::all_of(ids.begin(), ids.end(), [&](int32_t e) { return e >= 0 && e < l.cfg.E; }));
 
   std::mt19937 rng(23);
   const auto dy = as_stored(l.cfg.dtype, normal_vector(T * C, rng));
@@ -692,7 +704,13 @@ TEST_P(MoeDriver, BackwardMatchesCpuLayer) {
   expect_scaled_close(dwd.download(), want.dwd, tol, "dw_down written " + what);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, MoeDriver, ::testing::ValuesIn(kDriverCases));
+INSTANTIATE_TEST_SUITE_P(Shapes, MoeDriver, ::testing::ValuesIn(kDriverCases),
+                         [](const ::testing::TestParamInfo<kc::MoeConfig>& i) {
+                           std::string n = describe(i.param);
+                           for (char& ch : n)
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return n;
+                         });
 
 TEST(MoeDriverLimits, NoTokens) {
   if (!cudatest::have_device()) GTEST_SKIP() << "no CUDA device";
