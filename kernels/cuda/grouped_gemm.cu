@@ -107,8 +107,11 @@ int grouped(void* cublas, GroupedKind kind, DType in_dt, DType out_dt, void* out
   const std::vector<ExpertGemm> problems = grouped_problems(kind, out, a, b, offsets, E, O, I, ei, eo);
   if (problems.empty()) return 0;
   const float beta = accumulate ? 1.0f : 0.0f;
-  if (kNativeGrouped && ptr_scratch != nullptr && in_dt == out_dt && grouped_call_fits(problems, ei, eo))
-    return run_grouped(h, problems, in_dt, beta, ptr_scratch, stream);
+  if (kNativeGrouped && ptr_scratch != nullptr && in_dt == out_dt && grouped_call_fits(problems, ei, eo)) {
+    const int rc = run_grouped(h, problems, in_dt, beta, ptr_scratch, stream);
+    // A cuBLAS that declines this type combination for the grouped call still has the loop.
+    if (rc != kCublasErrorBase + static_cast<int>(CUBLAS_STATUS_NOT_SUPPORTED)) return rc;
+  }
   for (const ExpertGemm& p : problems)
     if (const int rc = run_one(h, p.gemm, in_dt, out_dt, beta)) return rc;
   return 0;

@@ -11,7 +11,8 @@
 // cublasGemmGroupedBatchedEx call (cuBLAS >= 12.5) for all experts with rows when `ptr_scratch` is given
 // (grouped_gemm_scratch_bytes(E) of device memory, which receives the A/B/C pointer arrays by an
 // asynchronous copy from pageable host memory, so not inside CUDA-graph capture), all types are equal, and
-// gemm_layout.h's grouped_call_fits holds; otherwise one cublasGemmEx per expert with rows.
+// gemm_layout.h's grouped_call_fits holds; otherwise (or when the grouped call answers
+// CUBLAS_STATUS_NOT_SUPPORTED) one cublasGemmEx per expert with rows.
 #pragma once
 
 #include <cstddef>
