@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <ostream>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -304,6 +305,10 @@ struct TopKCase {
   bool renormalize;
 };
 
+void PrintTo(const TopKCase& c, std::ostream* os) {
+  *os << "E " << c.E << " K " << c.K << (c.renormalize ? " renormalised" : "");
+}
+
 class TopKSoftmax : public ::testing::TestWithParam<TopKCase> {};
 
 // Softmax in double; the selection rule of routing.h (descending, ties to the lower id).
@@ -527,6 +532,10 @@ struct SortCase {
   int64_t T, K, E;
   bool skewed;
 };
+
+void PrintTo(const SortCase& c, std::ostream* os) {
+  *os << "T " << c.T << " K " << c.K << " E " << c.E << (c.skewed ? " skewed" : " uniform");
+}
 
 class CountingSort : public ::testing::TestWithParam<SortCase> {};
 

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <ostream>
 #include <random>
 #include <string>
 #include <tuple>
@@ -22,6 +23,8 @@
 #include "kernels/cuda/grouped_gemm.h"
 #include "kernels/cuda/moe_layer.h"
 
+namespace cudatest_moe {
+std::string describe(const moeforge::kernels::cuda::MoeConfig& c);
 namespace {
 
 namespace kc = moeforge::kernels::cuda;
@@ -531,12 +534,16 @@ std::vector<int32_t> check_routing(const Layer& l, DeviceLayer& d, const std::ve
   return ids;
 }
 
+}  // namespace
+
 std::string describe(const kc::MoeConfig& c) {
   return "T " + std::to_string(c.T) + " C " + std::to_string(c.C) + " F " + std::to_string(c.F) + " E " +
          std::to_string(c.E) + " K " + std::to_string(c.K) + " " + name(c.dtype) +
          (c.grouped_gemm ? " grouped" : " loop") +
          (c.deterministic_combine ? " gather-combine" : " atomic-combine") + (c.renormalize ? " renorm" : "");
 }
+
+namespace {
 
 kc::MoeConfig config(int64_t T, int64_t C, int64_t F, int64_t E, int64_t K, DType dt, bool grouped = true,
                      bool deterministic = true, bool renorm = true) {
@@ -546,8 +553,9 @@ kc::MoeConfig config(int64_t T, int64_t C, int64_t F, int64_t E, int64_t K, DTyp
   return c;
 }
 
-// Aligned shapes (grouped cuBLAS call), odd shapes (per-expert loop), few tokens for many experts (empty
-// experts), a decode-like single token, both combines, both dtypes.
+// Aligned shapes (grouped cuBLAS call); C 40, F 52 (in bf16, rows of F are 104 bytes: the per-expert loop
+// for two of the three products); an explicit loop; few tokens for many experts (empty experts); a
+// decode-like single token; both combines, both dtypes, with and without renormalisation.
 const kc::MoeConfig kDriverCases[] = {
     config(67, 64, 96, 8, 2, DType::kFloat32),
     config(67, 64, 96, 8, 2, DType::kBFloat16),
@@ -560,6 +568,19 @@ const kc::MoeConfig kDriverCases[] = {
 };
 
 class MoeDriver : public ::testing::TestWithParam<kc::MoeConfig> {};
+
+}  // namespace
+}  // namespace cudatest_moe
+
+// GoogleTest finds the printer of a parameter by argument-dependent lookup: in MoeConfig's namespace.
+namespace moeforge::kernels::cuda {
+void PrintTo(const MoeConfig& c, std::ostream* os) {
+  *os << cudatest_moe::describe(c);
+}
+}  // namespace moeforge::kernels::cuda
+
+namespace cudatest_moe {
+namespace {
 
 TEST_P(MoeDriver, ForwardMatchesCpuLayer) {
   if (!cudatest::have_device()) GTEST_SKIP() << "no CUDA device";
@@ -754,3 +775,4 @@ TEST(MoeDriverLimits, ConfigChecksNeedNoDevice) {
 }
 
 }  // namespace
+}  // namespace cudatest_moe
