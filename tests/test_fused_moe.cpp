@@ -1,6 +1,7 @@
 // The fused MoE function (dispatch -> experts -> combine in one autograd function, CPU kernels) against
 // its plain twin moe_plain_loop: outputs and gradients of x, the gates and all weights, in float64 and
 // float32, with empty experts, skewed loads, decode sizes (the small-GEMM path) and workspace reuse.
+#include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/fused_moe.h"
 #include "moeforge/layer/moe_layer.h"
 #include "test_util.h"
@@ -237,6 +238,41 @@ TEST(FusedMoE, NoGradForwardRunsInChunksAndMatches) {
     torch::NoGradGuard ng;  // grad mode off: chunked too, even with weights that require grad
     for (auto* t : {&w.w_gate, &w.w_up, &w.w_down}) t->requires_grad_();
     EXPECT_TENSOR_NEAR(fused_moe(x, plan, w, nullptr), y, kAtol64, kRtol64);
+  }
+}
+
+TEST(FusedMoE, MeasuresExpertHealthLikeTheReferencePath) {
+  // Expert health (ClusterMoE reliability) from the fused path against the plain per-expert outputs:
+  // RMS of each expert's ungated output rows and the count of rows with a NaN; expert 2 is poisoned.
+  const Case c{80, 8, 12, 5, 2, false};
+  torch::manual_seed(31);
+  auto opt = torch::TensorOptions().dtype(torch::kDouble);
+  auto experts = draw_experts(c);
+  auto x = torch::randn({c.T, c.C}, opt);
+  auto gate_tk = torch::rand({c.T, c.K}, opt).add_(0.1);
+  ExpertWeights w{ExpertAct::kSwiGLU, torch::randn({c.E, c.F, c.C}, opt), torch::randn({c.E, c.F, c.C}, opt),
+                  torch::randn({c.E, c.C, c.F}, opt)};
+  w.w_down[2][0][0] = std::nan("");
+  auto plan = build_plan_from_choices(experts, {}, {}, gate_tk, c.E, 0);
+  auto off = plan.offsets();
+  auto y_sorted = experts_reference(dispatch(x, plan), off, w);  // [N, C] ungated
+  for (bool grad : {true, false}) {
+    SCOPED_TRACE(grad ? "autograd path" : "no-grad path");
+    for (auto* t : {&w.w_gate, &w.w_up, &w.w_down}) *t = t->detach().requires_grad_(grad);
+    ExpertHealth health;
+    Workspace ws;
+    fused_moe(x, plan, w, &ws, &health);
+    for (int64_t e = 0; e < c.E; ++e) {
+      auto rows = y_sorted.narrow(0, off[e], off[e + 1] - off[e]);
+      const auto bad = (~torch::isfinite(rows)).any(1).sum().item<int64_t>();
+      EXPECT_EQ(health.nonfinite[e].item<int64_t>(), bad) << "expert " << e;
+      if (e == 2) {
+        EXPECT_GT(bad, 0);
+        continue;  // its RMS is NaN on both sides
+      }
+      const double rms = rows.pow(2).mean(1).mean().sqrt().item<double>();
+      EXPECT_NEAR(health.out_rms[e].item<double>(), rms, 1e-12 * rms) << "expert " << e;
+    }
   }
 }
 

@@ -1,6 +1,8 @@
 #include "moeforge/layer/fused_moe.h"
 
 #include <atomic>
+#include <cmath>
+#include <optional>
 
 #include "grouped_ops.h"
 
@@ -24,27 +26,52 @@ using torch::autograd::variable_list;
 
 using detail::scratch;
 
+// Running sums behind ExpertHealth.
+struct HealthSums {
+  std::vector<double> sum_sq;
+  std::vector<int64_t> rows, bad;
+  explicit HealthSums(const std::vector<int64_t>& off)
+      : sum_sq(off.size() - 1, 0.0), rows(off.size() - 1, 0), bad(off.size() - 1, 0) {
+    for (size_t e = 0; e + 1 < off.size(); ++e) rows[e] = off[e + 1] - off[e];
+  }
+  template <typename T>
+  void add(const torch::Tensor& y_rows, const std::vector<int64_t>& off) {
+    detail::accumulate_expert_health<T>(y_rows, off, sum_sq.data(), bad.data());
+  }
+  ExpertHealth result() const {
+    const int64_t E = static_cast<int64_t>(rows.size());
+    ExpertHealth h{torch::zeros({E}, torch::kDouble), torch::zeros({E}, torch::kLong)};
+    for (int64_t e = 0; e < E; ++e) {
+      if (rows[e] > 0) h.out_rms[e] = std::sqrt(sum_sq[e] / static_cast<double>(rows[e]));
+      h.nonfinite[e] = bad[e];
+    }
+    return h;
+  }
+};
+
 class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
  public:
   // x [T, C], gate [N], w_gate/w_up [E, F, C], w_down [E, C, F], token_index [N] int64 grouped by expert.
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor gate,
                                torch::Tensor w_gate, torch::Tensor w_up, torch::Tensor w_down,
-                               torch::Tensor token_index, std::vector<int64_t> off, Workspace* ws) {
+                               torch::Tensor token_index, std::vector<int64_t> off, Workspace* ws,
+                               HealthSums* health) {
     const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w_up.size(1);
     const auto opt = x.options();
     auto xs = scratch(ws, "rows_c1", {N, C}, opt);      // [N, C] x rows in expert order
     auto a = scratch(ws, "a", {N, F}, opt);             // [N, F] gate pre-activation (saved)
     auto b = scratch(ws, "b", {N, F}, opt);             // [N, F] up projection (saved)
-    auto h = scratch(ws, "rows_f2", {N, F}, opt);       // [N, F] gate * silu(a) * b
-    auto y_rows = scratch(ws, "rows_c2", {N, C}, opt);  // [N, C] gated expert outputs
+    auto h = scratch(ws, "rows_f2", {N, F}, opt);       // [N, F] gate * silu(a) * b (ungated with health)
+    auto y_rows = scratch(ws, "rows_c2", {N, C}, opt);  // [N, C] gated (ungated with health) expert outputs
     auto y = torch::zeros({T, C}, opt);                 // [T, C]
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_moe_forward", [&] {
       detail::gather_rows<scalar_t>(xs, x, token_index);
       detail::grouped_mm_nt<scalar_t>(a, xs, w_gate, off);
       detail::grouped_mm_nt<scalar_t>(b, xs, w_up, off);
-      detail::swiglu_forward<scalar_t>(h, a, b, gate);
+      detail::swiglu_forward<scalar_t>(h, a, b, health ? torch::Tensor() : gate);
       detail::grouped_mm_nt<scalar_t>(y_rows, h, w_down, off);
-      detail::scatter_add_gated<scalar_t>(y, y_rows, token_index, torch::Tensor());
+      if (health) health->template add<scalar_t>(y_rows, off);
+      detail::scatter_add_gated<scalar_t>(y, y_rows, token_index, health ? gate : torch::Tensor());
     });
     ctx->save_for_backward({x, gate, w_gate, w_up, w_down, token_index, a, b});
     ctx->saved_data["off"] = off;
@@ -83,7 +110,15 @@ class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
       detail::grouped_mm_nn(dxs, db, w_up, off, true);
       detail::scatter_add_gated<scalar_t>(dx, dxs, token_index, torch::Tensor());
     });
-    return {dx, d_gate, dw_gate, dw_up, dw_down, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {dx,
+            d_gate,
+            dw_gate,
+            dw_up,
+            dw_down,
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor()};
   }
 };
 
@@ -95,7 +130,7 @@ constexpr int64_t kInferenceChunkRows = 1024;
 torch::Tensor fused_moe_no_grad(const torch::Tensor& x, const torch::Tensor& gate,
                                 const torch::Tensor& w_gate, const torch::Tensor& w_up,
                                 const torch::Tensor& w_down, const torch::Tensor& token_index,
-                                const std::vector<int64_t>& off, Workspace* ws) {
+                                const std::vector<int64_t>& off, Workspace* ws, HealthSums* health) {
   const int64_t T = x.size(0), C = x.size(1), F = w_up.size(1), E = static_cast<int64_t>(off.size()) - 1;
   const auto opt = x.options();
   // Chunks: runs of consecutive experts, closed once they reach the row budget.
@@ -122,9 +157,11 @@ torch::Tensor fused_moe_no_grad(const torch::Tensor& x, const torch::Tensor& gat
       detail::gather_rows<scalar_t>(xs, x, idx);
       detail::grouped_mm_nt<scalar_t>(a, xs, w_gate, local);
       detail::grouped_mm_nt<scalar_t>(b, xs, w_up, local);
-      detail::swiglu_forward<scalar_t>(a, a, b, gate.narrow(0, r0, n));  // h in place of a
+      auto g = gate.narrow(0, r0, n);
+      detail::swiglu_forward<scalar_t>(a, a, b, health ? torch::Tensor() : g);  // h in place of a
       detail::grouped_mm_nt<scalar_t>(y_rows, a, w_down, local);
-      detail::scatter_add_gated<scalar_t>(y, y_rows, idx, torch::Tensor());
+      if (health) health->template add<scalar_t>(y_rows, local);
+      detail::scatter_add_gated<scalar_t>(y, y_rows, idx, health ? g : torch::Tensor());
     }
   });
   return y;
@@ -138,7 +175,7 @@ bool fused_moe_supported(const torch::Tensor& x, const ExpertWeights& w) {
 }
 
 torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w,
-                        Workspace* ws) {
+                        Workspace* ws, ExpertHealth* health) {
   TORCH_CHECK(x.dim() == 2, "fused_moe: x must be [T, C]");
   TORCH_CHECK(fused_moe_supported(x, w), "fused_moe: needs CPU float/double input and SwiGLU experts");
   const auto off = plan.offsets();
@@ -150,11 +187,15 @@ torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const E
   const bool needs_grad =
       at::GradMode::is_enabled() && (x.requires_grad() || gate.requires_grad() || w.w_gate.requires_grad() ||
                                      w.w_up.requires_grad() || w.w_down.requires_grad());
-  if (!needs_grad)
-    return fused_moe_no_grad(x.contiguous(), gate, w.w_gate.contiguous(), w.w_up.contiguous(),
-                             w.w_down.contiguous(), index, off, ws);
-  return FusedMoEFn::apply(x.contiguous(), gate, w.w_gate.contiguous(), w.w_up.contiguous(),
-                           w.w_down.contiguous(), index, off, ws);
+  std::optional<HealthSums> sums;
+  if (health) sums.emplace(off);
+  HealthSums* hs = sums ? &*sums : nullptr;
+  auto y = needs_grad ? FusedMoEFn::apply(x.contiguous(), gate, w.w_gate.contiguous(), w.w_up.contiguous(),
+                                          w.w_down.contiguous(), index, off, ws, hs)
+                      : fused_moe_no_grad(x.contiguous(), gate, w.w_gate.contiguous(), w.w_up.contiguous(),
+                                          w.w_down.contiguous(), index, off, ws, hs);
+  if (health) *health = sums->result();
+  return y;
 }
 
 }  // namespace moeforge

@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "kernels/cpu/gather_rows.h"
@@ -126,6 +127,29 @@ inline torch::Tensor grouped_weight_grad(const torch::Tensor& d, const torch::Te
   if (!acc.defined()) return dw;
   note_fused_grad_accumulation();
   return {};
+}
+
+// Adds the health of output rows y [n, C] (rows of experts by `off`, relative to y's first row) to
+// sum_sq [E] (sum over rows of the row's mean square) and bad [E] (rows with a NaN or Inf), float64/int64.
+template <typename T>
+void accumulate_expert_health(const torch::Tensor& y, const std::vector<int64_t>& off, double* sum_sq,
+                              int64_t* bad) {
+  const int64_t C = y.size(1), E = static_cast<int64_t>(off.size()) - 1;
+  const T* py = data<T>(y);
+  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e)
+      for (int64_t r = off[e]; r < off[e + 1]; ++r) {
+        double sq = 0;
+        bool finite = true;
+        for (int64_t c = 0; c < C; ++c) {
+          const double v = static_cast<double>(py[r * C + c]);
+          finite = finite && std::isfinite(v);
+          sq += v * v;
+        }
+        sum_sq[e] += sq / static_cast<double>(C);
+        bad[e] += finite ? 0 : 1;
+      }
+  });
 }
 
 // Row-parallel launches of the kernels. Grains keep a task at a few hundred KiB of traffic.

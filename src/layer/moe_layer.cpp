@@ -67,10 +67,15 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
     auto a_sorted = adapters->forward(z_sorted, plan.offsets());  // [N, C]
     if (router->wants_expert_health()) record_expert_health(a_sorted, plan);
     y = z + combine(a_sorted, plan, T);
-  } else if (experts->impl() == ExpertsImplKind::kGrouped && !router->wants_expert_health() &&
-             fused_moe_supported(x2, experts->weights())) {
+  } else if (experts->impl() == ExpertsImplKind::kGrouped && fused_moe_supported(x2, experts->weights())) {
     // The fast path: dispatch, experts and combine in one function (fused_moe.h).
-    y = fused_moe(x2, plan, experts->weights(), &experts->workspace());
+    ExpertHealth health;
+    const bool want_health = router->wants_expert_health();
+    y = fused_moe(x2, plan, experts->weights(), &experts->workspace(), want_health ? &health : nullptr);
+    if (want_health) {
+      plan.expert_out_rms = health.out_rms;
+      plan.expert_nonfinite = health.nonfinite;
+    }
   } else {
     auto x_sorted = dispatch(x2, plan);                          // [N, C]
     auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]

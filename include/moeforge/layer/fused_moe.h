@@ -19,14 +19,22 @@
 
 namespace moeforge {
 
+// Per-expert health of the expert outputs (reliability tracking, ClusterMoE): RMS over an expert's output
+// rows of the row RMS, as float64 [E] (0 for an idle expert), and the count of rows with a NaN or Inf,
+// as int64 [E]. Taken from the ungated expert outputs.
+struct ExpertHealth {
+  torch::Tensor out_rms, nonfinite;
+};
+
 // Whether fused_moe can run x with these weights (CPU, float or double, SwiGLU).
 bool fused_moe_supported(const torch::Tensor& x, const ExpertWeights& w);
 
 // x [T, C] -> y [T, C], y[t] = sum over assignments i of t of gate[i] * expert_{e(i)}(x[t]);
 // differentiable in x, plan.gate and the weights. ws may be null (fresh buffers every call); if given, it
-// must outlive the backward pass of the result.
+// must outlive the backward pass of the result. With `health`, the expert outputs are kept ungated until
+// the scatter (same cost) and their health is measured on the way.
 torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w,
-                        Workspace* ws = nullptr);
+                        Workspace* ws = nullptr, ExpertHealth* health = nullptr);
 
 // How many weight gradients the grouped experts and fused_moe have added straight into an existing .grad
 // since the process started (gradient-accumulation fusion); for tests and the bench.
