@@ -28,6 +28,7 @@ run: build
 bench: build
 	mkdir -p runs
 	./$(BUILD)/moeforge bench --json runs/bench.json
+	./$(BUILD)/moeforge bench --train --reps 20 --json runs/bench-train.json
 
 format:
 	find include src apps bench tests kernels -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null | xargs clang-format -i
