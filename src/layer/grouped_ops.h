@@ -21,8 +21,10 @@ namespace moeforge::detail {
 
 // Groups of at most this many rows go to the small-GEMM kernel instead of BLAS: at decode sizes a
 // product is bound by reading the expert's weights, and BLAS's packing and thread start-up per call
-// cost more than the product (decode bench: T = 1, 4, 16 give 1-4 rows per expert).
-constexpr int64_t kSmallGroupRows = 16;
+// cost more than the product (decode bench: T = 1, 4, 16 give 1-4 rows per expert). The kernel takes
+// one dot product per (row, output), so past a few rows BLAS wins: at decode_t16 with skewed routing
+// (one expert with 16 rows) the layer took 4.4 ms with a limit of 16 or 8 rows and 3.5 ms with 4.
+constexpr int64_t kSmallGroupRows = 4;
 
 // A scratch buffer: from the layer's workspace when there is one, else fresh.
 inline torch::Tensor scratch(Workspace* ws, const std::string& key, at::IntArrayRef shape,
@@ -55,11 +57,17 @@ void grouped_mm_nt(torch::Tensor& out, const torch::Tensor& in, const torch::Ten
   }
   if (small.empty()) return;
   constexpr int64_t kBlock = 64;
-  const int64_t n_block = (O + kBlock - 1) / kBlock;
+  const int64_t n_block = (O + kBlock - 1) / kBlock, n_task = static_cast<int64_t>(small.size()) * n_block;
+  // Threads only when the weights to stream are large: waking the pool costs more than it gains on a few
+  // MiB that sit in L3 (decode bench, top-2 shape, 2 cores: T = 1 reads 4 MiB per product, 259 us per
+  // layer on one thread vs 317 us on two; T = 4 reads 16 MiB, 1457 us vs 837 us).
+  constexpr int64_t kParallelBytes = int64_t{8} << 20;
+  const bool parallel =
+      static_cast<int64_t>(small.size()) * O * I * static_cast<int64_t>(sizeof(T)) >= kParallelBytes;
   T* po = data<T>(out);
   const T* pi = data<T>(in);
   const T* pw = data<T>(w);
-  at::parallel_for(0, static_cast<int64_t>(small.size()) * n_block, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, n_task, parallel ? 1 : n_task, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = small[t / n_block], o0 = (t % n_block) * kBlock, o1 = std::min(O, o0 + kBlock);
       kernels::cpu::small_mm_nt(po + off[e] * O + o0, O, pi + off[e] * I, pw + (e * O + o0) * I,
