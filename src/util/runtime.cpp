@@ -4,10 +4,12 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 namespace moeforge {
 
@@ -31,6 +33,21 @@ void ensure_openmp_wait_policy(char** argv) {
   execv("/proc/self/exe", argv);  // returns only on failure: then carry on with the default policy
 }
 
+int parallel_for_threads() {
+  // Each range does enough work that a second thread, if there is one, gets a share.
+  const int64_t n = 4 * std::max(at::get_num_threads(), 1);
+  std::vector<std::thread::id> ids(static_cast<size_t>(n));
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      volatile double sink = 0;
+      for (int k = 0; k < 200000; ++k) sink = sink + k;
+      ids[static_cast<size_t>(i)] = std::this_thread::get_id();
+    }
+  });
+  std::sort(ids.begin(), ids.end());
+  return static_cast<int>(std::unique(ids.begin(), ids.end()) - ids.begin());
+}
+
 std::string describe_machine() {
   std::string model = "unknown CPU";
   std::ifstream cpuinfo("/proc/cpuinfo");
@@ -42,8 +59,8 @@ std::string describe_machine() {
   }
   std::ostringstream os;
   const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
-  os << model << ", " << at::get_num_threads() << " threads, LibTorch " << TORCH_VERSION
-     << ", OMP_WAIT_POLICY=" << (wait_policy ? wait_policy : "default");
+  os << model << ", " << at::get_num_threads() << " threads (parallel_for uses " << parallel_for_threads()
+     << "), LibTorch " << TORCH_VERSION << ", OMP_WAIT_POLICY=" << (wait_policy ? wait_policy : "default");
   if (torch::cuda::is_available()) os << ", CUDA devices: " << torch::cuda::device_count();
   return os.str();
 }

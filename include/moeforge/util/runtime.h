@@ -17,7 +17,13 @@ int init_threads(int n = 0);
 // /proc/self/exe). Call first thing in main; it returns only when nothing had to be done or exec failed.
 void ensure_openmp_wait_policy(char** argv);
 
-// "CPU model, N cores, LibTorch version, OpenMP wait policy" for bench and report headers.
+// How many threads one at::parallel_for over a few ranges of work actually used, from code compiled in
+// this library: 1 where LibTorch has more threads means our objects were built without OpenMP (the
+// parallel_for template then runs every range inline; see CMakeLists.txt).
+int parallel_for_threads();
+
+// "CPU model, N threads (parallel_for uses M), LibTorch version, OpenMP wait policy" for bench and report
+// headers.
 std::string describe_machine();
 
 }  // namespace moeforge
