@@ -191,6 +191,9 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
 
       for (const auto& direction : opt.directions) {
         const bool backward = direction == "forward_backward";
+        // Forward alone is inference: the layer in eval mode (as generate() runs it); with backward it
+        // trains. The plain loop routes with the default context (not training) either way.
+        layer->train(backward);
         auto gy_tok = torch::randn({shape.T, shape.C});
         auto gy_rows = torch::randn({N, shape.C});
         auto run = [&](const std::function<torch::Tensor()>& f, const torch::Tensor& gy) {

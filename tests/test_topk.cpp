@@ -100,5 +100,18 @@ TEST(TopK, BalanceLossUsesTheFullSoftmax) {
   EXPECT_GT(r.weight.grad().abs().sum().item<double>(), 0.0);
 }
 
+TEST(TopK, AuxLossIsSkippedOnlyInInference) {
+  auto cfg = base(4, 1);
+  cfg.balance_coef = 1.0;
+  TopKRouterImpl r(cfg, 2);
+  auto x = torch::randn({8, 2});
+  torch::NoGradGuard ng;
+  EXPECT_EQ(r.route(x, {}).aux_loss.item<double>(), 0.0);  // not training, no autograd: not computed
+  RouteContext training;
+  training.training = true;
+  EXPECT_GT(r.route(x, training).aux_loss.item<double>(),
+            0.0);  // a training step under no_grad still reports it
+}
+
 }  // namespace
 }  // namespace moeforge

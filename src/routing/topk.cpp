@@ -79,7 +79,10 @@ RoutingPlan TopKRouterImpl::route_scores(const TokenScores& s, const torch::Tens
     priority = raw_gate.select(1, 0);  // Switch/V-MoE BPR: tokens ordered by their top-1 score
   const int64_t cap = expert_capacity(cfg_.capacity_factor, T, k_, n_expert_);
   RoutingPlan plan = build_plan_from_choices(choices, keep, priority, gate_tk, n_expert_, cap);
-  plan.aux_loss = token_choice_aux_loss(cfg_, s, choices, ctx);
+  // The auxiliary losses only matter where they can be trained on: in inference (no training, no
+  // autograd) they would be most of route()'s time at decode sizes (~25 of ~40 us at T = 1), so they are 0.
+  plan.aux_loss = ctx.training || at::GradMode::is_enabled() ? token_choice_aux_loss(cfg_, s, choices, ctx)
+                                                             : torch::zeros({}, s.logits.options());
   return plan;
 }
 

@@ -28,7 +28,8 @@ struct RoutingPlan {
   torch::Tensor token_index;     // [N] int64: token of each assignment, grouped by expert, ascending inside
   torch::Tensor expert_offsets;  // [E+1] int64 on CPU: assignments of expert e are [off[e], off[e+1])
   torch::Tensor gate;            // [N] float: differentiable gate weight g >= 0
-  torch::Tensor aux_loss;        // scalar: the router's auxiliary loss (zero if none), differentiable
+  torch::Tensor aux_loss;        // scalar: the router's auxiliary loss (zero if none, and zero from the
+                           // token-choice routers in inference: not training, grad mode off), differentiable
   RoutingStats stats;
 
   // Optional, router-specific.
