@@ -14,25 +14,23 @@ namespace {
 
 // Three "genres" of templated sentences; "food" is held out, so the held-out perplexity is measured too.
 std::string corpus_dir() {
-  static const std::string dir = [] {
-    const fs::path root = fs::path(::testing::TempDir()) / "moeforge_compare_corpus";
-    fs::remove_all(root);
-    const std::vector<std::pair<std::string, std::vector<std::string>>> genres = {
-        {"animals", {"cat", "dog", "bird", "fox", "horse", "mouse"}},
-        {"tools", {"hammer", "saw", "drill", "wrench", "chisel"}},
-        {"food", {"bread", "apple", "soup", "cheese"}}};
-    const char* verbs[] = {"sees", "holds", "likes", "follows"};
-    for (int f = 0; f < 6; ++f)
-      for (auto& [genre, nouns] : genres) {
-        fs::create_directories(root / genre);
-        std::ofstream out(root / genre / ("doc" + std::to_string(f) + ".txt"));
-        const size_t n = nouns.size();
-        for (size_t i = 0; i < 60; ++i)
-          out << "the " << nouns[(i + f) % n] << " " << verbs[i % 4] << " the " << nouns[(i * 7 + f) % n]
-              << ". ";
-      }
-    return root.string();
-  }();
+  static const std::string dir =
+      test::shared_test_dir("moeforge_compare_corpus_v2", [](const fs::path& root) {
+        const std::vector<std::pair<std::string, std::vector<std::string>>> genres = {
+            {"animals", {"cat", "dog", "bird", "fox", "horse", "mouse"}},
+            {"tools", {"hammer", "saw", "drill", "wrench", "chisel"}},
+            {"food", {"bread", "apple", "soup", "cheese"}}};
+        const char* verbs[] = {"sees", "holds", "likes", "follows"};
+        for (int f = 0; f < 6; ++f)
+          for (auto& [genre, nouns] : genres) {
+            fs::create_directories(root / genre);
+            std::ofstream out(root / genre / ("doc" + std::to_string(f) + ".txt"));
+            const size_t n = nouns.size();
+            for (size_t i = 0; i < 60; ++i)
+              out << "the " << nouns[(i + f) % n] << " " << verbs[i % 4] << " the " << nouns[(i * 7 + f) % n]
+                  << ". ";
+          }
+      });
   return dir;
 }
 

@@ -1,5 +1,7 @@
 #include "test_util.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -50,11 +52,23 @@ torch::Tensor numeric_grad(const std::function<torch::Tensor()>& f, torch::Tenso
   return grad.view(param.sizes());
 }
 
+std::string shared_test_dir(const std::string& name,
+                            const std::function<void(const std::filesystem::path&)>& write) {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::path(::testing::TempDir()) / name;
+  if (fs::exists(root)) return root.string();
+  const fs::path tmp = root.string() + ".tmp" + std::to_string(::getpid());
+  fs::remove_all(tmp);
+  write(tmp);
+  std::error_code ec;
+  fs::rename(tmp, root, ec);  // fails when another process got there first: its folder is the same
+  if (ec) fs::remove_all(tmp);
+  return root.string();
+}
+
 std::string tiny_text_corpus() {
   namespace fs = std::filesystem;
-  static const std::string dir = [] {
-    const fs::path root = fs::path(::testing::TempDir()) / "moeforge_tiny_corpus";
-    fs::remove_all(root);
+  static const std::string dir = shared_test_dir("moeforge_tiny_corpus_v2", [](const fs::path& root) {
     const char* animals[] = {"cat", "dog", "bird", "fox", "horse", "mouse"};
     const char* verbs[] = {"sees", "chases", "likes", "follows"};
     const char* tools[] = {"hammer", "saw", "drill", "wrench", "chisel"};
@@ -70,8 +84,7 @@ std::string tiny_text_corpus() {
               << (a ? animals[(i * 7 + f) % 6] : tools[(i * 3 + f) % 5]) << ". ";
       }
     }
-    return root.string();
-  }();
+  });
   return dir;
 }
 

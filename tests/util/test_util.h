@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
@@ -39,6 +40,13 @@ SafeTensors load_golden(const std::string& name);
 
 // Central finite-difference gradient of scalar f() with respect to every element of `param` (double).
 torch::Tensor numeric_grad(const std::function<torch::Tensor()>& f, torch::Tensor param, double eps = 1e-6);
+
+// A folder `name` under the test temporary folder, filled by `write` once per machine: written into a folder
+// of this process's own and renamed into place, so that test processes running in parallel (ctest -j)
+// never read a half-written or removed folder. `write` must be a pure function of nothing: change `name`
+// when what it writes changes.
+std::string shared_test_dir(const std::string& name,
+                            const std::function<void(const std::filesystem::path&)>& write);
 
 // A small generated text corpus in a temporary folder (two domains, "animals" and "tools", of templated
 // sentences; learnable by a tiny model in a few dozen steps), for data.corpus = "text:<path>".
