@@ -35,32 +35,17 @@ std::string corpus_dir() {
 }
 
 RunConfig tiny_config(const std::string& name, std::vector<std::string> extra = {}) {
-  const fs::path data = fs::path(::testing::TempDir()) / ("moeforge_compare_data_" + name);
-  std::vector<std::string> o = {"model.d_model=32",
-                                "model.n_layer=2",
-                                "model.n_head=2",
-                                "model.d_ff=48",
-                                "model.moe_every=1",
-                                "moe.n_expert=4",
-                                "moe.n_expert_used=2",
-                                "moe.d_expert=24",
+  // The shared tiny run (test_util), on this file's corpus, with evaluations inside its 6 steps.
+  std::vector<std::string> o = {"moe.n_expert_used=2",
                                 "moe.n_cluster=2",
                                 "train.steps=6",
-                                "train.batch_size=4",
-                                "train.lr=1e-2",
                                 "train.warmup=2",
                                 "train.eval_every=3",
-                                "train.eval_batches=2",
                                 "train.log_every=1",
-                                "train.threads=1",
                                 "data.corpus=\"text:" + corpus_dir() + "\"",
-                                "data.dir=\"" + data.string() + "\"",
-                                "data.vocab_size=128",
-                                "data.seq_len=16",
-                                "data.validation_fraction=0.2",
                                 "data.heldout_genres=[\"food\"]"};
-  for (auto& e : extra) o.push_back(e);
-  return load_run_config_text("", "test", o);
+  o.insert(o.end(), extra.begin(), extra.end());
+  return load_run_config_text("", "test", test::tiny_run_overrides("compare_" + name, o));
 }
 
 CompareOptions opts(const std::string& name, std::vector<std::string> routers, bool plots) {
