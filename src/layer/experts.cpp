@@ -12,20 +12,7 @@ using torch::autograd::variable_list;
 
 using detail::scratch;
 
-// out[rows of e] = in[rows of e] @ w[e]^T (transpose_w) or @ w[e]; w: [E, O, I]. Rows of empty experts
-// are untouched (there are none).
-void grouped_mm(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor& w,
-                const std::vector<int64_t>& off, bool transpose_w) {
-  const int64_t E = static_cast<int64_t>(off.size()) - 1;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    auto o = out.narrow(0, off[e], n);
-    at::mm_out(o, in.narrow(0, off[e], n), transpose_w ? w[e].t() : w[e]);
-  }
-}
-
-// SwiGLU experts: the GEMMs through grouped_mm (small groups to the small-GEMM kernel), the activation as
+// SwiGLU experts: the GEMMs through grouped_mm_nt (small groups to the small-GEMM kernel), the activation as
 // one fused pass (kernels/cpu/swiglu), intermediates from the workspace; backward keeps only a and b.
 class GroupedSwiGLUFn : public torch::autograd::Function<GroupedSwiGLUFn> {
  public:
@@ -81,11 +68,11 @@ class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor w_up,
                                torch::Tensor w_down, std::vector<int64_t> off) {
     const int64_t N = x.size(0), F = w_up.size(1), C = w_down.size(1);
-    auto a = torch::empty({N, F}, x.options());  // [N, F]
-    auto y = torch::empty({N, C}, x.options());  // [N, C]
-    grouped_mm(a, x, w_up, off, true);
+    auto a = torch::empty({N, F}, x.options());                     // [N, F]
+    auto y = torch::empty({N, C}, x.options());                     // [N, C]
+    detail::grouped_mm_nn(a, x, w_up.transpose(1, 2), off, false);  // x @ w_up[e]^T
     auto h = torch::gelu(a);
-    grouped_mm(y, h, w_down, off, true);
+    detail::grouped_mm_nn(y, h, w_down.transpose(1, 2), off, false);
     ctx->save_for_backward({x, a, w_up, w_down});
     ctx->saved_data["off"] = off;
     return y;
@@ -98,12 +85,12 @@ class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
     auto gy = grads[0].contiguous();
     auto h = torch::gelu(a);
     auto dh = torch::empty_like(a);
-    grouped_mm(dh, gy, w_down, off, false);
+    detail::grouped_mm_nn(dh, gy, w_down, off, false);
     torch::Tensor dw_down, dw_up;
     if (ctx->needs_input_grad(2)) dw_down = detail::grouped_weight_grad(gy, h, off, w_down);
     auto da = at::gelu_backward(dh, a);
     auto dx = torch::empty_like(x);
-    grouped_mm(dx, da, w_up, off, false);
+    detail::grouped_mm_nn(dx, da, w_up, off, false);
     if (ctx->needs_input_grad(1)) dw_up = detail::grouped_weight_grad(da, x, off, w_up);
     return {dx, dw_up, dw_down, torch::Tensor()};
   }
