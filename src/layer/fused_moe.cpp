@@ -26,36 +26,13 @@ using torch::autograd::variable_list;
 
 using detail::scratch;
 
-// Running sums behind ExpertHealth.
-struct HealthSums {
-  std::vector<double> sum_sq;
-  std::vector<int64_t> rows, bad;
-  explicit HealthSums(const std::vector<int64_t>& off)
-      : sum_sq(off.size() - 1, 0.0), rows(off.size() - 1, 0), bad(off.size() - 1, 0) {
-    for (size_t e = 0; e + 1 < off.size(); ++e) rows[e] = off[e + 1] - off[e];
-  }
-  template <typename T>
-  void add(const torch::Tensor& y_rows, const std::vector<int64_t>& off) {
-    detail::accumulate_expert_health<T>(y_rows, off, sum_sq.data(), bad.data());
-  }
-  ExpertHealth result() const {
-    const int64_t E = static_cast<int64_t>(rows.size());
-    ExpertHealth h{torch::zeros({E}, torch::kDouble), torch::zeros({E}, torch::kLong)};
-    for (int64_t e = 0; e < E; ++e) {
-      if (rows[e] > 0) h.out_rms[e] = std::sqrt(sum_sq[e] / static_cast<double>(rows[e]));
-      h.nonfinite[e] = bad[e];
-    }
-    return h;
-  }
-};
-
 class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
  public:
   // x [T, C], gate [N], w_gate/w_up [E, F, C], w_down [E, C, F], token_index [N] int64 grouped by expert.
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor gate,
                                torch::Tensor w_gate, torch::Tensor w_up, torch::Tensor w_down,
                                torch::Tensor token_index, std::vector<int64_t> off, Workspace* ws,
-                               HealthSums* health) {
+                               detail::HealthSums* health) {
     const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w_up.size(1);
     const auto opt = x.options();
     auto xs = scratch(ws, "rows_c1", {N, C}, opt);      // [N, C] x rows in expert order
@@ -130,7 +107,7 @@ constexpr int64_t kInferenceChunkRows = 1024;
 torch::Tensor fused_moe_no_grad(const torch::Tensor& x, const torch::Tensor& gate,
                                 const torch::Tensor& w_gate, const torch::Tensor& w_up,
                                 const torch::Tensor& w_down, const torch::Tensor& token_index,
-                                const std::vector<int64_t>& off, Workspace* ws, HealthSums* health) {
+                                const std::vector<int64_t>& off, Workspace* ws, detail::HealthSums* health) {
   const int64_t T = x.size(0), C = x.size(1), F = w_up.size(1), E = static_cast<int64_t>(off.size()) - 1;
   const auto opt = x.options();
   // Chunks: runs of consecutive experts, closed once they reach the row budget.
@@ -187,9 +164,9 @@ torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const E
   const bool needs_grad =
       at::GradMode::is_enabled() && (x.requires_grad() || gate.requires_grad() || w.w_gate.requires_grad() ||
                                      w.w_up.requires_grad() || w.w_down.requires_grad());
-  std::optional<HealthSums> sums;
+  std::optional<detail::HealthSums> sums;
   if (health) sums.emplace(off);
-  HealthSums* hs = sums ? &*sums : nullptr;
+  detail::HealthSums* hs = sums ? &*sums : nullptr;
   auto y = needs_grad ? FusedMoEFn::apply(x.contiguous(), gate, w.w_gate.contiguous(), w.w_up.contiguous(),
                                           w.w_down.contiguous(), index, off, ws, hs)
                       : fused_moe_no_grad(x.contiguous(), gate, w.w_gate.contiguous(), w.w_up.contiguous(),

@@ -15,6 +15,7 @@
 #include "kernels/cpu/scatter_add_gated.h"
 #include "kernels/cpu/small_mm.h"
 #include "kernels/cpu/swiglu.h"
+#include "moeforge/layer/fused_moe.h"
 #include "moeforge/layer/workspace.h"
 
 namespace moeforge::detail {
@@ -159,6 +160,30 @@ void accumulate_expert_health(const torch::Tensor& y, const std::vector<int64_t>
       }
   });
 }
+
+// Running sums behind ExpertHealth (fused_moe.h), over output rows grouped by expert (offsets `off`):
+// fed chunk by chunk by the fused function, or at once by MoELayer for the unfused paths.
+struct HealthSums {
+  std::vector<double> sum_sq;
+  std::vector<int64_t> rows, bad;
+  explicit HealthSums(const std::vector<int64_t>& off)
+      : sum_sq(off.size() - 1, 0.0), rows(off.size() - 1, 0), bad(off.size() - 1, 0) {
+    for (size_t e = 0; e + 1 < off.size(); ++e) rows[e] = off[e + 1] - off[e];
+  }
+  template <typename T>
+  void add(const torch::Tensor& y_rows, const std::vector<int64_t>& off) {
+    accumulate_expert_health<T>(y_rows, off, sum_sq.data(), bad.data());
+  }
+  ExpertHealth result() const {
+    const int64_t E = static_cast<int64_t>(rows.size());
+    ExpertHealth h{torch::zeros({E}, torch::kDouble), torch::zeros({E}, torch::kLong)};
+    for (int64_t e = 0; e < E; ++e) {
+      if (rows[e] > 0) h.out_rms[e] = std::sqrt(sum_sq[e] / static_cast<double>(rows[e]));
+      h.nonfinite[e] = bad[e];
+    }
+    return h;
+  }
+};
 
 // Row-parallel launches of the kernels. Grains keep a task at a few hundred KiB of traffic.
 template <typename T>

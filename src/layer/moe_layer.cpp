@@ -1,5 +1,6 @@
 #include "moeforge/layer/moe_layer.h"
 
+#include "grouped_ops.h"
 #include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/fused_moe.h"
 #include "moeforge/routing/factory.h"
@@ -8,23 +9,17 @@ namespace moeforge {
 
 namespace {
 
-// Per-expert RMS of output rows and count of rows with a NaN/Inf: the health signal of reliability tracking.
+// Per-expert RMS of output rows and count of rows with a NaN/Inf: the health signal of reliability tracking,
+// for the paths that do not measure it inside fused_moe.
 void record_expert_health(const torch::Tensor& y_sorted, RoutingPlan& plan) {
-  torch::NoGradGuard ng;
   const auto off = plan.offsets();
-  const int64_t E = plan.n_expert();
-  auto rms = torch::zeros({E}, torch::kDouble);
-  auto bad = torch::zeros({E}, torch::kLong);
-  auto row_sq = y_sorted.detach().to(torch::kDouble).pow(2).mean(1).cpu();  // [N]
-  auto row_bad = (~torch::isfinite(y_sorted.detach())).any(1).cpu();        // [N]
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    rms[e] = row_sq.narrow(0, off[e], n).mean().sqrt().item<double>();
-    bad[e] = row_bad.narrow(0, off[e], n).sum().item<int64_t>();
-  }
-  plan.expert_out_rms = rms;
-  plan.expert_nonfinite = bad;
+  auto y = y_sorted.detach().to(torch::kCPU).contiguous();  // [N, C]
+  detail::HealthSums sums(off);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "expert_health",
+                                  [&] { sums.add<scalar_t>(y, off); });
+  const auto health = sums.result();
+  plan.expert_out_rms = health.out_rms;
+  plan.expert_nonfinite = health.nonfinite;
 }
 
 }  // namespace
