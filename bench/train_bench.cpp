@@ -40,14 +40,7 @@ struct Trainee {
   }
 
   void train_step(const Batcher::Batch& batch) {
-    const int64_t S = cfg.data.seq_len, B = batch.tokens.size(0);
-    RouteContext ctx;
-    ctx.seq_domain = batch.domain;
-    ctx.seq_cluster = batch.cluster;
-    auto out = model->forward(batch.tokens.narrow(1, 0, S), ctx);
-    auto ce = torch::nn::functional::cross_entropy(
-        out.logits.reshape({B * S, -1}), batch.tokens.narrow(1, 1, S).reshape(-1),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]
+    auto [ce, out] = training_forward(model, batch);
     (ce.mean() + out.aux_loss).backward();
     clip_grad_norm(params, cfg.train.grad_clip);
     optim->step(learning_rate(cfg.train, step));

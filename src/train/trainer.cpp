@@ -110,6 +110,18 @@ LoadedModel load_model(const std::string& checkpoint_dir) {
   return lm;
 }
 
+BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch) {
+  const int64_t B = batch.tokens.size(0), S = batch.tokens.size(1) - 1;
+  RouteContext ctx;
+  ctx.seq_domain = batch.domain;
+  ctx.seq_cluster = batch.cluster;  // offline clusters (MoCE); undefined = the router assigns
+  auto out = model->forward(batch.tokens.narrow(1, 0, S), ctx);
+  auto ce = torch::nn::functional::cross_entropy(
+      out.logits.reshape({B * S, -1}), batch.tokens.narrow(1, 1, S).reshape(-1),
+      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]
+  return {ce, std::move(out)};
+}
+
 TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& log) {
   std::optional<Checkpoint> resume;
   std::string resume_dir;
@@ -270,15 +282,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
         summary.first_batch_tokens = batch.tokens.numel();
         summary.first_batch_digest = token_digest(batch.tokens);
       }
-      auto inputs = batch.tokens.narrow(1, 0, S);
-      auto targets = batch.tokens.narrow(1, 1, S);
-      RouteContext ctx;
-      ctx.seq_domain = batch.domain;
-      ctx.seq_cluster = batch.cluster;  // offline clusters (MoCE); undefined = the router assigns
-      auto out = model->forward(inputs, ctx);
-      auto ce = torch::nn::functional::cross_entropy(
-          out.logits.reshape({B * S, -1}), targets.reshape(-1),
-          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]
+      auto [ce, out] = training_forward(model, batch);  // ce [B*S]
       auto loss = ce.mean() + out.aux_loss;
       (loss / double(tc.grad_accum)).backward();
       loss_sum += ce.mean().item<double>() / double(tc.grad_accum);

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "moeforge/data/batching.h"
 #include "moeforge/data/data.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/evaluate.h"
@@ -61,6 +62,15 @@ LoadedModel load_model(const std::string& checkpoint_dir);
 
 // Builds the model of `cfg` for a vocabulary of `vocab_size` tokens.
 TransformerLM build_model(RunConfig& cfg, int64_t vocab_size);
+
+// The training forward pass of one batch ([B, S + 1] tokens, next-token targets): the per-token
+// cross-entropy [B*S] and the model's output (aux loss, routing plans). train_model and
+// `moeforge bench --train` run their steps through it.
+struct BatchLoss {
+  torch::Tensor token_ce;
+  LMOutput out;
+};
+BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch);
 
 TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& log);
 
