@@ -79,9 +79,9 @@ RoutingPlan TopKRouterImpl::route_scores(const TokenScores& s, const torch::Tens
     priority = raw_gate.select(1, 0);  // Switch/V-MoE BPR: tokens ordered by their top-1 score
   const int64_t cap = expert_capacity(cfg_.capacity_factor, T, k_, n_expert_);
   RoutingPlan plan = build_plan_from_choices(choices, keep, priority, gate_tk, n_expert_, cap);
-  // The auxiliary losses only matter where they can be trained on: in inference (no training, no
-  // autograd) they would be most of route()'s time at decode sizes (about two thirds of its perf samples at T
-  // = 1, where a call takes ~40 us), so they are 0.
+  // The auxiliary losses only matter where they can be trained on. In inference (no training, no
+  // autograd) they would be most of route()'s time at decode sizes: about two thirds of its perf samples
+  // at T = 1, where a call takes ~40 us. So there they are 0.
   plan.aux_loss = ctx.training || at::GradMode::is_enabled() ? token_choice_aux_loss(cfg_, s, choices, ctx)
                                                              : torch::zeros({}, s.logits.options());
   return plan;
