@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 namespace moeforge::kernels::cpu {
 
@@ -12,6 +13,10 @@ namespace moeforge::kernels::cpu {
 // for all n rows; callers split n_out across threads by offsetting out and w.
 void small_mm_nt(float* out, int64_t ld_out, const float* in, const float* w, int64_t n, int64_t n_out,
                  int64_t n_in);
+// small_mm_nt's float kernel as built for one instruction set ("avx512", "avx2" or "generic") whatever
+// the CPU would pick, for tests; returns false (and writes nothing) when this CPU or build lacks it.
+bool small_mm_nt_isa(std::string_view isa, float* out, int64_t ld_out, const float* in, const float* w,
+                     int64_t n, int64_t n_out, int64_t n_in);
 void small_mm_nt(double* out, int64_t ld_out, const double* in, const double* w, int64_t n, int64_t n_out,
                  int64_t n_in);
 

@@ -1,0 +1,82 @@
+// The CPU kernels called directly (kernels/cpu), against double-precision sums: every code path of the
+// small GEMM (1-7 rows streamed, 8+ rows in register tiles with row and output tails, input widths that
+// leave a remainder after the vector lanes) and an output stride wider than the block.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <iostream>
+#include <limits>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+#include "kernels/cpu/small_mm.h"
+
+namespace {
+
+// The kernel under test: the one the CPU picks, or the float build for one instruction set.
+template <typename T>
+bool run_small_mm(const char* isa, T* out, int64_t ld, const T* in, const T* w, int64_t n, int64_t n_out,
+                  int64_t n_in) {
+  if constexpr (std::is_same_v<T, float>)
+    if (isa) return moeforge::kernels::cpu::small_mm_nt_isa(isa, out, ld, in, w, n, n_out, n_in);
+  moeforge::kernels::cpu::small_mm_nt(out, ld, in, w, n, n_out, n_in);
+  return true;
+}
+
+template <typename T>
+void check_small_mm(int64_t n, int64_t n_out, int64_t n_in, const char* isa = nullptr) {
+  std::mt19937 rng(static_cast<unsigned>(n * 1000003 + n_out * 1009 + n_in));
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  std::vector<T> in(n * n_in), w(n_out * n_in);
+  for (auto& v : in) v = static_cast<T>(u(rng));
+  for (auto& v : w) v = static_cast<T>(u(rng));
+  const int64_t ld = n_out + 3;  // a block of a wider output: the columns past n_out must stay untouched
+  std::vector<T> out(std::max<int64_t>(n, 1) * ld, T(-7));
+  if (!run_small_mm(isa, out.data(), ld, in.data(), w.data(), n, n_out, n_in)) return;
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t o = 0; o < n_out; ++o) {
+      double ref = 0, mag = 0;
+      for (int64_t i = 0; i < n_in; ++i) {
+        ref += double(in[r * n_in + i]) * double(w[o * n_in + i]);
+        mag += std::fabs(double(in[r * n_in + i]) * double(w[o * n_in + i]));
+      }
+      // Summation in another order: each partial sum rounds once, so the error is below
+      // n_in * eps * sum|x_i w_i| (the classic bound; typically far less).
+      const double eps = std::numeric_limits<T>::epsilon();
+      ASSERT_NEAR(double(out[r * ld + o]), ref, double(n_in) * eps * mag + 1e-30)
+          << (isa ? isa : "picked") << " n=" << n << " n_out=" << n_out << " n_in=" << n_in << " r=" << r
+          << " o=" << o;
+    }
+    for (int64_t o = n_out; o < ld; ++o) ASSERT_EQ(out[r * ld + o], T(-7)) << "wrote past n_out";
+  }
+}
+
+TEST(CpuKernels, SmallMMFloatMatchesDoubleSums) {
+  for (int64_t n : {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 19, 33})
+    for (int64_t n_out : {1, 5, 6, 7, 13, 64})
+      for (int64_t n_in : {1, 15, 16, 17, 64, 515}) check_small_mm<float>(n, n_out, n_in);
+}
+
+TEST(CpuKernels, SmallMMFloatBuildsForEachInstructionSetMatch) {
+  float out = 0, in = 1, w = 1;
+  EXPECT_TRUE(moeforge::kernels::cpu::small_mm_nt_isa("generic", &out, 1, &in, &w, 1, 1, 1));
+  EXPECT_FALSE(moeforge::kernels::cpu::small_mm_nt_isa("sse9", &out, 1, &in, &w, 1, 1, 1));
+  for (const char* isa : {"avx512", "avx2", "generic"}) {
+    if (!moeforge::kernels::cpu::small_mm_nt_isa(isa, &out, 1, &in, &w, 1, 1, 1)) {
+      std::cout << "[ INFO ] no " << isa << " on this CPU; its build is not checked\n";
+      continue;
+    }
+    for (int64_t n : {1, 2, 3, 4, 7, 8, 9, 13, 33})
+      for (int64_t n_out : {1, 6, 13})
+        for (int64_t n_in : {1, 17, 515}) check_small_mm<float>(n, n_out, n_in, isa);
+  }
+}
+
+TEST(CpuKernels, SmallMMDoubleMatchesDoubleSums) {
+  for (int64_t n : {1, 3, 8, 17})
+    for (int64_t n_out : {1, 7, 64})
+      for (int64_t n_in : {1, 17, 515}) check_small_mm<double>(n, n_out, n_in);
+}
+
+}  // namespace
