@@ -26,8 +26,7 @@ class GroupedSwiGLUFn : public torch::autograd::Function<GroupedSwiGLUFn> {
     auto h = scratch(ws, "rows_f2", {N, F}, opt);  // [N, F]
     auto y = torch::empty({N, C}, opt);            // [N, C]
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_swiglu_forward", [&] {
-      detail::grouped_mm_nt<scalar_t>(a, x, w_gate, off);
-      detail::grouped_mm_nt<scalar_t>(b, x, w_up, off);
+      detail::grouped_mm_nt<scalar_t>(x, off, {{&a, &w_gate}, {&b, &w_up}});
       detail::swiglu_forward<scalar_t>(h, a, b, torch::Tensor());
       detail::grouped_mm_nt<scalar_t>(y, h, w_down, off);
     });

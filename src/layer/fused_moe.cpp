@@ -43,8 +43,7 @@ class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
     auto y = torch::zeros({T, C}, opt);                 // [T, C]
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_moe_forward", [&] {
       detail::gather_rows<scalar_t>(xs, x, token_index);
-      detail::grouped_mm_nt<scalar_t>(a, xs, w_gate, off);
-      detail::grouped_mm_nt<scalar_t>(b, xs, w_up, off);
+      detail::grouped_mm_nt<scalar_t>(xs, off, {{&a, &w_gate}, {&b, &w_up}});
       detail::swiglu_forward<scalar_t>(h, a, b, health ? torch::Tensor() : gate);
       detail::grouped_mm_nt<scalar_t>(y_rows, h, w_down, off);
       if (health) health->template add<scalar_t>(y_rows, off);
@@ -132,8 +131,7 @@ torch::Tensor fused_moe_no_grad(const torch::Tensor& x, const torch::Tensor& gat
            y_rows = y_all.narrow(0, 0, n);
       auto idx = token_index.narrow(0, r0, n);
       detail::gather_rows<scalar_t>(xs, x, idx);
-      detail::grouped_mm_nt<scalar_t>(a, xs, w_gate, local);
-      detail::grouped_mm_nt<scalar_t>(b, xs, w_up, local);
+      detail::grouped_mm_nt<scalar_t>(xs, local, {{&a, &w_gate}, {&b, &w_up}});
       auto g = gate.narrow(0, r0, n);
       detail::swiglu_forward<scalar_t>(a, a, b, health ? torch::Tensor() : g);  // h in place of a
       detail::grouped_mm_nt<scalar_t>(y_rows, a, w_down, local);

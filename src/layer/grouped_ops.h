@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -20,12 +21,12 @@
 
 namespace moeforge::detail {
 
-// Groups of at most this many rows go to the small-GEMM kernel instead of BLAS: at decode sizes a
-// product is bound by reading the expert's weights, and BLAS's packing and thread start-up per call
-// cost more than the product (decode bench: T = 1, 4, 16 give 1-4 rows per expert). The kernel takes
-// one dot product per (row, output), so past a few rows BLAS wins: at decode_t16 with skewed routing
-// (one expert with 16 rows) the layer took 4.4 ms with a limit of 16 or 8 rows and 3.5 ms with 4.
-constexpr int64_t kSmallGroupRows = 4;
+// Groups of at most this many rows go to the small-GEMM kernel instead of BLAS: at decode sizes a product
+// is bound by reading the expert's weights, and BLAS's packing (a copy of the weight per call) and thread
+// start-up cost more than the product. Measured with the kernel alone (C = 512, F = 1024, AVX-512,
+// 2 threads, weights from DRAM): 1-7 rows stream at 40-45 GB/s (BLAS 8-17), 16 rows at ~14 GB/s (BLAS
+// 12-13); past that BLAS's packed panels pay off.
+constexpr int64_t kSmallGroupRows = 16;
 
 // A scratch buffer: from the layer's workspace when there is one, else fresh.
 inline torch::Tensor scratch(Workspace* ws, const std::string& key, at::IntArrayRef shape,
@@ -38,13 +39,23 @@ T* data(const torch::Tensor& t) {
   return t.data_ptr<T>();
 }
 
-// out[rows of e] = in[rows of e] @ w[e]^T for every expert; w [E, O, I], in [N, I], out [N, O].
-// Small groups run as small_mm_nt tasks over (expert, block of 64 outputs) in parallel; large groups go
-// to BLAS one expert at a time (BLAS threads them itself).
+// One product of grouped_mm_nt: out [N, O] from weights w [E, O, I].
+struct NtProduct {
+  torch::Tensor* out;
+  const torch::Tensor* w;
+};
+
+// out[rows of e] = in[rows of e] @ w[e]^T for every expert and every product (products share the input
+// rows: the gate and up projections go in one call); w [E, O, I], in [N, I], out [N, O].
+// Large groups go to BLAS one expert at a time (BLAS threads them itself). Small groups run as small_mm_nt
+// tasks over (product, expert, block of 64 outputs) in one parallel region, handed out one at a time from
+// a shared counter: the thread that wakes first starts at once and the one that wakes 10-50 us later (the
+// passive OpenMP pool) takes what is left, where a fixed split would leave the first one idle at the end;
+// skewed decode also puts 1 row on some experts and 10+ on others.
 template <typename T>
-void grouped_mm_nt(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor& w,
-                   const std::vector<int64_t>& off) {
-  const int64_t E = static_cast<int64_t>(off.size()) - 1, O = w.size(1), I = w.size(2);
+void grouped_mm_nt(const torch::Tensor& in, const std::vector<int64_t>& off,
+                   std::initializer_list<NtProduct> products) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1, I = in.size(1);
   std::vector<int64_t> small;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
@@ -53,28 +64,49 @@ void grouped_mm_nt(torch::Tensor& out, const torch::Tensor& in, const torch::Ten
       small.push_back(e);
       continue;
     }
-    auto o = out.narrow(0, off[e], n);
-    at::mm_out(o, in.narrow(0, off[e], n), w[e].t());
+    for (const auto& p : products) {
+      auto o = p.out->narrow(0, off[e], n);
+      at::mm_out(o, in.narrow(0, off[e], n), (*p.w)[e].t());
+    }
   }
   if (small.empty()) return;
+  struct Task {
+    T* out;
+    const T* w;
+    int64_t e, ld, cols;
+  };
   constexpr int64_t kBlock = 64;
-  const int64_t n_block = (O + kBlock - 1) / kBlock, n_task = static_cast<int64_t>(small.size()) * n_block;
-  // Threads only when the weights to stream are large: waking the pool costs more than it gains on a few
-  // MiB that sit in L3 (decode bench, top-2 shape, 2 cores: T = 1 reads 4 MiB per product, 259 us per
-  // layer on one thread vs 317 us on two; T = 4 reads 16 MiB, 1457 us vs 837 us).
-  constexpr int64_t kParallelBytes = int64_t{8} << 20;
-  const bool parallel =
-      static_cast<int64_t>(small.size()) * O * I * static_cast<int64_t>(sizeof(T)) >= kParallelBytes;
-  T* po = data<T>(out);
+  std::vector<Task> tasks;
+  int64_t weight_bytes = 0;
+  for (const auto& p : products) {
+    const int64_t O = p.w->size(1);
+    for (int64_t e : small)
+      for (int64_t o0 = 0; o0 < O; o0 += kBlock) {
+        const int64_t cols = std::min(kBlock, O - o0);
+        tasks.push_back({data<T>(*p.out) + off[e] * O + o0, data<T>(*p.w) + (e * O + o0) * I, e, O, cols});
+        weight_bytes += cols * I * static_cast<int64_t>(sizeof(T));
+      }
+  }
+  // Threads only when there is enough to stream: waking the pool costs ~10-50 us, more than reading a few
+  // hundred KiB (one decode expert's weights are 2 MiB per product; from DRAM two threads read ~45 GB/s,
+  // one ~34).
+  constexpr int64_t kParallelBytes = int64_t{1} << 20;
+  const int64_t parts = weight_bytes >= kParallelBytes ? std::max(at::get_num_threads(), 1) : 1;
   const T* pi = data<T>(in);
-  const T* pw = data<T>(w);
-  at::parallel_for(0, n_task, parallel ? 1 : n_task, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t e = small[t / n_block], o0 = (t % n_block) * kBlock, o1 = std::min(O, o0 + kBlock);
-      kernels::cpu::small_mm_nt(po + off[e] * O + o0, O, pi + off[e] * I, pw + (e * O + o0) * I,
-                                off[e + 1] - off[e], o1 - o0, I);
+  const auto n_task = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < n_task; t = next.fetch_add(1)) {
+      const Task& k = tasks[static_cast<size_t>(t)];
+      kernels::cpu::small_mm_nt(k.out, k.ld, pi + off[k.e] * I, k.w, off[k.e + 1] - off[k.e], k.cols, I);
     }
   });
+}
+
+template <typename T>
+void grouped_mm_nt(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor& w,
+                   const std::vector<int64_t>& off) {
+  grouped_mm_nt<T>(in, off, {NtProduct{&out, &w}});
 }
 
 // out[rows of e] (+)= in[rows of e] @ w[e]; w [E, I, O], in [N, I], out [N, O] (backward products).
