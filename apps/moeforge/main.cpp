@@ -121,7 +121,7 @@ void print_eval(const EvalResult& r) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  moeforge::ensure_openmp_wait_policy(argv);
+  moeforge::ensure_thread_wait_policies(argv);
   CLI::App app{"moeforge: Mixture-of-Experts routing, training and measurement in C++"};
   app.require_subcommand(1);
   int threads = 0;

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace moeforge {
@@ -27,10 +28,12 @@ int init_threads(int n) {
   return n;
 }
 
-void ensure_openmp_wait_policy(char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
-  if (setenv("OMP_WAIT_POLICY", "PASSIVE", 1) != 0) return;
-  execv("/proc/self/exe", argv);  // returns only on failure: then carry on with the default policy
+void ensure_thread_wait_policies(char** argv) {
+  bool changed = false;
+  for (const auto& [name, value] :
+       {std::pair{"OMP_WAIT_POLICY", "PASSIVE"}, {"OPENBLAS_THREAD_TIMEOUT", "16"}})
+    if (std::getenv(name) == nullptr && setenv(name, value, 1) == 0) changed = true;
+  if (changed) execv("/proc/self/exe", argv);  // returns only on failure: then carry on with the defaults
 }
 
 int parallel_for_threads() {
@@ -59,8 +62,10 @@ std::string describe_machine() {
   }
   std::ostringstream os;
   const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
+  const char* blas_timeout = std::getenv("OPENBLAS_THREAD_TIMEOUT");
   os << model << ", " << at::get_num_threads() << " threads (parallel_for uses " << parallel_for_threads()
-     << "), LibTorch " << TORCH_VERSION << ", OMP_WAIT_POLICY=" << (wait_policy ? wait_policy : "default");
+     << "), LibTorch " << TORCH_VERSION << ", OMP_WAIT_POLICY=" << (wait_policy ? wait_policy : "default")
+     << ", OPENBLAS_THREAD_TIMEOUT=" << (blas_timeout ? blas_timeout : "default");
   if (torch::cuda::is_available()) os << ", CUDA devices: " << torch::cuda::device_count();
   return os.str();
 }
