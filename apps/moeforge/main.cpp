@@ -204,6 +204,9 @@ int main(int argc, char** argv) {
   std::string shape_names;
   for (auto& s : default_bench_shapes()) shape_names += (shape_names.empty() ? "" : ",") + s.name;
   bench->add_option("--shapes", shapes_csv, "comma-separated subset of: " + shape_names);
+  std::string directions_csv;
+  bench->add_option("--directions", directions_csv,
+                    "comma-separated subset of: forward,forward_backward (default: both)");
   bool bench_train = false;
   TrainBenchOptions train_bench_opt;
   bench->add_flag("--train", bench_train,
@@ -364,6 +367,14 @@ int main(int argc, char** argv) {
         if (!ok) throw ConfigError("--shapes", "unknown shape '" + s + "' (expected " + shape_names + ")");
       }
       if (bench_train && !shapes_csv.empty()) throw ConfigError("--shapes", "does not apply to --train");
+      if (!directions_csv.empty()) {
+        if (bench_train) throw ConfigError("--directions", "does not apply to --train");
+        bench_opt.directions = split_csv(directions_csv);
+        for (auto& d : bench_opt.directions)
+          if (d != "forward" && d != "forward_backward")
+            throw ConfigError("--directions",
+                              "unknown direction '" + d + "' (expected forward,forward_backward)");
+      }
       if (!bench_train && (!train_bench_opt.config.empty() || !train_bench_opt.overrides.empty()))
         throw ConfigError(train_bench_opt.config.empty() ? "--set" : "--config", "applies only with --train");
       std::cout << "moeforge bench: " << describe_machine() << "\n";
