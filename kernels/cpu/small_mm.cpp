@@ -2,7 +2,6 @@
 // (reassociated sums); the float kernel spells its vectors out with GCC/Clang vector extensions.
 #include "small_mm.h"
 
-#include <cstring>
 #include <string_view>
 
 #include "simd.h"
@@ -12,11 +11,14 @@ namespace {
 
 #define MOEFORGE_INLINE inline __attribute__((always_inline))
 
-// W float lanes; loads and stores go through memcpy (any alignment, no aliasing assumptions).
+// W float lanes. Loaded by dereferencing a pointer to this type: aligned as float (any float address)
+// and may_alias (it reads float arrays). Not through memcpy into arrays of vectors: the AVX2 build then
+// kept the vectors on the stack and ran 3-5x slower.
 template <int W>
 struct Lanes {
-  typedef float type __attribute__((vector_size(W * sizeof(float)), aligned(alignof(float))));
+  typedef float type __attribute__((vector_size(W * sizeof(float)), aligned(alignof(float)), may_alias));
 };
+#define MOEFORGE_LOAD(V, p) (*reinterpret_cast<const V*>(p))
 
 // Dot products of RB input rows with one weight row, U independent accumulators per input row along
 // the input width: with one or two rows a single accumulator would wait on the FMA latency instead of
@@ -31,13 +33,8 @@ MOEFORGE_INLINE void rows_times_one(float* out, int64_t ld_out, const float* in,
   int64_t i = 0;
   for (; i + W * U <= n_in; i += W * U)
     for (int u = 0; u < U; ++u) {
-      V wv;
-      std::memcpy(&wv, w + i + u * W, sizeof(V));
-      for (int r = 0; r < RB; ++r) {
-        V xv;
-        std::memcpy(&xv, in + r * n_in + i + u * W, sizeof(V));
-        acc[r][u] += xv * wv;
-      }
+      const V wv = MOEFORGE_LOAD(V, w + i + u * W);
+      for (int r = 0; r < RB; ++r) acc[r][u] += MOEFORGE_LOAD(V, in + r * n_in + i + u * W) * wv;
     }
   for (int r = 0; r < RB; ++r) {
     V t = acc[r][0];
@@ -60,10 +57,9 @@ MOEFORGE_INLINE void tile(float* out, int64_t ld_out, const float* in, const flo
   int64_t i = 0;
   for (; i + W <= n_in; i += W) {
     V xv[RB];
-    for (int r = 0; r < RB; ++r) std::memcpy(&xv[r], in + r * n_in + i, sizeof(V));
+    for (int r = 0; r < RB; ++r) xv[r] = MOEFORGE_LOAD(V, in + r * n_in + i);
     for (int o = 0; o < OB; ++o) {
-      V wv;
-      std::memcpy(&wv, w + o * n_in + i, sizeof(V));
+      const V wv = MOEFORGE_LOAD(V, w + o * n_in + i);
       for (int r = 0; r < RB; ++r) acc[r][o] += xv[r] * wv;
     }
   }
@@ -103,41 +99,44 @@ MOEFORGE_INLINE void tile_tail(float* out, int64_t ld_out, const float* in, cons
 }
 
 // Fewer than 8 rows stream each weight row once for all of them (memory-bound: 1-7 rows are 2-14 flops
-// per weight read); 8 rows and more go in RB x OB tiles. Measured on the bench machine (AVX-512,
-// 2 threads, expert weights from DRAM): 40-45 GB/s for 1-7 rows, the machine's read bandwidth.
-template <int W, int RB, int OB>
+// per weight read) with WS lanes; 8 rows and more go in RB x OB tiles of WT lanes. Measured on the bench
+// machine (AMD EPYC with AVX-512, 2 threads, C = 512, 64-output tasks, 96 MiB of weights from DRAM):
+// streaming with 8 lanes reads 40-48 GB/s for 1-3 rows (the machine's bandwidth), ~36 for 4, ~30 for 6,
+// ~23 for 7, where 16 lanes gave 25-31 for 2-3 rows and 17-24 for 4-7; tiles of 16 lanes, 4 x 6, ~22 GB/s
+// at 8-12 rows (8 lanes ~19, one weight row per pass ~16).
+template <int WS, int WT, int RB, int OB>
 MOEFORGE_INLINE void small_mm_float(float* out, int64_t ld_out, const float* in, const float* w, int64_t n,
                                     int64_t n_out, int64_t n_in) {
   switch (n) {
     case 0:
       return;
     case 1:
-      return stream_rows<W, 1, 4>(out, ld_out, in, w, n_out, n_in);
+      return stream_rows<WS, 1, 4>(out, ld_out, in, w, n_out, n_in);
     case 2:
-      return stream_rows<W, 2, 2>(out, ld_out, in, w, n_out, n_in);
+      return stream_rows<WS, 2, 2>(out, ld_out, in, w, n_out, n_in);
     case 3:
-      return stream_rows<W, 3, 2>(out, ld_out, in, w, n_out, n_in);
+      return stream_rows<WS, 3, 2>(out, ld_out, in, w, n_out, n_in);
     case 4:
-      return stream_rows<W, 4, 1>(out, ld_out, in, w, n_out, n_in);
+      return stream_rows<WS, 4, 1>(out, ld_out, in, w, n_out, n_in);
     case 5:
-      return stream_rows<W, 5, 1>(out, ld_out, in, w, n_out, n_in);
+      return stream_rows<WS, 5, 1>(out, ld_out, in, w, n_out, n_in);
     case 6:
-      return stream_rows<W, 6, 1>(out, ld_out, in, w, n_out, n_in);
+      return stream_rows<WS, 6, 1>(out, ld_out, in, w, n_out, n_in);
     case 7:
-      return stream_rows<W, 7, 1>(out, ld_out, in, w, n_out, n_in);
+      return stream_rows<WS, 7, 1>(out, ld_out, in, w, n_out, n_in);
     default:
       break;
   }
   int64_t r = 0;
-  for (; r + RB <= n; r += RB) tile_rows<W, RB, OB>(out + r * ld_out, ld_out, in + r * n_in, w, n_out, n_in);
-  if (r < n) tile_tail<W, RB, OB>(out + r * ld_out, ld_out, in + r * n_in, w, n_out, n_in, n - r);
+  for (; r + RB <= n; r += RB) tile_rows<WT, RB, OB>(out + r * ld_out, ld_out, in + r * n_in, w, n_out, n_in);
+  if (r < n) tile_tail<WT, RB, OB>(out + r * ld_out, ld_out, in + r * n_in, w, n_out, n_in, n - r);
 }
 
 using SmallMMFloat = void (*)(float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t);
 
 void small_mm_float_generic(float* out, int64_t ld_out, const float* in, const float* w, int64_t n,
                             int64_t n_out, int64_t n_in) {
-  small_mm_float<4, 2, 4>(out, ld_out, in, w, n, n_out, n_in);
+  small_mm_float<4, 4, 2, 4>(out, ld_out, in, w, n, n_out, n_in);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -145,12 +144,12 @@ void small_mm_float_generic(float* out, int64_t ld_out, const float* in, const f
 // (3 x 4 + 3 + 1).
 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void small_mm_float_avx512(
     float* out, int64_t ld_out, const float* in, const float* w, int64_t n, int64_t n_out, int64_t n_in) {
-  small_mm_float<16, 4, 6>(out, ld_out, in, w, n, n_out, n_in);
+  small_mm_float<8, 16, 4, 6>(out, ld_out, in, w, n, n_out, n_in);
 }
 __attribute__((target("avx2,fma"))) void small_mm_float_avx2(float* out, int64_t ld_out, const float* in,
                                                              const float* w, int64_t n, int64_t n_out,
                                                              int64_t n_in) {
-  small_mm_float<8, 3, 4>(out, ld_out, in, w, n, n_out, n_in);
+  small_mm_float<8, 8, 3, 4>(out, ld_out, in, w, n, n_out, n_in);
 }
 #endif
 
