@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cpu/gelu.h"
 #include "kernels/cpu/small_mm.h"
 
 namespace {
@@ -77,6 +78,36 @@ TEST(CpuKernels, SmallMMDoubleMatchesDoubleSums) {
   for (int64_t n : {1, 3, 8, 17})
     for (int64_t n_out : {1, 7, 64})
       for (int64_t n_in : {1, 17, 515}) check_small_mm<double>(n, n_out, n_in);
+}
+
+TEST(CpuKernels, GeluMatchesErfFormulaIncludingLargeInputs) {
+  // Inputs from deep in either tail (where exp(-x^2 / 2) is clamped and erf saturates) through 0, with a
+  // gate, against the formula in double.
+  const std::vector<float> xs = {-1e4f, -60.f, -9.f, -3.f, -1.f, -0.1f, 0.f, 0.1f, 1.f, 3.f, 9.f, 60.f, 1e4f};
+  const int64_t n = 2, width = static_cast<int64_t>(xs.size());
+  std::vector<float> a, dh, h(n * width), da(n * width), d_gate(n);
+  for (int64_t r = 0; r < n; ++r)
+    for (float x : xs) {
+      a.push_back(x);
+      dh.push_back(0.5f + 0.1f * float(r));
+    }
+  const std::vector<float> gate = {0.25f, 2.f};
+  moeforge::kernels::cpu::gelu_forward(h.data(), a.data(), gate.data(), n, width);
+  moeforge::kernels::cpu::gelu_backward(da.data(), d_gate.data(), dh.data(), a.data(), gate.data(), n, width);
+  for (int64_t r = 0; r < n; ++r) {
+    double dot = 0;
+    for (int64_t j = 0; j < width; ++j) {
+      const double x = a[r * width + j], cdf = 0.5 * (1 + std::erf(x / std::sqrt(2.0)));
+      const double pdf = std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI), d = dh[r * width + j];
+      dot += d * x * cdf;
+      // float32 results of O(|x|) values: a few ulp of libmvec's erf/exp and of the products, relative
+      EXPECT_NEAR(h[r * width + j], gate[r] * x * cdf, 1e-6 * (1 + std::fabs(x))) << "x=" << x;
+      EXPECT_NEAR(da[r * width + j], gate[r] * d * (cdf + x * pdf), 1e-6) << "x=" << x;
+      EXPECT_TRUE(std::isfinite(da[r * width + j]));
+    }
+    // d_gate sums the row: float32 accumulation of 13 terms up to 1e4 in size
+    EXPECT_NEAR(d_gate[r], dot, 1e-6 * 2e4);
+  }
 }
 
 }  // namespace
