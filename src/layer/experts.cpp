@@ -62,6 +62,29 @@ class GroupedSwiGLUFn : public torch::autograd::Function<GroupedSwiGLUFn> {
   }
 };
 
+// h = gelu(a) and da = dh gelu'(a): the fused CPU kernel (kernels/cpu/gelu) for CPU float/double, LibTorch's
+// gelu elsewhere.
+bool own_gelu_kernels(const torch::Tensor& a) {
+  return a.device().is_cpu() && (a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kDouble);
+}
+
+torch::Tensor gelu_of(const torch::Tensor& a) {
+  if (!own_gelu_kernels(a)) return torch::gelu(a);
+  auto h = torch::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "experts_gelu",
+                             [&] { detail::gelu_forward<scalar_t>(h, a, torch::Tensor()); });
+  return h;
+}
+
+// dh becomes da (in place) with the own kernel.
+torch::Tensor gelu_backward_of(torch::Tensor& dh, const torch::Tensor& a) {
+  if (!own_gelu_kernels(a)) return at::gelu_backward(dh, a);
+  torch::Tensor no_gate;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "experts_gelu_backward",
+                             [&] { detail::gelu_backward<scalar_t>(dh, no_gate, dh, a, no_gate); });
+  return dh;
+}
+
 class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor w_up,
@@ -70,7 +93,7 @@ class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
     auto a = torch::empty({N, F}, x.options());                     // [N, F]
     auto y = torch::empty({N, C}, x.options());                     // [N, C]
     detail::grouped_mm_nn(a, x, w_up.transpose(1, 2), off, false);  // x @ w_up[e]^T
-    auto h = torch::gelu(a);
+    auto h = gelu_of(a);
     detail::grouped_mm_nn(y, h, w_down.transpose(1, 2), off, false);
     ctx->save_for_backward({x, a, w_up, w_down});
     ctx->saved_data["off"] = off;
@@ -82,12 +105,12 @@ class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
     auto x = saved[0], a = saved[1], w_up = saved[2], w_down = saved[3];
     const auto off = ctx->saved_data["off"].toIntVector();
     auto gy = grads[0].contiguous();
-    auto h = torch::gelu(a);
+    auto h = gelu_of(a);
     auto dh = torch::empty_like(a);
     detail::grouped_mm_nn(dh, gy, w_down, off, false);
     torch::Tensor dw_down, dw_up;
     if (ctx->needs_input_grad(2)) dw_down = detail::grouped_weight_grad(gy, h, off, w_down);
-    auto da = at::gelu_backward(dh, a);
+    auto da = gelu_backward_of(dh, a);
     auto dx = torch::empty_like(x);
     detail::grouped_mm_nn(dx, da, w_up, off, false);
     if (ctx->needs_input_grad(1)) dw_up = detail::grouped_weight_grad(da, x, off, w_up);

@@ -29,22 +29,31 @@ using detail::scratch;
 class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
  public:
   // x [T, C], gate [N], w_gate/w_up [E, F, C], w_down [E, C, F], token_index [N] int64 grouped by expert.
+  // GELU experts: w_gate an empty placeholder (autograd functions take no undefined inputs), h = gelu(a)
+  // with a = x W_up^T (b unused).
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor gate,
                                torch::Tensor w_gate, torch::Tensor w_up, torch::Tensor w_down,
                                torch::Tensor token_index, std::vector<int64_t> off, Workspace* ws,
                                detail::HealthSums* health) {
     const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w_up.size(1);
+    const bool swiglu = w_gate.dim() == 3;
     const auto opt = x.options();
-    auto xs = scratch(ws, "rows_c1", {N, C}, opt);      // [N, C] x rows in expert order
-    auto a = scratch(ws, "a", {N, F}, opt);             // [N, F] gate pre-activation (saved)
-    auto b = scratch(ws, "b", {N, F}, opt);             // [N, F] up projection (saved)
-    auto h = scratch(ws, "rows_f2", {N, F}, opt);       // [N, F] gate * silu(a) * b (ungated with health)
+    auto xs = scratch(ws, "rows_c1", {N, C}, opt);  // [N, C] x rows in expert order
+    auto a = scratch(ws, "a", {N, F}, opt);         // [N, F] gate pre-activation, GELU: up projection (saved)
+    auto b = swiglu ? scratch(ws, "b", {N, F}, opt) : torch::Tensor();  // [N, F] up projection (saved)
+    auto h = scratch(ws, "rows_f2", {N, F}, opt);       // [N, F] gate * act (ungated with health)
     auto y_rows = scratch(ws, "rows_c2", {N, C}, opt);  // [N, C] gated (ungated with health) expert outputs
     auto y = torch::zeros({T, C}, opt);                 // [T, C]
+    const auto h_gate = health ? torch::Tensor() : gate;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_moe_forward", [&] {
       detail::gather_rows<scalar_t>(xs, x, token_index);
-      detail::grouped_mm_nt<scalar_t>(xs, off, {{&a, &w_gate}, {&b, &w_up}});
-      detail::swiglu_forward<scalar_t>(h, a, b, health ? torch::Tensor() : gate);
+      if (swiglu) {
+        detail::grouped_mm_nt<scalar_t>(xs, off, {{&a, &w_gate}, {&b, &w_up}});
+        detail::swiglu_forward<scalar_t>(h, a, b, h_gate);
+      } else {
+        detail::grouped_mm_nt<scalar_t>(a, xs, w_up, off);
+        detail::gelu_forward<scalar_t>(h, a, h_gate);
+      }
       detail::grouped_mm_nt<scalar_t>(y_rows, h, w_down, off);
       if (health) health->template add<scalar_t>(y_rows, off);
       detail::scatter_add_gated<scalar_t>(y, y_rows, token_index, health ? gate : torch::Tensor());
@@ -62,6 +71,7 @@ class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
     const auto off = ctx->saved_data["off"].toIntVector();
     auto* ws = reinterpret_cast<Workspace*>(ctx->saved_data["ws"].toInt());
     const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w_up.size(1);
+    const bool swiglu = w_gate.dim() == 3;
     const auto opt = x.options();
     auto gy = grads[0].contiguous();                     // [T, C]
     auto rows_c1 = scratch(ws, "rows_c1", {N, C}, opt);  // dy rows, then x rows
@@ -74,16 +84,26 @@ class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_moe_backward", [&] {
       detail::gather_rows<scalar_t>(rows_c1, gy, token_index);
       detail::grouped_mm_nn(dh, rows_c1, w_down, off, false);
-      detail::swiglu_forward<scalar_t>(hg, a, b, gate);  // recomputed rather than kept from forward
+      // h recomputed rather than kept from forward
+      if (swiglu)
+        detail::swiglu_forward<scalar_t>(hg, a, b, gate);
+      else
+        detail::gelu_forward<scalar_t>(hg, a, gate);
       if (ctx->needs_input_grad(4)) dw_down = detail::grouped_weight_grad(rows_c1, hg, off, w_down);
-      detail::swiglu_backward<scalar_t>(dh, hg, d_gate, dh, a, b, gate);
-      auto& da = dh;
-      auto& db = hg;
+      auto& da = dh;  // in place
       detail::gather_rows<scalar_t>(rows_c1, x, token_index);
-      if (ctx->needs_input_grad(2)) dw_gate = detail::grouped_weight_grad(da, rows_c1, off, w_gate);
-      if (ctx->needs_input_grad(3)) dw_up = detail::grouped_weight_grad(db, rows_c1, off, w_up);
-      detail::grouped_mm_nn(dxs, da, w_gate, off, false);
-      detail::grouped_mm_nn(dxs, db, w_up, off, true);
+      if (swiglu) {
+        detail::swiglu_backward<scalar_t>(dh, hg, d_gate, dh, a, b, gate);
+        auto& db = hg;
+        if (ctx->needs_input_grad(2)) dw_gate = detail::grouped_weight_grad(da, rows_c1, off, w_gate);
+        if (ctx->needs_input_grad(3)) dw_up = detail::grouped_weight_grad(db, rows_c1, off, w_up);
+        detail::grouped_mm_nn(dxs, da, w_gate, off, false);
+        detail::grouped_mm_nn(dxs, db, w_up, off, true);
+      } else {
+        detail::gelu_backward<scalar_t>(da, d_gate, dh, a, gate);
+        if (ctx->needs_input_grad(3)) dw_up = detail::grouped_weight_grad(da, rows_c1, off, w_up);
+        detail::grouped_mm_nn(dxs, da, w_up, off, false);
+      }
       detail::scatter_add_gated<scalar_t>(dx, dxs, token_index, torch::Tensor());
     });
     return {dx,
@@ -108,6 +128,7 @@ torch::Tensor fused_moe_no_grad(const torch::Tensor& x, const torch::Tensor& gat
                                 const torch::Tensor& w_down, const torch::Tensor& token_index,
                                 const std::vector<int64_t>& off, Workspace* ws, detail::HealthSums* health) {
   const int64_t T = x.size(0), C = x.size(1), F = w_up.size(1), E = static_cast<int64_t>(off.size()) - 1;
+  const bool swiglu = w_gate.defined();  // else GELU
   const auto opt = x.options();
   // Chunks: runs of consecutive experts, closed once they reach the row budget.
   std::vector<int64_t> cut = {0};
@@ -119,7 +140,7 @@ torch::Tensor fused_moe_no_grad(const torch::Tensor& x, const torch::Tensor& gat
   if (rows == 0) return y;
   auto xs_all = scratch(ws, "rows_c1", {rows, C}, opt);
   auto a_all = scratch(ws, "a", {rows, F}, opt);
-  auto b_all = scratch(ws, "b", {rows, F}, opt);
+  auto b_all = swiglu ? scratch(ws, "b", {rows, F}, opt) : torch::Tensor();
   auto y_all = scratch(ws, "rows_c2", {rows, C}, opt);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_moe_no_grad", [&] {
     for (size_t i = 0; i + 1 < cut.size(); ++i) {
@@ -127,13 +148,19 @@ torch::Tensor fused_moe_no_grad(const torch::Tensor& x, const torch::Tensor& gat
       if (n == 0) continue;
       std::vector<int64_t> local(off.size());  // offsets relative to the chunk; other experts empty
       for (size_t e = 0; e < off.size(); ++e) local[e] = std::clamp(off[e] - r0, int64_t{0}, n);
-      auto xs = xs_all.narrow(0, 0, n), a = a_all.narrow(0, 0, n), b = b_all.narrow(0, 0, n),
-           y_rows = y_all.narrow(0, 0, n);
+      auto xs = xs_all.narrow(0, 0, n), a = a_all.narrow(0, 0, n), y_rows = y_all.narrow(0, 0, n);
       auto idx = token_index.narrow(0, r0, n);
-      detail::gather_rows<scalar_t>(xs, x, idx);
-      detail::grouped_mm_nt<scalar_t>(xs, local, {{&a, &w_gate}, {&b, &w_up}});
       auto g = gate.narrow(0, r0, n);
-      detail::swiglu_forward<scalar_t>(a, a, b, health ? torch::Tensor() : g);  // h in place of a
+      const auto h_gate = health ? torch::Tensor() : g;
+      detail::gather_rows<scalar_t>(xs, x, idx);
+      if (swiglu) {
+        auto b = b_all.narrow(0, 0, n);
+        detail::grouped_mm_nt<scalar_t>(xs, local, {{&a, &w_gate}, {&b, &w_up}});
+        detail::swiglu_forward<scalar_t>(a, a, b, h_gate);  // h in place of a
+      } else {
+        detail::grouped_mm_nt<scalar_t>(a, xs, w_up, local);
+        detail::gelu_forward<scalar_t>(a, a, h_gate);  // h in place of a
+      }
       detail::grouped_mm_nt<scalar_t>(y_rows, a, w_down, local);
       if (health) health->template add<scalar_t>(y_rows, local);
       detail::scatter_add_gated<scalar_t>(y, y_rows, idx, health ? g : torch::Tensor());
@@ -145,30 +172,36 @@ torch::Tensor fused_moe_no_grad(const torch::Tensor& x, const torch::Tensor& gat
 }  // namespace
 
 bool fused_moe_supported(const torch::Tensor& x, const ExpertWeights& w) {
+  const bool weights_fit = w.w_up.scalar_type() == x.scalar_type() &&
+                           w.w_down.scalar_type() == x.scalar_type() &&
+                           (w.act == ExpertAct::kGELU || w.w_gate.scalar_type() == x.scalar_type());
   return x.device().is_cpu() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble) &&
-         w.act == ExpertAct::kSwiGLU && w.w_up.scalar_type() == x.scalar_type();
+         weights_fit;
 }
 
 torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w,
                         Workspace* ws, ExpertHealth* health) {
   TORCH_CHECK(x.dim() == 2, "fused_moe: x must be [T, C]");
-  TORCH_CHECK(fused_moe_supported(x, w), "fused_moe: needs CPU float/double input and SwiGLU experts");
+  TORCH_CHECK(fused_moe_supported(x, w), "fused_moe: needs CPU float/double input and weights of its dtype");
   const auto off = plan.offsets();
   TORCH_CHECK(static_cast<int64_t>(off.size()) == w.w_up.size(0) + 1,
               "fused_moe: offsets must have E+1 entries");
   TORCH_CHECK(off.back() == plan.n_assign(), "fused_moe: offsets must span the assignments");
+  const bool swiglu = w.act == ExpertAct::kSwiGLU;
+  TORCH_CHECK(!swiglu || w.w_gate.defined(), "fused_moe: SwiGLU experts need w_gate");
   auto index = plan.token_index.to(torch::kCPU, torch::kLong).contiguous();
-  auto gate = plan.gate.to(x.scalar_type()).contiguous();  // differentiable cast
-  const bool needs_grad =
-      at::GradMode::is_enabled() && (x.requires_grad() || gate.requires_grad() || w.w_gate.requires_grad() ||
-                                     w.w_up.requires_grad() || w.w_down.requires_grad());
+  auto gate = plan.gate.to(x.scalar_type()).contiguous();          // differentiable cast
+  auto w_gate = swiglu ? w.w_gate.contiguous() : torch::Tensor();  // undefined: GELU experts
+  auto w_up = w.w_up.contiguous(), w_down = w.w_down.contiguous();
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (x.requires_grad() || gate.requires_grad() || (swiglu && w_gate.requires_grad()) ||
+                           w_up.requires_grad() || w_down.requires_grad());
   std::optional<detail::HealthSums> sums;
   if (health) sums.emplace(off);
   detail::HealthSums* hs = sums ? &*sums : nullptr;
-  auto y = needs_grad ? FusedMoEFn::apply(x.contiguous(), gate, w.w_gate.contiguous(), w.w_up.contiguous(),
-                                          w.w_down.contiguous(), index, off, ws, hs)
-                      : fused_moe_no_grad(x.contiguous(), gate, w.w_gate.contiguous(), w.w_up.contiguous(),
-                                          w.w_down.contiguous(), index, off, ws, hs);
+  auto y = needs_grad ? FusedMoEFn::apply(x.contiguous(), gate, swiglu ? w_gate : w_up.new_empty({0}), w_up,
+                                          w_down, index, off, ws, hs)
+                      : fused_moe_no_grad(x.contiguous(), gate, w_gate, w_up, w_down, index, off, ws, hs);
   if (health) *health = sums->result();
   return y;
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/cpu/gather_rows.h"
+#include "kernels/cpu/gelu.h"
 #include "kernels/cpu/scatter_add_gated.h"
 #include "kernels/cpu/small_mm.h"
 #include "kernels/cpu/swiglu.h"
@@ -275,6 +276,34 @@ void swiglu_backward(torch::Tensor& da, torch::Tensor& db, torch::Tensor& d_gate
     const int64_t o = r0 * F;
     kernels::cpu::swiglu_backward(pda + o, pdb + o, pdg ? pdg + r0 : nullptr, pdh + o, pa + o, pb + o,
                                   pg ? pg + r0 : nullptr, r1 - r0, F);
+  });
+}
+
+template <typename T>
+void gelu_forward(torch::Tensor& h, const torch::Tensor& a, const torch::Tensor& gate) {
+  const int64_t N = a.size(0), F = a.size(1);
+  T* ph = data<T>(h);
+  const T* pa = data<T>(a);
+  const T* pg = gate.defined() ? data<T>(gate) : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    kernels::cpu::gelu_forward(ph + r0 * F, pa + r0 * F, pg ? pg + r0 : nullptr, r1 - r0, F);
+  });
+}
+
+// da may be dh; d_gate undefined when there is no gate.
+template <typename T>
+void gelu_backward(torch::Tensor& da, torch::Tensor& d_gate, const torch::Tensor& dh, const torch::Tensor& a,
+                   const torch::Tensor& gate) {
+  const int64_t N = a.size(0), F = a.size(1);
+  T* pda = data<T>(da);
+  T* pdg = d_gate.defined() ? data<T>(d_gate) : nullptr;
+  const T* pdh = data<T>(dh);
+  const T* pa = data<T>(a);
+  const T* pg = gate.defined() ? data<T>(gate) : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    const int64_t o = r0 * F;
+    kernels::cpu::gelu_backward(pda + o, pdg ? pdg + r0 : nullptr, pdh + o, pa + o, pg ? pg + r0 : nullptr,
+                                r1 - r0, F);
   });
 }
 

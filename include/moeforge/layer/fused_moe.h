@@ -1,14 +1,15 @@
-// Dispatch -> experts -> combine as one autograd function (the fast path of MoELayer on CPU; SwiGLU).
+// Dispatch -> experts -> combine as one autograd function (the fast path of MoELayer on CPU; SwiGLU and
+// GELU experts).
 // Its plain twin is moe_plain_loop (moe_layer.h), with the same signature and results.
 //
 // Legend: T tokens, C model width, F expert hidden width, E experts, N assignments.
 // What it does, after MegaBlocks/ScatterMoE: rows are gathered straight into the expert GEMMs' input in
-// expert order, the gate is folded into the fused SwiGLU pass, the output rows are scatter-added back to
-// their tokens; backward keeps only the two pre-activations [N, F] (x is re-gathered, h recomputed), and
-// the gate gradient <dy[token], y_row> is taken as <dh, silu(a) b> inside the fused backward pass, so
-// the expert output rows need not be kept. All intermediates live in a per-layer Workspace. Weight
-// gradients are added straight into existing .grad tensors (gradient-accumulation fusion, as Megatron
-// does) when a plain backward() runs; see fusable_grad in src/layer/grouped_ops.h.
+// expert order, the gate is folded into the fused activation pass, the output rows are scatter-added back to
+// their tokens; backward keeps only the pre-activations [N, F] (two for SwiGLU, one for GELU; x is
+// re-gathered, h recomputed), and the gate gradient <dy[token], y_row> is taken as <dh, act(a)> inside the
+// fused backward pass, so the expert output rows need not be kept. All intermediates live in a per-layer
+// Workspace. Weight gradients are added straight into existing .grad tensors (gradient-accumulation fusion,
+// as Megatron does) when a plain backward() runs; see fusable_grad in src/layer/grouped_ops.h.
 #pragma once
 
 #include <torch/torch.h>
@@ -26,7 +27,7 @@ struct ExpertHealth {
   torch::Tensor out_rms, nonfinite;
 };
 
-// Whether fused_moe can run x with these weights (CPU, float or double, SwiGLU).
+// Whether fused_moe can run x with these weights (CPU, float or double, weights of x's dtype).
 bool fused_moe_supported(const torch::Tensor& x, const ExpertWeights& w);
 
 // x [T, C] -> y [T, C], y[t] = sum over assignments i of t of gate[i] * expert_{e(i)}(x[t]);
