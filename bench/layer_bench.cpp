@@ -24,9 +24,12 @@ namespace moeforge {
 
 std::vector<BenchShape> default_bench_shapes() {
   return {
-      {"top2", 4096, 512, 1024, 16, 2},     {"fine_grained", 4096, 512, 256, 64, 8},
-      {"decode_t1", 1, 512, 1024, 16, 2},   {"decode_t4", 4, 512, 1024, 16, 2},
+      {"top2", 4096, 512, 1024, 16, 2},
+      {"fine_grained", 4096, 512, 256, 64, 8},
+      {"decode_t1", 1, 512, 1024, 16, 2},
+      {"decode_t4", 4, 512, 1024, 16, 2},
       {"decode_t16", 16, 512, 1024, 16, 2},
+      {"top2_gelu", 4096, 512, 2048, 16, 2, ExpertAct::kGELU, /*by_default=*/false},
   };
 }
 
@@ -160,8 +163,8 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
       << "loop_MiB"
       << "\n";
   for (const auto& shape : default_bench_shapes()) {
-    if (!opt.shapes.empty() &&
-        std::find(opt.shapes.begin(), opt.shapes.end(), shape.name) == opt.shapes.end())
+    if (opt.shapes.empty() ? !shape.by_default
+                           : std::find(opt.shapes.begin(), opt.shapes.end(), shape.name) == opt.shapes.end())
       continue;
     for (const auto& routing : opt.routings) {
       MoEConfig cfg;
@@ -169,6 +172,7 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
       cfg.n_expert = shape.E;
       cfg.n_expert_used = shape.K;
       cfg.d_expert = shape.F;
+      cfg.expert_act = shape.act;
       cfg.capacity_factor = 0;  // dropless
       MoELayer layer(cfg, shape.C);
       auto x = torch::randn({shape.T, shape.C});
@@ -182,10 +186,11 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
       }
       const int64_t N = plan0.n_assign();
       // The dense side: one FFN of the same expert shape over the same N rows.
-      DenseFFN dense(shape.C, shape.F, ExpertAct::kSwiGLU);
+      DenseFFN dense(shape.C, shape.F, shape.act);
       auto x_dense = torch::randn({N, shape.C});
-      ExpertWeights dense_w{ExpertAct::kSwiGLU, dense->w_gate.unsqueeze(0), dense->w_up.unsqueeze(0),
-                            dense->w_down.unsqueeze(0)};
+      const bool swiglu = shape.act == ExpertAct::kSwiGLU;
+      ExpertWeights dense_w{shape.act, swiglu ? dense->w_gate.unsqueeze(0) : torch::Tensor(),
+                            dense->w_up.unsqueeze(0), dense->w_down.unsqueeze(0)};
       const std::vector<int64_t> dense_off = {0, N};
       Workspace dense_ws;  // moeforge's own kernels on the dense side get the same buffer reuse
 
@@ -254,6 +259,7 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
             {"F", shape.F},
             {"E", shape.E},
             {"K", shape.K},
+            {"expert_act", shape.act == ExpertAct::kGELU ? "gelu" : "swiglu"},
             {"routing", routing},
             {"router", "topk"},
             {"direction", direction},
