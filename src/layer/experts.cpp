@@ -68,9 +68,10 @@ bool own_gelu_kernels(const torch::Tensor& a) {
   return a.device().is_cpu() && (a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kDouble);
 }
 
-torch::Tensor gelu_of(const torch::Tensor& a) {
+// h from the workspace when there is one.
+torch::Tensor gelu_of(const torch::Tensor& a, Workspace* ws) {
   if (!own_gelu_kernels(a)) return torch::gelu(a);
-  auto h = torch::empty_like(a);
+  auto h = scratch(ws, "rows_f2", a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "experts_gelu",
                              [&] { detail::gelu_forward<scalar_t>(h, a, torch::Tensor()); });
   return h;
@@ -88,15 +89,16 @@ torch::Tensor gelu_backward_of(torch::Tensor& dh, const torch::Tensor& a) {
 class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor w_up,
-                               torch::Tensor w_down, std::vector<int64_t> off) {
+                               torch::Tensor w_down, std::vector<int64_t> off, Workspace* ws) {
     const int64_t N = x.size(0), F = w_up.size(1), C = w_down.size(1);
-    auto a = torch::empty({N, F}, x.options());                     // [N, F]
+    auto a = scratch(ws, "a", {N, F}, x.options());                 // [N, F] (saved)
     auto y = torch::empty({N, C}, x.options());                     // [N, C]
     detail::grouped_mm_nn(a, x, w_up.transpose(1, 2), off, false);  // x @ w_up[e]^T
-    auto h = gelu_of(a);
+    auto h = gelu_of(a, ws);                                        // [N, F]
     detail::grouped_mm_nn(y, h, w_down.transpose(1, 2), off, false);
     ctx->save_for_backward({x, a, w_up, w_down});
     ctx->saved_data["off"] = off;
+    ctx->saved_data["ws"] = reinterpret_cast<int64_t>(ws);
     return y;
   }
 
@@ -104,9 +106,10 @@ class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
     auto saved = ctx->get_saved_variables();
     auto x = saved[0], a = saved[1], w_up = saved[2], w_down = saved[3];
     const auto off = ctx->saved_data["off"].toIntVector();
+    auto* ws = reinterpret_cast<Workspace*>(ctx->saved_data["ws"].toInt());
     auto gy = grads[0].contiguous();
-    auto h = gelu_of(a);
-    auto dh = torch::empty_like(a);
+    auto h = gelu_of(a, ws);                                   // [N, F] recomputed
+    auto dh = scratch(ws, "rows_f1", a.sizes(), a.options());  // [N, F], then da in place
     detail::grouped_mm_nn(dh, gy, w_down, off, false);
     torch::Tensor dw_down, dw_up;
     if (ctx->needs_input_grad(2)) dw_down = detail::grouped_weight_grad(gy, h, off, w_down);
@@ -114,7 +117,7 @@ class GroupedGELUFn : public torch::autograd::Function<GroupedGELUFn> {
     auto dx = torch::empty_like(x);
     detail::grouped_mm_nn(dx, da, w_up, off, false);
     if (ctx->needs_input_grad(1)) dw_up = detail::grouped_weight_grad(da, x, off, w_up);
-    return {dx, dw_up, dw_down, torch::Tensor()};
+    return {dx, dw_up, dw_down, torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -158,7 +161,7 @@ torch::Tensor experts_grouped(const torch::Tensor& x_sorted, const std::vector<i
                                   ws);
   if (w.act == ExpertAct::kSwiGLU)
     return experts_reference(x, off, w);  // no kernels for this device/dtype yet
-  return GroupedGELUFn::apply(x, w.w_up, w.w_down, off);
+  return GroupedGELUFn::apply(x, w.w_up, w.w_down, off, kernels_fit ? ws : nullptr);
 }
 
 ExpertsImpl::ExpertsImpl(int64_t n_expert, int64_t d_model, int64_t d_ff, ExpertAct act, ExpertsImplKind impl)
