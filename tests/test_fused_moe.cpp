@@ -124,46 +124,31 @@ TEST(FusedMoE, WorkspaceReuseGivesTheSameResults) {
 }
 
 TEST(FusedMoE, LayerUsesItAndMatchesTheReferenceLayer) {
-  torch::manual_seed(5);
-  MoEConfig cfg;
-  cfg.n_expert = 6;
-  cfg.n_expert_used = 2;
-  cfg.d_expert = 8;
-  MoELayer fast(cfg, 5);
-  cfg.experts_impl = ExpertsImplKind::kReference;
-  MoELayer ref(cfg, 5);
-  torch::NoGradGuard ng;
-  auto pf = fast->named_parameters(), pr = ref->named_parameters();
-  for (auto& kv : pf) pr[kv.key()].copy_(kv.value());
-  auto x = torch::randn({30, 5});
-  EXPECT_TENSOR_NEAR(fast->forward(x).y, ref->forward(x).y, kAtol32, kRtol32);
-  EXPECT_GT(fast->experts->workspace().bytes(), 0);  // the fused path ran
-}
-
-TEST(FusedMoE, LayerWithGELUExpertsUsesIt) {
-  torch::manual_seed(6);
-  MoEConfig cfg;
-  cfg.n_expert = 6;
-  cfg.n_expert_used = 2;
-  cfg.d_expert = 8;
-  cfg.expert_act = ExpertAct::kGELU;
-  MoELayer fast(cfg, 5);
-  cfg.experts_impl = ExpertsImplKind::kReference;
-  MoELayer ref(cfg, 5);
-  {
-    torch::NoGradGuard ng;
+  for (auto act : {ExpertAct::kSwiGLU, ExpertAct::kGELU}) {
+    SCOPED_TRACE(to_string(act));
+    torch::manual_seed(5);
+    MoEConfig cfg;
+    cfg.n_expert = 6;
+    cfg.n_expert_used = 2;
+    cfg.d_expert = 8;
+    cfg.expert_act = act;
+    MoELayer fast(cfg, 5);
+    cfg.experts_impl = ExpertsImplKind::kReference;
+    MoELayer ref(cfg, 5);
     auto pf = fast->named_parameters(), pr = ref->named_parameters();
-    for (auto& kv : pf) pr[kv.key()].copy_(kv.value());
+    {
+      torch::NoGradGuard ng;
+      for (auto& kv : pf) pr[kv.key()].copy_(kv.value());
+    }
+    auto x = torch::randn({30, 5});
+    auto yf = fast->forward(x).y, yr = ref->forward(x).y;
+    EXPECT_TENSOR_NEAR(yf, yr, kAtol32, kRtol32);
+    EXPECT_GT(fast->experts->workspace().bytes(), 0);  // the fused path ran
+    yf.sum().backward();
+    yr.sum().backward();
+    for (auto& kv : pf)
+      EXPECT_TENSOR_NEAR(kv.value().grad(), pr[kv.key()].grad(), kAtol32, kRtol32) << kv.key();
   }
-  auto x = torch::randn({30, 5});
-  auto yf = fast->forward(x).y, yr = ref->forward(x).y;
-  EXPECT_TENSOR_NEAR(yf, yr, kAtol32, kRtol32);
-  EXPECT_GT(fast->experts->workspace().bytes(), 0);  // the fused path ran
-  yf.sum().backward();
-  yr.sum().backward();
-  auto pf = fast->named_parameters(), pr = ref->named_parameters();
-  for (auto& kv : pf)
-    EXPECT_TENSOR_NEAR(kv.value().grad(), pr[kv.key()].grad(), kAtol32, kRtol32) << kv.key();
 }
 
 // Gradient-accumulation fusion (grouped_ops.h fusable_grad): weight gradients are added into existing
