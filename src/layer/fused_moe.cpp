@@ -1,5 +1,6 @@
 #include "moeforge/layer/fused_moe.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <optional>
@@ -28,15 +29,16 @@ using detail::scratch;
 
 class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
  public:
-  // x [T, C], gate [N], w_gate/w_up [E, F, C], w_down [E, C, F], token_index [N] int64 grouped by expert.
-  // GELU experts: w_gate an empty placeholder (autograd functions take no undefined inputs), h = gelu(a)
-  // with a = x W_up^T (b unused).
+  // x [T, C], gate [N], weights {w_up, w_down} for GELU experts or {w_up, w_down, w_gate} for SwiGLU ones
+  // (w_up, w_gate [E, F, C], w_down [E, C, F]; a list, because LibTorch 1.13's autograd functions take no
+  // undefined tensor inputs), token_index [N] int64 grouped by expert. GELU: h = gelu(a), a = x W_up^T.
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor gate,
-                               torch::Tensor w_gate, torch::Tensor w_up, torch::Tensor w_down,
-                               torch::Tensor token_index, std::vector<int64_t> off, Workspace* ws,
-                               detail::HealthSums* health) {
+                               at::TensorList weights, torch::Tensor token_index, std::vector<int64_t> off,
+                               Workspace* ws, detail::HealthSums* health) {
+    const bool swiglu = weights.size() == 3;
+    const auto &w_up = weights[0], &w_down = weights[1];
+    const auto w_gate = swiglu ? weights[2] : torch::Tensor();
     const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w_up.size(1);
-    const bool swiglu = w_gate.dim() == 3;
     const auto opt = x.options();
     auto xs = scratch(ws, "rows_c1", {N, C}, opt);  // [N, C] x rows in expert order
     auto a = scratch(ws, "a", {N, F}, opt);         // [N, F] gate pre-activation, GELU: up projection (saved)
@@ -61,6 +63,7 @@ class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
     ctx->save_for_backward({x, gate, w_gate, w_up, w_down, token_index, a, b});
     ctx->saved_data["off"] = off;
     ctx->saved_data["ws"] = reinterpret_cast<int64_t>(ws);
+    ctx->saved_data["swiglu"] = swiglu;
     return y;
   }
 
@@ -71,7 +74,7 @@ class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
     const auto off = ctx->saved_data["off"].toIntVector();
     auto* ws = reinterpret_cast<Workspace*>(ctx->saved_data["ws"].toInt());
     const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w_up.size(1);
-    const bool swiglu = w_gate.dim() == 3;
+    const bool swiglu = ctx->saved_data["swiglu"].toBool();
     const auto opt = x.options();
     auto gy = grads[0].contiguous();                     // [T, C]
     auto rows_c1 = scratch(ws, "rows_c1", {N, C}, opt);  // dy rows, then x rows
@@ -89,32 +92,28 @@ class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
         detail::swiglu_forward<scalar_t>(hg, a, b, gate);
       else
         detail::gelu_forward<scalar_t>(hg, a, gate);
-      if (ctx->needs_input_grad(4)) dw_down = detail::grouped_weight_grad(rows_c1, hg, off, w_down);
+      if (ctx->needs_input_grad(3)) dw_down = detail::grouped_weight_grad(rows_c1, hg, off, w_down);
       auto& da = dh;  // in place
       detail::gather_rows<scalar_t>(rows_c1, x, token_index);
       if (swiglu) {
         detail::swiglu_backward<scalar_t>(dh, hg, d_gate, dh, a, b, gate);
         auto& db = hg;
-        if (ctx->needs_input_grad(2)) dw_gate = detail::grouped_weight_grad(da, rows_c1, off, w_gate);
-        if (ctx->needs_input_grad(3)) dw_up = detail::grouped_weight_grad(db, rows_c1, off, w_up);
+        if (ctx->needs_input_grad(4)) dw_gate = detail::grouped_weight_grad(da, rows_c1, off, w_gate);
+        if (ctx->needs_input_grad(2)) dw_up = detail::grouped_weight_grad(db, rows_c1, off, w_up);
         detail::grouped_mm_nn(dxs, da, w_gate, off, false);
         detail::grouped_mm_nn(dxs, db, w_up, off, true);
       } else {
         detail::gelu_backward<scalar_t>(da, d_gate, dh, a, gate);
-        if (ctx->needs_input_grad(3)) dw_up = detail::grouped_weight_grad(da, rows_c1, off, w_up);
+        if (ctx->needs_input_grad(2)) dw_up = detail::grouped_weight_grad(da, rows_c1, off, w_up);
         detail::grouped_mm_nn(dxs, da, w_up, off, false);
       }
       detail::scatter_add_gated<scalar_t>(dx, dxs, token_index, torch::Tensor());
     });
-    return {dx,
-            d_gate,
-            dw_gate,
-            dw_up,
-            dw_down,
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor()};
+    // One gradient per input, the weights' in list order; none for token_index, off, ws, health.
+    variable_list out = {dx, d_gate, dw_up, dw_down};
+    if (swiglu) out.push_back(dw_gate);
+    out.resize(out.size() + 4);
+    return out;
   }
 };
 
@@ -193,14 +192,15 @@ torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const E
   auto gate = plan.gate.to(x.scalar_type()).contiguous();          // differentiable cast
   auto w_gate = swiglu ? w.w_gate.contiguous() : torch::Tensor();  // undefined: GELU experts
   auto w_up = w.w_up.contiguous(), w_down = w.w_down.contiguous();
-  const bool needs_grad = at::GradMode::is_enabled() &&
-                          (x.requires_grad() || gate.requires_grad() || (swiglu && w_gate.requires_grad()) ||
-                           w_up.requires_grad() || w_down.requires_grad());
+  const auto weights = swiglu ? std::vector<torch::Tensor>{w_up, w_down, w_gate} : std::vector{w_up, w_down};
+  const bool needs_grad =
+      at::GradMode::is_enabled() &&
+      (x.requires_grad() || gate.requires_grad() ||
+       std::any_of(weights.begin(), weights.end(), [](const torch::Tensor& t) { return t.requires_grad(); }));
   std::optional<detail::HealthSums> sums;
   if (health) sums.emplace(off);
   detail::HealthSums* hs = sums ? &*sums : nullptr;
-  auto y = needs_grad ? FusedMoEFn::apply(x.contiguous(), gate, swiglu ? w_gate : w_up.new_empty({0}), w_up,
-                                          w_down, index, off, ws, hs)
+  auto y = needs_grad ? FusedMoEFn::apply(x.contiguous(), gate, at::TensorList(weights), index, off, ws, hs)
                       : fused_moe_no_grad(x.contiguous(), gate, w_gate, w_up, w_down, index, off, ws, hs);
   if (health) *health = sums->result();
   return y;
