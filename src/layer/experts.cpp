@@ -62,15 +62,17 @@ class GroupedSwiGLUFn : public torch::autograd::Function<GroupedSwiGLUFn> {
   }
 };
 
-// h = gelu(a) and da = dh gelu'(a): the fused CPU kernel (kernels/cpu/gelu) for CPU float/double, LibTorch's
-// gelu elsewhere.
-bool own_gelu_kernels(const torch::Tensor& a) {
-  return a.device().is_cpu() && (a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kDouble);
+// Whether the CPU kernels (kernels/cpu) can take t: CPU float or double.
+bool kernels_fit(const torch::Tensor& t) {
+  return t.device().is_cpu() && (t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kDouble);
 }
+
+// h = gelu(a) and da = dh gelu'(a): the fused CPU kernel (kernels/cpu/gelu) where the kernels fit,
+// LibTorch's gelu elsewhere.
 
 // h from the workspace when there is one.
 torch::Tensor gelu_of(const torch::Tensor& a, Workspace* ws) {
-  if (!own_gelu_kernels(a)) return torch::gelu(a);
+  if (!kernels_fit(a)) return torch::gelu(a);
   auto h = scratch(ws, "rows_f2", a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "experts_gelu",
                              [&] { detail::gelu_forward<scalar_t>(h, a, torch::Tensor()); });
@@ -79,7 +81,7 @@ torch::Tensor gelu_of(const torch::Tensor& a, Workspace* ws) {
 
 // dh becomes da (in place) with the own kernel.
 torch::Tensor gelu_backward_of(torch::Tensor& dh, const torch::Tensor& a) {
-  if (!own_gelu_kernels(a)) return at::gelu_backward(dh, a);
+  if (!kernels_fit(a)) return at::gelu_backward(dh, a);
   torch::Tensor no_gate;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "experts_gelu_backward",
                              [&] { detail::gelu_backward<scalar_t>(dh, no_gate, dh, a, no_gate); });
@@ -154,14 +156,13 @@ torch::Tensor experts_grouped(const torch::Tensor& x_sorted, const std::vector<i
                               const ExpertWeights& w, Workspace* ws) {
   check_shapes(x_sorted, off, w);
   auto x = x_sorted.contiguous();
-  const bool kernels_fit =
-      x.device().is_cpu() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble);
-  if (w.act == ExpertAct::kSwiGLU && kernels_fit)
+  const bool fit = kernels_fit(x);
+  if (w.act == ExpertAct::kSwiGLU && fit)
     return GroupedSwiGLUFn::apply(x, w.w_gate.contiguous(), w.w_up.contiguous(), w.w_down.contiguous(), off,
                                   ws);
   if (w.act == ExpertAct::kSwiGLU)
     return experts_reference(x, off, w);  // no kernels for this device/dtype yet
-  return GroupedGELUFn::apply(x, w.w_up, w.w_down, off, kernels_fit ? ws : nullptr);
+  return GroupedGELUFn::apply(x, w.w_up, w.w_down, off, fit ? ws : nullptr);
 }
 
 ExpertsImpl::ExpertsImpl(int64_t n_expert, int64_t d_model, int64_t d_ff, ExpertAct act, ExpertsImplKind impl)
