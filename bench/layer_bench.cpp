@@ -259,7 +259,7 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
             {"F", shape.F},
             {"E", shape.E},
             {"K", shape.K},
-            {"expert_act", shape.act == ExpertAct::kGELU ? "gelu" : "swiglu"},
+            {"expert_act", to_string(shape.act)},
             {"routing", routing},
             {"router", "topk"},
             {"direction", direction},
