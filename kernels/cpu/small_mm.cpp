@@ -102,8 +102,8 @@ MOEFORGE_INLINE void tile_tail(float* out, int64_t ld_out, const float* in, cons
 // per weight read) with WS lanes; 8 rows and more go in RB x OB tiles of WT lanes. Measured on the bench
 // machine (AMD EPYC with AVX-512, 2 threads, C = 512, 64-output tasks, 96 MiB of weights from DRAM):
 // streaming with 8 lanes reads 40-48 GB/s for 1-3 rows (the machine's bandwidth), ~36 for 4, ~30 for 6,
-// ~23 for 7, where 16 lanes gave 25-31 for 2-3 rows and 17-24 for 4-7; tiles of 16 lanes, 4 x 6, ~22 GB/s
-// at 8-12 rows (8 lanes ~19, one weight row per pass ~16).
+// ~23 for 7, where 16 lanes gave 25-31 for 2-3 rows and 17-28 for 4-7; tiles of 16 lanes, 4 x 6, 14-23
+// GB/s at 8-12 rows (8 lanes ~19, one weight row per pass ~16).
 template <int WS, int WT, int RB, int OB>
 MOEFORGE_INLINE void small_mm_float(float* out, int64_t ld_out, const float* in, const float* w, int64_t n,
                                     int64_t n_out, int64_t n_in) {

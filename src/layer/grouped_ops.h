@@ -25,8 +25,8 @@ namespace moeforge::detail {
 // Groups of at most this many rows go to the small-GEMM kernel instead of BLAS: at decode sizes a product
 // is bound by reading the expert's weights, and BLAS's packing (a copy of the weight per call) and thread
 // start-up cost more than the product. Measured with the kernel alone (C = 512, F = 1024, AVX-512,
-// 2 threads, weights from DRAM): 1-7 rows stream at 40-45 GB/s (BLAS 8-17), 16 rows at ~14 GB/s (BLAS
-// 12-13); past that BLAS's packed panels pay off.
+// 2 threads, weights from DRAM): 1-3 rows stream at 40-48 GB/s and 4-7 at 23-36 (BLAS 8-17), 16 rows
+// run at 11-17 GB/s (BLAS 8-14); past that BLAS's packed panels pay off.
 constexpr int64_t kSmallGroupRows = 16;
 
 // A scratch buffer: from the layer's workspace when there is one, else fresh.
