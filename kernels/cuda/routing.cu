@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/routing.h"
@@ -134,6 +135,20 @@ bool topk_args_ok(int64_t T, int64_t E, int64_t K) {
          (T + kTopKWarps - 1) / kTopKWarps <= detail::kMaxGrid;
 }
 
+// Calls launch(std::integral_constant<int, J>{}) with the experts per lane J (1, 2, 4 or 8, E <= 32 J) of
+// the router kernels for E experts.
+template <typename Launch>
+void with_experts_per_lane(int64_t E, Launch&& launch) {
+  if (E <= 32)
+    launch(std::integral_constant<int, 1>{});
+  else if (E <= 64)
+    launch(std::integral_constant<int, 2>{});
+  else if (E <= 128)
+    launch(std::integral_constant<int, 4>{});
+  else
+    launch(std::integral_constant<int, 8>{});
+}
+
 template <typename In>
 int topk_impl(float* probs, float* gates, int32_t* ids, const In* logits, int64_t T, int64_t E, int64_t K,
               bool renormalize, void* stream) {
@@ -142,18 +157,10 @@ int topk_impl(float* probs, float* gates, int32_t* ids, const In* logits, int64_
   const auto blocks = static_cast<unsigned>((T + kTopKWarps - 1) / kTopKWarps);
   const cudaStream_t s = as_stream(stream);
   const int e = static_cast<int>(E), k = static_cast<int>(K);
-  if (E <= 32)
-    topk_softmax_kernel<In, 1>
+  with_experts_per_lane(E, [&](auto per_lane) {
+    topk_softmax_kernel<In, decltype(per_lane)::value>
         <<<blocks, 32 * kTopKWarps, 0, s>>>(probs, gates, ids, logits, T, e, k, renormalize);
-  else if (E <= 64)
-    topk_softmax_kernel<In, 2>
-        <<<blocks, 32 * kTopKWarps, 0, s>>>(probs, gates, ids, logits, T, e, k, renormalize);
-  else if (E <= 128)
-    topk_softmax_kernel<In, 4>
-        <<<blocks, 32 * kTopKWarps, 0, s>>>(probs, gates, ids, logits, T, e, k, renormalize);
-  else
-    topk_softmax_kernel<In, 8>
-        <<<blocks, 32 * kTopKWarps, 0, s>>>(probs, gates, ids, logits, T, e, k, renormalize);
+  });
   return launched();
 }
 
@@ -264,18 +271,10 @@ int topk_softmax_backward(float* d_logits, const float* d_gates, const float* d_
   const auto blocks = static_cast<unsigned>((T + kTopKWarps - 1) / kTopKWarps);
   const cudaStream_t s = as_stream(stream);
   const int e = static_cast<int>(E), k = static_cast<int>(K);
-  if (E <= 32)
-    topk_softmax_backward_kernel<1><<<blocks, 32 * kTopKWarps, 0, s>>>(d_logits, d_gates, d_probs, probs,
-                                                                       gates, ids, T, e, k, renormalize);
-  else if (E <= 64)
-    topk_softmax_backward_kernel<2><<<blocks, 32 * kTopKWarps, 0, s>>>(d_logits, d_gates, d_probs, probs,
-                                                                       gates, ids, T, e, k, renormalize);
-  else if (E <= 128)
-    topk_softmax_backward_kernel<4><<<blocks, 32 * kTopKWarps, 0, s>>>(d_logits, d_gates, d_probs, probs,
-                                                                       gates, ids, T, e, k, renormalize);
-  else
-    topk_softmax_backward_kernel<8><<<blocks, 32 * kTopKWarps, 0, s>>>(d_logits, d_gates, d_probs, probs,
-                                                                       gates, ids, T, e, k, renormalize);
+  with_experts_per_lane(E, [&](auto per_lane) {
+    topk_softmax_backward_kernel<decltype(per_lane)::value><<<blocks, 32 * kTopKWarps, 0, s>>>(
+        d_logits, d_gates, d_probs, probs, gates, ids, T, e, k, renormalize);
+  });
   return launched();
 }
 
