@@ -275,39 +275,31 @@ TEST_P(GroupedGemm, MatchesPerExpertLoops) {
   const std::string tag = std::string(name(dt)) + " O " + std::to_string(O) + " I " + std::to_string(I) +
                           (use_scratch ? " scratch" : " loop") + (acc ? " accumulate" : "");
 
-  {  // Forward: out[rows e] (+)= in[rows e] @ W[e]^T
-    const auto in = as_stored(dt, normal_vector(N * I, rng)), C0 = as_stored(dt, normal_vector(N * O, rng));
+  // Forward (nt): out[rows e] (+)= in[rows e] @ W[e]^T, [N, I] -> [N, O]; data gradient (nn):
+  // out[rows e] (+)= in[rows e] @ W[e], [N, O] -> [N, I].
+  for (const bool nt : {true, false}) {
+    const int64_t in_cols = nt ? I : O, out_cols = nt ? O : I;
+    const auto in = as_stored(dt, normal_vector(N * in_cols, rng));
+    const auto C0 = as_stored(dt, normal_vector(N * out_cols, rng));
     AnyBuf din(dt, in), dout(dt, C0);
-    EXPECT_OK(kc::grouped_mm_nt(h.get(), dt, dout.get(), din.get(), dW.get(), kOffsets.data(), E, O, I, acc,
-                                ps, nullptr));
+    if (nt)
+      EXPECT_OK(kc::grouped_mm_nt(h.get(), dt, dout.get(), din.get(), dW.get(), kOffsets.data(), E, O, I, acc,
+                                  ps, nullptr));
+    else
+      EXPECT_OK(kc::grouped_mm_nn(h.get(), dt, dout.get(), din.get(), dW.get(), kOffsets.data(), E, O, I, acc,
+                                  ps, nullptr));
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<double> want(N * O), mag(N * O);
+    std::vector<double> want(N * out_cols), mag(N * out_cols);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = kOffsets[e], n = kOffsets[e + 1] - r0;
       std::vector<double> w1, m1;
-      rowmajor_gemm(false, true, n, O, I, in.data() + r0 * I, W.data() + e * O * I, w1, &m1);
-      for (int64_t i = 0; i < n * O; ++i) want[r0 * O + i] = w1[i], mag[r0 * O + i] = m1[i];
+      rowmajor_gemm(false, nt, n, out_cols, in_cols, in.data() + r0 * in_cols, W.data() + e * O * I, w1, &m1);
+      for (int64_t i = 0; i < n * out_cols; ++i)
+        want[r0 * out_cols + i] = w1[i], mag[r0 * out_cols + i] = m1[i];
     }
     if (acc)
-      for (int64_t i = 0; i < N * O; ++i) want[i] += C0[i], mag[i] += std::fabs(C0[i]);
-    expect_gemm_close(dout.download(), want, mag, dt, "NT " + tag);
-  }
-  {  // Data gradient: out[rows e] (+)= in[rows e] @ W[e]
-    const auto in = as_stored(dt, normal_vector(N * O, rng)), C0 = as_stored(dt, normal_vector(N * I, rng));
-    AnyBuf din(dt, in), dout(dt, C0);
-    EXPECT_OK(kc::grouped_mm_nn(h.get(), dt, dout.get(), din.get(), dW.get(), kOffsets.data(), E, O, I, acc,
-                                ps, nullptr));
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<double> want(N * I), mag(N * I);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r0 = kOffsets[e], n = kOffsets[e + 1] - r0;
-      std::vector<double> w1, m1;
-      rowmajor_gemm(false, false, n, I, O, in.data() + r0 * O, W.data() + e * O * I, w1, &m1);
-      for (int64_t i = 0; i < n * I; ++i) want[r0 * I + i] = w1[i], mag[r0 * I + i] = m1[i];
-    }
-    if (acc)
-      for (int64_t i = 0; i < N * I; ++i) want[i] += C0[i], mag[i] += std::fabs(C0[i]);
-    expect_gemm_close(dout.download(), want, mag, dt, "NN " + tag);
+      for (int64_t i = 0; i < N * out_cols; ++i) want[i] += C0[i], mag[i] += std::fabs(C0[i]);
+    expect_gemm_close(dout.download(), want, mag, dt, (nt ? "NT " : "NN ") + tag);
   }
   // Weight gradient: dw[e] (+)= d[rows e]^T @ in[rows e], into the activations' type and into float32.
   std::vector<DType> dw_types = {dt};
