@@ -17,7 +17,7 @@
 #include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/experts.h"
 #include "moeforge/layer/moe_layer.h"
-#include "moeforge/routing/topk.h"
+#include "moeforge/routing/registry.h"
 #include "moeforge/util/runtime.h"
 
 namespace moeforge {
@@ -43,12 +43,14 @@ using bench::interleaved;
 // E=64, K=8: a realistic imbalance for a router that is not yet balanced.
 constexpr double kSkewZipfExponent = 0.15;
 
-void make_skewed(torch::Tensor& x, TopKRouterImpl& router) {
+void make_skewed(torch::Tensor& x, Router& router) {
   torch::NoGradGuard ng;
   x.select(1, 0).fill_(1.0);
-  const int64_t E = router.weight.size(0);
+  auto* w = router.named_parameters(/*recurse=*/false).find("weight");  // the [E, C] router projection
+  TORCH_CHECK(w != nullptr, "bench: skewed routing needs a router with a [E, C] \"weight\"");
+  const int64_t E = w->size(0);
   auto prior = torch::arange(1, E + 1, torch::kFloat).reciprocal().log() * kSkewZipfExponent;
-  router.weight.select(1, 0).copy_(prior);
+  w->select(1, 0).copy_(prior);
 }
 
 // A field of /proc/self/status in kB ("VmRSS", "VmHWM"), or -1.
@@ -92,28 +94,26 @@ void drop_grads(torch::nn::Module& m) {
 nlohmann::json bench_router_costs(const LayerBenchOptions& opt, std::ostream& log) {
   const auto shape = default_bench_shapes().front();  // top2
   const int64_t S = 128, B = shape.T / S;
+  const std::string baseline = "topk";
   auto make_cfg = [&](const std::string& router) {
     MoEConfig c;
     c.router = router;
     c.n_expert = shape.E;
     c.n_expert_used = shape.K;
     c.d_expert = shape.F;
-    if (router == "expert_choice") c.ec_capacity_factor = double(shape.K);
-    if (router == "hierarchical" || router == "moce") {
-      c.n_cluster = 4;
-      c.n_cluster_used = 1;
-    }
+    c.n_cluster = 4;
+    router_spec(router).equal_compute(c);  // the registry's equal-compute setting (routing/registry.h)
     return c;
   };
   torch::manual_seed(1);
-  MoELayer base(make_cfg("topk"), shape.C);
+  MoELayer base(make_cfg(baseline), shape.C);
   base->train();
   auto x = torch::randn({B, S, shape.C});
   auto gy = torch::randn({B, S, shape.C});
   nlohmann::json out = nlohmann::json::array();
   log << "\nrouter cost on the top2 shape, ratio to topk (> 1 = slower), median of " << opt.reps << "\n";
-  for (const auto& name : available_routers()) {
-    if (name == "topk") continue;
+  for (const auto& name : router_names()) {
+    if (name == baseline) continue;
     MoELayer layer(make_cfg(name), shape.C);
     layer->train();
     auto step = [&](MoELayer& l) {
@@ -176,7 +176,7 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) 
       cfg.capacity_factor = 0;  // dropless
       MoELayer layer(cfg, shape.C);
       auto x = torch::randn({shape.T, shape.C});
-      if (routing == "skewed") make_skewed(x, dynamic_cast<TopKRouterImpl&>(*layer->router));
+      if (routing == "skewed") make_skewed(x, *layer->router);
       auto weights = layer->experts->weights();
 
       RoutingPlan plan0;

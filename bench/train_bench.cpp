@@ -44,7 +44,8 @@ struct Trainee {
     (ce.mean() + out.aux_loss).backward();
     clip_grad_norm(params, cfg.train.grad_clip);
     optim->step(learning_rate(cfg.train, step));
-    model->after_step(ce.detach());
+    model->add_token_loss(ce.detach());
+    model->after_step();
     optim->zero_grad();
     ++step;
   }

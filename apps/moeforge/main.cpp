@@ -12,8 +12,6 @@
 #include "../../bench/train_bench.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/generate.h"
-#include "moeforge/routing/hierarchical.h"
-#include "moeforge/routing/moce.h"
 #include "moeforge/train/compare.h"
 #include "moeforge/train/prune.h"
 #include "moeforge/train/report.h"
@@ -72,34 +70,16 @@ void print_cluster_table(const EvalResult& r) {
   }
 }
 
-// What a layer's router knows beyond the loads: pruned experts (any router), the hierarchical router's
-// per-cluster / per-expert utilisation and reliability, MoCE's cluster sizes.
+// What a layer's router knows beyond the loads: its own description of its state (Router::describe_state:
+// pruned experts, reliabilities and training utilisation, thresholds, bias, dual, centroid sizes), one key
+// a line.
 void print_router_state(const Router& router, size_t layer) {
-  auto pruned = router.pruned_experts();
-  if (!pruned.empty()) {
-    std::cout << "    pruned experts:";
-    for (int64_t e : pruned) std::cout << " e" << e;
-    std::cout << "\n";
-  }
-  if (auto* h = dynamic_cast<const HierarchicalRouterImpl*>(&router)) {
-    auto s = h->summary();
-    std::cout << "    hierarchical summary (layer " << layer << "): MaxVio clusters "
-              << fixed(s.max_vio_cluster, 3) << ", experts " << fixed(s.max_vio_expert, 3) << "\n";
-    for (auto& c : s.clusters) {
-      std::cout << "      cluster " << c.id << ": share " << fixed(100 * c.share, 1) << "%, reliability "
-                << fixed(c.reliability, 3) << "\n       ";
-      for (auto& e : c.experts)
-        std::cout << " e" << e.id << " " << fixed(100 * e.share, 1) << "% r=" << fixed(e.reliability, 3)
-                  << (e.pruned ? " (pruned)" : "") << ";";
-      std::cout << "\n";
-    }
-  }
-  if (auto* m = dynamic_cast<const MoCERouterImpl*>(&router)) {
-    auto count = m->centroid_count.to(torch::kCPU, torch::kDouble);
-    std::cout << "    MoCE clusters (training sequences absorbed per centroid):";
-    for (int64_t g = 0; g < count.numel(); ++g)
-      std::cout << " c" << g << "=" << int64_t(count[g].item<double>());
-    std::cout << "\n";
+  std::cout << "    router state (layer " << layer << "):\n";
+  const nlohmann::json state = router.describe_state();  // kept alive: items() refers into it
+  for (auto& [key, value] : state.items()) {
+    std::string text = value.dump();
+    if (text.size() > 2000) text = text.substr(0, 2000) + " ...";
+    std::cout << "      " << key << ": " << text << "\n";
   }
 }
 
@@ -327,9 +307,6 @@ int main(int argc, char** argv) {
         std::cout << "  " << b.key() << " " << b.value().sizes() << " (state)\n";
       const std::string tok = lm.tokenizer->serialized();
       DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
-      // The hierarchical summary's loads are counts since reset_counts(): make them this evaluation's.
-      for (auto& layer : lm.model->moe_layers())
-        if (auto h = std::dynamic_pointer_cast<HierarchicalRouterImpl>(layer->router)) h->reset_counts();
       auto r = evaluate(lm.model, data.validation, lm.cfg.train.batch_size, 8, "validation");
       std::cout << "\nutilisation on " << r.tokens << " validation tokens:\n";
       for (size_t l = 0; l < r.layers.size(); ++l) {

@@ -40,14 +40,20 @@ PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& to
   out.tokens = torch::empty({n_seq, seq_len + 1}, torch::kLong);  // [N, S + 1]
   out.domain = torch::empty({n_seq}, torch::kLong);               // [N]
   out.domains = domains;
+  out.doc = torch::empty({n_seq}, torch::kLong);     // [N]
+  out.window = torch::empty({n_seq}, torch::kLong);  // [N]
   int64_t* tokens = out.tokens.data_ptr<int64_t>();
   int64_t* domain = out.domain.data_ptr<int64_t>();
+  int64_t* doc = out.doc.data_ptr<int64_t>();
+  int64_t* window = out.window.data_ptr<int64_t>();
   int64_t row = 0;
   for (int64_t i = 0; i < n_doc; ++i) {
     const int64_t windows = (static_cast<int64_t>(ids[i].size()) - 1) / seq_len;
     for (int64_t j = 0; j < windows; ++j, ++row) {
       std::copy_n(ids[i].data() + j * seq_len, seq_len + 1, tokens + row * (seq_len + 1));
       domain[row] = doc_domain[i];
+      doc[row] = i;
+      window[row] = j;
     }
   }
   return out;
@@ -65,6 +71,19 @@ Batcher::Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffl
     throw std::invalid_argument("Batcher: " + std::to_string(data_.size()) +
                                 " sequences are fewer than batch_size " + std::to_string(batch_size_));
   start_epoch(0);
+}
+
+Batcher::Batcher(PackedData data, int64_t batch_size, Order order)
+    : Batcher(std::move(data), batch_size, 0, false) {
+  order_kind_ = order;
+  if (order != Order::kInterleaved || !data_.doc.defined() || !data_.window.defined()) return;
+  auto doc_t = data_.doc.contiguous();
+  auto win_t = data_.window.contiguous();
+  const int64_t* doc = doc_t.data_ptr<int64_t>();
+  const int64_t* win = win_t.data_ptr<int64_t>();
+  std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
+    return win[a] != win[b] ? win[a] < win[b] : doc[a] < doc[b];
+  });
 }
 
 int64_t Batcher::batches_per_epoch() const {
@@ -93,8 +112,9 @@ Batcher::Batch Batcher::next() {
   const int64_t take = std::min(batch_size_, n - position_);
   auto index = torch::from_blob(order_.data() + position_, {take}, torch::kLong).clone();  // [B]
   position_ += take;
-  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}};
+  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}, {}};
   if (data_.cluster.defined()) b.cluster = data_.cluster.index_select(0, index);
+  if (data_.doc.defined()) b.doc = data_.doc.index_select(0, index);
   return b;
 }
 

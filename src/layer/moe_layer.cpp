@@ -11,15 +11,13 @@ namespace {
 
 // Per-expert RMS of output rows and count of rows with a NaN/Inf: the health signal of reliability tracking,
 // for the paths that do not measure it inside fused_moe.
-void record_expert_health(const torch::Tensor& y_sorted, RoutingPlan& plan) {
+ExpertHealth measure_expert_health(const torch::Tensor& y_sorted, const RoutingPlan& plan) {
   const auto off = plan.offsets();
   auto y = y_sorted.detach().to(torch::kCPU).contiguous();  // [N, C]
   detail::HealthSums sums(off);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "expert_health",
                                   [&] { sums.add<scalar_t>(y, off); });
-  const auto health = sums.result();
-  plan.expert_out_rms = health.out_rms;
-  plan.expert_nonfinite = health.nonfinite;
+  return sums.result();
 }
 
 }  // namespace
@@ -54,41 +52,54 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
   const int64_t T = x2.size(0);
 
   RoutingPlan plan = router->route(x2, ctx);
+  if (record_input_) last_input_ = x2.detach();
+  // Expert health is measured only where a state update will read it (training, routers that ask).
+  const bool want_health = ctx.training && router->wants_expert_health();
+  ExpertHealth health;
   torch::Tensor y;  // [T, C] routed output
   if (adapters) {
     // Adapter form: the experts' input rows are the frozen FFN's output z, not x, and z is added back.
     auto z = dense->forward(x2);                                  // [T, C]
     auto z_sorted = dispatch(z, plan);                            // [N, C]
     auto a_sorted = adapters->forward(z_sorted, plan.offsets());  // [N, C]
-    if (router->wants_expert_health()) record_expert_health(a_sorted, plan);
+    if (want_health) health = measure_expert_health(a_sorted, plan);
     y = z + combine(a_sorted, plan, T);
   } else if (experts->impl() == ExpertsImplKind::kGrouped && fused_moe_supported(x2, experts->weights())) {
     // The fast path: dispatch, experts and combine in one function (fused_moe.h).
-    ExpertHealth health;
-    const bool want_health = router->wants_expert_health();
     y = fused_moe(x2, plan, experts->weights(), &experts->workspace(), want_health ? &health : nullptr);
-    if (want_health) {
-      plan.expert_out_rms = health.out_rms;
-      plan.expert_nonfinite = health.nonfinite;
-    }
   } else {
     auto x_sorted = dispatch(x2, plan);                          // [N, C]
     auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]
-    if (router->wants_expert_health()) record_expert_health(y_sorted, plan);
+    if (want_health) health = measure_expert_health(y_sorted, plan);
     y = combine(y_sorted, plan, T);
   }
   // A router's per-token output scale (ClusterMoE's adaptive weight a(x)) scales the routed output only;
   // shared experts are outside the router's control.
   if (plan.token_scale.defined()) y = y * plan.token_scale.to(y.dtype()).unsqueeze(1);
   if (shared) y = y + shared->forward(x2);
-  if (is_training()) last_plan_ = plan;
+  if (ctx.training) {
+    // What this step teaches the router, summed over micro-batches until after_step (feedback.h).
+    feedback_.add_plan(plan);
+    if (want_health) feedback_.add_health(plan, health.out_rms, health.nonfinite);
+    last_plan_ = plan;
+  }
   return {y.reshape(shape), plan};
 }
 
-void MoELayerImpl::after_step(const torch::Tensor& token_loss) {
-  if (!last_plan_.expert_offsets.defined()) return;
-  if (token_loss.defined()) last_plan_.token_loss = token_loss.detach().reshape(-1);
-  router->after_step(last_plan_);
+void MoELayerImpl::add_token_loss(const torch::Tensor& token_loss) {
+  if (!last_plan_.expert_offsets.defined() || !token_loss.defined()) return;
+  TORCH_CHECK(token_loss.numel() == last_plan_.stats.n_tokens,
+              "MoELayer::add_token_loss: ", token_loss.numel(), " losses for the ", last_plan_.stats.n_tokens,
+              " tokens of the last training forward");
+  feedback_.add_token_loss(last_plan_, token_loss);
+  last_plan_ = RoutingPlan();  // one loss per forward
+}
+
+void MoELayerImpl::after_step() {
+  if (feedback_.empty()) return;
+  router->after_step(feedback_);
+  feedback_.clear();
+  last_plan_ = RoutingPlan();
 }
 
 torch::Tensor moe_plain_loop(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w) {

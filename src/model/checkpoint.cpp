@@ -149,8 +149,10 @@ void load_module_state(torch::nn::Module& module, const NamedTensors& state, con
   torch::NoGradGuard ng;
   for (auto& [name, target] : module_state(module)) {
     auto it = given.find(name);
-    // Checkpoints written before pruning existed have no expert mask: every expert stays routable.
-    if (it == given.end() && ends_with(name, ".expert_active")) continue;
+    // Checkpoints written before pruning existed have no expert mask: every expert stays routable; those
+    // written before MoCE's cluster balance bias (session 4) have none: it starts at 0.
+    if (it == given.end() && (ends_with(name, ".expert_active") || ends_with(name, ".cluster_bias")))
+      continue;
     if (it == given.end())
       throw FileError(where, "tensor '" + name + "' is missing (model/config mismatch?)");
     const auto& src = *it->second;

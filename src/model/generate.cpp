@@ -13,6 +13,7 @@ std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(opt.seed);
   KVCache cache;
   RouteContext ctx;
+  ctx.generating = true;
   auto input = torch::tensor(prompt, torch::kLong).unsqueeze(0);  // [1, P]
   const int64_t max_len = model->model_config().max_seq_len;
   TORCH_CHECK(int64_t(prompt.size()) < max_len, "generate: the prompt has ", prompt.size(),
@@ -20,7 +21,10 @@ std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& 
   std::vector<int64_t> out;
   while (int64_t(out.size()) < opt.max_tokens && cache.length() + input.size(1) <= max_len) {
     auto res = model->forward(input, ctx, &cache);
-    if (!ctx.seq_cluster.defined())
+    // MoCE: with the causal prefix pool every new token is assigned from the running sum the cache keeps
+    // (the same rule as a full forward). The non-causal sequence pool has only the prompt to pool: its
+    // cluster then stays for the whole generation.
+    if (!ctx.seq_cluster.defined() && !cache.route_prefix_sum.defined())
       for (auto& p : res.plans)
         if (p.seq_cluster.defined()) {
           ctx.seq_cluster = p.seq_cluster;

@@ -99,6 +99,11 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
   ctx.n_seq = B;
   ctx.seq_len = S;
   ctx.training = is_training();
+  if (cache && cache->route_prefix_sum.defined()) {
+    ctx.prefix_sum = cache->route_prefix_sum;
+    ctx.prefix_len = past;
+  }
+  bool first_moe = true;
   for (int64_t i = 0; i < m_.n_layer; ++i) {
     auto* blk = blocks[i]->as<BlockImpl>();
     x = x + blk->attn->forward(blk->attn_norm->forward(x), cos, sin, cache ? &cache->k[i] : nullptr,
@@ -107,8 +112,11 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
     if (blk->moe) {
       if (!out.pooled_first_moe.defined()) out.pooled_first_moe = h.detach().mean(1);  // [B, C]
       auto r = blk->moe->forward(h, ctx);
-      // A sequence keeps the cluster the first clustering layer gave it (MoCE) in every later layer.
-      if (!ctx.seq_cluster.defined() && r.plan.seq_cluster.defined()) ctx.seq_cluster = r.plan.seq_cluster;
+      // A token keeps the cluster the first clustering layer gave it (MoCE) in every later layer.
+      if (!ctx.token_cluster.defined() && r.plan.token_cluster.defined())
+        ctx.token_cluster = r.plan.token_cluster;
+      if (first_moe && cache && r.plan.pool_sum.defined()) cache->route_prefix_sum = r.plan.pool_sum;
+      first_moe = false;
       out.aux_loss = out.aux_loss + r.plan.aux_loss;
       out.plans.push_back(std::move(r.plan));
       x = x + r.y;
@@ -121,8 +129,12 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
   return out;
 }
 
-void TransformerLMImpl::after_step(const torch::Tensor& token_loss) {
-  for (auto& l : moe_layers()) l->after_step(token_loss);
+void TransformerLMImpl::add_token_loss(const torch::Tensor& token_loss) {
+  for (auto& l : moe_layers()) l->add_token_loss(token_loss);
+}
+
+void TransformerLMImpl::after_step() {
+  for (auto& l : moe_layers()) l->after_step();
 }
 
 std::vector<MoELayer> TransformerLMImpl::moe_layers() const {

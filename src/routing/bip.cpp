@@ -49,13 +49,9 @@ RoutingPlan BipRouterImpl::route(const torch::Tensor& x, const RouteContext& ctx
   torch::Tensor q_route = q;  // [E]
   if (mode_ == BipMode::kSolve) {
     // NON-CAUSAL: q is solved on the batch it routes, so a token's experts depend on the whole batch.
-    // The stored q is only a warm start; it keeps the solved value in training.
+    // The stored q is only a warm start; route() leaves it as it is (no buffer changes in route()).
     q_route = q.clone();
     bip_dual_iterations(q_route, s.scores, k, bip_capacity(T, k, n_expert()), n_iter_);
-    if (ctx.training) {
-      torch::NoGradGuard ng;
-      q.copy_(q_route);
-    }
   }
   // Complementary slackness: x_te = 1 exactly for the top-K of (s_t - q); the gate is s, not s - q.
   RoutingPlan plan = route_scores(s, -q_route, ctx);
@@ -63,12 +59,21 @@ RoutingPlan BipRouterImpl::route(const torch::Tensor& x, const RouteContext& ctx
   return plan;
 }
 
-void BipRouterImpl::after_step(const RoutingPlan& plan) {
-  // Causal: q moves only after the batch was routed with the previous q (as loss-free's bias does).
-  if (mode_ != BipMode::kCausal || !plan.scores.defined()) return;
-  const int64_t T = plan.scores.size(0);
+void BipRouterImpl::after_step(const RouteFeedback& fb) {
+  // Causal: q moves only after the batch was routed with the previous q (as loss-free's bias does). In
+  // solve mode the same iterations keep the warm start that route() begins from.
+  if (fb.scores.empty()) return;
+  auto scores = fb.all_scores();  // [sum T_i, E]
+  const int64_t T = scores.size(0);
   const int64_t k = config().routed_used();
-  bip_dual_iterations(q, plan.scores, k, bip_capacity(T, k, n_expert()), n_iter_);
+  bip_dual_iterations(q, scores, k, bip_capacity(T, k, n_expert()), n_iter_);
+}
+
+nlohmann::json BipRouterImpl::describe_state() const {
+  auto j = TopKRouterImpl::describe_state();
+  auto qc = q.to(torch::kCPU, torch::kDouble).contiguous();
+  j["q"] = std::vector<double>(qc.data_ptr<double>(), qc.data_ptr<double>() + qc.numel());
+  return j;
 }
 
 }  // namespace moeforge

@@ -1,7 +1,9 @@
 // Expert-choice routing, ROUTING.md section 2. Legend: B sequences, S positions, T = B*S, E experts.
 #include "moeforge/routing/expert_choice.h"
 
+#include <algorithm>
 #include <cmath>
+#include <stdexcept>
 
 #include "moeforge/routing/losses.h"
 
@@ -33,9 +35,13 @@ int64_t ec_capacity(int64_t n_tokens, double capacity_factor, int64_t n_expert) 
   return static_cast<int64_t>(std::floor(double(n_tokens) * capacity_factor / double(n_expert) + 0.5));
 }
 
-int64_t ec_position_capacity(int64_t p, int64_t n_seq, double capacity_factor, int64_t n_expert) {
+int64_t ec_position_capacity(int64_t p, int64_t e, int64_t n_seq, double capacity_factor, int64_t n_expert) {
+  // Expert e's schedule is shifted by its own phase (e + 1/2) / E, so that the positions where one expert
+  // rounds down are positions where others round up: at every position the E experts together take
+  // floor or ceil of B * CF tokens (docs/routing.md, expert choice).
   const double c = double(n_seq) * capacity_factor / double(n_expert);
-  return static_cast<int64_t>(std::floor(double(p + 1) * c + 0.5) - std::floor(double(p) * c + 0.5));
+  const double phase = (double(e) + 0.5) / double(n_expert);
+  return static_cast<int64_t>(std::floor(double(p + 1) * c + phase) - std::floor(double(p) * c + phase));
 }
 
 ExpertChoiceRouterImpl::ExpertChoiceRouterImpl(const MoEConfig& cfg, int64_t d_model)
@@ -82,24 +88,23 @@ torch::Tensor ExpertChoiceRouterImpl::select_causal(const torch::Tensor& s, int6
   const int64_t T = s.size(0), E = s.size(1), B = n_seq;
   TORCH_CHECK(B >= 1 && T % B == 0, "expert_choice: T = ", T, " is not a multiple of n_seq = ", B);
   const int64_t S = T / B;
-  auto s_sbe = s.detach().reshape({B, S, E}).permute({1, 0, 2});             // [S, B, E]
-  auto mask_sbe = torch::zeros({S, B, E}, s.options().dtype(torch::kBool));  // [S, B, E]
-  // The per-position capacity takes at most two values (floor and ceil of c): one topk per value.
-  std::vector<int64_t> cap(S);
+  auto s_sbe = s.detach().reshape({B, S, E}).permute({1, 0, 2});  // [S, B, E]
+  // Per-(position, expert) capacities; one topk of the largest over the B tokens at each position, then
+  // expert e keeps the first cap[p][e] of its ranking.
+  auto cap = torch::empty({S, 1, E}, torch::kLong);  // [S, 1, E]
+  int64_t* cp = cap.data_ptr<int64_t>();
+  int64_t vmax = 0;
   for (int64_t p = 0; p < S; ++p)
-    cap[p] = std::min(ec_position_capacity(p, B, cfg_.ec_capacity_factor, E), B);
-  std::vector<int64_t> values(cap.begin(), cap.end());
-  std::sort(values.begin(), values.end());
-  values.erase(std::unique(values.begin(), values.end()), values.end());
-  for (int64_t v : values) {
-    if (v == 0) continue;
-    std::vector<int64_t> pos;
-    for (int64_t p = 0; p < S; ++p)
-      if (cap[p] == v) pos.push_back(p);
-    auto pos_t = torch::tensor(pos, torch::kLong).to(s.device());     // [P]
-    auto idx = std::get<1>(s_sbe.index_select(0, pos_t).topk(v, 1));  // [P, v, E]
-    auto sub = torch::zeros({int64_t(pos.size()), B, E}, mask_sbe.options()).scatter_(1, idx, true);
-    mask_sbe.index_copy_(0, pos_t, sub);
+    for (int64_t e = 0; e < E; ++e) {
+      cp[p * E + e] = std::min(ec_position_capacity(p, e, B, cfg_.ec_capacity_factor, E), B);
+      vmax = std::max(vmax, cp[p * E + e]);
+    }
+  auto mask_sbe = torch::zeros({S, B, E}, s.options().dtype(torch::kBool));  // [S, B, E]
+  if (vmax > 0) {
+    auto idx = std::get<1>(s_sbe.topk(vmax, 1));                       // [S, vmax, E]
+    auto rank = torch::arange(vmax, torch::kLong).view({1, vmax, 1});  // [1, vmax, 1]
+    auto take = (rank < cap).to(s.device());                           // [S, vmax, E]
+    mask_sbe.scatter_(1, idx, take);
   }
   return mask_sbe.permute({1, 0, 2}).reshape({T, E});
 }
@@ -122,8 +127,8 @@ RoutingPlan ExpertChoiceRouterImpl::route(const torch::Tensor& x, const RouteCon
   auto logits = torch::matmul(x, weight.t());  // [T, E]
   auto s = torch::softmax(logits, 1);          // [T, E]
   torch::Tensor mask;                          // [T, E] bool
-  const bool use_threshold =
-      cfg_.ec_mode == ECMode::kThreshold || (!ctx.training && eval_routing_ == ECEval::kThreshold);
+  const bool use_threshold = cfg_.ec_mode == ECMode::kThreshold || ctx.generating ||
+                             (!ctx.training && eval_routing_ == ECEval::kThreshold);
   if (use_threshold)
     mask = select_threshold(s);
   else if (cfg_.ec_mode == ECMode::kNonCausal)
@@ -139,20 +144,51 @@ RoutingPlan ExpertChoiceRouterImpl::route(const torch::Tensor& x, const RouteCon
   return plan;
 }
 
-void ExpertChoiceRouterImpl::after_step(const RoutingPlan& plan) {
-  if (!plan.scores.defined()) return;
+void ExpertChoiceRouterImpl::after_step(const RouteFeedback& fb) {
+  if (fb.scores.empty()) return;
   torch::NoGradGuard ng;
-  // The k_e-th largest score of each expert over the batch: the score a token needs to be among the
-  // CF/E share of tokens that expert takes. It is a statistic of the batch already routed, so using it
+  // The k_e-th largest score of each expert over the step's tokens: the score a token needs to be among
+  // the CF/E share of tokens that expert takes. It is a statistic of batches already routed, so using it
   // later cannot leak.
-  const int64_t T = plan.scores.size(0);
+  auto scores = fb.all_scores();  // [sum T_i, E]
+  const int64_t T = scores.size(0);
   const int64_t k = std::min(std::max<int64_t>(ec_capacity(T, cfg_.ec_capacity_factor, n_expert_), 1), T);
-  auto kth = std::get<0>(plan.scores.topk(k, 0)).select(0, k - 1).to(threshold.device(), threshold.dtype());
+  auto kth = std::get<0>(scores.topk(k, 0)).select(0, k - 1).to(threshold.device(), threshold.dtype());
   if (threshold_steps.item<int64_t>() == 0)
-    threshold.copy_(kth);  // the first batch sets the thresholds (no bias towards the 1/E start)
+    threshold.copy_(kth);  // the first step sets the thresholds (no bias towards the 1/E start)
   else
     threshold.mul_(cfg_.ec_threshold_decay).add_(kth, 1.0 - cfg_.ec_threshold_decay);
   threshold_steps.add_(1);
+}
+
+std::vector<std::string> ExpertChoiceRouterImpl::eval_routings() const {
+  if (cfg_.ec_mode == ECMode::kThreshold) return {};
+  return {to_string(ECEval::kBatch), to_string(ECEval::kThreshold)};
+}
+
+void ExpertChoiceRouterImpl::set_eval_routing(const std::string& routing) {
+  if (routing == to_string(ECEval::kBatch))
+    eval_routing_ = ECEval::kBatch;
+  else if (routing == to_string(ECEval::kThreshold))
+    eval_routing_ = ECEval::kThreshold;
+  else
+    throw std::invalid_argument("expert_choice: unknown evaluation routing '" + routing +
+                                "' (expected batch or threshold)");
+}
+
+torch::Tensor ExpertChoiceRouterImpl::assignment_scores(const torch::Tensor& x, const RoutingPlan& /*plan*/) {
+  torch::NoGradGuard ng;
+  return torch::softmax(torch::matmul(x, weight.t()), 1);
+}
+
+nlohmann::json ExpertChoiceRouterImpl::describe_state() const {
+  auto j = Router::describe_state();
+  auto t = threshold.to(torch::kCPU, torch::kDouble).contiguous();
+  j["mode"] = to_string(cfg_.ec_mode);
+  j["eval_routing"] = to_string(eval_routing_);
+  j["threshold"] = std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
+  j["threshold_steps"] = threshold_steps.item<int64_t>();
+  return j;
 }
 
 }  // namespace moeforge

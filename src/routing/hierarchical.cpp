@@ -18,14 +18,6 @@ constexpr double kMinReliability = 1e-4;
 // experts naturally serve tokens of different difficulty, and a small excess is not a fault.
 constexpr double kLossTolerance = 1.5;
 
-double finite_mean(const std::vector<double>& v) {
-  double s = 0;
-  int64_t n = 0;
-  for (double x : v)
-    if (std::isfinite(x)) s += x, ++n;
-  return n ? s / double(n) : std::numeric_limits<double>::quiet_NaN();
-}
-
 }  // namespace
 
 HierarchicalRouterImpl::HierarchicalRouterImpl(const MoEConfig& cfg, int64_t d_model)
@@ -87,13 +79,17 @@ RoutingPlan HierarchicalRouterImpl::route(const torch::Tensor& x, const RouteCon
   auto e_sel = std::get<1>(top_e);   // [T*Kc, Ke] local expert ids
 
   // Gate = p(cluster) * p(expert | cluster); assignments listed cluster-rank major.
-  auto gate = (pc_sel.reshape({T * Kc, 1}) * pe_sel).reshape({T, Kc * Ke});          // [T, Kc*Ke]
   auto expert_id = (c_sel.reshape({T * Kc, 1}) * Eg + e_sel).reshape({T, Kc * Ke});  // [T, Kc*Ke]
-  auto raw_gate = gate.detach();
-  // Renormalised over the token's K_c*K_e assignments when asked, but never over a single assignment: its
-  // gate would be the constant 1 and the router would get no gradient (the defect ROUTING.md section 6
-  // names).
-  if (cfg_.renormalize && Kc * Ke >= 2) gate = gate / gate.sum(1, true).clamp_min(1e-20);
+  auto raw_gate = (pc_sel.reshape({T * Kc, 1}) * pe_sel).reshape({T, Kc * Ke}).detach();
+  // Renormalisation (when asked) is done per stage, each over its own choices and only when there are
+  // two or more: p(expert | cluster) over the K_e chosen inside the cluster, p(cluster) over the K_c
+  // chosen clusters. Renormalising the product over all K_c * K_e assignments would cancel p(cluster)
+  // whenever K_c = 1 (the default), and the cluster router would get no gradient from the task loss
+  // (docs/routing.md, hierarchical).
+  auto pc_g = pc_sel, pe_g = pe_sel;
+  if (cfg_.renormalize && Kc >= 2) pc_g = pc_g / pc_g.sum(1, true).clamp_min(1e-20);
+  if (cfg_.renormalize && Ke >= 2) pe_g = pe_g / pe_g.sum(1, true).clamp_min(1e-20);
+  auto gate = (pc_g.reshape({T * Kc, 1}) * pe_g).reshape({T, Kc * Ke});  // [T, Kc*Ke]
 
   // Capacity, cluster level first: cap_c = ceil(CF_c * T * K_c / G) (token, cluster) pairs per cluster,
   // overflow rules of section 1. A zero probability means a pruned cluster chosen only to fill K_c.
@@ -141,94 +137,108 @@ RoutingPlan HierarchicalRouterImpl::route(const torch::Tensor& x, const RouteCon
   plan.aux_loss = loss;
 
   if (cfg_.adaptive_weight) plan.token_scale = torch::sigmoid(torch::matmul(x, adaptive_weight));  // [T]
-
-  {
-    torch::NoGradGuard ng;
-    auto le =
-        torch::tensor(std::vector<double>(plan.stats.load.begin(), plan.stats.load.end()), torch::kDouble);
-    auto lc =
-        torch::tensor(std::vector<double>(cplan.stats.load.begin(), cplan.stats.load.end()), torch::kDouble);
-    expert_count.add_(le.to(expert_count.device()));
-    cluster_count.add_(lc.to(cluster_count.device()));
-  }
+  // (token, cluster) pairs the cluster level served; the utilisation counters take them in after_step.
+  plan.stats.group_load = cplan.stats.load;
   return plan;
 }
 
-// The health signal h_e in [0, 1] of an expert that served tokens in the plan (idle experts get no update):
+// The health signal h_e in [0, 1] of an expert that served tokens in the step (all its micro-batches):
 //   h = share of its output rows that are finite;
 //   h = 0 if its output RMS exceeds reliability_explode x the median RMS of the healthy active experts;
 //   h *= min(1, 1.5 * L_mean / L_e) when per-token losses are given: L_e = mean loss of the tokens it served,
-//        L_mean = the mean over the batch.
+//        L_mean = the mean over the step's tokens.
 // r <- decay * r + (1 - decay) * h, clamped to [1e-4, 1]. A cluster's h is the load-weighted mean of its
-// experts' h.
-void HierarchicalRouterImpl::after_step(const RoutingPlan& plan) {
-  if (!plan.expert_out_rms.defined() || !plan.expert_nonfinite.defined()) return;
+// experts' h. An expert that served no token has no signal: its r moves toward the prior 1 instead,
+// r <- rec * r + (1 - rec) with rec = moe.reliability_recovery, so that an expert starved by a low r gets
+// traffic back and is measured again (docs/routing.md, hierarchical: without it one starved expert stayed
+// starved for good); an idle cluster likewise. rec (0.999) >> decay (0.9): a faulty expert is only probed
+// now and then (with recovery 0.99 a NaN expert was probed on 6 of 20 steps, measured in
+// tests/test_hierarchical.cpp).
+void HierarchicalRouterImpl::after_step(const RouteFeedback& fb) {
+  if (fb.empty()) return;
   torch::NoGradGuard ng;
-  const auto off = plan.offsets();
   const int64_t E = n_expert_, G = n_cluster_, Eg = n_per_cluster_;
-  auto rms_t = plan.expert_out_rms.to(torch::kCPU, torch::kDouble).contiguous();
-  auto bad_t = plan.expert_nonfinite.to(torch::kCPU, torch::kLong).contiguous();
-  const double* rms = rms_t.data_ptr<double>();
-  const int64_t* bad = bad_t.data_ptr<int64_t>();
+  {
+    auto le = torch::tensor(std::vector<double>(fb.load.begin(), fb.load.end()), torch::kDouble);
+    expert_count.add_(le.to(expert_count.device()));
+    if (!fb.group_load.empty()) {
+      auto lc =
+          torch::tensor(std::vector<double>(fb.group_load.begin(), fb.group_load.end()), torch::kDouble);
+      cluster_count.add_(lc.to(cluster_count.device()));
+    }
+  }
+  if (!fb.has_health) return;
+  const auto rms = fb.out_rms();
+  const auto& rows = fb.out_rows;
+  const auto& bad = fb.nonfinite;
 
   std::vector<double> healthy_rms;
   for (int64_t e = 0; e < E; ++e)
-    if (off[e + 1] > off[e] && bad[e] == 0 && std::isfinite(rms[e])) healthy_rms.push_back(rms[e]);
+    if (rows[e] > 0 && bad[e] == 0 && std::isfinite(rms[e])) healthy_rms.push_back(rms[e]);
   double median = 0;
   if (!healthy_rms.empty()) {
     std::nth_element(healthy_rms.begin(), healthy_rms.begin() + healthy_rms.size() / 2, healthy_rms.end());
     median = healthy_rms[healthy_rms.size() / 2];
   }
-
-  std::vector<double> loss_e(E, std::numeric_limits<double>::quiet_NaN());
-  double loss_mean = std::numeric_limits<double>::quiet_NaN();
-  if (plan.token_loss.defined()) {
-    auto tl = plan.token_loss.to(torch::kCPU, torch::kDouble).contiguous();
-    loss_mean = finite_mean(std::vector<double>(tl.data_ptr<double>(), tl.data_ptr<double>() + tl.numel()));
-    auto sorted = tl.index_select(0, plan.token_index.cpu()).contiguous();  // [N]
-    const double* ls = sorted.data_ptr<double>();
-    for (int64_t e = 0; e < E; ++e) {
-      if (off[e + 1] == off[e]) continue;
-      double s = 0;
-      for (int64_t i = off[e]; i < off[e + 1]; ++i) s += ls[i];
-      loss_e[e] = s / double(off[e + 1] - off[e]);
-    }
-  }
+  const double loss_mean = fb.has_loss && fb.loss_count > 0 ? fb.loss_sum / double(fb.loss_count)
+                                                            : std::numeric_limits<double>::quiet_NaN();
 
   std::vector<double> h(E, -1.0);  // -1: no signal this step
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
+    const int64_t n = rows[e];
     if (n == 0) continue;
     double he = 1.0 - double(bad[e]) / double(n);
     if (!std::isfinite(rms[e]) || (median > 0 && rms[e] > cfg_.reliability_explode * median)) he = 0;
     if (std::isfinite(loss_mean) && loss_mean > 0) {
-      if (!std::isfinite(loss_e[e]))
+      if (fb.expert_loss_bad[e] > 0 || fb.expert_loss_count[e] == 0) {
         he = 0;
-      else if (loss_e[e] > 0)
-        he *= std::min(1.0, kLossTolerance * loss_mean / loss_e[e]);
+      } else {
+        const double le = fb.expert_loss_sum[e] / double(fb.expert_loss_count[e]);
+        if (le > 0) he *= std::min(1.0, kLossTolerance * loss_mean / le);
+      }
     }
     h[e] = he;
   }
 
-  const double d = cfg_.reliability_decay;
+  const double d = cfg_.reliability_decay, rec = cfg_.reliability_recovery;
   auto r_e = expert_reliability.to(torch::kCPU, torch::kDouble).contiguous();
   auto r_c = cluster_reliability.to(torch::kCPU, torch::kDouble).contiguous();
   double* re = r_e.data_ptr<double>();
   double* rc = r_c.data_ptr<double>();
   for (int64_t e = 0; e < E; ++e)
-    if (h[e] >= 0) re[e] = std::clamp(d * re[e] + (1 - d) * h[e], kMinReliability, 1.0);
+    re[e] =
+        std::clamp(h[e] >= 0 ? d * re[e] + (1 - d) * h[e] : rec * re[e] + (1 - rec), kMinReliability, 1.0);
   for (int64_t g = 0; g < G; ++g) {
     double num = 0, den = 0;
     for (int64_t e = g * Eg; e < (g + 1) * Eg; ++e) {
       if (h[e] < 0) continue;
-      const double w = double(off[e + 1] - off[e]);
+      const double w = double(rows[e]);
       num += w * h[e];
       den += w;
     }
-    if (den > 0) rc[g] = std::clamp(d * rc[g] + (1 - d) * num / den, kMinReliability, 1.0);
+    rc[g] =
+        std::clamp(den > 0 ? d * rc[g] + (1 - d) * num / den : rec * rc[g] + (1 - rec), kMinReliability, 1.0);
   }
   expert_reliability.copy_(r_e.to(expert_reliability.scalar_type()));
   cluster_reliability.copy_(r_c.to(cluster_reliability.scalar_type()));
+}
+
+torch::Tensor HierarchicalRouterImpl::assignment_scores(const torch::Tensor& x, const RoutingPlan& /*plan*/) {
+  // p(cluster) * p(expert | cluster) over all E experts (every cluster, not only the K_c selected ones, so
+  // the optimum may pick clusters the router did not), with reliability and pruning as route() has them.
+  torch::NoGradGuard ng;
+  const int64_t T = x.size(0), G = n_cluster_, Eg = n_per_cluster_;
+  auto expert_bias = (expert_reliability * expert_active).log().to(x.dtype()).view({G, Eg});
+  auto cluster_bias = (cluster_reliability * expert_active.view({G, Eg}).amax(1)).log().to(x.dtype());
+  auto pc = torch::softmax(torch::matmul(x, cluster_weight.t()) + cluster_bias, 1);  // [T, G]
+  auto ze = torch::einsum("tc,gec->tge", {x, expert_weight}) + expert_bias;          // [T, G, Eg]
+  return (pc.unsqueeze(2) * torch::softmax(ze, 2)).reshape({T, n_expert_});          // [T, E]
+}
+
+nlohmann::json HierarchicalRouterImpl::describe_state() const {
+  auto j = Router::describe_state();
+  j["summary"] = summary().to_json();
+  return j;
 }
 
 torch::Tensor HierarchicalRouterImpl::diversity_loss() const {
@@ -272,7 +282,7 @@ std::vector<int64_t> HierarchicalRouterImpl::pruned() const {
   return out;
 }
 
-void HierarchicalRouterImpl::reset_counts() {
+void HierarchicalRouterImpl::reset_counters() {
   torch::NoGradGuard ng;
   expert_count.zero_();
   cluster_count.zero_();

@@ -18,8 +18,8 @@ RoutingPlan LossFreeRouterImpl::route(const torch::Tensor& x, const RouteContext
   return route_scores(score(x, ctx.training), bias, ctx);
 }
 
-void LossFreeRouterImpl::after_step(const RoutingPlan& plan) {
-  const auto& c = plan.stats.load;  // [E]
+void LossFreeRouterImpl::after_step(const RouteFeedback& fb) {
+  const auto& c = fb.load;  // [E] the step's load, summed over its micro-batches
   if (c.empty()) return;
   double mean = 0;
   for (int64_t v : c) mean += double(v);
@@ -31,6 +31,13 @@ void LossFreeRouterImpl::after_step(const RoutingPlan& plan) {
   }
   torch::NoGradGuard ng;
   bias.add_(step.to(bias.device(), bias.dtype()), update_rate_);
+}
+
+nlohmann::json LossFreeRouterImpl::describe_state() const {
+  auto j = TopKRouterImpl::describe_state();
+  auto b = bias.to(torch::kCPU, torch::kDouble).contiguous();
+  j["bias"] = std::vector<double>(b.data_ptr<double>(), b.data_ptr<double>() + b.numel());
+  return j;
 }
 
 }  // namespace moeforge

@@ -135,23 +135,42 @@ OptimalityGap optimality_gap(const torch::Tensor& scores, const RoutingPlan& pla
   return g;
 }
 
-double causal_leak(const std::function<torch::Tensor(const torch::Tensor&)>& forward, const torch::Tensor& x,
-                   int64_t seq, int64_t pos, torch::Tensor replacement) {
+LeakResult causal_leak(const std::function<torch::Tensor(const torch::Tensor&)>& forward,
+                       const torch::Tensor& x, const LeakOptions& opt) {
   TORCH_CHECK(x.dim() == 3, "causal_leak: x must be [B, S, C]");
-  const int64_t S = x.size(1), C = x.size(2);
-  TORCH_CHECK(seq >= 0 && seq < x.size(0) && pos >= 0 && pos + 1 < S, "causal_leak: bad seq or pos");
+  const int64_t B = x.size(0), S = x.size(1), C = x.size(2);
+  TORCH_CHECK(S >= 2, "causal_leak: needs at least 2 positions");
   torch::NoGradGuard ng;
-  if (!replacement.defined()) replacement = 3.0 * torch::randn({S - pos - 1, C}, x.options());
-  auto x2 = x.clone();  // [B, S, C]
-  x2.select(0, seq).narrow(0, pos + 1, S - pos - 1).copy_(replacement);
-  auto y1 = forward(x).select(0, seq).narrow(0, 0, pos + 1);   // [pos+1, C]
-  auto y2 = forward(x2).select(0, seq).narrow(0, 0, pos + 1);  // [pos+1, C]
-  return (y1 - y2).abs().max().item<double>();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(opt.seed);
+  LeakResult r;
+  uint64_t trial_seed = opt.seed * 1000003 + 17;
+  auto pass = [&](const torch::Tensor& input, uint64_t seed) {
+    torch::manual_seed(seed);  // the router's noise (noisy top-K, GShard's draw) is the same in both passes
+    return forward(input);
+  };
+  for (int64_t b = 0; b < std::min(opt.sequences, B); ++b)
+    for (double f : opt.cuts) {
+      const int64_t p = std::clamp<int64_t>(int64_t(std::floor(f * double(S - 1))), 0, S - 2);
+      for (int64_t d = 0; d < opt.draws; ++d)
+        for (int mode = 0; mode < (opt.other_rows && B > 1 ? 2 : 1); ++mode) {
+          ++trial_seed;
+          auto x2 = x.clone();  // [B, S, C]
+          auto rep =
+              opt.scale * torch::randn({B, S - p - 1, C}, gen, torch::TensorOptions().dtype(x.dtype()));
+          for (int64_t row = 0; row < B; ++row)
+            if ((mode == 0) == (row == b)) x2.select(0, row).narrow(0, p + 1, S - p - 1).copy_(rep[row]);
+          auto y1 = pass(x, trial_seed).narrow(1, 0, p + 1);   // [B, p+1, C]
+          auto y2 = pass(x2, trial_seed).narrow(1, 0, p + 1);  // [B, p+1, C]
+          const double diff = (y1 - y2).abs().max().item<double>();
+          (mode == 0 ? r.same_row : r.other_rows) = std::max(mode == 0 ? r.same_row : r.other_rows, diff);
+          ++r.trials;
+        }
+    }
+  return r;
 }
 
-double causal_leak(MoELayerImpl& layer, const torch::Tensor& x, int64_t seq, int64_t pos,
-                   torch::Tensor replacement) {
-  return causal_leak([&](const torch::Tensor& xx) { return layer.forward(xx).y; }, x, seq, pos, replacement);
+LeakResult causal_leak(MoELayerImpl& layer, const torch::Tensor& x, const LeakOptions& opt) {
+  return causal_leak([&](const torch::Tensor& xx) { return layer.forward(xx).y; }, x, opt);
 }
 
 }  // namespace moeforge

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "moeforge/routing/losses.h"
+#include "moeforge/util/error.h"
 
 namespace moeforge {
 
@@ -49,6 +50,7 @@ MoCERouterImpl::MoCERouterImpl(const MoEConfig& cfg, int64_t d_model)
     general_weight =
         register_parameter("general_weight", torch::empty({n_general_, d_model}).uniform_(-bound, bound));
   centroids = register_buffer("centroids", torch::zeros({n_cluster_, d_model}));
+  cluster_bias = register_buffer("cluster_bias", torch::zeros({n_cluster_}));
   centroid_count = register_buffer("centroid_count", torch::zeros({n_cluster_}, torch::kDouble));
   expert_count = register_buffer("expert_count", torch::zeros({n_expert_}, torch::kDouble));
   pooled_mean = register_buffer("pooled_mean", torch::zeros({d_model}));
@@ -62,10 +64,10 @@ torch::Tensor MoCERouterImpl::embed(const torch::Tensor& pooled) const {
   // Mean-pooled hidden states share one dominant direction (frequent words, the residual stream's bias), so
   // raw cosines are all close to 1 and online k-means puts nearly every sequence in one cluster. Centring
   // on the running mean of pooled vectors (as sentence-embedding practice does) leaves the part that tells
-  // sequences apart. Before any mean is known (the very first batch), the batch's own mean is used.
-  auto center =
-      pooled_mean_count.item<double>() > 0 ? pooled_mean.to(p.device()).unsqueeze(0) : p.mean(0, true);
-  return unit_rows(p - center);
+  // sequences apart. Before any mean is known nothing is subtracted: centring on the batch's own mean would
+  // make one sequence's cluster depend on the others in its batch.
+  if (pooled_mean_count.item<double>() > 0) p = p - pooled_mean.to(p.device()).unsqueeze(0);
+  return unit_rows(p);
 }
 
 void MoCERouterImpl::set_centroids(const torch::Tensor& c, const torch::Tensor& sizes,
@@ -81,6 +83,15 @@ void MoCERouterImpl::set_centroids(const torch::Tensor& c, const torch::Tensor& 
     pooled_mean.copy_(mean.to(pooled_mean.device(), pooled_mean.scalar_type()));
     pooled_mean_count.fill_(sizes.sum().item<double>());
   }
+}
+
+void set_sequence_centroids(Router& router, const torch::Tensor& c, const torch::Tensor& sizes,
+                            const torch::Tensor& mean) {
+  auto* m = dynamic_cast<MoCERouterImpl*>(&router);
+  if (!m)
+    throw ConfigError("moe.moce_clustering", "router '" + router.name() +
+                                                 "' of the first MoE layer has no sequence centroids to set");
+  m->set_centroids(c, sizes, mean);
 }
 
 void MoCERouterImpl::set_expert_mask(const torch::Tensor& active) {
@@ -100,14 +111,35 @@ void MoCERouterImpl::set_expert_mask(const torch::Tensor& active) {
   Router::set_expert_mask(a);
 }
 
+torch::Tensor MoCERouterImpl::cluster_scores(const torch::Tensor& unit) const {
+  torch::NoGradGuard ng;
+  auto sims = torch::matmul(unit, centroids.to(unit.device(), unit.scalar_type()).t());  // [M, G]
+  sims = sims + cluster_bias.to(sims.device(), sims.scalar_type()).unsqueeze(0);
+  // Uninitialised centroids (count 0) do not compete.
+  auto init = (centroid_count.to(sims.device()) > 0);  // [G]
+  return sims.masked_fill(~init.unsqueeze(0), -std::numeric_limits<double>::infinity());
+}
+
 torch::Tensor MoCERouterImpl::assign(const torch::Tensor& pooled) const {
   torch::NoGradGuard ng;
-  auto sims = torch::matmul(embed(pooled), centroids.to(pooled.device()).t());  // [B, G]
-  // Uninitialised centroids (count 0) do not compete.
-  auto init = (centroid_count.to(pooled.device()) > 0);  // [G]
-  if (!init.any().item<bool>()) return torch::zeros({pooled.size(0)}, torch::kLong);
-  sims = sims.masked_fill(~init.unsqueeze(0), -std::numeric_limits<float>::infinity());
-  return sims.argmax(1).to(torch::kCPU, torch::kLong);
+  if (!(centroid_count > 0).any().item<bool>()) return torch::zeros({pooled.size(0)}, torch::kLong);
+  return cluster_scores(embed(pooled)).argmax(1).to(torch::kCPU, torch::kLong);
+}
+
+torch::Tensor MoCERouterImpl::prefix_pool(const torch::Tensor& x, int64_t B, int64_t S,
+                                          const RouteContext& ctx) const {
+  torch::NoGradGuard ng;
+  const int64_t C = x.size(1);
+  auto sum = x.detach().view({B, S, C}).cumsum(1);  // [B, S, C] sums over this chunk up to each position
+  double before = 0;
+  if (ctx.prefix_sum.defined()) {
+    TORCH_CHECK(ctx.prefix_sum.dim() == 2 && ctx.prefix_sum.size(0) == B && ctx.prefix_sum.size(1) == C,
+                "moce: ctx.prefix_sum must be [", B, ", ", C, "]");
+    sum = sum + ctx.prefix_sum.to(sum.device(), sum.scalar_type()).unsqueeze(1);
+    before = double(ctx.prefix_len);
+  }
+  auto n = torch::arange(1, S + 1, sum.options()).add_(before).view({1, S, 1});  // [1, S, 1]
+  return sum / n;                                                                // [B, S, C]
 }
 
 void MoCERouterImpl::seed_centroids(const torch::Tensor& unit) {
@@ -129,85 +161,54 @@ void MoCERouterImpl::seed_centroids(const torch::Tensor& unit) {
   }
 }
 
-torch::Tensor MoCERouterImpl::assign_balanced(const torch::Tensor& unit) const {
-  // Online k-means with one nearest-centroid rule lets the centroid nearest the data's centre absorb most
-  // sequences (seen on Brown: ~80% in one of 4 clusters), and a group then holds most of the traffic.
-  // In training each centroid takes at most ceil(B / G) sequences of the batch: pairs (sequence, cluster)
-  // are served greedily by similarity, the balanced-assignment step of balanced k-means. Evaluation and
-  // generation keep the plain nearest centroid.
-  auto sims = torch::matmul(unit, centroids.t().to(unit.dtype())).to(torch::kCPU, torch::kDouble);  // [B, G]
-  const int64_t B = sims.size(0), G = n_cluster_, cap = (B + G - 1) / G;
-  auto init = (centroid_count.cpu() > 0);
-  std::vector<std::tuple<double, int64_t, int64_t>> pairs;
-  auto acc = sims.accessor<double, 2>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t g = 0; g < G; ++g)
-      if (init[g].item<bool>()) pairs.emplace_back(acc[b][g], b, g);
-  std::stable_sort(pairs.begin(), pairs.end(),
-                   [](auto& a, auto& b) { return std::get<0>(a) > std::get<0>(b); });
-  std::vector<int64_t> id(B, -1), load(G, 0);
-  int64_t n_init = 0;
-  for (int64_t g = 0; g < G; ++g) n_init += init[g].item<bool>();
-  const int64_t cap_init = n_init > 0 ? (B + n_init - 1) / n_init : B;
-  for (auto& [s, b, g] : pairs) {
-    (void)s;
-    if (id[b] < 0 && load[g] < std::max(cap, cap_init)) {
-      id[b] = g;
-      ++load[g];
-    }
-  }
-  for (auto& v : id) v = std::max<int64_t>(v, 0);
-  return torch::tensor(id, torch::kLong);
-}
-
 RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ctx) {
   const int64_t T = x.size(0), C = x.size(1), G = n_cluster_, Eg = n_per_group_;
   const int64_t B = ctx.seq_len > 0 ? T / ctx.seq_len : 1, S = T / B;
   TORCH_CHECK(B * S == T, "moce: T = ", T, " is not a multiple of seq_len = ", ctx.seq_len);
   const auto dev = x.device();
 
-  // Stage 1: one cluster id per sequence.
-  auto pooled = x.detach().view({B, S, C}).mean(1);  // [B, C] stop-gradient mean pool
-  auto unit = embed(pooled);                         // [B, C] centred, unit rows
-  torch::Tensor ids;                                 // [B] int64 CPU
-  if (ctx.seq_cluster.defined()) {
-    ids = ctx.seq_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
-    TORCH_CHECK(ids.numel() == B, "moce: ctx.seq_cluster has ", ids.numel(), " ids for ", B, " sequences");
-    TORCH_CHECK(ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < G,
-                "moce: ctx.seq_cluster ids must be in [0, ", G, ")");
-  } else {
-    if (ctx.training) {
-      seed_centroids(unit);
-      ids = assign_balanced(unit);
-    } else {
-      ids = assign(pooled);
-    }
-  }
-  if (ctx.training) {
-    // Online centroids move in after_step, from every batch routed since the last step.
+  // Stage 1: a cluster id per token. Given by the caller (an earlier MoCE layer's token clusters, or
+  // explicit sequence ids), or assigned here: nearest centroid (cosine) plus the balancing bias, of the
+  // running prefix pool (causal, the default) or of the whole sequence's pool (non-causal). The same rule
+  // runs in training, evaluation and generation, and route() changes no buffer.
+  torch::Tensor tok_cluster;  // [T] int64 CPU
+  torch::Tensor pool_sum;     // [B, C] sum of the inputs of every position seen so far (prefix pool)
+  torch::Tensor seq_pool;     // [B, C] this chunk's mean (what the centroids learn from)
+  {
     torch::NoGradGuard ng;
-    if (!pending_sum_.defined() || pending_sum_.device() != dev) {
-      pending_sum_ = torch::zeros({G, C}, torch::TensorOptions().dtype(torch::kDouble).device(dev));
-      pending_n_ = torch::zeros({G}, torch::kDouble);
-      pending_pool_sum_ = torch::zeros({C}, torch::TensorOptions().dtype(torch::kDouble).device(dev));
+    seq_pool = x.detach().view({B, S, C}).mean(1);
+    const bool initialised = (centroid_count > 0).any().item<bool>();
+    if (ctx.token_cluster.defined()) {
+      tok_cluster = ctx.token_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
+      TORCH_CHECK(tok_cluster.numel() == T, "moce: ctx.token_cluster has ", tok_cluster.numel(), " ids for ",
+                  T, " tokens");
+    } else if (ctx.seq_cluster.defined()) {
+      auto ids = ctx.seq_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
+      TORCH_CHECK(ids.numel() == B, "moce: ctx.seq_cluster has ", ids.numel(), " ids for ", B, " sequences");
+      tok_cluster = ids.unsqueeze(1).expand({B, S}).reshape({T}).clone();
+    } else if (cfg_.moce_pool == MocePool::kPrefix) {
+      tok_cluster = initialised ? assign(prefix_pool(x, B, S, ctx).reshape({T, C}))
+                                : torch::zeros({T}, torch::kLong);  // before any centroid: group 0
+      pool_sum = x.detach().view({B, S, C}).sum(1);
+      if (ctx.prefix_sum.defined()) pool_sum = pool_sum + ctx.prefix_sum.to(dev, pool_sum.scalar_type());
+    } else {
+      // NON-CAUSAL: the whole sequence's mean decides every position's cluster.
+      auto ids = initialised ? assign(seq_pool) : torch::zeros({B}, torch::kLong);  // [B]
+      tok_cluster = ids.unsqueeze(1).expand({B, S}).reshape({T}).clone();
     }
-    pending_pool_sum_.add_(pooled.to(torch::kDouble).sum(0));
-    pending_sum_.index_add_(0, ids.to(dev), unit.to(torch::kDouble));
-    pending_n_.index_add_(0, ids, torch::ones({B}, torch::kDouble));
+    TORCH_CHECK(tok_cluster.min().item<int64_t>() >= 0 && tok_cluster.max().item<int64_t>() < G,
+                "moce: cluster ids must be in [0, ", G, ")");
   }
 
-  // Stage 2: top-K inside the sequence's group, with that group's router over its Eg experts only.
-  auto tok_cluster = ids.unsqueeze(1).expand({B, S}).reshape({T});  // [T] CPU
-  std::vector<torch::Tensor> rows_of(G), logit_parts;
+  // Stage 2: top-K inside the token's group, with that group's router over its Eg experts only.
+  std::vector<torch::Tensor> rows_of(G), logit_parts, idx_parts;
   for (int64_t g = 0; g < G; ++g) {
     auto rows = (tok_cluster == g).nonzero().squeeze(1);  // [n_g]
     if (rows.numel() == 0) continue;
     rows_of[g] = rows.to(dev);
+    idx_parts.push_back(rows_of[g]);
     logit_parts.push_back(torch::matmul(x.index_select(0, rows_of[g]), group_weight[g].t()));  // [n_g, Eg]
   }
-  std::vector<torch::Tensor> idx_parts;
-  for (auto& r : rows_of)
-    if (r.defined()) idx_parts.push_back(r);
   auto z = torch::zeros({T, Eg}, x.options()).index_copy(0, torch::cat(idx_parts), torch::cat(logit_parts));
   auto p = torch::softmax(z, 1);  // [T, Eg] full softmax inside the group
   torch::Tensor gate, local;      // [T, K]
@@ -254,48 +255,126 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
   torch::Tensor priority;
   if (cfg_.overflow == OverflowOrder::kBatchPrioritized && cfg_.capacity_factor > 0)
     priority = std::get<0>(gate.detach().cpu().max(1));
-  // Capacity as section 1 over all of a token's choices; a group's experts only see its sequences' tokens.
-  const int64_t cap = expert_capacity(cfg_.capacity_factor, T, k_ + k_general_, n_expert_);
+  // Capacity as section 1, for the group experts and the general experts apart: a group expert's share is
+  // K of the T tokens over the G * Eg group experts, a general expert's K_general over n_general.
+  std::vector<int64_t> cap(n_expert_, expert_capacity(cfg_.capacity_factor, T, k_, G * Eg));
+  for (int64_t e = G * Eg; e < n_expert_; ++e)
+    cap[e] = expert_capacity(cfg_.capacity_factor, T, k_general_, n_general_);
   RoutingPlan plan = build_plan_from_choices(choices.cpu(), {}, priority, gate, n_expert_, cap);
-  plan.aux_loss = loss;
-  plan.seq_cluster = ids;
+  // MaxVio, CV, entropy and dead experts over the group experts only: the general experts serve every
+  // token and are not balanced against them (2 general of 16 put MaxVio near 2 at perfect balance).
+  plan.stats = make_routing_stats(plan.stats.load, T, plan.stats.n_requested, G * Eg);
+  std::vector<int64_t> group_load(G, 0);
   {
-    torch::NoGradGuard ng;
-    auto le =
-        torch::tensor(std::vector<double>(plan.stats.load.begin(), plan.stats.load.end()), torch::kDouble);
-    expert_count.add_(le.to(expert_count.device()));
+    auto tc = tok_cluster.contiguous();
+    const int64_t* pc = tc.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) ++group_load[pc[t]];
   }
+  plan.stats.group_load = std::move(group_load);
+  plan.aux_loss = loss;
+  plan.token_cluster = tok_cluster;
+  plan.seq_cluster = tok_cluster.view({B, S}).select(1, S - 1).contiguous();  // each last position's
+  plan.seq_repr = seq_pool;
+  plan.pool_sum = pool_sum;
   return plan;
 }
 
-void MoCERouterImpl::after_step(const RoutingPlan& /*plan*/) {
-  if (!pending_sum_.defined()) return;
+void MoCERouterImpl::after_step(const RouteFeedback& fb) {
+  if (fb.empty()) return;
   torch::NoGradGuard ng;
-  auto count = centroid_count.cpu();
-  auto n = pending_n_;
+  {
+    auto le = torch::tensor(std::vector<double>(fb.load.begin(), fb.load.end()), torch::kDouble);
+    expert_count.add_(le.to(expert_count.device()));
+  }
+  if (fb.seq_repr.empty()) return;
+  auto pooled = torch::cat(fb.seq_repr, 0).to(centroids.device(), centroids.scalar_type());  // [B, C]
+  std::vector<torch::Tensor> id_parts;
+  for (auto& c : fb.seq_cluster) id_parts.push_back(c.to(torch::kCPU, torch::kLong));
+  auto ids = torch::cat(id_parts, 0);  // [B] the cluster each sequence's last position took
   const double d = cfg_.centroid_decay;
-  for (int64_t g = 0; g < n_cluster_; ++g) {
+  const int64_t G = n_cluster_, B = pooled.size(0);
+  auto batch_mean = pooled.mean(0).to(pooled_mean.dtype());
+  if (pooled_mean_count.item<double>() == 0) {
+    pooled_mean.copy_(batch_mean);  // the first step: centre on its own mean from now on
+    pooled_mean_count.fill_(double(B));
+  }
+  auto unit = embed(pooled);  // [B, C], centred on the mean the step was routed with
+  if ((centroid_count == 0).any().item<bool>()) {
+    // Seed every uninitialised centroid from the step's sequences (farthest point); the sequences then
+    // update their nearest centroid.
+    seed_centroids(unit);
+    ids = cluster_scores(unit).argmax(1).to(torch::kCPU, torch::kLong);
+  }
+
+  // Online clustering: each centroid moves toward the mean direction of the sequences it took (an EMA on
+  // the unit sphere, the online form of spherical k-means).
+  auto sum = torch::zeros({G, unit.size(1)}, unit.options().dtype(torch::kDouble))
+                 .index_add_(0, ids.to(unit.device()), unit.to(torch::kDouble));  // [G, C]
+  auto n = torch::zeros({G}, torch::kDouble).index_add_(0, ids, torch::ones({B}, torch::kDouble));
+  auto count = centroid_count.cpu();
+  for (int64_t g = 0; g < G; ++g) {
     const double ng_ = n[g].item<double>();
     if (ng_ == 0) continue;
-    auto dir = unit_rows((pending_sum_[g] / ng_).unsqueeze(0)).squeeze(0).to(centroids.dtype());  // [C]
+    auto dir = unit_rows((sum[g] / ng_).unsqueeze(0)).squeeze(0).to(centroids.dtype());  // [C]
     auto c = centroids[g];
-    auto next = count[g].item<double>() > 0 ? d * c + (1 - d) * dir : dir;
-    // Spherical k-means keeps centroids on the unit sphere; so does its online (EMA) form.
-    c.copy_(unit_rows(next.unsqueeze(0)).squeeze(0));
+    c.copy_(unit_rows((d * c + (1 - d) * dir).unsqueeze(0)).squeeze(0));
     count[g] = count[g].item<double>() + ng_;
   }
   centroid_count.copy_(count);
   // The running mean of pooled vectors that embed() centres on.
-  const double n_seq = n.sum().item<double>();
-  auto batch_mean = (pending_pool_sum_ / n_seq).to(pooled_mean.dtype());
-  if (pooled_mean_count.item<double>() > 0)
-    pooled_mean.mul_(d).add_(batch_mean, 1 - d);
-  else
-    pooled_mean.copy_(batch_mean);
-  pooled_mean_count.add_(n_seq);
-  pending_sum_.zero_();
-  pending_n_.zero_();
-  pending_pool_sum_.zero_();
+  pooled_mean.mul_(d).add_(batch_mean, 1 - d);
+  pooled_mean_count.add_(double(B));
+
+  // Cluster balance: a loss-free-style bias on the centroid scores (docs/routing.md, MoCE), stepped from
+  // the tokens each cluster took this step. Every routing (training, evaluation, generation) adds it.
+  if (!fb.group_load.empty() && cfg_.moce_balance_rate > 0) {
+    double mean = 0;
+    for (int64_t v : fb.group_load) mean += double(v);
+    mean /= double(fb.group_load.size());
+    auto step = torch::zeros({G}, torch::kDouble);
+    for (int64_t g = 0; g < G; ++g) {
+      const double diff = mean - double(fb.group_load[g]);
+      step[g] = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
+    }
+    cluster_bias.add_(step.to(cluster_bias.device(), cluster_bias.scalar_type()), cfg_.moce_balance_rate);
+  }
+}
+
+torch::Tensor MoCERouterImpl::assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) {
+  // Softmax inside the token's group, 0 for other groups' experts (a token may only use its group);
+  // general experts, if any, get their own router's softmax.
+  torch::NoGradGuard ng;
+  TORCH_CHECK(plan.token_cluster.defined(), "moce: the plan carries no token clusters");
+  const int64_t T = x.size(0), E = n_expert_, Eg = n_per_group_, G = n_cluster_;
+  auto s = torch::zeros({T, E}, x.options());
+  auto tok_cluster = plan.token_cluster.to(torch::kCPU);
+  for (int64_t g = 0; g < G; ++g) {
+    auto rows = (tok_cluster == g).nonzero().squeeze(1).to(x.device());  // [n_g]
+    if (rows.numel() == 0) continue;
+    auto p = torch::softmax(torch::matmul(x.index_select(0, rows), group_weight[g].t()), 1);  // [n_g, Eg]
+    s.narrow(1, group_expert(g, 0), Eg).index_copy_(0, rows, p);
+  }
+  if (n_general_ > 0)
+    s.narrow(1, E - n_general_, n_general_).copy_(torch::softmax(torch::matmul(x, general_weight.t()), 1));
+  return s;
+}
+
+nlohmann::json MoCERouterImpl::describe_state() const {
+  auto j = Router::describe_state();
+  auto vec = [](const torch::Tensor& t) {
+    auto c = t.to(torch::kCPU, torch::kDouble).contiguous();
+    return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+  };
+  j["pool"] = to_string(cfg_.moce_pool);
+  j["centroid_sequences"] = vec(centroid_count);
+  j["cluster_bias"] = vec(cluster_bias);
+  j["expert_count"] = vec(expert_count);
+  return j;
+}
+
+void MoCERouterImpl::reset_counters() {
+  torch::NoGradGuard ng;
+  expert_count.zero_();
 }
 
 }  // namespace moeforge

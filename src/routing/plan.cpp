@@ -24,6 +24,16 @@ int64_t expert_capacity(double capacity_factor, int64_t n_tokens, int64_t k, int
 RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Tensor& keep,
                                     const torch::Tensor& priority, const torch::Tensor& gate_tk,
                                     int64_t n_expert, int64_t capacity) {
+  return build_plan_from_choices(expert, keep, priority, gate_tk, n_expert,
+                                 std::vector<int64_t>(size_t(std::max<int64_t>(n_expert, 0)), capacity));
+}
+
+RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Tensor& keep,
+                                    const torch::Tensor& priority, const torch::Tensor& gate_tk,
+                                    int64_t n_expert, const std::vector<int64_t>& capacity) {
+  TORCH_CHECK(int64_t(capacity.size()) == n_expert, "build_plan_from_choices: ", capacity.size(),
+              " capacities for ", n_expert, " experts");
+  const bool capped = std::any_of(capacity.begin(), capacity.end(), [](int64_t c) { return c > 0; });
   TORCH_CHECK(expert.dim() == 2, "build_plan_from_choices: expert must be [T, K]");
   const int64_t T = expert.size(0), K = expert.size(1), E = n_expert;
   auto ex_t = expert.to(torch::kCPU, torch::kLong).contiguous();  // [T, K]
@@ -38,7 +48,7 @@ RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Te
   std::vector<int64_t> count(E, 0);
   std::vector<uint8_t> kept(T * K, 0);
   int64_t requested = 0;
-  if (capacity <= 0 && !priority.defined()) {
+  if (!capped && !priority.defined()) {
     // Dropless: every requested choice is kept.
     for (int64_t p = 0; p < T * K; ++p) {
       if (kp && !kp[p]) continue;
@@ -64,7 +74,7 @@ RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Te
         const int64_t e = ex[p];
         TORCH_CHECK(e >= 0 && e < E, "build_plan_from_choices: expert id out of range");
         ++requested;
-        if (capacity > 0 && count[e] >= capacity) continue;  // dropped
+        if (capacity[e] > 0 && count[e] >= capacity[e]) continue;  // dropped
         ++count[e];
         kept[p] = 1;
       }
@@ -134,6 +144,12 @@ void Router::set_expert_mask(const torch::Tensor& active) {
                                 std::to_string(min_active_experts()));
   torch::NoGradGuard ng;
   expert_active_.copy_(a.to(expert_active_.device(), expert_active_.scalar_type()));
+}
+
+nlohmann::json Router::describe_state() const {
+  nlohmann::json j = {{"router", name()}, {"experts", n_expert()}, {"causal", causal()}};
+  if (expert_active_.defined()) j["pruned"] = pruned_experts();
+  return j;
 }
 
 bool Router::has_pruned() const {

@@ -14,23 +14,26 @@ double max_violation(const std::vector<double>& load) {
   return (*std::max_element(load.begin(), load.end()) - mean) / mean;
 }
 
-RoutingStats make_routing_stats(std::vector<int64_t> load, int64_t n_tokens, int64_t n_requested) {
+RoutingStats make_routing_stats(std::vector<int64_t> load, int64_t n_tokens, int64_t n_requested,
+                                int64_t n_balanced) {
   RoutingStats s;
   s.load = std::move(load);
   s.n_tokens = n_tokens;
   s.n_requested = n_requested;
   s.n_kept = std::accumulate(s.load.begin(), s.load.end(), int64_t{0});
-  const size_t E = s.load.size();
-  if (E == 0) return s;
-  std::vector<double> l(s.load.begin(), s.load.end());
-  s.max_vio = max_violation(l);
   s.dropped_share = n_requested > 0 ? double(n_requested - s.n_kept) / double(n_requested) : 0.0;
-  const double mean = double(s.n_kept) / double(E);
+  s.n_balanced = n_balanced > 0 && n_balanced < int64_t(s.load.size()) ? n_balanced : 0;
+  const size_t E = s.n_balanced > 0 ? size_t(s.n_balanced) : s.load.size();
+  if (E == 0) return s;
+  std::vector<double> l(s.load.begin(), s.load.begin() + int64_t(E));
+  s.max_vio = max_violation(l);
+  const double kept = std::accumulate(l.begin(), l.end(), 0.0);
+  const double mean = kept / double(E);
   double var = 0, ent = 0;
   for (double x : l) {
     var += (x - mean) * (x - mean);
-    if (x > 0 && s.n_kept > 0) {
-      const double p = x / double(s.n_kept);
+    if (x > 0 && kept > 0) {
+      const double p = x / kept;
       ent -= p * std::log(p);
     }
     if (x == 0) ++s.dead_experts;

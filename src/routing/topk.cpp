@@ -13,7 +13,8 @@ TopKRouterImpl::TopKRouterImpl(const MoEConfig& cfg, int64_t d_model)
   const double bound = 1.0 / std::sqrt(double(d_model));
   weight = register_parameter("weight", torch::empty({n_expert_, d_model}).uniform_(-bound, bound));
   if (cfg_.noisy) {
-    // Zero start: no noise until the router learns it (Shazeer 2017 initialises W_noise to zero).
+    // W_noise starts at zero (Shazeer 2017), which is not "no noise": the noise std is softplus(0) = ln 2
+    // ~ 0.69 for every token and expert until W_noise is learned (docs/routing.md, noisy top-K).
     noise_weight = register_parameter("noise_weight", torch::zeros({n_expert_, d_model}));
   }
   register_expert_mask(n_expert_);
@@ -64,7 +65,11 @@ RoutingPlan TopKRouterImpl::route_scores(const TokenScores& s, const torch::Tens
     choices = std::get<1>(top);
   }
   auto raw_gate = gate_tk.detach();  // [T, K] un-normalised, for priorities and GShard's rule
-  if (cfg_.renormalize || cfg_.score == ScoreFunc::kSigmoid) gate_tk = gate_tk / gate_tk.sum(1, true);
+  // Renormalised over the K chosen (GShard, Mixtral; always for sigmoid scores, DeepSeek-V3), but never a
+  // single choice: at K = 1 the gate would be the constant 1 and the router would get no gradient from the
+  // task loss. Switch (K = 1) uses g = p; Megatron renormalises only for K > 1 (docs/routing.md, top-K).
+  if (k_ > 1 && (cfg_.renormalize || cfg_.score == ScoreFunc::kSigmoid))
+    gate_tk = gate_tk / gate_tk.sum(1, true);
 
   torch::Tensor keep;  // [T, K] bool, undefined = all requested
   if (cfg_.gshard_random_second && ctx.training && k_ >= 2) {
@@ -85,6 +90,11 @@ RoutingPlan TopKRouterImpl::route_scores(const TokenScores& s, const torch::Tens
   plan.aux_loss = ctx.training || at::GradMode::is_enabled() ? token_choice_aux_loss(cfg_, s, choices, ctx)
                                                              : torch::zeros({}, s.logits.options());
   return plan;
+}
+
+torch::Tensor TopKRouterImpl::assignment_scores(const torch::Tensor& x, const RoutingPlan& /*plan*/) {
+  torch::NoGradGuard ng;
+  return score(x, /*training=*/false).scores.detach();
 }
 
 torch::Tensor token_choice_aux_loss(const MoEConfig& cfg, const TokenScores& s, const torch::Tensor& choices,

@@ -80,10 +80,9 @@ SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data,
 void set_router_centroids(TransformerLM& model, const SequenceClusters& clusters) {
   // Only the first MoE layer assigns clusters; later layers keep its ids (TransformerLM::forward).
   auto layers = model->moe_layers();
-  auto m = layers.empty() ? nullptr : std::dynamic_pointer_cast<MoCERouterImpl>(layers.front()->router);
-  if (!m)
-    throw ConfigError("moe.moce_clustering", "the first MoE layer has no MoCE router to give centroids");
-  m->set_centroids(clusters.centroids, clusters.sizes, clusters.mean);
+  if (layers.empty())
+    throw ConfigError("moe.moce_clustering", "the model has no MoE layer to give centroids");
+  set_sequence_centroids(*layers.front()->router, clusters.centroids, clusters.sizes, clusters.mean);
 }
 
 }  // namespace moeforge

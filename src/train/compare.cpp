@@ -14,10 +14,8 @@
 #include <set>
 #include <sstream>
 
-#include "moeforge/routing/hierarchical.h"
 #include "moeforge/routing/measures.h"
-#include "moeforge/routing/moce.h"
-#include "moeforge/routing/topk.h"
+#include "moeforge/routing/registry.h"
 #include "moeforge/train/report.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/atomic_file.h"
@@ -46,70 +44,6 @@ std::string quote(const std::string& s) {
   return "'" + s + "'";
 }
 
-// Forwards to the real router and keeps the input and plan of the last call, so that the comparison can
-// measure a router on the activations the trained model actually feeds it.
-class RecordingRouter : public Router {
- public:
-  explicit RecordingRouter(std::shared_ptr<Router> inner) : inner(std::move(inner)) {}
-  RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) override {
-    last_x = x.detach();
-    last_plan = inner->route(x, ctx);
-    return last_plan;
-  }
-  void after_step(const RoutingPlan& plan) override { inner->after_step(plan); }
-  bool wants_expert_health() const override { return inner->wants_expert_health(); }
-  int64_t n_expert() const override { return inner->n_expert(); }
-  std::string name() const override { return inner->name(); }
-
-  std::shared_ptr<Router> inner;
-  torch::Tensor last_x;  // [T, C]
-  RoutingPlan last_plan;
-};
-
-// The scores [T, E] a router's assignments are judged on by the optimality gap: the router's own
-// probability of each (token, expert) pair, without any balancing bias (the gap asks how much score the
-// router gave up relative to the best balanced assignment of those same scores).
-//   topk / loss_free / bip / expert_choice: softmax over the E experts.
-//   hierarchical: p(cluster) * p(expert | cluster) over all E experts (every cluster, not only the K_c
-//     selected ones, so the optimum may pick clusters the router did not).
-//   moce: softmax inside the group of the token's sequence, 0 for other groups' experts (a token may only
-//     use its group); general experts, if any, get their own router's softmax.
-torch::Tensor router_scores(Router& router, const torch::Tensor& x, const RoutingPlan& plan,
-                            int64_t seq_len) {
-  torch::NoGradGuard ng;
-  if (plan.scores.defined()) return plan.scores.detach();
-  if (auto* tk = dynamic_cast<TopKRouterImpl*>(&router)) return tk->score(x, false).scores.detach();
-  const int64_t T = x.size(0);
-  if (auto* h = dynamic_cast<HierarchicalRouterImpl*>(&router)) {
-    const int64_t G = h->n_cluster(), E = h->n_expert(), Eg = E / G;
-    auto expert_bias = (h->expert_reliability * h->expert_active).log().to(x.dtype()).view({G, Eg});
-    auto cluster_active = h->expert_active.view({G, Eg}).amax(1);
-    auto cluster_bias = (h->cluster_reliability * cluster_active).log().to(x.dtype());
-    auto pc = torch::softmax(torch::matmul(x, h->cluster_weight.t()) + cluster_bias, 1);  // [T, G]
-    auto ze = torch::einsum("tc,gec->tge", {x, h->expert_weight}) + expert_bias;          // [T, G, Eg]
-    return (pc.unsqueeze(2) * torch::softmax(ze, 2)).reshape({T, E});                     // [T, E]
-  }
-  if (auto* m = dynamic_cast<MoCERouterImpl*>(&router)) {
-    TORCH_CHECK(plan.seq_cluster.defined(), "compare: the moce plan carries no sequence clusters");
-    const int64_t E = m->n_expert(), Eg = m->n_per_group(), G = m->group_weight.size(0);
-    auto s = torch::zeros({T, E}, x.options());
-    auto tok_cluster = plan.seq_cluster.to(torch::kCPU).repeat_interleave(seq_len);  // [T]
-    for (int64_t g = 0; g < G; ++g) {
-      auto rows = (tok_cluster == g).nonzero().squeeze(1).to(x.device());  // [n_g]
-      if (rows.numel() == 0) continue;
-      auto p =
-          torch::softmax(torch::matmul(x.index_select(0, rows), m->group_weight[g].t()), 1);  // [n_g, Eg]
-      s.narrow(1, m->group_expert(g, 0), Eg).index_copy_(0, rows, p);
-    }
-    if (m->general_weight.defined() && m->general_weight.numel() > 0) {
-      const int64_t n_general = m->general_weight.size(0);
-      s.narrow(1, E - n_general, n_general).copy_(torch::softmax(torch::matmul(x, m->general_weight.t()), 1));
-    }
-    return s;
-  }
-  throw std::runtime_error("compare: no score definition for router '" + router.name() + "'");
-}
-
 struct BatchMeasures {
   double gap = 0, capacity_violation = 0;  // optimality gap averaged over MoE layers; worst violation
   double leak_eval = 0, leak_train = 0;    // max causal leak over MoE layers, eval / training routing
@@ -126,38 +60,36 @@ BatchMeasures measure_batch(TransformerLM& model, const PackedData& data, const 
   const int64_t S = cfg.data.seq_len, B = std::min<int64_t>(kGapSequences, data.size());
   auto tokens = data.tokens.narrow(0, 0, B);  // [B, S+1]
   auto layers = model->moe_layers();
-  std::vector<std::shared_ptr<RecordingRouter>> rec;
-  for (auto& l : layers) {
-    rec.push_back(std::make_shared<RecordingRouter>(l->router));
-    l->router = rec.back();
-  }
+  for (auto& l : layers) l->set_record_input(true);
   RouteContext ctx;
   ctx.seq_domain = data.domain.narrow(0, 0, B);
-  model->forward(tokens.narrow(1, 0, S), ctx);
-  for (size_t i = 0; i < layers.size(); ++i) layers[i]->router = rec[i]->inner;
+  auto out = model->forward(tokens.narrow(1, 0, S), ctx);
+  std::vector<torch::Tensor> inputs;
+  for (auto& l : layers) {
+    inputs.push_back(l->last_input());
+    l->set_record_input(false);
+  }
 
   const int64_t T = B * S, E = cfg.moe.routed_experts();
   r.tokens = T;
   r.k = cfg.moe.routed_used();
   r.cap = (T * r.k + E - 1) / E;  // capacity factor 1: the exactly balanced assignment
   for (size_t i = 0; i < layers.size(); ++i) {
-    auto& plan = rec[i]->last_plan;
-    auto scores = router_scores(*rec[i]->inner, rec[i]->last_x, plan, S);
-    auto g = optimality_gap(scores, plan, r.k, r.cap);
+    // Each router scores its own assignments (Router::assignment_scores: its probabilities, no bias).
+    auto scores = layers[i]->router->assignment_scores(inputs[i], out.plans[i]);
+    auto g = optimality_gap(scores, out.plans[i], r.k, r.cap);
     r.gap += g.gap / double(layers.size());
     r.capacity_violation = std::max(r.capacity_violation, g.capacity_violation);
   }
-  // Causal leak: replace sequence 0 after the middle position and look at the outputs up to it. The
-  // replacement is drawn from a fixed seed so that every router sees the same perturbation.
-  const int64_t C = cfg.model.d_model, pos = S / 2;
+  // Causal leak (measures.h): several rows, cut points and replacements, the row's own future and the
+  // other rows' futures; a fixed seed, so every router sees the same perturbations.
+  const int64_t C = cfg.model.d_model;
   for (size_t i = 0; i < layers.size(); ++i) {
-    auto x = rec[i]->last_x.reshape({B, S, C});
-    torch::manual_seed(0);
-    auto replacement = 3.0 * torch::randn({S - pos - 1, C}, x.options());
+    auto x = inputs[i].reshape({B, S, C});
     layers[i]->eval();
-    r.leak_eval = std::max(r.leak_eval, causal_leak(*layers[i], x, 0, pos, replacement));
+    r.leak_eval = std::max(r.leak_eval, causal_leak(*layers[i], x).max());
     layers[i]->train();
-    r.leak_train = std::max(r.leak_train, causal_leak(*layers[i], x, 0, pos, replacement));
+    r.leak_train = std::max(r.leak_train, causal_leak(*layers[i], x).max());
     layers[i]->eval();
   }
   return r;
@@ -332,9 +264,9 @@ std::string write_markdown(const fs::path& dir, const nlohmann::json& result, bo
       return r[s].is_null() ? std::string("-") : fmt(r[s]["perplexity"].get<double>(), 2);
     };
     const auto& g = r["optimality_gap"];
-    md << "| " << r["router"].get<std::string>() << " | " << r["equal_compute"].get<std::string>() << " | "
-       << ppl("validation") << " | " << ppl("heldout") << " | "
-       << fmt(r["max_vio_batch_mean"].get<double>(), 3) << " | "
+    md << "| " << r.value("router_label", r["router"].get<std::string>()) << " | "
+       << r["equal_compute"].get<std::string>() << " | " << ppl("validation") << " | " << ppl("heldout")
+       << " | " << fmt(r["max_vio_batch_mean"].get<double>(), 3) << " | "
        << fmt(r["validation"]["max_vio_global"].get<double>(), 3) << " | "
        << fmt(r["validation"]["specialization"].get<double>(), 3) << " | " << r["dead_experts"].get<int>()
        << " | " << fmt(g["gap"].get<double>(), 4) << " | " << fmt(g["capacity_violation"].get<double>(), 3)
@@ -366,7 +298,7 @@ std::string write_markdown(const fs::path& dir, const nlohmann::json& result, bo
 }  // namespace
 
 std::vector<std::string> parse_router_list(const std::string& csv) {
-  const auto& known = available_routers();
+  const auto known = router_names();
   std::string all;
   for (auto& r : known) all += (all.empty() ? "" : ",") + r;
   std::vector<std::string> out;
@@ -390,44 +322,9 @@ std::vector<std::string> parse_router_list(const std::string& csv) {
 
 RunConfig equal_compute_config(const RunConfig& base, const std::string& router, std::string* how) {
   RunConfig cfg = base;
-  auto& m = cfg.moe;
-  m.router = router;
-  const int64_t K = base.moe.n_expert_used;
-  std::string desc;
-  if (router == "topk" || router == "loss_free" || router == "bip") {
-    desc = "top-" + std::to_string(K);
-  } else if (router == "expert_choice") {
-    // k_e = round(T * CF / E) tokens per expert, so T * CF assignments in all: CF = K per token (Zhou et
-    // al. 2022 section 3: "capacity factor 2 matches the compute of top-2").
-    m.ec_capacity_factor = double(m.routed_used());
-    desc = "capacity factor " + fmt(m.ec_capacity_factor, 0);
-  } else if (router == "hierarchical") {
-    // K_c clusters x K_e experts in each: the fewest clusters that fit, so the choice inside a cluster stays
-    // as wide as possible.
-    const int64_t G = m.n_cluster, Eg = m.routed_experts() / std::max<int64_t>(G, 1);
-    int64_t kc = 0;
-    for (int64_t c = 1; c <= std::min(K, G) && kc == 0; ++c)
-      if (K % c == 0 && K / c <= Eg) kc = c;
-    if (kc == 0)
-      throw ConfigError("moe.n_expert_used",
-                        "K = " + std::to_string(K) + " cannot be split as K_c * K_e with K_c <= " +
-                            std::to_string(G) + " clusters and K_e <= " + std::to_string(Eg) +
-                            " experts per cluster (hierarchical at equal compute)");
-    m.n_cluster_used = kc;
-    m.n_expert_used = K / kc;
-    desc = "K_c " + std::to_string(kc) + " x K_e " + std::to_string(K / kc);
-  } else if (router == "moce") {
-    // General experts add moce_general_used assignments to every token: take them out of the group's K.
-    const int64_t general = m.moce_n_general > 0 ? m.moce_general_used : 0;
-    if (K - general < 1)
-      throw ConfigError("moe.moce_general_used", "leaves no group expert within K = " + std::to_string(K) +
-                                                     " (moce at equal compute)");
-    m.n_expert_used = K - general;
-    desc = "top-" + std::to_string(K - general) + " in group" +
-           (general ? " + " + std::to_string(general) + " general" : std::string());
-  } else {
-    throw ConfigError("--routers", "unknown router '" + router + "'");
-  }
+  cfg.moe.router = router;
+  // The router's registry row knows how it matches top-K's assignments per token (routing/registry.h).
+  const std::string desc = router_spec(router).equal_compute(cfg.moe);
   cfg.validate();
   if (how) *how = desc;
   return cfg;
@@ -439,7 +336,7 @@ std::string write_compare_outputs(const std::string& out_dir, const nlohmann::js
 }
 
 nlohmann::json run_compare(const RunConfig& base, const CompareOptions& opt, std::ostream& log) {
-  const auto routers = opt.routers.empty() ? available_routers() : opt.routers;
+  const auto routers = opt.routers.empty() ? router_names() : opt.routers;
   const fs::path dir(opt.out_dir);
   fs::create_directories(dir);
   nlohmann::json result = {{"command", opt.command},       {"machine", describe_machine()},
@@ -460,10 +357,17 @@ nlohmann::json run_compare(const RunConfig& base, const CompareOptions& opt, std
     TrainSummary s;
     BatchMeasures bm;
     ModelCounts counts;
+    bool causal = true;
+    std::string label = router;
     try {
       s = train_model(cfg, topt, log);
       auto lm = load_model(s.checkpoint);
       counts = count_model(*lm.model);
+      // What the router says of its own setting (Router::causal, name): reports label non-causal runs.
+      for (auto& l : lm.model->moe_layers()) {
+        causal = causal && l->router->causal();
+        label = l->router->name();
+      }
       const std::string tok = lm.tokenizer->serialized();
       std::ostringstream quiet;
       DataBundle data = prepare_data(lm.cfg.data, &tok, quiet);
@@ -486,6 +390,8 @@ nlohmann::json run_compare(const RunConfig& base, const CompareOptions& opt, std
     const auto metrics = dir / router / "metrics.jsonl";
     nlohmann::json run = {
         {"router", router},
+        {"router_label", causal ? label : label + " [non-causal]"},
+        {"causal", causal},
         {"equal_compute", how},
         {"moe",
          {{"n_expert_used", cfg.moe.n_expert_used},

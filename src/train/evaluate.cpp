@@ -4,8 +4,6 @@
 #include <cmath>
 #include <memory>
 
-#include "moeforge/routing/expert_choice.h"
-#include "moeforge/routing/moce.h"
 #include "moeforge/routing/stats.h"
 
 namespace moeforge {
@@ -15,6 +13,7 @@ void accumulate_routing(LayerRouting& layer, const RoutingPlan& plan,
   const int64_t E = plan.n_expert();
   if (layer.load.empty()) {
     layer.load.assign(E, 0);
+    layer.n_balanced = plan.stats.n_balanced;
     layer.domain_expert.assign(n_domain, std::vector<int64_t>(E, 0));
   }
   const auto off = plan.offsets();
@@ -30,7 +29,10 @@ void accumulate_routing(LayerRouting& layer, const RoutingPlan& plan,
 }
 
 void finish_routing(LayerRouting& layer) {
-  std::vector<double> load(layer.load.begin(), layer.load.end());
+  // MaxVio over the experts the router balances (MoCE's group experts, without its general ones).
+  const size_t n_bal = layer.n_balanced > 0 ? size_t(layer.n_balanced) : layer.load.size();
+  std::vector<double> load(layer.load.begin(),
+                           layer.load.begin() + int64_t(std::min(n_bal, layer.load.size())));
   layer.max_vio_global = max_violation(load);
   // I(D; E) / H(D) from the joint counts.
   double total = 0;
@@ -61,16 +63,12 @@ namespace {
 // counts and the cluster x domain table.
 void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch_size, int64_t max_batches,
                      bool measure, EvalResult& r) {
-  Batcher batcher(data, batch_size, 0, /*shuffle=*/false);
+  // Rows of one batch are windows of different documents (Batcher::Order::kInterleaved), so that a
+  // router that lets rows see each other (batch-routed expert choice) never sees a row's continuation.
+  Batcher batcher(data, batch_size, Batcher::Order::kInterleaved);
   const int64_t n_batches =
       max_batches > 0 ? std::min(max_batches, batcher.batches_per_epoch()) : batcher.batches_per_epoch();
   const int64_t n_domain = int64_t(data.domains.size());
-  int64_t n_cluster = 0;
-  for (auto& l : model->moe_layers()) {
-    if (auto m = std::dynamic_pointer_cast<MoCERouterImpl>(l->router)) n_cluster = m->n_cluster();
-    break;  // the first MoE layer assigns the clusters every later layer keeps
-  }
-  if (measure && n_cluster > 0) r.cluster_domain.assign(n_cluster, std::vector<int64_t>(n_domain, 0));
   double loss_sum = 0;
   int64_t tokens = 0;
   for (int64_t b = 0; b < n_batches; ++b) {
@@ -88,6 +86,15 @@ void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch
         torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
     loss_sum += ce.item<double>();
     tokens += B * S;
+    if (batch.doc.defined()) {
+      auto doc = batch.doc.contiguous();
+      const int64_t* dp = doc.data_ptr<int64_t>();
+      for (int64_t i = 0; i < B; ++i)
+        for (int64_t j = i + 1; j < B; ++j) {
+          ++r.row_pairs;
+          r.same_document_row_pairs += dp[i] == dp[j];
+        }
+    }
     if (!measure) continue;
     auto dom = batch.domain.to(torch::kCPU).contiguous();  // [B]
     const int64_t* d = dom.data_ptr<int64_t>();
@@ -96,10 +103,17 @@ void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch
     if (r.layers.size() < out.plans.size()) r.layers.resize(out.plans.size());
     for (size_t l = 0; l < out.plans.size(); ++l)
       accumulate_routing(r.layers[l], out.plans[l], token_domain, n_domain);
-    if (n_cluster > 0 && !out.plans.empty() && out.plans[0].seq_cluster.defined()) {
-      auto c = out.plans[0].seq_cluster.to(torch::kCPU, torch::kLong).contiguous();  // [B]
-      for (int64_t i = 0; i < B; ++i)
-        if (d[i] >= 0 && d[i] < n_domain) ++r.cluster_domain[c.data_ptr<int64_t>()[i]][d[i]];
+    // Routers with clusters (MoCE): tokens by (cluster the first MoE layer assigned, domain label).
+    if (!out.plans.empty() && out.plans[0].token_cluster.defined()) {
+      if (r.cluster_domain.empty())
+        r.cluster_domain.assign(size_t(model->moe_config().n_cluster), std::vector<int64_t>(n_domain, 0));
+      auto c = out.plans[0].token_cluster.to(torch::kCPU, torch::kLong).contiguous();  // [T]
+      const int64_t* cp = c.data_ptr<int64_t>();
+      for (int64_t t = 0; t < B * S; ++t) {
+        const int64_t dt = token_domain[t];
+        if (dt >= 0 && dt < n_domain && cp[t] >= 0 && cp[t] < int64_t(r.cluster_domain.size()))
+          ++r.cluster_domain[cp[t]][dt];
+      }
     }
   }
   r.tokens = tokens;
@@ -138,27 +152,35 @@ EvalResult evaluate(TransformerLM& model, const PackedData& data, int64_t batch_
   }
   r.cluster_purity = table_purity(r.cluster_domain);
 
-  // Expert choice trained with batch routing: the other evaluation routing too, so that both losses and
-  // their gap are reported (ROUTING.md section 2). A model trained with ec_mode = threshold has one routing.
-  std::vector<std::shared_ptr<ExpertChoiceRouterImpl>> ec;
+  // Routers with more than one evaluation routing (expert choice trained with batch routing: batch and
+  // threshold): the loss under each, so that both and their gap are reported (docs/routing.md section 2).
+  std::vector<std::shared_ptr<Router>> multi;
   for (auto& l : model->moe_layers())
-    if (auto e = std::dynamic_pointer_cast<ExpertChoiceRouterImpl>(l->router))
-      if (e->config_mode() != ECMode::kThreshold) ec.push_back(e);
-  if (!ec.empty()) {
-    const ECEval configured = ec.front()->eval_routing();
-    const ECEval other = configured == ECEval::kBatch ? ECEval::kThreshold : ECEval::kBatch;
-    for (auto& e : ec) e->set_eval_routing(other);
-    EvalResult o;
-    try {
-      evaluation_pass(model, data, batch_size, max_batches, /*measure=*/false, o);
-    } catch (...) {
-      for (auto& e : ec) e->set_eval_routing(configured);
-      throw;
+    if (!l->router->eval_routings().empty()) multi.push_back(l->router);
+  if (!multi.empty()) {
+    const std::string configured = multi.front()->eval_routing();
+    r.eval_routing = configured;
+    for (const auto& routing : multi.front()->eval_routings()) {
+      if (routing == configured) {
+        r.routing_loss[routing] = r.loss;
+        continue;
+      }
+      for (auto& m : multi) m->set_eval_routing(routing);
+      EvalResult o;
+      try {
+        evaluation_pass(model, data, batch_size, max_batches, /*measure=*/false, o);
+      } catch (...) {
+        for (auto& m : multi) m->set_eval_routing(configured);
+        throw;
+      }
+      for (auto& m : multi) m->set_eval_routing(configured);
+      r.routing_loss[routing] = o.loss;
     }
-    for (auto& e : ec) e->set_eval_routing(configured);
-    r.has_ec = true;
-    r.ec_batch_loss = configured == ECEval::kBatch ? r.loss : o.loss;
-    r.ec_threshold_loss = configured == ECEval::kBatch ? o.loss : r.loss;
+    if (r.routing_loss.count("batch") && r.routing_loss.count("threshold")) {
+      r.has_ec = true;
+      r.ec_batch_loss = r.routing_loss["batch"];
+      r.ec_threshold_loss = r.routing_loss["threshold"];
+    }
   }
   if (was_training) model->train();
   return r;
@@ -183,7 +205,11 @@ nlohmann::json EvalResult::to_json() const {
     j["ec_batch_loss"] = ec_batch_loss;
     j["ec_threshold_loss"] = ec_threshold_loss;
     j["ec_gap"] = ec_gap();
+    j["eval_routing"] = eval_routing;
   }
+  // Batch-routed expert choice lets a batch's rows see each other: it is causal only when no two rows are
+  // windows of the same document. The share of row pairs that are says how independent they were.
+  j["same_document_row_share"] = same_document_row_share();
   if (!cluster_domain.empty()) {
     j["cluster_domain"] = cluster_domain;
     j["cluster_purity"] = cluster_purity;

@@ -114,7 +114,8 @@ BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch) {
   const int64_t B = batch.tokens.size(0), S = batch.tokens.size(1) - 1;
   RouteContext ctx;
   ctx.seq_domain = batch.domain;
-  ctx.seq_cluster = batch.cluster;  // offline clusters (MoCE); undefined = the router assigns
+  // No ctx.seq_cluster: MoCE assigns every sequence itself, by the rule evaluation and generation use too
+  // (offline clustering only initialises its centroids; docs/routing.md, MoCE).
   auto out = model->forward(batch.tokens.narrow(1, 0, S), ctx);
   auto ce = torch::nn::functional::cross_entropy(
       out.logits.reshape({B * S, -1}), batch.tokens.narrow(1, 1, S).reshape(-1),
@@ -273,7 +274,6 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   while (step < last) {
     const double lr = learning_rate(tc, step);
     double loss_sum = 0, aux_sum = 0;
-    torch::Tensor token_loss;
     std::vector<RoutingPlan> plans;
     for (int64_t micro = 0; micro < tc.grad_accum; ++micro) {
       auto batch = batcher.next();
@@ -287,7 +287,9 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       (loss / double(tc.grad_accum)).backward();
       loss_sum += ce.mean().item<double>() / double(tc.grad_accum);
       aux_sum += out.aux_loss.item<double>() / double(tc.grad_accum);
-      token_loss = ce.detach();
+      // Each micro-batch's token losses join its plans in the routers' feedback (docs/routing.md, "State
+      // updates"): after_step then sees every micro-batch of the step, not only the last.
+      model->add_token_loss(ce.detach());
       plans = std::move(out.plans);
       tokens_done += B * S;
     }
@@ -305,13 +307,16 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
             why.str() + "; stopped without writing a checkpoint (train.nan_policy = \"stop\")" +
             (summary.checkpoint.empty() ? "" : "; last good checkpoint: " + summary.checkpoint));
       log << "\n" << why.str() << ": step skipped (train.nan_policy = \"skip\")\n";
+      // The weights do not move, but the routers still learn from the batch: a non-finite expert output
+      // is exactly the health signal reliability tracking must see (docs/routing.md, hierarchical).
+      model->after_step();
       optim.zero_grad();
       ++summary.skipped_steps;
       ++step;
       continue;
     }
     optim.step(lr);
-    model->after_step(token_loss);
+    model->after_step();
     optim.zero_grad();
     ++step;
     summary.step_losses.push_back(loss_sum);

@@ -19,6 +19,8 @@ enum class ECEval { kBatch, kThreshold };
 enum class BipMode { kCausal, kSolve };
 // MoCE's stage-1 sequence clusters (ROUTING.md section 6).
 enum class SeqClustering { kOnline, kHidden, kTfidf };
+// What MoCE pools to assign a token its cluster: the positions up to it (causal) or the whole sequence.
+enum class MocePool { kPrefix, kSequence };
 
 struct MoEConfig {
   std::string router = "topk";  // moe.router
@@ -51,17 +53,25 @@ struct MoEConfig {
   double cluster_capacity_factor = 0.0;  // moe.cluster_capacity_factor: cap_c = ceil(CF*T*K_c/G), 0 = none
   double reliability_decay = 0.9;        // moe.reliability_decay: EMA decay of expert/cluster reliability
   double reliability_explode = 10.0;     // moe.reliability_explode: output RMS > this x median = unhealthy
-  double diversity_coef = 1e-2;          // moe.diversity_coef: within-cluster router-row cosine penalty
-  bool adaptive_weight = false;          // moe.adaptive_weight: scale the MoE output by sigmoid(w.x)
-  int64_t moce_n_general = 0;            // moe.moce_n_general: general experts (last ones of n_expert)
-  int64_t moce_general_used = 1;         // moe.moce_general_used: general experts per token
-  double centroid_decay = 0.99;          // moe.centroid_decay: EMA decay of MoCE's online centroids
+  // moe.reliability_recovery: per idle step, an expert (or cluster) with no health signal moves r toward
+  // the prior 1 as r <- rec * r + (1 - rec); slower than the penalty, so a faulty expert is probed rarely.
+  double reliability_recovery = 0.999;
+  double diversity_coef = 1e-2;   // moe.diversity_coef: within-cluster router-row cosine penalty
+  bool adaptive_weight = false;   // moe.adaptive_weight: scale the MoE output by sigmoid(w.x)
+  int64_t moce_n_general = 0;     // moe.moce_n_general: general experts (last ones of n_expert)
+  int64_t moce_general_used = 1;  // moe.moce_general_used: general experts per token
+  double centroid_decay = 0.99;   // moe.centroid_decay: EMA decay of MoCE's online centroids
+  // moe.moce_pool: "prefix" (causal, the default: a token's cluster is that of the running mean of the
+  // positions up to it) or "sequence" (NON-CAUSAL: the whole sequence's mean, labelled so in reports).
+  MocePool moce_pool = MocePool::kPrefix;
+  double moce_balance_rate = 1e-3;  // moe.moce_balance_rate: step of the cluster balance bias (0 = off)
   // moe.moce_clustering: how training sequences get their cluster. "online" (the default: works from
   // scratch) assigns each batch to the nearest EMA centroid; "hidden" clusters, before training, the
   // mean-pooled first-MoE-layer input of every training sequence under the --init checkpoint's weights
   // with spherical k-means, and makes the k-means centroids the router's (so generation's nearest-centroid
   // assignment lives in the same space); "tfidf" clusters TF-IDF bags of words and gives the router the
-  // mean hidden representation of each cluster. Offline ids are fixed for the whole run.
+  // mean hidden representation of each cluster. Offline clustering sets the router's centroids; the
+  // router then assigns every sequence itself, by the same rule in training, evaluation and generation.
   SeqClustering moce_clustering = SeqClustering::kOnline;
   // Expert form (any router): full FFN experts, or MoCE/PESC adapters on a frozen dense FFN of width
   // d_expert.
@@ -90,17 +100,15 @@ struct MoEConfig {
   int64_t routed_used() const { return n_expert_used * expert_split; }
   int64_t routed_width() const { return d_expert / expert_split; }
 
-  // Throws ConfigError naming the field when a value is out of range.
+  // Throws ConfigError naming the field when a value is out of range: the common keys here, the picked
+  // router's own keys through its registry row (routing/registry.h).
   void validate() const;
-  // The checks of the hierarchical / MoCE block and the expert form (called by validate()).
+  // The picked router's keys and the expert form (called by validate()).
   void validate_cluster_routing() const;
 };
 
-// The values moe.router accepts in this build.
-const std::vector<std::string>& available_routers();
-
 class ConfigBinder;
-// Registers every [moe] key of `cfg` under "moe.<key>".
+// Registers every [moe] key of `cfg` under "moe.<key>": the common ones and each registered router's.
 void bind_moe_config(ConfigBinder& binder, MoEConfig* cfg);
 
 std::string to_string(ScoreFunc v);
@@ -112,5 +120,6 @@ std::string to_string(ECMode v);
 std::string to_string(ECEval v);
 std::string to_string(BipMode v);
 std::string to_string(SeqClustering v);
+std::string to_string(MocePool v);
 
 }  // namespace moeforge

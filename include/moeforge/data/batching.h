@@ -20,6 +20,9 @@ struct PackedData {
   torch::Tensor domain;              // [N] int64: domain id (index in `domains`) of each sequence
   std::vector<std::string> domains;  // sorted domain names
   torch::Tensor cluster;             // [N] int64: offline sequence cluster (MoCE), undefined when none
+  // [N] int64: the document each sequence was cut from, and its window's index in that document
+  // (pack_documents sets both; undefined for data made otherwise).
+  torch::Tensor doc, window;
   int64_t seq_len() const { return tokens.size(1) - 1; }
   int64_t size() const { return tokens.size(0); }
 };
@@ -40,11 +43,18 @@ class Batcher {
   // Throws std::invalid_argument when batch_size < 1 or, with shuffle, there are fewer than batch_size
   // sequences.
   Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffle);
+  // Without shuffle, the sequences are visited in order, or (Order::kInterleaved, when the data has
+  // document ids) by window index first and document second: the rows of one batch are the j-th windows
+  // of different documents, never a window and its continuation. Batch-routed expert choice evaluates
+  // on this order, since it lets the rows of a batch see each other (docs/routing.md, expert choice).
+  enum class Order { kSequential, kInterleaved };
+  Batcher(PackedData data, int64_t batch_size, Order order);
 
   struct Batch {
     torch::Tensor tokens;   // [B, S + 1] int64
     torch::Tensor domain;   // [B] int64
     torch::Tensor cluster;  // [B] int64, defined when the data has clusters
+    torch::Tensor doc;      // [B] int64, defined when the data has document ids
   };
   Batch next();
 
@@ -62,6 +72,7 @@ class Batcher {
   int64_t batch_size_;
   uint64_t seed_;
   bool shuffle_;
+  Order order_kind_ = Order::kSequential;
   int64_t epoch_ = 0;
   int64_t position_ = 0;
   std::vector<int64_t> order_;  // [N] the current epoch's visiting order

@@ -26,9 +26,17 @@ class MoELayerImpl : public torch::nn::Module {
 
   // x: [T, C] or [B, S, C]. For [B, S, C] input, ctx.n_seq / ctx.seq_len are filled in from the shape.
   MoEOutput forward(const torch::Tensor& x, RouteContext ctx = {});
-  // Router state update after the optimiser step, from the last training forward's plan. token_loss: [T]
-  // per-token loss of that batch, if the caller has it (reliability tracking uses it).
-  void after_step(const torch::Tensor& token_loss = {});
+  // Training forwards (ctx.training) add their plan and measured expert health to this layer's feedback
+  // (routing/feedback.h). add_token_loss gives the per-token loss [T] of the last training forward, when the
+  // caller has it (reliability tracking uses it); after_step, once after the optimiser step, hands the
+  // whole step's feedback to the router and starts a new one. So n micro-batches of gradient accumulation
+  // update the router as one batch of all their tokens would.
+  void add_token_loss(const torch::Tensor& token_loss);
+  void after_step();
+  const RouteFeedback& feedback() const { return feedback_; }
+  // Keep the router input [T, C] of the last forward (for measures that re-score it: the optimality gap).
+  void set_record_input(bool on) { record_input_ = on; }
+  const torch::Tensor& last_input() const { return last_input_; }
 
   const MoEConfig& config() const { return cfg_; }
   std::shared_ptr<Router> router;
@@ -38,11 +46,13 @@ class MoELayerImpl : public torch::nn::Module {
   DenseFFN dense{nullptr};
   AdapterExperts adapters{nullptr};
   DenseFFN shared{nullptr};  // K_s shared experts merged into one FFN of width K_s * F (same function)
-  const RoutingPlan& last_plan() const { return last_plan_; }
 
  private:
   MoEConfig cfg_;
-  RoutingPlan last_plan_;
+  RouteFeedback feedback_;
+  RoutingPlan last_plan_;  // the last training forward's, until its token loss arrives
+  bool record_input_ = false;
+  torch::Tensor last_input_;
 };
 TORCH_MODULE(MoELayer);
 

@@ -29,6 +29,9 @@ TORCH_MODULE(RMSNorm);
 // Per-layer key/value cache for generation.
 struct KVCache {
   std::vector<torch::Tensor> k, v;  // per layer [B, H, S_past, D]
+  // Routing state that, like K and V, summarises the positions already processed: the sum [B, C] of the
+  // first MoE layer's inputs (MoCE's causal prefix pool, RouteContext::prefix_sum).
+  torch::Tensor route_prefix_sum;
   int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(2); }
 };
 
@@ -71,8 +74,11 @@ class TransformerLMImpl : public torch::nn::Module {
   // cache: for generation, positions continue after cache->length() and the cache is extended.
   LMOutput forward(const torch::Tensor& tokens, RouteContext ctx = {}, KVCache* cache = nullptr);
 
-  // After the optimiser step: router state updates, with the per-token loss [B*S] of the batch.
-  void after_step(const torch::Tensor& token_loss = {});
+  // The per-token training loss [B*S] of the last training forward, for every MoE layer's feedback
+  // (once per micro-batch, after its forward).
+  void add_token_loss(const torch::Tensor& token_loss);
+  // After the optimiser step: every router's state update from the step's feedback (moe_layer.h).
+  void after_step();
 
   std::vector<MoELayer> moe_layers() const;
   const ModelConfig& model_config() const { return m_; }

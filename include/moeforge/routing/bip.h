@@ -27,9 +27,12 @@ class BipRouterImpl : public TopKRouterImpl {
   // Causal (default): top-K of (s - q) with the q of the previous step; plan.scores = s for after_step.
   // Solve (NON-CAUSAL, analysis): first iterate q on this batch, then route it with that q.
   RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) override;
-  // Causal mode: bip_iters dual iterations on the batch just routed.
-  void after_step(const RoutingPlan& plan) override;
+  // bip_iters dual iterations on the scores of the step just trained (all its micro-batches): the q of the
+  // next step (causal), or the warm start of the next solve (solve mode).
+  void after_step(const RouteFeedback& feedback) override;
   std::string name() const override { return mode_ == BipMode::kCausal ? "bip" : "bip(solve: non-causal)"; }
+  bool causal() const override { return mode_ == BipMode::kCausal && TopKRouterImpl::causal(); }
+  nlohmann::json describe_state() const override;
 
   torch::Tensor q;  // [E] buffer: the expert dual, init 0
 

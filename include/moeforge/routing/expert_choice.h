@@ -15,10 +15,13 @@ namespace moeforge {
 //   scores [T, E] differentiable gate source: gate of (t, e) = scores[t, e]
 RoutingPlan build_plan_from_mask(const torch::Tensor& mask, const torch::Tensor& scores);
 
-// The per-position capacity of causal-safe EC: with c = B * CF / E tokens per expert per position,
-// position p gets floor((p+1) c + 1/2) - floor(p c + 1/2). It depends on p, B and CF only (never on the
-// tokens), and sums over S positions to round(S c) = k_e, so every expert gets exactly its capacity.
-int64_t ec_position_capacity(int64_t p, int64_t n_seq, double capacity_factor, int64_t n_expert);
+// The per-position capacity of causal-safe EC for expert e: with c = B * CF / E tokens per expert per
+// position and the phase phi_e = (e + 1/2) / E, position p gets floor((p+1) c + phi_e) - floor(p c + phi_e).
+// It depends on p, e, B and CF only (never on the tokens). Over S positions expert e takes
+// floor(S c + phi_e), i.e. floor or ceil of S c; at one position the E experts together take floor or ceil
+// of B * CF, so every position is served whenever B * CF >= 1 (a phase shared by all experts left whole
+// positions empty: B = 3, E = 8, CF = 2 served no token at positions 2 and 6).
+int64_t ec_position_capacity(int64_t p, int64_t e, int64_t n_seq, double capacity_factor, int64_t n_expert);
 // k_e = round(T * CF / E), half away from zero.
 int64_t ec_capacity(int64_t n_tokens, double capacity_factor, int64_t n_expert);
 
@@ -30,14 +33,23 @@ class ExpertChoiceRouterImpl : public Router {
   // Evaluation: threshold routing unless ec_eval = batch (then the training grouping). route() never
   // changes the router's state: the thresholds are calibrated in after_step from plan.scores.
   RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) override;
-  // Threshold calibration: EMA of each expert's k_e-th largest score of the batch just routed.
-  void after_step(const RoutingPlan& plan) override;
+  // Threshold calibration: EMA of each expert's k_e-th largest score of the step just trained (all its
+  // micro-batches, k_e from their total token count).
+  void after_step(const RouteFeedback& feedback) override;
   int64_t n_expert() const override { return n_expert_; }
   std::string name() const override;
+  // Causal-safe and threshold routing are causal; non-causal batch routing is not, and neither is
+  // evaluation with ec_eval = batch unless its rows are independent sequences (docs/routing.md).
+  bool causal() const override { return cfg_.ec_mode != ECMode::kNonCausal; }
+  torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
+  nlohmann::json describe_state() const override;
 
-  // The evaluation routing can be switched without rebuilding (an evaluator reports both losses).
+  // The evaluation routing can be switched without rebuilding (an evaluator reports both losses): "batch"
+  // (the training grouping) and "threshold", unless the router trains with thresholds (one routing).
+  std::vector<std::string> eval_routings() const override;
+  std::string eval_routing() const override { return to_string(eval_routing_); }
+  void set_eval_routing(const std::string& routing) override;
   void set_eval_routing(ECEval v) { eval_routing_ = v; }
-  ECEval eval_routing() const { return eval_routing_; }
   ECMode config_mode() const { return cfg_.ec_mode; }  // moe.ec_mode: how it routes in training
 
   // The three routings from scores s [T, E] (softmax), usable directly by tests and analysis.

@@ -18,7 +18,7 @@
 namespace moeforge {
 
 // Utilisation and reliability of one hierarchical router (one layer). Loads are the counts accumulated
-// since the last reset_counts(); shares are of the total.
+// in training since the last reset_counters(); shares are of the total.
 struct ExpertSummary {
   int64_t id = 0;  // global expert id; cluster = id / Eg
   double load = 0, share = 0, reliability = 1;
@@ -40,11 +40,16 @@ class HierarchicalRouterImpl : public Router {
   HierarchicalRouterImpl(const MoEConfig& cfg, int64_t d_model);
 
   RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) override;
-  // Reliability update from the measured health of the plan's experts (see the .cpp for the signal).
-  void after_step(const RoutingPlan& plan) override;
+  // Utilisation counters and the reliability update from the measured health of the step's experts (see
+  // the .cpp for the signal).
+  void after_step(const RouteFeedback& feedback) override;
   bool wants_expert_health() const override { return true; }
   int64_t n_expert() const override { return n_expert_; }
   std::string name() const override { return "hierarchical"; }
+  // Capacity at either level makes a token's assignment depend on other tokens' choices (section 1).
+  bool causal() const override { return cfg_.capacity_factor <= 0 && cfg_.cluster_capacity_factor <= 0; }
+  torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
+  nlohmann::json describe_state() const override;  // {"summary": summary().to_json(), ...}
   int64_t n_cluster() const { return n_cluster_; }
 
   // Mean pairwise cosine similarity of the router rows of the experts inside each cluster, averaged over
@@ -60,7 +65,7 @@ class HierarchicalRouterImpl : public Router {
   torch::Tensor expert_mask() const override { return expert_active.to(torch::kCPU, torch::kFloat).clone(); }
 
   HierarchicalSummary summary() const;
-  void reset_counts();
+  void reset_counters() override;
 
   torch::Tensor cluster_weight;       // [G, C] stage-1 router
   torch::Tensor expert_weight;        // [G, Eg, C] stage-2 router of each cluster
@@ -68,7 +73,8 @@ class HierarchicalRouterImpl : public Router {
   torch::Tensor expert_reliability;   // [E] buffer, r in (0, 1]
   torch::Tensor cluster_reliability;  // [G] buffer
   torch::Tensor expert_active;        // [E] buffer, 1 = routable, 0 = pruned
-  torch::Tensor expert_count;         // [E] buffer (float64): assignments kept since reset_counts()
+  torch::Tensor expert_count;         // [E] buffer (float64): assignments kept in training since
+                                      // reset_counters() (after_step adds each step's load)
   torch::Tensor cluster_count;        // [G] buffer (float64): (token, cluster) pairs kept
 
  private:

@@ -14,9 +14,11 @@ class LossFreeRouterImpl : public TopKRouterImpl {
 
   // Selection: top-K of (s + b) with the b of the previous steps; gates from s alone.
   RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) override;
-  // b_e += u * sign(mean(c) - c_e), c = plan.stats.load of the batch just routed (Wang et al. Alg. 1).
-  void after_step(const RoutingPlan& plan) override;
+  // b_e += u * sign(mean(c) - c_e), c = the load of the step just trained (all its micro-batches; Wang
+  // et al. Algorithm 1).
+  void after_step(const RouteFeedback& feedback) override;
   std::string name() const override { return "loss_free"; }
+  nlohmann::json describe_state() const override;
 
   torch::Tensor bias;  // [E] buffer, no gradient, init 0
 

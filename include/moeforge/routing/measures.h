@@ -6,6 +6,8 @@
 // D domain labels.
 #pragma once
 
+#include <algorithm>
+
 #include <torch/torch.h>
 
 #include <functional>
@@ -64,13 +66,29 @@ struct OptimalityGap {
 // scores [T, E]: the scores the objective is measured on (the router's s); plan: the router's assignments.
 OptimalityGap optimality_gap(const torch::Tensor& scores, const RoutingPlan& plan, int64_t k, int64_t cap);
 
-// Causal leak (ROUTING.md section 2): runs forward on x [B, S, C] and on a copy whose sequence `seq` is
-// replaced after position `pos` by `replacement` ([S-pos-1, C]; if undefined, fresh N(0, 3^2) rows), and
-// returns max |y' - y| over that sequence's positions 0..pos. 0 (up to float noise) for a causal router.
-double causal_leak(const std::function<torch::Tensor(const torch::Tensor&)>& forward, const torch::Tensor& x,
-                   int64_t seq, int64_t pos, torch::Tensor replacement = {});
+// Causal leak (docs/routing.md section 9): does any output at a position <= p depend on an input at a
+// position > p? For each trial (a probed sequence b, a cut point p, a random replacement), the inputs after
+// p are replaced, either in row b alone ("same row") or in every row but b ("other rows"), and the outputs
+// of every row at positions 0..p are compared with the unperturbed pass. The RNG is reseeded identically
+// before both passes of a trial, so a noisy router draws the same noise in both and its noise is not
+// mistaken for a leak. 0 (up to float noise) for a causal router.
+struct LeakOptions {
+  int64_t sequences = 3;                         // probed rows: the first min(sequences, B)
+  std::vector<double> cuts = {0.25, 0.5, 0.75};  // cut points p as fractions of S (p = floor(f * (S-1)))
+  int64_t draws = 2;                             // random replacements per (row, cut)
+  bool other_rows = true;                        // also perturb the other rows' futures
+  double scale = 3.0;                            // replacements are N(0, scale^2) rows
+  uint64_t seed = 0;                             // replacements and the reseeded router RNG
+};
+struct LeakResult {
+  double same_row = 0;    // max |y' - y| over positions <= p when only row b's future changed
+  double other_rows = 0;  // the same when the other rows' futures changed
+  int64_t trials = 0;
+  double max() const { return std::max(same_row, other_rows); }
+};
+LeakResult causal_leak(const std::function<torch::Tensor(const torch::Tensor&)>& forward,
+                       const torch::Tensor& x, const LeakOptions& opt = {});
 // The same for an MoE layer (its output y), in the layer's current train/eval mode.
-double causal_leak(MoELayerImpl& layer, const torch::Tensor& x, int64_t seq, int64_t pos,
-                   torch::Tensor replacement = {});
+LeakResult causal_leak(MoELayerImpl& layer, const torch::Tensor& x, const LeakOptions& opt = {});
 
 }  // namespace moeforge

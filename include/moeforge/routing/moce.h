@@ -1,9 +1,10 @@
-// MoCE dual-stage routing (Eo et al., EMNLP 2025, arXiv 2509.10513; ROUTING.md section 6).
-// Stage 1, per sequence: a cluster id c in {0..G-1}, given by the caller (offline clustering,
-// ctx.seq_cluster) or assigned online to the nearest centroid (cosine) of the sequence's mean-pooled,
-// stop-gradient input. Stage 2, per token: top-K inside cluster c's group of Eg experts with cluster c's own
-// router. Optional general experts (the last moce_n_general of the E experts) with a cluster-independent
-// router are added to every token.
+// MoCE dual-stage routing (Eo et al., EMNLP 2025, arXiv 2509.10513; docs/routing.md, MoCE).
+// Stage 1, per token: a cluster id c in {0..G-1}, the nearest centroid (cosine, plus a balancing bias) of the
+// mean-pooled, stop-gradient input of the positions up to and including it (moe.moce_pool = "prefix", the
+// causal default), or of the whole sequence (moe.moce_pool = "sequence", NON-CAUSAL). The same rule runs in
+// training, evaluation and generation. Stage 2, per token: top-K inside cluster c's group of Eg experts
+// with cluster c's own router. Optional general experts (the last moce_n_general of the E experts) with a
+// cluster-independent router are added to every token.
 //
 // Legend: B sequences of S positions, T = B*S tokens, C model width, E experts, G clusters,
 // Eg = (E - n_general) / G experts per group, K experts per token inside the group.
@@ -19,19 +20,29 @@ class MoCERouterImpl : public Router {
   MoCERouterImpl(const MoEConfig& cfg, int64_t d_model);
 
   RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) override;
-  // Online clustering: centroids move toward the mean of the sequences assigned to them since the last
-  // step (an EMA with moe.centroid_decay).
-  void after_step(const RoutingPlan& plan) override;
+  // Online clustering and balance, from the step's sequences: centroids move toward the mean direction of
+  // the sequences they took (an EMA with moe.centroid_decay), uninitialised ones are seeded from the data,
+  // the centring mean follows, and the cluster bias takes a step of moe.moce_balance_rate.
+  void after_step(const RouteFeedback& feedback) override;
   int64_t n_expert() const override { return n_expert_; }
-  std::string name() const override { return "moce"; }
+  std::string name() const override {
+    return cfg_.moce_pool == MocePool::kPrefix ? "moce" : "moce(sequence pool: non-causal)";
+  }
+  bool causal() const override { return cfg_.moce_pool == MocePool::kPrefix; }
+  torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
+  nlohmann::json describe_state() const override;
+  void reset_counters() override;
 
-  // Nearest centroid (cosine) of each row of pooled [B, C]; only initialised centroids compete (all ids 0
-  // if none is initialised yet).
-  torch::Tensor assign(const torch::Tensor& pooled) const;  // -> [B] int64 (CPU)
-  // Training-time assignment: nearest centroid under a capacity of ceil(B / G) sequences per cluster.
-  torch::Tensor assign_balanced(const torch::Tensor& unit) const;  // unit [B, C] from embed() -> [B]
-  // The clustering space: pooled [B, C] centred on the running mean of pooled vectors, rows of norm 1.
+  // Nearest centroid (cosine plus cluster_bias) of each row of pooled [M, C]; only initialised centroids
+  // compete (all ids 0 if none is initialised yet).
+  torch::Tensor assign(const torch::Tensor& pooled) const;  // -> [M] int64 (CPU)
+  // The clustering space: pooled [M, C] centred on the running mean of pooled vectors, rows of norm 1.
   torch::Tensor embed(const torch::Tensor& pooled) const;
+  // Cosine of unit rows [M, C] to each centroid plus the cluster bias; -inf for uninitialised ones.
+  torch::Tensor cluster_scores(const torch::Tensor& unit) const;  // -> [M, G]
+  // The running prefix mean of x [B*S, C] (with ctx.prefix_sum / prefix_len of earlier positions, when
+  // generating with a KV cache): row (b, t) is the mean of positions 0..t of sequence b.
+  torch::Tensor prefix_pool(const torch::Tensor& x, int64_t B, int64_t S, const RouteContext& ctx) const;
   // Global id of local expert j of group g.
   int64_t group_expert(int64_t g, int64_t j) const { return g * n_per_group_ + j; }
   int64_t n_per_group() const { return n_per_group_; }
@@ -49,6 +60,7 @@ class MoCERouterImpl : public Router {
   torch::Tensor group_weight;    // [G, Eg, C] each cluster's router
   torch::Tensor general_weight;  // [n_general, C] the cluster-independent router (when n_general > 0)
   torch::Tensor centroids;       // [G, C] buffer, unit rows once initialised
+  torch::Tensor cluster_bias;    // [G] buffer: loss-free-style balance bias on the centroid scores
   torch::Tensor centroid_count;  // [G] buffer (float64): sequences absorbed per centroid (0 = uninitialised)
   torch::Tensor expert_count;    // [E] buffer (float64): assignments kept since construction
   torch::Tensor pooled_mean;     // [C] buffer: running mean of the pooled vectors (embed() centres on it)
@@ -61,10 +73,12 @@ class MoCERouterImpl : public Router {
 
   MoEConfig cfg_;
   int64_t n_expert_, n_cluster_, n_per_group_, n_general_, k_, k_general_;
-  torch::Tensor pending_sum_;       // [G, C] sum of unit pooled vectors routed since the last after_step
-  torch::Tensor pending_n_;         // [G] their count
-  torch::Tensor pending_pool_sum_;  // [C] sum of raw pooled vectors since the last after_step
 };
 TORCH_MODULE(MoCERouter);
+
+// Offline clustering's result handed to a layer's router: MoCERouterImpl::set_centroids when `router` is a
+// MoCE router, else ConfigError("moe.moce_clustering").
+void set_sequence_centroids(Router& router, const torch::Tensor& centroids, const torch::Tensor& sizes,
+                            const torch::Tensor& mean = {});
 
 }  // namespace moeforge

@@ -9,6 +9,9 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "moeforge/routing/feedback.h"
 #include "moeforge/routing/stats.h"
 
 namespace moeforge {
@@ -17,13 +20,22 @@ namespace moeforge {
 struct RouteContext {
   int64_t n_seq = 1;          // B
   int64_t seq_len = 0;        // S (0: the whole batch is one sequence, S = T)
-  torch::Tensor seq_cluster;  // [B] int64 cluster id per sequence (MoCE), optional
-  torch::Tensor seq_domain;   // [B] int64 domain label per sequence (measures only), optional
+  torch::Tensor seq_cluster;  // [B] int64 cluster id per sequence (MoCE), optional: given by the caller
+  torch::Tensor
+      token_cluster;  // [T] int64 cluster id per token (MoCE): the first MoCE layer's, for later ones
+  // Generation with a KV cache (MoCE's causal prefix pool): the sum [B, C] of the first MoE layer's inputs
+  // over the prefix_len positions already processed; the plan returns the new sum (RoutingPlan::pool_sum).
+  torch::Tensor prefix_sum;
+  int64_t prefix_len = 0;
+  torch::Tensor seq_domain;  // [B] int64 domain label per sequence (measures only), optional
   bool training = false;
+  // Token-by-token generation: a router must route each token alone (expert choice uses its thresholds,
+  // whatever ec_eval says: a batch of one position would give it no experts).
+  bool generating = false;
   int64_t step = 0;
 };
 
-// The result of routing one batch: assignments grouped by expert.
+// The result of routing one batch: assignments grouped by expert. The router is its only writer.
 struct RoutingPlan {
   torch::Tensor token_index;     // [N] int64: token of each assignment, grouped by expert, ascending inside
   torch::Tensor expert_offsets;  // [E+1] int64 on CPU: assignments of expert e are [off[e], off[e+1])
@@ -33,16 +45,17 @@ struct RoutingPlan {
   RoutingStats stats;
 
   // Optional, router-specific.
-  torch::Tensor scores;       // [T, E] detached router scores, for after_step updates that need them (BIP)
-  torch::Tensor seq_cluster;  // [B] int64 the cluster each sequence was routed in (MoCE), for later layers
+  torch::Tensor scores;  // [T, E] detached router scores, for state updates that need them (BIP, EC)
+  // MoCE: the cluster of every token [T] (int64, CPU; a token's cluster may change along its sequence when
+  // it is assigned from a running prefix), the cluster of each whole sequence [B] (the cluster of its last
+  // position), and the sequence representation its centroids learn from [B, C] (detached).
+  torch::Tensor token_cluster;
+  torch::Tensor seq_cluster;
+  torch::Tensor seq_repr;
+  torch::Tensor pool_sum;  // [B, C] MoCE prefix pool: sum of the inputs of every position seen so far
   // [T] float, differentiable: a per-token scale of the routed output that MoELayer's combine step applies
   // (ClusterMoE's adaptive routing weight a(x) = sigmoid(w.x)); undefined = 1.
   torch::Tensor token_scale;
-  // Filled by MoELayer after the experts ran, when router->wants_expert_health():
-  torch::Tensor expert_out_rms;    // [E] float64 RMS of each expert's output rows (0 for an idle expert)
-  torch::Tensor expert_nonfinite;  // [E] int64 output rows with a NaN or Inf
-  // Filled by the trainer before after_step, when it has them:
-  torch::Tensor token_loss;  // [T] per-token training loss of the batch that was routed
 
   int64_t n_expert() const { return expert_offsets.numel() - 1; }
   int64_t n_assign() const { return token_index.numel(); }
@@ -56,13 +69,32 @@ class Router : public torch::nn::Module {
  public:
   // x: [T, C] the FFN input after its norm.
   virtual RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) = 0;
-  // Called once after the optimiser step with the plan of the batch just trained on (loss-free bias,
-  // BIP dual, reliabilities, online centroids). The default keeps no state.
-  virtual void after_step(const RoutingPlan& /*plan*/) {}
-  // Routers that track expert health (reliability) ask MoELayer to fill expert_out_rms/expert_nonfinite.
+  // Called once after the optimiser step with what the step taught (feedback.h): the plans of every
+  // micro-batch routed in training since the last call, their expert health and token losses. Loss-free
+  // bias, BIP dual, EC thresholds, reliabilities, online centroids and utilisation counters move here and
+  // nowhere else: route() never changes a buffer, in training or evaluation (docs/routing.md).
+  virtual void after_step(const RouteFeedback& /*feedback*/) {}
+  // Routers that track expert health (reliability) ask MoELayer to measure it (RouteFeedback::add_health).
   virtual bool wants_expert_health() const { return false; }
   virtual int64_t n_expert() const = 0;
   virtual std::string name() const = 0;
+  // Whether a position's routing depends only on positions <= it in its own sequence, in training and in
+  // evaluation, in the router's current setting (docs/routing.md, "Which settings are causal").
+  virtual bool causal() const { return true; }
+
+  // The [T, E] scores (detached) that an assignment of x is measured against by the optimality gap: the
+  // router's own probability of each (token, expert) pair, without any balancing bias. `plan` is the plan
+  // route() made for x (a router whose scores depend on its choices, MoCE's groups, reads it).
+  virtual torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) = 0;
+  // Evaluation routings this router can switch between (expert choice: "batch" and "threshold"); an
+  // evaluator reports the loss under each. Empty when there is one.
+  virtual std::vector<std::string> eval_routings() const { return {}; }
+  virtual std::string eval_routing() const { return {}; }
+  virtual void set_eval_routing(const std::string& /*routing*/) {}
+  // A description of the router's state for `inspect` (utilisation, reliability, thresholds, ...).
+  virtual nlohmann::json describe_state() const;
+  // Zeroes the utilisation counters (not the routing state: bias, dual, reliabilities stay).
+  virtual void reset_counters() {}
 
   // Pruning (ROUTING.md section 5): active [E], 1 = routable, 0 = removed from routing. A pruned expert gets
   // no assignment; only the *selection* is masked, the scores are not, so the gates of the other experts
@@ -96,6 +128,10 @@ class Router : public torch::nn::Module {
 RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Tensor& keep,
                                     const torch::Tensor& priority, const torch::Tensor& gate_tk,
                                     int64_t n_expert, int64_t capacity);
+// The same with a capacity per expert ([E], each <= 0 for none).
+RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Tensor& keep,
+                                    const torch::Tensor& priority, const torch::Tensor& gate_tk,
+                                    int64_t n_expert, const std::vector<int64_t>& capacity);
 
 // cap = ceil(CF * T * K / E), ROUTING.md section 1; 0 when CF = 0 (dropless).
 int64_t expert_capacity(double capacity_factor, int64_t n_tokens, int64_t k, int64_t n_expert);

@@ -16,10 +16,15 @@ struct RoutingStats {
   double load_cv = 0;         // std(load) / mean(load)
   double load_entropy = 0;    // H(load / sum) / log(E), in [0,1]
   int64_t dead_experts = 0;   // experts with load 0
+  // The measures above are over the first n_balanced experts (all when 0): MoCE's general experts serve
+  // every token and are not balanced against the group experts.
+  int64_t n_balanced = 0;
+  std::vector<int64_t> group_load;  // [G] (token, group) pairs kept, for two-stage routers (else empty)
 };
 
 // Fills every derived measure from `load`, `n_tokens` and `n_requested`.
-RoutingStats make_routing_stats(std::vector<int64_t> load, int64_t n_tokens, int64_t n_requested);
+RoutingStats make_routing_stats(std::vector<int64_t> load, int64_t n_tokens, int64_t n_requested,
+                                int64_t n_balanced = 0);
 
 // MaxVio of any load vector (0 for an empty or all-zero load).
 double max_violation(const std::vector<double>& load);

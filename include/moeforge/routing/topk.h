@@ -21,6 +21,11 @@ class TopKRouterImpl : public Router {
   RoutingPlan route(const torch::Tensor& x, const RouteContext& ctx) override;
   int64_t n_expert() const override { return n_expert_; }
   std::string name() const override { return "topk"; }
+  // Capacity-limited routing (capacity_factor > 0) is not causal: a token's second choice competes with
+  // later tokens' first choices (GShard's order), and with batch-prioritised overflow with every token.
+  bool causal() const override { return cfg_.capacity_factor <= 0; }
+  // The clean (noise-free) scores s, without any selection bias.
+  torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
 
   // Scores of x (noise added when cfg.noisy and training).
   TokenScores score(const torch::Tensor& x, bool training);

@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,7 @@ struct LayerRouting {
   std::vector<std::vector<int64_t>> domain_expert;  // [D][E] assignments by domain label and expert
   double max_vio_global = 0;
   double specialization = 0;  // I(domain; expert) / H(domain)
+  int64_t n_balanced = 0;     // MaxVio over the first n_balanced experts (RoutingStats::n_balanced; 0 = all)
 };
 
 struct EvalResult {
@@ -34,10 +36,17 @@ struct EvalResult {
   // threshold routing, the only one generation can use. `loss` above is the one moe.ec_eval picks.
   bool has_ec = false;
   double ec_batch_loss = 0, ec_threshold_loss = 0;
+  std::string eval_routing;                    // the routing `loss` was measured with (moe.ec_eval)
+  std::map<std::string, double> routing_loss;  // loss under each evaluation routing the router offers
+  // Pairs of rows of one batch that are windows of the same document, of all pairs: batch-routed expert
+  // choice is causal on this set only when it is 0 (the evaluation batches interleave documents).
+  int64_t same_document_row_pairs = 0, row_pairs = 0;
+  double same_document_row_share() const {
+    return row_pairs > 0 ? double(same_document_row_pairs) / double(row_pairs) : 0.0;
+  }
   double ec_gap() const { return ec_threshold_loss - ec_batch_loss; }
-  // MoCE (ROUTING.md section 6): sequences by (cluster the router assigned, domain label), from the first
-  // MoE layer's nearest-centroid assignment (what generation does), and the clusters' purity:
-  // sum_c max_d n(c, d) / n.
+  // MoCE (docs/routing.md section 6): tokens by (cluster the router assigned, domain label), from the first
+  // MoE layer's assignment (the rule generation uses too), and the clusters' purity: sum_c max_d n(c, d) / n.
   std::vector<std::vector<int64_t>> cluster_domain;  // [G][D], empty when the router has no clusters
   double cluster_purity = 0;
   nlohmann::json to_json() const;
