@@ -34,7 +34,7 @@ TEST(Bip, MaxVioFallsBelowPointOneOnASkewedStream) {
   for (int step = 0; step < kSteps; ++step) {
     auto plan = r.route(skewed_batch(16384), train_ctx());
     vio.push_back(plan.stats.max_vio);
-    r.after_step(plan);
+    r.after_step(test::feedback_of(plan));
   }
   int first = -1;
   for (int i = 0; i < kSteps && first < 0; ++i)
@@ -55,7 +55,8 @@ TEST(Bip, CausalModeRoutesWithThePreviousQ) {
   torch::manual_seed(41);
   BipRouterImpl r(bip_config(BipMode::kCausal, 2), kC);
   make_skewed(r);
-  for (int step = 0; step < 3; ++step) r.after_step(r.route(skewed_batch(512), train_ctx()));
+  for (int step = 0; step < 3; ++step)
+    r.after_step(test::feedback_of(r.route(skewed_batch(512), train_ctx())));
   auto q0 = r.q.clone();
   ASSERT_GT(q0.abs().sum().item<double>(), 0.0);
   auto x = skewed_batch(512);
@@ -67,7 +68,7 @@ TEST(Bip, CausalModeRoutesWithThePreviousQ) {
   // after_step: bip_iters dual iterations from q0 on the batch just routed.
   auto q1 = q0.clone();
   bip_dual_iterations(q1, plan.scores, kK, bip_capacity(512, kK, kE), 2);
-  r.after_step(plan);
+  r.after_step(test::feedback_of(plan));
   EXPECT_TRUE(torch::equal(r.q, q1));
   EXPECT_FALSE(torch::equal(r.q, q0));
 }

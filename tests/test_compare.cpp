@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "moeforge/routing/registry.h"
 #include "moeforge/train/compare.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
@@ -152,7 +153,7 @@ TEST(Compare, EqualComputeRule) {
   EXPECT_EQ(m.moe.n_expert_used, 2) << how;
   for (const char* r : {"topk", "loss_free", "bip"})
     EXPECT_EQ(equal_compute_config(cfg, r).moe.n_expert_used, 2);
-  for (auto& r : available_routers()) EXPECT_EQ(equal_compute_config(cfg, r).moe.router, r);
+  for (auto& r : router_names()) EXPECT_EQ(equal_compute_config(cfg, r).moe.router, r);
 }
 
 TEST(Compare, EveryRouterRunsAndIsMeasured) {
@@ -160,7 +161,7 @@ TEST(Compare, EveryRouterRunsAndIsMeasured) {
   std::ostringstream log;
   const auto o = opts("all", {}, /*plots=*/false);
   const auto j = run_compare(tiny_config("all", {"train.steps=2", "train.eval_every=0"}), o, log);
-  ASSERT_EQ(j["runs"].size(), available_routers().size());
+  ASSERT_EQ(j["runs"].size(), router_names().size());
   for (auto& r : j["runs"]) {
     SCOPED_TRACE(r["router"].get<std::string>());
     EXPECT_TRUE(std::isfinite(r["optimality_gap"]["gap"].get<double>()));
@@ -179,7 +180,7 @@ TEST(Compare, BadRouterNamesAreNamed) {
     EXPECT_NE(std::string(e.what()).find("nonsense"), std::string::npos) << e.what();
   }
   EXPECT_THROW(parse_router_list("topk,topk"), ConfigError);
-  EXPECT_EQ(parse_router_list("").size(), available_routers().size());
+  EXPECT_EQ(parse_router_list("").size(), router_names().size());
   EXPECT_EQ(parse_router_list("bip,topk"), (std::vector<std::string>{"bip", "topk"}));
   EXPECT_THROW(equal_compute_config(tiny_config("bad"), "nonsense"), ConfigError);
 }

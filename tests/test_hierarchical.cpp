@@ -115,9 +115,9 @@ TEST(Hierarchical, CapacityIsHonouredAtBothLevels) {
 }
 
 // Drives a layer through forward + after_step with the per-token "loss" ||y_t||^2 / C (a stand-in for the
-// training loss of a layer whose target is 0) and returns, per step, the load of `faulty`.
+// training loss of a layer whose target is 0) and returns, per step, the load of `faulty` and the loss.
 std::vector<int64_t> drive(MoELayer& layer, const torch::Tensor& x, int64_t faulty, int64_t steps,
-                           double* final_loss) {
+                           std::vector<double>* losses) {
   std::vector<int64_t> load;
   layer->train();
   for (int64_t s = 0; s < steps; ++s) {
@@ -125,16 +125,26 @@ std::vector<int64_t> drive(MoELayer& layer, const torch::Tensor& x, int64_t faul
     auto out = layer->forward(x);
     load.push_back(out.plan.stats.load[faulty]);
     auto token_loss = out.y.pow(2).mean(1);  // [T]
-    *final_loss = token_loss.mean().item<double>();
-    layer->after_step(token_loss);
+    losses->push_back(token_loss.mean().item<double>());
+    layer->add_token_loss(token_loss);
+    layer->after_step();
   }
   return load;
 }
 
-// The number of steps with reliability decay 0.9 after which the faulty expert serves no token at all, on
+// The number of steps with reliability decay 0.9 after which the faulty expert first serves no token, on
 // this seeded setup (measured 17 for the exploding case, 28 for the NaN case; the bound leaves room for
 // other LibTorch versions' random streams).
 constexpr int64_t kStepsToSilence = 40;
+
+// After it first falls silent, an idle faulty expert's r moves back toward 1 (moe.reliability_recovery,
+// docs/routing.md), so it is probed again now and then and falls silent again: its traffic stays a small
+// share of what it served before the fault.
+double mean_load_from(const std::vector<int64_t>& load, int64_t from) {
+  double s = 0;
+  for (int64_t i = from; i < int64_t(load.size()); ++i) s += double(load[i]);
+  return s / double(std::max<int64_t>(1, int64_t(load.size()) - from));
+}
 
 TEST(Hierarchical, ExplodingExpertLosesReliabilityAndTraffic) {
   torch::manual_seed(4);
@@ -147,29 +157,32 @@ TEST(Hierarchical, ExplodingExpertLosesReliabilityAndTraffic) {
     healthy_loss = layer->forward(x).y.pow(2).mean().item<double>();
     layer->experts->w_down[3].mul_(1e4);  // fault injection: outputs 1e4 x too large
   }
-  double final_loss = 0;
-  auto load = drive(layer, x, 3, 60, &final_loss);
+  std::vector<double> losses;
+  auto load = drive(layer, x, 3, 80, &losses);
   ASSERT_GT(load[0], 0) << "the faulty expert must serve tokens before it is detected";
   int64_t silent_at = -1;
   for (int64_t s = 0; s < int64_t(load.size()); ++s)
     if (load[s] == 0 && silent_at < 0) silent_at = s;
-  std::printf("exploding expert: load %lld at step 0, 0 from step %lld\n", (long long)load[0],
-              (long long)silent_at);
+  const double after = mean_load_from(load, silent_at);
+  std::printf("exploding expert: load %lld at step 0, 0 first at step %lld, mean %.2f after\n",
+              (long long)load[0], (long long)silent_at, after);
   ASSERT_GE(silent_at, 0);
   EXPECT_LE(silent_at, kStepsToSilence);
-  for (int64_t s = silent_at; s < int64_t(load.size()); ++s) EXPECT_EQ(load[s], 0) << "step " << s;
+  EXPECT_LE(after, 0.1 * double(load[0]));
   auto r = as_hier(layer);
-  // h = 0 on every step it served tokens, no update once idle: r = 0.9^(steps served) exactly.
-  EXPECT_NEAR(r->expert_reliability[3].item<double>(), std::pow(0.9, double(silent_at)), 1e-5);  // float32 r
+  EXPECT_LT(r->expert_reliability[3].item<double>(), 0.5);
   // Healthy experts keep most of their reliability (the loss tolerance of 1.5x the mean protects them).
   for (int64_t e = 0; e < 8; ++e)
     if (e != 3) {
       EXPECT_GT(r->expert_reliability[e].item<double>(), 0.5) << "expert " << e;
     }
-  // The layer's loss recovers: within 2x the loss before the fault (the traffic moved to other experts,
-  // which give different but healthy outputs; the faulty one was ~1e8 x).
-  std::printf("loss healthy %.4g, after recovery %.4g\n", healthy_loss, final_loss);
-  EXPECT_LT(final_loss, 2 * healthy_loss);
+  // The layer's loss recovers: the median of the last 20 steps within 2x the loss before the fault (the
+  // traffic moved to other experts, which give different but healthy outputs; the faulty one was ~1e8 x
+  // on the steps it is probed).
+  std::vector<double> tail(losses.end() - 20, losses.end());
+  std::nth_element(tail.begin(), tail.begin() + 10, tail.end());
+  std::printf("loss healthy %.4g, median of the last 20 steps %.4g\n", healthy_loss, tail[10]);
+  EXPECT_LT(tail[10], 2 * healthy_loss);
 }
 
 TEST(Hierarchical, NonFiniteExpertLosesTraffic) {
@@ -181,17 +194,20 @@ TEST(Hierarchical, NonFiniteExpertLosesTraffic) {
     torch::NoGradGuard ng;
     layer->experts->w_down[5].fill_(std::nan(""));
   }
-  double final_loss = 0;
-  auto load = drive(layer, x, 5, 60, &final_loss);
+  std::vector<double> losses;
+  auto load = drive(layer, x, 5, 80, &losses);
   ASSERT_GT(load[0], 0);
   int64_t silent_at = -1;
   for (int64_t s = 0; s < int64_t(load.size()); ++s)
     if (load[s] == 0 && silent_at < 0) silent_at = s;
-  std::printf("NaN expert: load %lld at step 0, 0 from step %lld\n", (long long)load[0],
+  std::printf("NaN expert: load %lld at step 0, 0 first at step %lld\n", (long long)load[0],
               (long long)silent_at);
   ASSERT_GE(silent_at, 0);
   EXPECT_LE(silent_at, kStepsToSilence);
-  EXPECT_TRUE(std::isfinite(final_loss)) << "outputs must be finite once the expert is avoided";
+  EXPECT_LE(mean_load_from(load, silent_at), 0.1 * double(load[0]));
+  int finite = 0;
+  for (size_t i = losses.size() - 20; i < losses.size(); ++i) finite += std::isfinite(losses[i]);
+  EXPECT_GE(finite, 16) << "outputs must be finite on most steps once the expert is avoided";
 }
 
 TEST(Hierarchical, DiversityLossGradientMatchesFiniteDifferences) {
@@ -256,9 +272,11 @@ TEST(Hierarchical, PruningMasksLowLoadExpertsAndSummaryReportsThem) {
   auto r = as_hier(layer);
   auto x = torch::randn({512, 16});
   {
+    // The summary's counters are training utilisation: they move in after_step, never in evaluation.
     torch::NoGradGuard ng;
-    layer->eval();
+    layer->train();
     layer->forward(x);
+    layer->after_step();
   }
   auto s = r->summary();
   std::vector<double> load;
@@ -276,6 +294,7 @@ TEST(Hierarchical, PruningMasksLowLoadExpertsAndSummaryReportsThem) {
   EXPECT_EQ(r->pruned(), prune);
   torch::NoGradGuard ng;
   auto plan = layer->forward(x).plan;
+  layer->after_step();
   for (int64_t e : prune) EXPECT_EQ(plan.stats.load[e], 0) << "pruned expert " << e;
   auto j = r->summary().to_json();
   EXPECT_EQ(j["clusters"].size(), 2u);
@@ -296,7 +315,7 @@ TEST(Hierarchical, StateRoundTripGivesSameOutputs) {
     torch::NoGradGuard ng;
     a->experts->w_down[2].mul_(1e4);  // make the reliabilities move away from 1
   }
-  double unused = 0;
+  std::vector<double> unused;
   drive(a, x, 2, 5, &unused);
   MoELayer b(cfg, 16);  // different random init
   {

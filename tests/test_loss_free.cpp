@@ -34,7 +34,7 @@ TEST(LossFree, MaxVioFallsBelowPointOneOnASkewedStream) {
     for (int step = 0; step < kSteps; ++step) {
       auto plan = r.route(skewed_batch(4096), train_ctx());
       vio.push_back(plan.stats.max_vio);
-      r.after_step(plan);
+      r.after_step(test::feedback_of(plan));
     }
     int first = -1;
     for (int i = 0; i < kSteps && first < 0; ++i)
@@ -58,7 +58,8 @@ TEST(LossFree, BiasNeverUsesTheBatchItRoutes) {
   torch::manual_seed(31);
   LossFreeRouterImpl r(lf_config(), kC);
   make_skewed(r);
-  for (int step = 0; step < 20; ++step) r.after_step(r.route(skewed_batch(512), train_ctx()));
+  for (int step = 0; step < 20; ++step)
+    r.after_step(test::feedback_of(r.route(skewed_batch(512), train_ctx())));
   auto b0 = r.bias.clone();
   ASSERT_GT(b0.abs().sum().item<double>(), 0.0);
   auto x = skewed_batch(512);
@@ -69,7 +70,7 @@ TEST(LossFree, BiasNeverUsesTheBatchItRoutes) {
   EXPECT_TRUE(torch::equal(plan.token_index, expect.token_index));
   EXPECT_EQ(plan.offsets(), expect.offsets());
   // after_step: b_e += u sign(mean(c) - c_e), with the load of that batch.
-  r.after_step(plan);
+  r.after_step(test::feedback_of(plan));
   const double mean = 512.0 * kK / kE;
   for (int64_t e = 0; e < kE; ++e) {
     const double d = mean - double(plan.stats.load[e]);

@@ -1,4 +1,5 @@
-// MoCE dual-stage routing (ROUTING.md section 6) and the spherical k-means behind its offline clustering.
+// MoCE dual-stage routing (docs/routing.md section 6) and the spherical k-means behind its offline
+// clustering.
 #include <cmath>
 #include <cstdio>
 #include <map>
@@ -162,7 +163,7 @@ TEST(MoCE, OnlineCentroidsMoveTowardTheData) {
     auto label = torch::randint(G, {B}, torch::kLong);
     auto x = sequences_around(dir, label, S).reshape({B * S, C});
     auto plan = router->route(x, ctx);
-    router->after_step(plan);
+    router->after_step(test::feedback_of(plan));
   }
   auto after = cos_to_data();
   std::printf("cosine centroid-to-cluster: before %.3f %.3f, after %.3f %.3f\n", before[0].item<double>(),
@@ -187,8 +188,13 @@ TEST(MoCE, OnlineClusteringSeedsCentroidsFromTheFirstBatch) {
   ctx.training = true;
   ctx.n_seq = B;
   ctx.seq_len = S;
-  auto plan = router->route(sequences_around(dir, label, S).reshape({B * S, C}), ctx);
-  // Farthest-point seeding puts one centroid in each cluster, so the two labels get different ids.
+  auto x = sequences_around(dir, label, S).reshape({B * S, C});
+  auto first = router->route(x, ctx);  // no centroid yet: every sequence in group 0
+  EXPECT_TRUE(first.seq_cluster.equal(torch::zeros({B}, torch::kLong))) << first.seq_cluster;
+  // after_step seeds the centroids from the step's sequences (route() changes no buffer); farthest-point
+  // seeding puts one centroid in each cluster, so the two labels then get different ids.
+  router->after_step(test::feedback_of(first));
+  auto plan = router->route(x, ctx);
   EXPECT_TRUE(plan.seq_cluster.equal(label) || plan.seq_cluster.equal(1 - label)) << plan.seq_cluster;
 }
 

@@ -8,6 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import moe_block  # noqa: E402
+import train_steps  # noqa: E402
 import transformer  # noqa: E402
 
 
@@ -17,6 +18,7 @@ def main():
     torch.set_num_threads(1)
     moe_block.write(out_dir)
     transformer.write(out_dir)
+    train_steps.write(out_dir)
 
 
 if __name__ == "__main__":

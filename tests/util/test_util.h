@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "moeforge/io/safetensors.h"
+#include "moeforge/routing/router.h"
 #include "moeforge/util/error.h"
 
 namespace moeforge::test {
@@ -56,5 +57,13 @@ std::string tiny_text_corpus();
 // apart. Extra overrides are appended (later ones win).
 std::vector<std::string> tiny_run_overrides(const std::string& name,
                                             const std::vector<std::string>& extra = {});
+
+// The feedback of one training step that routed exactly `plan` (no health, no token loss): what a router's
+// after_step sees from a layer that ran one micro-batch.
+inline RouteFeedback feedback_of(const RoutingPlan& plan) {
+  RouteFeedback fb;
+  fb.add_plan(plan);
+  return fb;
+}
 
 }  // namespace moeforge::test
