@@ -9,6 +9,7 @@
 #include <iostream>
 
 #include "../../bench/layer_bench.h"
+#include "../../bench/timing.h"
 #include "../../bench/train_bench.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/generate.h"
@@ -216,6 +217,16 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   bench->add_option("--set", train_bench_opt.overrides, "with --train: override a config key, key=value");
 
+  // info
+  auto* info = app.add_subcommand(
+      "info", "the machine line of bench and reports, the CPU's vector features and OpenBLAS's core");
+  int64_t info_sgemm = 0;
+  int info_reps = 5;
+  info->add_option("--sgemm", info_sgemm, "also time an N x N x N float matrix product (e.g. 2048)")
+      ->check(CLI::Range(int64_t(1), int64_t(16384)));
+  info->add_option("--reps", info_reps, "with --sgemm: timed repetitions (median reported)")
+      ->check(CLI::Range(1, 1000));
+
   // compare
   auto* cmp = app.add_subcommand("compare",
                                  "train one model per router on the same data and compute; "
@@ -359,6 +370,36 @@ int main(int argc, char** argv) {
       RunConfig cfg = load_run_config(cmp_config, cmp_overrides);
       if (threads > 0) cfg.train.threads = threads;
       run_compare(cfg, copt, std::cout);
+    } else if (info->parsed()) {
+      if (info->count("--reps") > 0 && info_sgemm == 0)
+        throw ConfigError("--reps", "applies only with --sgemm");
+      const CpuFeatures f = read_cpu_features();
+      std::cout << "machine: " << describe_machine() << "\n"
+                << "cpu: " << (f.vendor.empty() ? "unknown vendor" : f.vendor);
+      for (const auto& [name, has] : {std::pair{"avx", f.avx},
+                                      {"avx2", f.avx2},
+                                      {"fma", f.fma},
+                                      {"avx512f", f.avx512f},
+                                      {"avx512bw", f.avx512bw},
+                                      {"avx512dq", f.avx512dq},
+                                      {"avx512vl", f.avx512vl},
+                                      {"os-avx", f.os_avx},
+                                      {"os-avx512", f.os_avx512}})
+        if (has) std::cout << " " << name;
+      const std::string core = openblas_core();
+      std::cout << " (vector level " << cpu_vector_level(f) << ")\n"
+                << "openblas core: " << (core.empty() ? "none" : core) << " (vector level "
+                << blas_core_level(core) << ")\n";
+      if (info_sgemm > 0) {
+        auto a = torch::randn({info_sgemm, info_sgemm}), b = torch::randn({info_sgemm, info_sgemm});
+        auto c = torch::empty({info_sgemm, info_sgemm});
+        auto t = bench::interleaved({{"sgemm", [&] { at::mm_out(c, a, b); }}}, info_reps);
+        const double n = double(info_sgemm);
+        std::cout << "sgemm " << info_sgemm
+                  << "^3: " << fixed(2.0 * n * n * n / (t["sgemm"].median() * 1e-3) * 1e-9, 1)
+                  << " GFLOP/s (median of " << info_reps << ", " << fixed(t["sgemm"].min(), 1) << "-"
+                  << fixed(t["sgemm"].max(), 1) << " ms)\n";
+      }
     } else if (bench->parsed()) {
       bench_opt.shapes = split_csv(shapes_csv);
       for (auto& s : bench_opt.shapes) {
