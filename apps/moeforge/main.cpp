@@ -213,6 +213,10 @@ int main(int argc, char** argv) {
   bench->add_flag("--train", bench_train,
                   "instead of the layer: end-to-end training steps/s of a config, fused vs plain experts, "
                   "and the machine's sgemm FLOP/s, interleaved (--reps steps each)");
+  bool bench_profile = false;
+  bench->add_flag("--profile", bench_profile,
+                  "with --train: where a training step goes, by op category (attention, norms, routing, "
+                  "experts, ...; docs/performance.md), over --reps steps");
   bench->add_option("--config", train_bench_opt.config, "with --train: TOML config (default: embedded)")
       ->check(CLI::ExistingFile);
   bench->add_option("--set", train_bench_opt.overrides, "with --train: override a config key, key=value");
@@ -418,10 +422,12 @@ int main(int argc, char** argv) {
       }
       if (!bench_train && (!train_bench_opt.config.empty() || !train_bench_opt.overrides.empty()))
         throw ConfigError(train_bench_opt.config.empty() ? "--set" : "--config", "applies only with --train");
+      if (bench_profile && !bench_train) throw ConfigError("--profile", "applies only with --train");
       std::cout << "moeforge bench: " << describe_machine() << "\n";
       train_bench_opt.steps = bench_opt.reps;
-      auto result =
-          bench_train ? run_train_bench(train_bench_opt, std::cout) : run_layer_bench(bench_opt, std::cout);
+      auto result = bench_profile ? run_train_profile(train_bench_opt, std::cout)
+                    : bench_train ? run_train_bench(train_bench_opt, std::cout)
+                                  : run_layer_bench(bench_opt, std::cout);
       if (!json_path.empty()) {
         write_file_atomic(json_path, result.dump(2) + "\n");
         std::cout << "wrote " << json_path << "\n";

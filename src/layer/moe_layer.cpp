@@ -53,7 +53,12 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
   auto x2 = x.reshape({-1, C});  // [T, C]
   const int64_t T = x2.size(0);
 
-  RoutingPlan plan = router->route(x2, ctx);
+  RoutingPlan plan;
+  {
+    RECORD_USER_SCOPE("moeforge::routing");  // profiling scope (src/model/transformer.cpp)
+    plan = router->route(x2, ctx);
+  }
+  RECORD_USER_SCOPE("moeforge::experts");
   torch::Tensor y;  // [T, C] routed output
   if (adapters) {
     // Adapter form: the experts' input rows are the frozen FFN's output z, not x, and z is added back.

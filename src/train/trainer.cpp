@@ -116,6 +116,7 @@ BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch) {
   ctx.seq_domain = batch.domain;
   ctx.seq_cluster = batch.cluster;  // offline clusters (MoCE); undefined = the router assigns
   auto out = model->forward(batch.tokens.narrow(1, 0, S), ctx);
+  RECORD_USER_SCOPE("moeforge::cross_entropy");  // profiling scope (src/model/transformer.cpp)
   auto ce = torch::nn::functional::cross_entropy(
       out.logits.reshape({B * S, -1}), batch.tokens.narrow(1, 1, S).reshape(-1),
       torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]
