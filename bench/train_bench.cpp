@@ -2,8 +2,11 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <chrono>
 #include <iomanip>
 #include <map>
+#include <memory>
 
 #include "moeforge/data/batching.h"
 #include "moeforge/model/transformer.h"
@@ -51,7 +54,175 @@ struct Trainee {
   }
 };
 
+// What the profiling callbacks collect on the thread that runs the step (forward and, on CPU, backward).
+struct StepRecord {
+  struct Scope {
+    std::string name;
+    double ms;
+    uint64_t seq_begin, seq_end;  // autograd nodes created inside: [seq_begin, seq_end)
+  };
+  struct Node {
+    int64_t seq;
+    double ms;
+  };
+  std::vector<Scope> scopes;
+  std::vector<Node> nodes;
+};
+StepRecord* g_record = nullptr;  // set only while a profiled step runs
+
+struct ScopeStart : at::ObserverContext {
+  std::chrono::steady_clock::time_point t0;
+  uint64_t seq0 = 0;
+};
+
+std::unique_ptr<at::ObserverContext> on_scope_start(const at::RecordFunction& fn) {
+  if (g_record == nullptr) return nullptr;
+  if (fn.scope() == at::RecordScope::USER_SCOPE && std::string(fn.name()).rfind("moeforge::", 0) != 0)
+    return nullptr;
+  auto ctx = std::make_unique<ScopeStart>();
+  ctx->seq0 = at::sequence_number::peek();
+  ctx->t0 = std::chrono::steady_clock::now();
+  return ctx;
+}
+
+void on_scope_end(const at::RecordFunction& fn, at::ObserverContext* c) {
+  if (g_record == nullptr || c == nullptr) return;
+  const auto* ctx = static_cast<const ScopeStart*>(c);
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ctx->t0).count();
+  if (fn.scope() == at::RecordScope::USER_SCOPE)
+    g_record->scopes.push_back(
+        {std::string(fn.name()).substr(10), ms, ctx->seq0, at::sequence_number::peek()});
+  else
+    g_record->nodes.push_back({fn.seqNr(), ms});
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
 }  // namespace
+
+nlohmann::json run_train_profile(const TrainBenchOptions& opt, std::ostream& log) {
+  RunConfig cfg = load_run_config(opt.config, opt.overrides);
+  const int threads = init_threads(int(cfg.train.threads));
+  DataBundle data = prepare_data(cfg.data, nullptr, log);
+  cfg.moe.experts_impl = ExpertsImplKind::kGrouped;
+  Trainee t(cfg, data.tokenizer->vocab_size());
+  Batcher batcher(data.train, cfg.train.batch_size, uint64_t(cfg.train.seed), /*shuffle=*/true);
+
+  const std::vector<std::string> categories = {"data",          "embedding", "attention", "norm",
+                                               "dense_ffn",     "routing",   "experts",   "output_projection",
+                                               "cross_entropy", "other",     "optimiser"};
+  std::map<std::string, double> fwd, bwd;  // category -> ms summed over the profiled steps
+  double data_ms = 0, fwd_ms = 0, bwd_ms = 0, opt_ms = 0;
+  std::vector<double> profiled_steps, plain_steps;
+
+  // One step of Trainee::train_step, with the batch drawn inside and each phase timed.
+  auto step = [&](bool profile) {
+    StepRecord rec;
+    g_record = profile ? &rec : nullptr;
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto batch = batcher.next();
+    const double d = ms_since(t0);
+    const auto t1 = std::chrono::steady_clock::now();
+    auto [ce, out] = training_forward(t.model, batch);
+    auto loss = ce.mean() + out.aux_loss;
+    const double f = ms_since(t1);
+    const auto t2 = std::chrono::steady_clock::now();
+    loss.backward();
+    const double b = ms_since(t2);
+    g_record = nullptr;
+    const auto t3 = std::chrono::steady_clock::now();
+    clip_grad_norm(t.params, cfg.train.grad_clip);
+    t.optim->step(learning_rate(cfg.train, t.step));
+    t.model->after_step(ce.detach());
+    t.optim->zero_grad();
+    ++t.step;
+    const double o = ms_since(t3);
+    const double total = ms_since(t0);
+    if (!profile) return total;
+    data_ms += d;
+    fwd_ms += f;
+    bwd_ms += b;
+    opt_ms += o;
+    // Forward: each scope's wall time; backward: each node's, by the scope whose sequence range holds it.
+    std::sort(rec.scopes.begin(), rec.scopes.end(),
+              [](const auto& x, const auto& y) { return x.seq_begin < y.seq_begin; });
+    double fwd_scoped = 0, bwd_nodes = 0;
+    for (const auto& s : rec.scopes) {
+      fwd[s.name] += s.ms;
+      fwd_scoped += s.ms;
+    }
+    for (const auto& n : rec.nodes) {
+      bwd_nodes += n.ms;
+      std::string cat = "other";
+      if (n.seq >= 0) {
+        const uint64_t seq = uint64_t(n.seq);
+        auto it = std::upper_bound(rec.scopes.begin(), rec.scopes.end(), seq,
+                                   [](uint64_t v, const auto& s) { return v < s.seq_begin; });
+        if (it != rec.scopes.begin() && seq < std::prev(it)->seq_end) cat = std::prev(it)->name;
+      }
+      bwd[cat] += n.ms;
+    }
+    fwd["other"] += f - fwd_scoped;
+    bwd["other"] += b - bwd_nodes;
+    return total;
+  };
+
+  auto handle = at::addThreadLocalCallback(
+      at::RecordFunctionCallback(on_scope_start, on_scope_end)
+          .scopes({at::RecordScope::USER_SCOPE, at::RecordScope::BACKWARD_FUNCTION}));
+  for (int i = 0; i < 2; ++i) step(false);
+  ProgressBar bar("bench profile", 2 * opt.steps, log, true);
+  // Profiled and plain steps alternate, so that both see the same drift of the machine.
+  for (int i = 0; i < opt.steps; ++i) {
+    profiled_steps.push_back(step(true));
+    plain_steps.push_back(step(false));
+    bar.update(2 * (i + 1));
+  }
+  bar.finish();
+  at::removeCallback(handle);
+
+  const double n = double(opt.steps);
+  const double profiled_ms = (data_ms + fwd_ms + bwd_ms + opt_ms) / n;
+  double plain_mean = 0;
+  for (double x : plain_steps) plain_mean += x / n;
+  const int64_t tokens_per_step = cfg.train.batch_size * cfg.data.seq_len;
+  log << "\ntraining step by category, fused experts, " << tokens_per_step << " tokens per step, " << threads
+      << " threads, mean of " << opt.steps << " profiled steps (ms per step)\n";
+  log << std::left << std::setw(20) << "category" << std::right << std::setw(10) << "forward" << std::setw(10)
+      << "backward" << std::setw(10) << "total" << std::setw(8) << "share\n";
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& c : categories) {
+    double f = fwd.count(c) ? fwd[c] / n : 0.0, b = bwd.count(c) ? bwd[c] / n : 0.0;
+    if (c == "data") f = data_ms / n;
+    if (c == "optimiser") f = opt_ms / n;
+    const double total = f + b;
+    rows.push_back({{"category", c},
+                    {"forward_ms", f},
+                    {"backward_ms", b},
+                    {"total_ms", total},
+                    {"share", total / profiled_ms}});
+    log << std::left << std::setw(20) << c << std::right << std::fixed << std::setprecision(2)
+        << std::setw(10) << f << std::setw(10) << b << std::setw(10) << total << std::setprecision(3)
+        << std::setw(7) << total / profiled_ms << "\n";
+  }
+  log << std::left << std::setw(20) << "step" << std::right << std::setprecision(2) << std::setw(10)
+      << fwd_ms / n << std::setw(10) << bwd_ms / n << std::setw(10) << profiled_ms << "\n"
+      << "forward and backward columns of data and optimiser: the whole phase (clip, AdamW, router "
+         "after_step, zero_grad); unprofiled steps in the same run: "
+      << std::setprecision(2) << plain_mean << " ms (profiler cost " << std::setprecision(1)
+      << 100.0 * (profiled_ms / plain_mean - 1.0) << "%)" << std::endl;
+  return {{"machine", describe_machine()},
+          {"config", opt.config.empty() ? "configs/default.toml (embedded)" : opt.config},
+          {"overrides", opt.overrides},
+          {"steps", opt.steps},
+          {"tokens_per_step", tokens_per_step},
+          {"step_ms_profiled", profiled_ms},
+          {"step_ms_unprofiled", plain_mean},
+          {"categories", rows}};
+}
 
 nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) {
   RunConfig cfg = load_run_config(opt.config, opt.overrides);

@@ -22,4 +22,14 @@ struct TrainBenchOptions {
 // "variants": {"fused": {...}, "plain": {...}}, "speedup"}; prints a table to `log`.
 nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log);
 
+// Where a training step of the fused model goes (docs/performance.md, "Where a training step goes"):
+// opt.steps steps after two warm-up steps, each timed as data, forward, backward and optimiser. Forward
+// time by category comes from the model's profiling scopes (RECORD_USER_SCOPE "moeforge::..."), backward
+// time from the autograd nodes, each given the category of the forward scope that created it (by its
+// sequence number). Categories: embedding, attention, norm, dense_ffn, routing, experts,
+// output_projection, cross_entropy; "other" is the rest of forward or backward (residual adds, aux loss,
+// gradient accumulation, the autograd engine between nodes). Also times as many unprofiled steps, for the
+// profiler's own cost. Returns per-category ms per step; prints a table to `log`.
+nlohmann::json run_train_profile(const TrainBenchOptions& opt, std::ostream& log);
+
 }  // namespace moeforge

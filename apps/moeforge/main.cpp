@@ -9,6 +9,7 @@
 #include <iostream>
 
 #include "../../bench/layer_bench.h"
+#include "../../bench/timing.h"
 #include "../../bench/train_bench.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/generate.h"
@@ -192,9 +193,23 @@ int main(int argc, char** argv) {
   bench->add_flag("--train", bench_train,
                   "instead of the layer: end-to-end training steps/s of a config, fused vs plain experts, "
                   "and the machine's sgemm FLOP/s, interleaved (--reps steps each)");
+  bool bench_profile = false;
+  bench->add_flag("--profile", bench_profile,
+                  "with --train: where a training step goes, by op category (attention, norms, routing, "
+                  "experts, ...; docs/performance.md), over --reps steps");
   bench->add_option("--config", train_bench_opt.config, "with --train: TOML config (default: embedded)")
       ->check(CLI::ExistingFile);
   bench->add_option("--set", train_bench_opt.overrides, "with --train: override a config key, key=value");
+
+  // info
+  auto* info = app.add_subcommand(
+      "info", "the machine line of bench and reports, the CPU's vector features and OpenBLAS's core");
+  int64_t info_sgemm = 0;
+  int info_reps = 5;
+  info->add_option("--sgemm", info_sgemm, "also time an N x N x N float matrix product (e.g. 2048)")
+      ->check(CLI::Range(int64_t(1), int64_t(16384)));
+  info->add_option("--reps", info_reps, "with --sgemm: timed repetitions (median reported)")
+      ->check(CLI::Range(1, 1000));
 
   // compare
   auto* cmp = app.add_subcommand("compare",
@@ -336,6 +351,36 @@ int main(int argc, char** argv) {
       RunConfig cfg = load_run_config(cmp_config, cmp_overrides);
       if (threads > 0) cfg.train.threads = threads;
       run_compare(cfg, copt, std::cout);
+    } else if (info->parsed()) {
+      if (info->count("--reps") > 0 && info_sgemm == 0)
+        throw ConfigError("--reps", "applies only with --sgemm");
+      const CpuFeatures f = read_cpu_features();
+      std::cout << "machine: " << describe_machine() << "\n"
+                << "cpu: " << (f.vendor.empty() ? "unknown vendor" : f.vendor);
+      for (const auto& [name, has] : {std::pair{"avx", f.avx},
+                                      {"avx2", f.avx2},
+                                      {"fma", f.fma},
+                                      {"avx512f", f.avx512f},
+                                      {"avx512bw", f.avx512bw},
+                                      {"avx512dq", f.avx512dq},
+                                      {"avx512vl", f.avx512vl},
+                                      {"os-avx", f.os_avx},
+                                      {"os-avx512", f.os_avx512}})
+        if (has) std::cout << " " << name;
+      const std::string core = openblas_core();
+      std::cout << " (vector level " << cpu_vector_level(f) << ")\n"
+                << "openblas core: " << (core.empty() ? "none" : core) << " (vector level "
+                << blas_core_level(core) << ")\n";
+      if (info_sgemm > 0) {
+        auto a = torch::randn({info_sgemm, info_sgemm}), b = torch::randn({info_sgemm, info_sgemm});
+        auto c = torch::empty({info_sgemm, info_sgemm});
+        auto t = bench::interleaved({{"sgemm", [&] { at::mm_out(c, a, b); }}}, info_reps);
+        const double n = double(info_sgemm);
+        std::cout << "sgemm " << info_sgemm
+                  << "^3: " << fixed(2.0 * n * n * n / (t["sgemm"].median() * 1e-3) * 1e-9, 1)
+                  << " GFLOP/s (median of " << info_reps << ", " << fixed(t["sgemm"].min(), 1) << "-"
+                  << fixed(t["sgemm"].max(), 1) << " ms)\n";
+      }
     } else if (bench->parsed()) {
       bench_opt.shapes = split_csv(shapes_csv);
       for (auto& s : bench_opt.shapes) {
@@ -354,10 +399,12 @@ int main(int argc, char** argv) {
       }
       if (!bench_train && (!train_bench_opt.config.empty() || !train_bench_opt.overrides.empty()))
         throw ConfigError(train_bench_opt.config.empty() ? "--set" : "--config", "applies only with --train");
+      if (bench_profile && !bench_train) throw ConfigError("--profile", "applies only with --train");
       std::cout << "moeforge bench: " << describe_machine() << "\n";
       train_bench_opt.steps = bench_opt.reps;
-      auto result =
-          bench_train ? run_train_bench(train_bench_opt, std::cout) : run_layer_bench(bench_opt, std::cout);
+      auto result = bench_profile ? run_train_profile(train_bench_opt, std::cout)
+                    : bench_train ? run_train_bench(train_bench_opt, std::cout)
+                                  : run_layer_bench(bench_opt, std::cout);
       if (!json_path.empty()) {
         write_file_atomic(json_path, result.dump(2) + "\n");
         std::cout << "wrote " << json_path << "\n";

@@ -51,7 +51,12 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
   auto x2 = x.reshape({-1, C});  // [T, C]
   const int64_t T = x2.size(0);
 
-  RoutingPlan plan = router->route(x2, ctx);
+  RoutingPlan plan;
+  {
+    RECORD_USER_SCOPE("moeforge::routing");  // profiling scope (src/model/transformer.cpp)
+    plan = router->route(x2, ctx);
+  }
+  RECORD_USER_SCOPE("moeforge::experts");
   if (record_input_) last_input_ = x2.detach();
   // Expert health is measured only where a state update will read it (training, routers that ask).
   const bool want_health = ctx.training && router->wants_expert_health();

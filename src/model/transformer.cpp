@@ -91,8 +91,14 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
     cache->k.resize(m_.n_layer);
     cache->v.resize(m_.n_layer);
   }
-  auto x = embedding.index_select(0, tokens.reshape(-1)).view({B, S, m_.d_model});  // [B, S, C]
-  auto cos = rope_cos_.narrow(0, past, S).to(x.device(), x.scalar_type());          // [S, D/2]
+  // Profiling scopes (moeforge::..., RECORD_USER_SCOPE): free unless a profiler listens; `moeforge bench
+  // --profile` sums a training step by them (docs/performance.md, "Where a training step goes").
+  torch::Tensor x;
+  {
+    RECORD_USER_SCOPE("moeforge::embedding");
+    x = embedding.index_select(0, tokens.reshape(-1)).view({B, S, m_.d_model});  // [B, S, C]
+  }
+  auto cos = rope_cos_.narrow(0, past, S).to(x.device(), x.scalar_type());  // [S, D/2]
   auto sin = rope_sin_.narrow(0, past, S).to(x.device(), x.scalar_type());
   LMOutput out;
   out.aux_loss = torch::zeros({}, x.options());
@@ -106,9 +112,20 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
   bool first_moe = true;
   for (int64_t i = 0; i < m_.n_layer; ++i) {
     auto* blk = blocks[i]->as<BlockImpl>();
-    x = x + blk->attn->forward(blk->attn_norm->forward(x), cos, sin, cache ? &cache->k[i] : nullptr,
-                               cache ? &cache->v[i] : nullptr);
-    auto h = blk->ffn_norm->forward(x);  // [B, S, C]
+    torch::Tensor a, h;
+    {
+      RECORD_USER_SCOPE("moeforge::norm");
+      a = blk->attn_norm->forward(x);
+    }
+    {
+      RECORD_USER_SCOPE("moeforge::attention");
+      a = blk->attn->forward(a, cos, sin, cache ? &cache->k[i] : nullptr, cache ? &cache->v[i] : nullptr);
+    }
+    x = x + a;
+    {
+      RECORD_USER_SCOPE("moeforge::norm");
+      h = blk->ffn_norm->forward(x);  // [B, S, C]
+    }
     if (blk->moe) {
       if (!out.pooled_first_moe.defined()) out.pooled_first_moe = h.detach().mean(1);  // [B, C]
       auto r = blk->moe->forward(h, ctx);
@@ -121,10 +138,18 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
       out.plans.push_back(std::move(r.plan));
       x = x + r.y;
     } else {
-      x = x + blk->ffn->forward(h);
+      {
+        RECORD_USER_SCOPE("moeforge::dense_ffn");
+        h = blk->ffn->forward(h);
+      }
+      x = x + h;
     }
   }
-  x = final_norm->forward(x);
+  {
+    RECORD_USER_SCOPE("moeforge::norm");
+    x = final_norm->forward(x);
+  }
+  RECORD_USER_SCOPE("moeforge::output_projection");
   out.logits = torch::matmul(x, (m_.tie_embeddings ? embedding : head).t());  // [B, S, V]
   return out;
 }

@@ -117,6 +117,7 @@ BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch) {
   // No ctx.seq_cluster: MoCE assigns every sequence itself, by the rule evaluation and generation use too
   // (offline clustering only initialises its centroids; docs/routing.md, MoCE).
   auto out = model->forward(batch.tokens.narrow(1, 0, S), ctx);
+  RECORD_USER_SCOPE("moeforge::cross_entropy");  // profiling scope (src/model/transformer.cpp)
   auto ce = torch::nn::functional::cross_entropy(
       out.logits.reshape({B * S, -1}), batch.tokens.narrow(1, 1, S).reshape(-1),
       torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]

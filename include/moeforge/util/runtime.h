@@ -1,6 +1,9 @@
 // Process-wide runtime set-up: LibTorch's thread count and a description of the machine for reports.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
+#include <functional>
 #include <string>
 
 namespace moeforge {
@@ -22,7 +25,53 @@ int init_threads(int n = 0);
 // Both are read only when the libraries load, so for each the user has not set, this sets it and
 // restarts the process with the same arguments (execv of /proc/self/exe) (docs/performance.md). Call
 // first thing in main; it returns only when nothing had to be done or exec failed.
+//
+// The same restart picks OpenBLAS's kernels (docs/performance.md, "BLAS kernel choice"): OpenBLAS 0.3.21
+// does not recognise some CPUs (an AVX-512 Xeon with AMX) and falls back to its SSE3 "Prescott" kernels,
+// 4-6x slower. Where the core it chose is below what the CPU supports (blas_core_to_force) and the user
+// has not set OPENBLAS_CORETYPE, this sets it before the restart; the restarted process then checks a few
+// small sgemms against double-precision products in a forked child (blas_kernels_compute_right) and, if
+// they are wrong or the child dies (an illegal instruction), restarts once more without the setting and
+// warns on stderr. MOEFORGE_BLAS_CHOICE records the outcome for describe_machine (auto, user, none,
+// fallback) and keeps the restarts to at most two.
 void ensure_thread_wait_policies(char** argv);
+
+// The x86 features that decide OpenBLAS's kernels (cpuid leaves 1 and 7, and XGETBV for whether the OS
+// saves the AVX / AVX-512 registers; all false elsewhere).
+struct CpuFeatures {
+  std::string vendor;  // cpuid leaf 0: "GenuineIntel", "AuthenticAMD", "HygonGenuine", ...
+  bool avx = false, avx2 = false, fma = false;
+  bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false;
+  bool os_avx = false;     // XCR0 has the SSE and AVX state (bits 1-2)
+  bool os_avx512 = false;  // and the AVX-512 opmask and ZMM state (bits 5-7)
+};
+CpuFeatures read_cpu_features();
+
+// Vector level of OpenBLAS kernels and of CPUs: 0 SSE only, 1 AVX, 2 AVX2 + FMA, 3 AVX-512 F/BW/DQ/VL.
+int cpu_vector_level(const CpuFeatures& f);
+// The level of an OpenBLAS core name as openblas_get_corename() spells it (any case); -1 for a name this
+// table does not know (a newer OpenBLAS's core), which is never replaced.
+int blas_core_level(const std::string& core);
+
+// The OPENBLAS_CORETYPE a CPU with features `f` should run when OpenBLAS chose `chosen`: "" when the
+// chosen core is as good as the CPU allows, unknown, or the CPU has less than AVX2 + FMA; otherwise
+// "SkylakeX" for AVX-512 F/BW/DQ/VL, "Zen" for AVX2 + FMA on AMD and Hygon, "Haswell" for AVX2 + FMA
+// elsewhere.
+std::string blas_core_to_force(const CpuFeatures& f, const std::string& chosen);
+
+// openblas_get_corename() of the OpenBLAS in this process (looked up at run time, so that the build does
+// not depend on which BLAS libblas.so.3 is), or "" when the process has no OpenBLAS.
+std::string openblas_core();
+
+// Float matrix products through at::mm (OpenBLAS's sgemm) on small square, odd and transposed shapes
+// against the same products in double: true when every entry agrees to float rounding.
+bool blas_kernels_compute_right();
+// Whether `got` is the float product a @ b ([m, k] @ [k, n]) to float rounding, against double.
+bool sgemm_result_right(const at::Tensor& got, const at::Tensor& a, const at::Tensor& b);
+
+// Runs `check` in a forked child: true only when it returns true; false when it returns false, or the
+// child dies on a signal (an illegal instruction, a segfault) or cannot be forked.
+bool passes_in_child(const std::function<bool()>& check);
 
 // How many threads one at::parallel_for over a few ranges of work actually used, from code compiled in
 // this library: 1 where LibTorch has more threads means our objects were built without OpenMP (the
@@ -30,7 +79,8 @@ void ensure_thread_wait_policies(char** argv);
 int parallel_for_threads();
 
 // "CPU model, N threads (parallel_for uses M), LibTorch version, OpenMP wait policy, OpenBLAS thread
-// timeout" for bench and report headers.
+// timeout, OpenBLAS core X (OPENBLAS_CORETYPE=..., auto|user|none|fallback)" for bench and report
+// headers; with auto, also the core OpenBLAS had chosen itself.
 std::string describe_machine();
 
 }  // namespace moeforge
