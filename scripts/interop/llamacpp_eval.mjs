@@ -2,10 +2,11 @@
 // (docs/interop.md). Usage:
 //   node llamacpp_eval.mjs NODE_MODULES_DIR REQUEST.json
 // REQUEST: {"model": path, "tokens": [ids], "prompt": text, "n_predict": n, "kv_f32": bool, "threads": n,
-//           "bench": {"prompt_tokens": [ids], "n_predict": n, "reps": n}}   (bench optional)
+//           "bench": {"prompt": text, "n_predict": n, "reps": n}}   (bench optional)
 // Prints one JSON object: "logprobs" [positions][vocab] (log of llama.cpp's next-token probabilities after
 // each of "tokens"), "prompt_tokens" (llama.cpp's own tokenisation of "prompt" with <s>), "greedy" (its
-// greedy continuation, temperature 0) and, with "bench", "decode_tokens_per_s" per repetition.
+// greedy continuation, temperature 0) and, with "bench", "bench_prompt_tokens" and "decode_tokens_per_s"
+// per repetition (tokens after the first, at batch 1).
 import {readFileSync} from "node:fs";
 import {createRequire} from "node:module";
 import path from "node:path";
@@ -64,9 +65,11 @@ if (req.prompt !== undefined) {
 if (req.bench) {
   // Decode speed at batch 1: the prompt is evaluated, then n_predict greedy tokens are timed.
   out.decode_tokens_per_s = [];
+  const prompt = [model.tokens.bos, ...model.tokenize(req.bench.prompt)];
+  out.bench_prompt_tokens = prompt.length;
   for (let r = 0; r < (req.bench.reps ?? 1); ++r) {
-    const {context, sequence} = await newSequence(req.bench.prompt_tokens.length + req.bench.n_predict);
-    const it = sequence.evaluate(req.bench.prompt_tokens, {temperature: 0, yieldEogToken: true});
+    const {context, sequence} = await newSequence(prompt.length + req.bench.n_predict);
+    const it = sequence.evaluate(prompt, {temperature: 0, yieldEogToken: true});
     await it.next();  // prompt + first token
     const t0 = process.hrtime.bigint();
     let n = 0;
