@@ -269,3 +269,27 @@ TEST(GgufExport, CliRejectsUnknownFormatAndDtype) {
 }
 
 }  // namespace
+
+namespace {
+
+// llama.cpp aborts on characters without a piece when there are no byte pieces (docs/interop.md): a
+// tokenizer trained without data.byte_fallback is refused, naming the key, and the CLI exits non-zero.
+TEST(GgufExport, TokenizerWithoutBytePiecesIsRefusedNamingTheKey) {
+  const auto ckpt = train_cli("nobytes", with({"data.byte_fallback=false", "data.vocab_size=128"}));
+  auto lm = load_model(ckpt);
+  try {
+    gguf_bytes(to_mixtral(lm, "gguf"));
+    ADD_FAILURE() << "exported without byte pieces";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("data.byte_fallback"), std::string::npos) << e.what();
+  }
+  int rc = 0;
+  const auto out =
+      run_capture(std::string(MOEFORGE_CLI) + " export --checkpoint " + quote(ckpt) +
+                      " --format gguf --out " + quote(fresh_dir("nobytes_out") + "/m.gguf") + " 2>&1",
+                  &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("data.byte_fallback"), std::string::npos) << out;
+}
+
+}  // namespace
