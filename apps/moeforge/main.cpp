@@ -11,6 +11,8 @@
 #include "../../bench/layer_bench.h"
 #include "../../bench/timing.h"
 #include "../../bench/train_bench.h"
+#include "moeforge/interop/export.h"
+#include "moeforge/interop/hf.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/generate.h"
 #include "moeforge/train/compare.h"
@@ -227,6 +229,26 @@ int main(int argc, char** argv) {
   cmp->add_option("--out", cmp_out,
                   "folder for compare.md, compare.json, plots/ and one run folder per router");
 
+  // export (docs/interop.md)
+  auto* export_cmd =
+      app.add_subcommand("export", "write a checkpoint as GGUF (llama.cpp) or a Hugging Face folder");
+  ExportOptions exp_opt;
+  export_cmd->add_option("--checkpoint", exp_opt.checkpoint, "checkpoint folder")->required();
+  export_cmd->add_option("--format", exp_opt.format, "gguf or hf")->required();
+  export_cmd->add_option("--out", exp_opt.out, "the GGUF file, or the Hugging Face folder")->required();
+  export_cmd->add_option("--dtype", exp_opt.dtype, "weights: f32 or f16 (hf also bf16; default f32)");
+  int64_t shard_mb = 0;
+  export_cmd->add_option("--shard-mb", shard_mb, "hf: shard the weights above this many MiB (default 4096)")
+      ->check(CLI::PositiveNumber);
+
+  // import (docs/interop.md)
+  auto* import_cmd =
+      app.add_subcommand("import", "read a Hugging Face Llama or Mixtral folder into a checkpoint");
+  std::string import_format, import_from, import_out;
+  import_cmd->add_option("--format", import_format, "hf")->required()->check(CLI::IsMember({"hf"}));
+  import_cmd->add_option("--from", import_from, "the Hugging Face folder")->required();
+  import_cmd->add_option("--out", import_out, "the new checkpoint folder")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -336,6 +358,11 @@ int main(int argc, char** argv) {
         print_router_state(*lm.model->moe_layers().at(l)->router, l);
       }
       print_cluster_table(r);
+    } else if (export_cmd->parsed()) {
+      exp_opt.max_shard_bytes = uint64_t(shard_mb) << 20;
+      export_checkpoint(exp_opt, std::cout);
+    } else if (import_cmd->parsed()) {
+      import_hf(import_from, import_out, std::cout);
     } else if (prune->parsed()) {
       prune_checkpoint(prune_opt, std::cout);
     } else if (cmp->parsed() && cmp_render) {

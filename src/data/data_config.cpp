@@ -55,6 +55,7 @@ void bind_data_config(ConfigBinder& b, DataConfig* c) {
   b.bind("data.vocab_size", &c->vocab_size);
   b.bind("data.seq_len", &c->seq_len);
   b.bind("data.seed", &c->seed);
+  b.bind("data.byte_fallback", &c->byte_fallback);
 }
 
 }  // namespace moeforge

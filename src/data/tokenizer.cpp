@@ -102,7 +102,8 @@ struct Tokenizer::Model {
 
 Tokenizer::Tokenizer(std::shared_ptr<const Model> model) : model_(std::move(model)) {}
 
-Tokenizer Tokenizer::train(const std::vector<std::string>& texts, int64_t vocab_size, uint64_t seed) {
+Tokenizer Tokenizer::train(const std::vector<std::string>& texts, int64_t vocab_size, uint64_t seed,
+                           bool byte_fallback) {
   if (vocab_size < 4) throw std::invalid_argument("Tokenizer::train: vocab_size must be >= 4");
   std::vector<const char*> data;
   std::vector<size_t> lengths;
@@ -114,8 +115,8 @@ Tokenizer Tokenizer::train(const std::vector<std::string>& texts, int64_t vocab_
   char* proto = nullptr;
   size_t proto_len = 0;
   char* error = nullptr;
-  if (shim().train(data.data(), lengths.data(), data.size(), vocab_size, seed, threads, &proto, &proto_len,
-                   &error))
+  if (shim().train(data.data(), lengths.data(), data.size(), vocab_size, seed, threads, byte_fallback ? 1 : 0,
+                   &proto, &proto_len, &error))
     throw std::runtime_error("SentencePiece training failed (vocab_size " + std::to_string(vocab_size) +
                              "): " + take_error(error));
   std::string bytes(proto, proto_len);
@@ -211,6 +212,7 @@ Tokenizer train_or_load_tokenizer(const CorpusSplit& split, const DataConfig& cf
     key = fnv1a64(d.text, fnv1a64(std::string(1, '\0'), key));
   }
   key = fnv1a64(std::to_string(cfg.vocab_size) + "/" + std::to_string(cfg.seed), key);
+  if (cfg.byte_fallback) key = fnv1a64("/byte_fallback", key);  // unchanged keys for existing caches
   const std::filesystem::path path =
       std::filesystem::path(cache_dir) / ("tokenizer-" + hex64(key) + ".model");
 
@@ -226,7 +228,7 @@ Tokenizer train_or_load_tokenizer(const CorpusSplit& split, const DataConfig& cf
   std::vector<std::string> texts;
   texts.reserve(split.train.size());
   for (const auto& d : split.train) texts.push_back(d.text);
-  Tokenizer tok = Tokenizer::train(texts, cfg.vocab_size, static_cast<uint64_t>(cfg.seed));
+  Tokenizer tok = Tokenizer::train(texts, cfg.vocab_size, static_cast<uint64_t>(cfg.seed), cfg.byte_fallback);
   std::filesystem::create_directories(cache_dir, ec);
   if (ec) throw FileError(cache_dir, "cannot create the tokenizer cache folder: " + ec.message());
   tok.save(path.string());

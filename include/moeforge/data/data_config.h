@@ -17,6 +17,10 @@ struct DataConfig {
   int64_t vocab_size = 2048;          // data.vocab_size: SentencePiece BPE vocabulary
   int64_t seq_len = 128;              // data.seq_len: tokens per packed sequence
   int64_t seed = 1234;                // data.seed: seeds the split and the tokenizer's sampling
+  // data.byte_fallback: 256 byte pieces <0x00>..<0xFF> in the vocabulary, so that characters outside it
+  // become bytes instead of <unk>. llama.cpp's SentencePiece tokenizer needs them for any character it has
+  // no piece for (docs/interop.md); they take 256 of vocab_size.
+  bool byte_fallback = false;
 
   // Throws ConfigError naming the field when a value is out of range. Held-out genres of a "brown" corpus
   // are checked here; those of a "text:" corpus can only be checked against its folders by split_corpus.

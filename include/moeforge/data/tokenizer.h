@@ -16,7 +16,9 @@ class Tokenizer {
  public:
   // Trains in memory (no temporary files, no log output). Long texts are cut at spaces into pieces that
   // SentencePiece accepts as sentences. Deterministic for given texts, vocab_size and seed.
-  static Tokenizer train(const std::vector<std::string>& texts, int64_t vocab_size, uint64_t seed);
+  // byte_fallback: 256 byte pieces for characters outside the vocabulary (DataConfig::byte_fallback).
+  static Tokenizer train(const std::vector<std::string>& texts, int64_t vocab_size, uint64_t seed,
+                         bool byte_fallback = false);
   // Throws std::invalid_argument when `model_proto` is not a SentencePiece model.
   static Tokenizer from_serialized(const std::string& model_proto);
   // Throws FileError naming the path.

@@ -83,7 +83,8 @@ const sentencepiece::SentencePieceProcessor* sp(const void* model) {
 extern "C" {
 
 int moeforge_spm_train(const char* const* texts, const size_t* lengths, size_t n_texts, int64_t vocab_size,
-                       uint64_t seed, int n_threads, char** proto, size_t* proto_len, char** error) {
+                       uint64_t seed, int n_threads, int byte_fallback, char** proto, size_t* proto_len,
+                       char** error) {
   try {
     sentencepiece::SetRandomGeneratorSeed(static_cast<unsigned int>(seed));
     const std::unordered_map<std::string, std::string> args = {
@@ -95,6 +96,7 @@ int moeforge_spm_train(const char* const* texts, const size_t* lengths, size_t n
         {"split_digits", "true"},
         {"num_threads", std::to_string(n_threads)},
         {"minloglevel", "2"},  // errors only: training is quiet
+        {"byte_fallback", byte_fallback ? "true" : "false"},
     };
     TextIterator it(texts, lengths, n_texts);
     std::string out;

@@ -15,7 +15,8 @@ extern "C" {
 // Every function returns 0 on success; on failure it returns non-zero and sets *error to a message the
 // caller frees with moeforge_spm_free. Buffers returned through out-parameters are freed the same way.
 int moeforge_spm_train(const char* const* texts, const size_t* lengths, size_t n_texts, int64_t vocab_size,
-                       uint64_t seed, int n_threads, char** proto, size_t* proto_len, char** error);
+                       uint64_t seed, int n_threads, int byte_fallback, char** proto, size_t* proto_len,
+                       char** error);
 int moeforge_spm_load(const char* proto, size_t proto_len, void** model, char** error);
 void moeforge_spm_release(void* model);
 int moeforge_spm_encode(const void* model, const char* text, size_t text_len, int32_t** ids, size_t* n_ids,

@@ -1,0 +1,37 @@
+#include "moeforge/interop/export.h"
+
+#include "moeforge/interop/gguf.h"
+#include "moeforge/interop/hf.h"
+#include "moeforge/interop/mixtral.h"
+#include "moeforge/train/trainer.h"
+#include "moeforge/util/error.h"
+
+namespace moeforge {
+
+void export_checkpoint(const ExportOptions& opt, std::ostream& log) {
+  if (opt.format != "gguf" && opt.format != "hf")
+    throw ConfigError("--format", "unknown format '" + opt.format + "' (expected gguf or hf)");
+  const bool gguf = opt.format == "gguf";
+  if (opt.dtype != "f32" && opt.dtype != "f16" && (gguf || opt.dtype != "bf16"))
+    throw ConfigError("--dtype", "'" + opt.dtype + "' is not one the " + opt.format +
+                                     " writer has (f32, f16" + (gguf ? ")" : ", bf16)"));
+  auto lm = load_model(opt.checkpoint);
+  auto m = to_mixtral(lm, opt.format);
+  if (gguf) {
+    GgufExportOptions g;
+    g.dtype = opt.dtype == "f16" ? GgufDType::kF16 : GgufDType::kF32;
+    write_gguf(opt.out, m, g);
+  } else {
+    HfExportOptions h;
+    h.dtype = opt.dtype;
+    if (opt.max_shard_bytes > 0) h.max_shard_bytes = opt.max_shard_bytes;
+    h.router_aux_loss_coef = lm.cfg.moe.balance_coef;
+    write_hf(opt.out, m, h);
+  }
+  for (auto& n : m.notes) log << "  " << n << "\n";
+  log << "wrote " << opt.out << " ("
+      << (gguf ? "GGUF v3, llama architecture" : "Hugging Face MixtralForCausalLM") << ", " << m.n_layer()
+      << " layers, " << m.n_expert << " experts, top-" << m.n_expert_used << ", " << opt.dtype << ")\n";
+}
+
+}  // namespace moeforge

@@ -1,0 +1,176 @@
+#include "moeforge/interop/mixtral.h"
+
+#include "moeforge/train/trainer.h"
+#include "moeforge/util/error.h"
+
+namespace moeforge {
+namespace {
+
+torch::Tensor f32(const torch::Tensor& t) {
+  return t.detach().to(torch::kCPU, torch::kFloat).contiguous();
+}
+
+// A buffer of the router by name, or undefined.
+torch::Tensor router_buffer(const Router& r, const std::string& name) {
+  for (const auto& b : r.named_buffers(/*recurse=*/false))
+    if (b.key() == name) return b.value();
+  return {};
+}
+
+// [rows, cols] weight zero-padded to `rows` rows (dim 0) or `cols` columns (dim 1) of a stacked [E, ., .].
+torch::Tensor pad_dim(const torch::Tensor& w, int64_t dim, int64_t size) {
+  if (w.size(dim) == size) return w;
+  auto shape = w.sizes().vec();
+  shape[dim] = size;
+  auto out = torch::zeros(shape, w.options());
+  out.narrow(dim, 0, w.size(dim)).copy_(w);
+  return out;
+}
+
+}  // namespace
+
+MixtralModel to_mixtral(const LoadedModel& lm, const std::string& format, const MixtralExportOptions& opt) {
+  const auto& m = lm.cfg.model;
+  const auto& moe = lm.cfg.moe;
+  const std::string fmt = "the " + format + " format";
+  auto unsupported = [&](const std::string& key, const std::string& what) {
+    return ConfigError(key, "router '" + moe.router + "': " + what + "; " + fmt +
+                                " cannot express it (docs/interop.md lists what exports)");
+  };
+  const bool any_moe = [&] {
+    for (int64_t i = 0; i < m.n_layer; ++i)
+      if (m.is_moe_layer(i)) return true;
+    return false;
+  }();
+  MixtralModel out;
+  if (any_moe) {
+    // Routers whose inference routing is the softmax top-K of topk (ROUTING.md sections 1, 3, 4).
+    if (moe.router != "topk" && moe.router != "loss_free" && moe.router != "bip")
+      throw unsupported("moe.router",
+                        "its routing depends on more than the token's own softmax top-K (batch, clusters or "
+                        "sequence state)");
+    if (moe.router == "bip" && moe.bip_mode != BipMode::kCausal)
+      throw unsupported("moe.bip_mode", "mode 'solve' routes each token by a dual solved on its whole batch");
+    if (moe.score != ScoreFunc::kSoftmax)
+      throw unsupported("moe.score", "sigmoid gates sigma(z_i) / sum sigma(z_j) are not softmax gates");
+    if (!moe.renormalize && !opt.allow_unnormalized_gates)
+      throw unsupported("moe.renormalize",
+                        "gates p_i not renormalised over the top-K (Switch style); the format renormalises");
+    if (moe.capacity_factor > 0)
+      throw unsupported("moe.capacity_factor", "a capacity drops tokens depending on the batch");
+    if (moe.n_shared_expert > 0)
+      throw unsupported("moe.n_shared_expert", "shared experts (the deepseek architecture is not written)");
+    if (moe.expert_act != ExpertAct::kSwiGLU)
+      throw unsupported("moe.expert_act", "GELU experts; the format's experts are SwiGLU");
+    if (moe.expert_form != ExpertForm::kFFN)
+      throw unsupported("moe.expert_form", "adapter experts on a frozen dense FFN");
+  }
+  out.vocab_size = m.vocab_size;
+  out.d_model = m.d_model;
+  out.n_head = out.n_kv_head = m.n_head;
+  out.context = m.max_seq_len;
+  out.rope_theta = m.rope_theta;
+  out.norm_eps = m.norm_eps;
+  out.tokenizer_model = lm.tokenizer->serialized();
+  const int64_t C = m.d_model;
+  // Every layer gets E experts of width F: the MoE experts' width or the dense FFN's, whichever is wider.
+  const int64_t E = any_moe ? moe.routed_experts() : 1;
+  const int64_t K = any_moe ? moe.routed_used() : 1;
+  int64_t F = any_moe ? moe.routed_width() : 0;
+  bool has_dense = false;
+  for (int64_t i = 0; i < m.n_layer; ++i)
+    if (!m.is_moe_layer(i)) has_dense = true;
+  if (has_dense) F = std::max(F, m.d_ff);
+  out.n_expert = E;
+  out.n_expert_used = K;
+  out.d_ff = F;
+  torch::NoGradGuard ng;
+  TransformerLM model = lm.model;  // a non-const handle on the same module
+  out.embedding = f32(model->embedding);
+  out.final_norm = f32(model->final_norm->weight);
+  if (!m.tie_embeddings) out.head = f32(model->head);
+  for (int64_t i = 0; i < m.n_layer; ++i) {
+    auto* blk = model->blocks[i]->as<BlockImpl>();
+    MixtralLayer L;
+    L.attn_norm = f32(blk->attn_norm->weight);
+    L.ffn_norm = f32(blk->ffn_norm->weight);
+    auto qkv = f32(blk->attn->w_qkv);  // [3C, C]: q, k, v rows
+    L.wq = qkv.narrow(0, 0, C).contiguous();
+    L.wk = qkv.narrow(0, C, C).contiguous();
+    L.wv = qkv.narrow(0, 2 * C, C).contiguous();
+    L.wo = f32(blk->attn->w_out);
+    if (blk->moe) {
+      const auto& router = *blk->moe->router;
+      if (!router.pruned_experts().empty())
+        throw unsupported("moe.router", "layer " + std::to_string(i) +
+                                            " has pruned experts (moeforge prune); the format routes to all");
+      const char* bias_name = moe.router == "loss_free" ? "bias" : moe.router == "bip" ? "q" : nullptr;
+      if (bias_name) {
+        auto b = router_buffer(router, bias_name);
+        if (!b.defined())
+          throw FileError(lm.dir, "layer " + std::to_string(i) + " router has no '" + bias_name + "' state");
+        if (b.abs().max().item<double>() != 0.0)
+          throw unsupported("moe.router", std::string("layer ") + std::to_string(i) +
+                                              " selects experts by top-K of scores plus a nonzero " +
+                                              (moe.router == "bip" ? "dual -q" : "bias") +
+                                              ", which only a zero one reduces to plain top-K");
+      }
+      auto w = blk->moe->experts->weights();
+      L.router = f32(router.named_parameters(false)["weight"]);
+      L.w_gate = pad_dim(f32(w.w_gate), 1, F);
+      L.w_up = pad_dim(f32(w.w_up), 1, F);
+      L.w_down = pad_dim(f32(w.w_down), 2, F);
+    } else {
+      // A dense SwiGLU FFN as E identical experts: the zero router gives every expert the same score, so any
+      // K are chosen with renormalised gates 1/K each, and K copies of 1/K * y sum to y.
+      auto pad_g = pad_dim(f32(blk->ffn->w_gate), 0, F), pad_u = pad_dim(f32(blk->ffn->w_up), 0, F);
+      auto pad_d = pad_dim(f32(blk->ffn->w_down), 1, F);
+      L.router = torch::zeros({E, C});
+      L.w_gate = pad_g.unsqueeze(0).expand({E, F, C}).contiguous();
+      L.w_up = pad_u.unsqueeze(0).expand({E, F, C}).contiguous();
+      L.w_down = pad_d.unsqueeze(0).expand({E, C, F}).contiguous();
+    }
+    out.layers.push_back(std::move(L));
+  }
+  if (any_moe && moe.router != "topk")
+    out.notes.push_back("router '" + moe.router + "' with a zero selection " +
+                        (moe.router == "bip" ? "dual" : "bias") + " exported as softmax top-" +
+                        std::to_string(K) + " (exactly what it computes)");
+  if (any_moe && moe.routed_width() < F)
+    out.notes.push_back("experts zero-padded from width " + std::to_string(moe.routed_width()) + " to " +
+                        std::to_string(F) + " (the padding adds silu(0) * 0 = 0)");
+  if (has_dense)
+    out.notes.push_back("dense layers written as " + std::to_string(E) +
+                        " identical experts under a zero router (gates 1/K each: the same function)");
+  check_mixtral_shapes(out, lm.dir);
+  return out;
+}
+
+void check_mixtral_shapes(const MixtralModel& m, const std::string& where) {
+  const int64_t V = m.vocab_size, C = m.d_model, D = m.head_dim(), E = m.n_expert, F = m.d_ff;
+  auto check = [&](const torch::Tensor& t, std::vector<int64_t> want, const std::string& name) {
+    if (!t.defined()) throw FileError(where, "tensor '" + name + "' is missing");
+    if (t.sizes().vec() != want)
+      throw FileError(where, "tensor '" + name + "' has shape " + c10::str(t.sizes()) + ", expected " +
+                                 c10::str(c10::IntArrayRef(want)));
+  };
+  check(m.embedding, {V, C}, "embedding");
+  check(m.final_norm, {C}, "final norm");
+  if (m.head.defined()) check(m.head, {V, C}, "output head");
+  for (int64_t i = 0; i < m.n_layer(); ++i) {
+    const auto& L = m.layers[size_t(i)];
+    const std::string p = "layer " + std::to_string(i) + " ";
+    check(L.attn_norm, {C}, p + "attention norm");
+    check(L.wq, {m.n_head * D, C}, p + "q");
+    check(L.wk, {m.n_kv_head * D, C}, p + "k");
+    check(L.wv, {m.n_kv_head * D, C}, p + "v");
+    check(L.wo, {C, m.n_head * D}, p + "attention output");
+    check(L.ffn_norm, {C}, p + "ffn norm");
+    check(L.router, {E, C}, p + "router");
+    check(L.w_gate, {E, F, C}, p + "expert gate");
+    check(L.w_up, {E, F, C}, p + "expert up");
+    check(L.w_down, {E, C, F}, p + "expert down");
+  }
+}
+
+}  // namespace moeforge

@@ -1,0 +1,295 @@
+// GGUF export checked by llama.cpp itself: node-llama-cpp 3.21.1's prebuilt CPU binary (installed by
+// scripts/install-node-llama-cpp.sh) runs the exported file of a tiny model trained here through the CLI,
+// and its log-probabilities at every position and its greedy continuation must equal moeforge's.
+// Negative controls show that the Q/K permutation and the gate renormalisation are what makes them agree.
+// docs/interop.md describes the conversions and the measured agreement.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "interop_util.h"
+#include "moeforge/interop/export.h"
+#include "moeforge/interop/gguf.h"
+#include "moeforge/interop/mixtral.h"
+#include "moeforge/model/generate.h"
+#include "moeforge/train/trainer.h"
+#include "moeforge/util/error.h"
+
+namespace fs = std::filesystem;
+using namespace moeforge;
+
+namespace {
+
+using test::fresh_dir;
+using test::quote;
+using test::run_capture;
+using test::train_cli;
+
+struct NodeLlama {
+  std::string node, modules;
+  bool ok = false;
+};
+
+// Where scripts/install-node-llama-cpp.sh put node-llama-cpp (and which node runs it).
+NodeLlama node_llama() {
+  NodeLlama n;
+  const fs::path dir = fs::path(MOEFORGE_SOURCE_DIR) / ".cache" / "node-llama-cpp";
+  std::ifstream in(dir / "node-path");
+  if (!in || !std::getline(in, n.node)) return n;
+  n.modules = (dir / "node_modules").string();
+  n.ok = fs::exists(dir / "node_modules" / "node-llama-cpp");
+  return n;
+}
+
+nlohmann::json run_llama(const nlohmann::json& request, const std::string& dir) {
+  const auto nl = node_llama();
+  if (!nl.ok)
+    throw std::runtime_error(
+        "node-llama-cpp is not installed: run scripts/install-node-llama-cpp.sh (make deps does)");
+  const std::string req = dir + "/request.json";
+  std::ofstream(req) << request.dump();
+  int rc = 0;
+  const std::string script = std::string(MOEFORGE_SOURCE_DIR) + "/scripts/interop/llamacpp_eval.mjs";
+  const std::string out =
+      run_capture(quote(nl.node) + " " + quote(script) + " " + quote(nl.modules) + " " + quote(req), &rc);
+  if (rc != 0) throw std::runtime_error("llamacpp_eval.mjs failed (exit " + std::to_string(rc) + "): " + out);
+  return nlohmann::json::parse(out);
+}
+
+// moeforge's own log-probabilities [S, V] (float64) of the next token after each of `tokens`.
+torch::Tensor moeforge_logprobs(LoadedModel& lm, const std::vector<int64_t>& tokens) {
+  torch::NoGradGuard ng;
+  auto out = lm.model->forward(torch::tensor(tokens, torch::kLong).unsqueeze(0));
+  return torch::log_softmax(out.logits.squeeze(0).to(torch::kDouble), -1);
+}
+
+// Max |moeforge - llama.cpp| over every position and vocabulary entry.
+double max_logprob_diff(const torch::Tensor& ours, const nlohmann::json& theirs) {
+  const int64_t S = ours.size(0), V = ours.size(1);
+  EXPECT_EQ(int64_t(theirs.size()), S);
+  double worst = 0;
+  auto a = ours.accessor<double, 2>();
+  for (int64_t s = 0; s < S; ++s) {
+    EXPECT_EQ(int64_t(theirs[size_t(s)].size()), V);
+    for (int64_t v = 0; v < V; ++v) {
+      const auto& x = theirs[size_t(s)][size_t(v)];
+      const double t = x.is_number() ? x.get<double>() : -INFINITY;  // JSON null: -Infinity (p = 0)
+      worst = std::max(worst, std::isfinite(t) ? std::abs(a[s][v] - t) : INFINITY);
+    }
+  }
+  return worst;
+}
+
+// A token sequence of the tiny corpus: <s> and two sentences (longer than one RoPE period of the fastest
+// pair, so that every position but 0 tests the rotation).
+std::vector<int64_t> probe_tokens(const LoadedModel& lm) {
+  auto ids = lm.tokenizer->encode("the dog chases the fox. the saw cuts the drill. the bird likes the cat.");
+  ids.insert(ids.begin(), lm.tokenizer->bos_id());
+  return ids;
+}
+
+double gguf_vs_llama(LoadedModel& lm, const MixtralModel& m, const GgufExportOptions& g,
+                     const std::string& tag) {
+  const std::string dir = fresh_dir(tag);
+  write_gguf(dir + "/model.gguf", m, g);
+  const auto tokens = probe_tokens(lm);
+  auto res = run_llama({{"model", dir + "/model.gguf"}, {"tokens", tokens}}, dir);
+  return max_logprob_diff(moeforge_logprobs(lm, tokens), res["logprobs"]);
+}
+
+std::vector<std::string> with(std::vector<std::string> extra) {
+  return test::interop_overrides(extra);
+}
+
+class GgufLlamaCpp : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    // Layer 0 dense (d_ff 48), layer 1 MoE (experts of width 24, padded to 48); untied output head.
+    ckpt_ = new std::string(train_cli("main", with({"model.moe_every=2", "model.tie_embeddings=false"})));
+  }
+  static void TearDownTestSuite() { delete ckpt_; }
+  static std::string* ckpt_;
+};
+std::string* GgufLlamaCpp::ckpt_ = nullptr;
+
+TEST_F(GgufLlamaCpp, F32LogProbsMatchAtEveryPosition) {
+  auto lm = load_model(*ckpt_);
+  const double d = gguf_vs_llama(lm, to_mixtral(lm, "gguf"), {}, "f32");
+  std::cout << "f32 GGUF, f32 KV cache: max |log p difference| = " << d << "\n";
+  // float32 throughout on both sides; the remaining difference is summation order and llama.cpp's float32
+  // RoPE angles against moeforge's float64 ones: measured ~1e-6 (docs/interop.md); 2e-5 leaves room for
+  // other CPUs' SIMD paths.
+  EXPECT_LT(d, 2e-5);
+}
+
+TEST_F(GgufLlamaCpp, F16LogProbsMatchLoosely) {
+  auto lm = load_model(*ckpt_);
+  GgufExportOptions g;
+  g.dtype = GgufDType::kF16;
+  const double d = gguf_vs_llama(lm, to_mixtral(lm, "gguf"), g, "f16");
+  std::cout << "f16 GGUF, f32 KV cache: max |log p difference| = " << d << "\n";
+  // f16 weights round each weight by up to 2^-11 relative; through 2 layers that moves log-probabilities
+  // by ~1e-3 (docs/interop.md); 1e-2 is still far below what a wrong layout or rotation gives (> 0.1).
+  EXPECT_LT(d, 1e-2);
+}
+
+TEST_F(GgufLlamaCpp, NegativeControlWithoutQKPermutationDisagrees) {
+  auto lm = load_model(*ckpt_);
+  GgufExportOptions g;
+  g.skip_qk_permutation = true;
+  const double d = gguf_vs_llama(lm, to_mixtral(lm, "gguf"), g, "noperm");
+  std::cout << "without the Q/K permutation: max |log p difference| = " << d << "\n";
+  EXPECT_GT(d, 1e-2);  // the f32 bound above is 2e-5: the test would fail without the permutation
+}
+
+TEST_F(GgufLlamaCpp, GreedyGenerationMatchesMoeforgeGenerate) {
+  auto lm = load_model(*ckpt_);
+  const std::string dir = fresh_dir("greedy");
+  write_gguf(dir + "/model.gguf", to_mixtral(lm, "gguf"));
+  const std::string prompt = "the horse follows";
+  const int n = 12;
+  auto res = run_llama({{"model", dir + "/model.gguf"}, {"prompt", prompt}, {"n_predict", n}}, dir);
+  // llama.cpp's SentencePiece tokenizer from the GGUF vocabulary gives moeforge's tokens.
+  auto ids = lm.tokenizer->encode(prompt);
+  ids.insert(ids.begin(), lm.tokenizer->bos_id());
+  EXPECT_EQ(res["prompt_tokens"].get<std::vector<int64_t>>(), ids);
+  GenerateOptions g;
+  g.temperature = 0;
+  g.max_tokens = n;
+  g.eos_id = lm.tokenizer->eos_id();
+  const auto ours = generate(lm.model, ids, g);
+  EXPECT_EQ(res["greedy"].get<std::vector<int64_t>>(), ours);
+  // And the CLI says the same text.
+  int rc = 0;
+  std::string text =
+      run_capture(std::string(MOEFORGE_CLI) + " generate --temperature 0 --max-tokens " + std::to_string(n) +
+                      " --checkpoint " + quote(*ckpt_) + " --prompt " + quote(prompt),
+                  &rc);
+  ASSERT_EQ(rc, 0) << text;
+  auto squash = [](std::string s) {
+    std::string o;
+    for (char c : s)
+      if (c != ' ' && c != '\n') o += c;
+    return o;
+  };
+  EXPECT_EQ(squash(text), squash(prompt + res["greedy_text"].get<std::string>()));
+  std::cout << "greedy: " << text;
+}
+
+// loss_free and bip (causal) route by top-K of scores plus a bias / dual: with a zero one they are topk,
+// and the export says so and agrees with llama.cpp; a nonzero one is an error naming router and format.
+TEST_F(GgufLlamaCpp, ZeroBiasRoutersReduceToTopK) {
+  auto base = load_model(*ckpt_);
+  for (const std::string router : {"loss_free", "bip"}) {
+    LoadedModel lm = base;
+    lm.cfg.moe.router = router;
+    lm.model = build_model(lm.cfg, lm.tokenizer->vocab_size());
+    lm.model->eval();
+    auto m = to_mixtral(lm, "gguf");
+    ASSERT_FALSE(m.notes.empty());
+    EXPECT_NE(m.notes[0].find(router), std::string::npos);
+    const double d = gguf_vs_llama(lm, m, {}, "reduce_" + router);
+    EXPECT_LT(d, 2e-5) << router;  // the f32 bound of F32LogProbsMatchAtEveryPosition
+    // A nonzero bias / dual changes the selection: not expressible.
+    for (auto& layer : lm.model->moe_layers())
+      for (auto& b : layer->router->named_buffers(false))
+        if (b.key() == "bias" || b.key() == "q") b.value().fill_(0.25).index_put_({0}, -0.5);
+    try {
+      to_mixtral(lm, "gguf");
+      ADD_FAILURE() << router << " with a nonzero bias exported";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(router), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("gguf"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST_F(GgufLlamaCpp, InexpressibleRoutersAreErrorsNamingRouterAndFormat) {
+  auto base = load_model(*ckpt_);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"moe.router=\"expert_choice\"", "expert_choice"},
+      {"moe.router=\"hierarchical\"", "hierarchical"},
+      {"moe.router=\"moce\"", "moce"},
+      {"moe.bip_mode=\"solve\"", "bip_mode"},
+      {"moe.score=\"sigmoid\"", "moe.score"},
+      {"moe.renormalize=false", "moe.renormalize"},
+      {"moe.capacity_factor=1.25", "capacity_factor"},
+      {"moe.n_shared_expert=1", "n_shared_expert"},
+      {"moe.expert_act=\"gelu\"", "expert_act"}};
+  for (auto& [set, expect] : cases) {
+    std::vector<std::string> o = {set};
+    if (expect == "bip_mode") o = {"moe.router=\"bip\"", set};
+    if (expect == "hierarchical" || expect == "moce") o.push_back("moe.n_cluster=2");
+    LoadedModel lm = base;
+    lm.cfg = load_run_config_text(base.cfg.to_toml(), "test", o);
+    lm.model = build_model(lm.cfg, lm.tokenizer->vocab_size());
+    try {
+      to_mixtral(lm, "gguf");
+      ADD_FAILURE() << set << " exported";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(expect), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("gguf"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// The gate renormalisation is needed: a topk model with moe.renormalize=false (Switch-style gates p_i) is
+// refused, and written anyway (test switch) llama.cpp computes something else.
+TEST(GgufLlamaCppControl, NegativeControlWithoutGateRenormalisationDisagrees) {
+  const auto ckpt = train_cli("norenorm", with({"model.moe_every=1", "moe.renormalize=false"}));
+  auto lm = load_model(ckpt);
+  EXPECT_THROW(to_mixtral(lm, "gguf"), ConfigError);
+  MixtralExportOptions o;
+  o.allow_unnormalized_gates = true;
+  const double d = gguf_vs_llama(lm, to_mixtral(lm, "gguf", o), {}, "norenorm");
+  std::cout << "without the gate renormalisation: max |log p difference| = " << d << "\n";
+  EXPECT_GT(d, 1e-2);  // the f32 bound is 2e-5: the comparison catches gates that differ
+}
+
+TEST(GgufExport, QKPermutationIsAdjacentPairsPerHead) {
+  auto w = torch::arange(2 * 8, torch::kFloat).view({2 * 8, 1});  // 2 heads of D = 8, row i holds i
+  auto p = rope_half_to_adjacent_rows(w, 2).view(-1);
+  const std::vector<float> want = {0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15};
+  EXPECT_EQ(std::vector<float>(p.data_ptr<float>(), p.data_ptr<float>() + 16), want);
+}
+
+TEST(GgufExport, CliRejectsUnknownFormatAndDtype) {
+  int rc = 0;
+  auto out = run_capture(
+      std::string(MOEFORGE_CLI) + " export --checkpoint /nonexistent --format onnx --out x 2>&1", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("onnx"), std::string::npos) << out;
+  out = run_capture(
+      std::string(MOEFORGE_CLI) + " export --checkpoint /nonexistent --format gguf --dtype q4 --out x 2>&1",
+      &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("q4"), std::string::npos) << out;
+}
+
+}  // namespace
+
+namespace {
+
+// llama.cpp aborts on characters without a piece when there are no byte pieces (docs/interop.md): a
+// tokenizer trained without data.byte_fallback is refused, naming the key, and the CLI exits non-zero.
+TEST(GgufExport, TokenizerWithoutBytePiecesIsRefusedNamingTheKey) {
+  const auto ckpt = train_cli("nobytes", with({"data.byte_fallback=false", "data.vocab_size=128"}));
+  auto lm = load_model(ckpt);
+  try {
+    gguf_bytes(to_mixtral(lm, "gguf"));
+    ADD_FAILURE() << "exported without byte pieces";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("data.byte_fallback"), std::string::npos) << e.what();
+  }
+  int rc = 0;
+  const auto out =
+      run_capture(std::string(MOEFORGE_CLI) + " export --checkpoint " + quote(ckpt) +
+                      " --format gguf --out " + quote(fresh_dir("nobytes_out") + "/m.gguf") + " 2>&1",
+                  &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("data.byte_fallback"), std::string::npos) << out;
+}
+
+}  // namespace
