@@ -44,13 +44,6 @@ MixtralModel to_mixtral(const LoadedModel& lm, const std::string& format, const 
   }();
   MixtralModel out;
   if (any_moe) {
-    // Routers whose inference routing is the softmax top-K of topk (ROUTING.md sections 1, 3, 4).
-    if (moe.router != "topk" && moe.router != "loss_free" && moe.router != "bip")
-      throw unsupported("moe.router",
-                        "its routing depends on more than the token's own softmax top-K (batch, clusters or "
-                        "sequence state)");
-    if (moe.router == "bip" && moe.bip_mode != BipMode::kCausal)
-      throw unsupported("moe.bip_mode", "mode 'solve' routes each token by a dual solved on its whole batch");
     if (moe.score != ScoreFunc::kSoftmax)
       throw unsupported("moe.score", "sigmoid gates sigma(z_i) / sum sigma(z_j) are not softmax gates");
     if (!moe.renormalize && !opt.allow_unnormalized_gates)
@@ -104,16 +97,11 @@ MixtralModel to_mixtral(const LoadedModel& lm, const std::string& format, const 
       if (!router.pruned_experts().empty())
         throw unsupported("moe.router", "layer " + std::to_string(i) +
                                             " has pruned experts (moeforge prune); the format routes to all");
-      const char* bias_name = moe.router == "loss_free" ? "bias" : moe.router == "bip" ? "q" : nullptr;
-      if (bias_name) {
-        auto b = router_buffer(router, bias_name);
-        if (!b.defined())
-          throw FileError(lm.dir, "layer " + std::to_string(i) + " router has no '" + bias_name + "' state");
-        if (b.abs().max().item<double>() != 0.0)
-          throw unsupported("moe.router", std::string("layer ") + std::to_string(i) +
-                                              " selects experts by top-K of scores plus a nonzero " +
-                                              (moe.router == "bip" ? "dual -q" : "bias") +
-                                              ", which only a zero one reduces to plain top-K");
+      // The router says whether it is plain top-K of its "weight" now (Router::top_k_obstacle, state
+      // included: loss-free's bias and BIP's dual must be zero).
+      if (const std::string why = router.top_k_obstacle(); !why.empty()) {
+        const auto colon = why.find(':');
+        throw unsupported(why.substr(0, colon), "layer " + std::to_string(i) + ": " + why.substr(colon + 2));
       }
       auto w = blk->moe->experts->weights();
       L.router = f32(router.named_parameters(false)["weight"]);
@@ -132,10 +120,9 @@ MixtralModel to_mixtral(const LoadedModel& lm, const std::string& format, const 
     }
     out.layers.push_back(std::move(L));
   }
-  if (any_moe && moe.router != "topk")
-    out.notes.push_back("router '" + moe.router + "' with a zero selection " +
-                        (moe.router == "bip" ? "dual" : "bias") + " exported as softmax top-" +
-                        std::to_string(K) + " (exactly what it computes)");
+  if (any_moe)
+    out.notes.push_back("router '" + moe.router + "' exported as softmax top-" + std::to_string(K) +
+                        " (with any selection state at zero, that is exactly what it computes)");
   if (any_moe && moe.routed_width() < F)
     out.notes.push_back("experts zero-padded from width " + std::to_string(moe.routed_width()) + " to " +
                         std::to_string(F) + " (the padding adds silu(0) * 0 = 0)");

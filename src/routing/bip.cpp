@@ -69,6 +69,17 @@ void BipRouterImpl::after_step(const RouteFeedback& fb) {
   bip_dual_iterations(q, scores, k, bip_capacity(T, k, n_expert()), n_iter_);
 }
 
+std::string BipRouterImpl::top_k_obstacle() const {
+  if (mode_ != BipMode::kCausal)
+    return "moe.bip_mode: mode 'solve' routes each token by a dual solved on its whole batch";
+  auto why = TopKRouterImpl::top_k_obstacle();
+  if (why.empty() && q.abs().max().item<double>() != 0.0)
+    why =
+        "moe.router: experts are selected by top-K of scores minus a nonzero dual q, which only a zero one "
+        "reduces to plain top-K";
+  return why;
+}
+
 nlohmann::json BipRouterImpl::describe_state() const {
   auto j = TopKRouterImpl::describe_state();
   auto qc = q.to(torch::kCPU, torch::kDouble).contiguous();

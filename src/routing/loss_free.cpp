@@ -33,6 +33,15 @@ void LossFreeRouterImpl::after_step(const RouteFeedback& fb) {
   bias.add_(step.to(bias.device(), bias.dtype()), update_rate_);
 }
 
+std::string LossFreeRouterImpl::top_k_obstacle() const {
+  auto why = TopKRouterImpl::top_k_obstacle();
+  if (why.empty() && bias.abs().max().item<double>() != 0.0)
+    why =
+        "moe.router: experts are selected by top-K of scores plus a nonzero bias, which only a zero one "
+        "reduces to plain top-K";
+  return why;
+}
+
 nlohmann::json LossFreeRouterImpl::describe_state() const {
   auto j = TopKRouterImpl::describe_state();
   auto b = bias.to(torch::kCPU, torch::kDouble).contiguous();

@@ -92,6 +92,11 @@ RoutingPlan TopKRouterImpl::route_scores(const TokenScores& s, const torch::Tens
   return plan;
 }
 
+std::string TopKRouterImpl::top_k_obstacle() const {
+  if (cfg_.capacity_factor > 0) return "moe.capacity_factor: a capacity drops tokens depending on the batch";
+  return {};
+}
+
 torch::Tensor TopKRouterImpl::assignment_scores(const torch::Tensor& x, const RoutingPlan& /*plan*/) {
   torch::NoGradGuard ng;
   return score(x, /*training=*/false).scores.detach();

@@ -33,6 +33,8 @@ class BipRouterImpl : public TopKRouterImpl {
   std::string name() const override { return mode_ == BipMode::kCausal ? "bip" : "bip(solve: non-causal)"; }
   bool causal() const override { return mode_ == BipMode::kCausal && TopKRouterImpl::causal(); }
   nlohmann::json describe_state() const override;
+  // Top-K only in causal mode with a zero dual q.
+  std::string top_k_obstacle() const override;
 
   torch::Tensor q;  // [E] buffer: the expert dual, init 0
 

@@ -19,6 +19,8 @@ class LossFreeRouterImpl : public TopKRouterImpl {
   void after_step(const RouteFeedback& feedback) override;
   std::string name() const override { return "loss_free"; }
   nlohmann::json describe_state() const override;
+  // Top-K only while the bias is zero: a nonzero one changes the selection.
+  std::string top_k_obstacle() const override;
 
   torch::Tensor bias;  // [E] buffer, no gradient, init 0
 

@@ -86,6 +86,15 @@ class Router : public torch::nn::Module {
   // router's own probability of each (token, expert) pair, without any balancing bias. `plan` is the plan
   // route() made for x (a router whose scores depend on its choices, MoCE's groups, reads it).
   virtual torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) = 0;
+  // Whether, in inference and in its current state, the router computes exactly token-choice top-K of the
+  // scores of its own [E, C] parameter "weight" (no capacity, no selection bias, nothing from other tokens
+  // or sequences): the routing that Mixtral-style formats (Hugging Face, GGUF) express. Empty when it does;
+  // otherwise why not, starting with the config key to blame ("moe.bip_mode: ..."). Score function and
+  // gate normalisation are the format's to check (moe.score, moe.renormalize).
+  virtual std::string top_k_obstacle() const {
+    return "moe.router: its routing depends on more than the token's own top-K (batch, clusters or sequence "
+           "state)";
+  }
   // Evaluation routings this router can switch between (expert choice: "batch" and "threshold"); an
   // evaluator reports the loss under each. Empty when there is one.
   virtual std::vector<std::string> eval_routings() const { return {}; }

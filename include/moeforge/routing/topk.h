@@ -24,6 +24,8 @@ class TopKRouterImpl : public Router {
   // Capacity-limited routing (capacity_factor > 0) is not causal: a token's second choice competes with
   // later tokens' first choices (GShard's order), and with batch-prioritised overflow with every token.
   bool causal() const override { return cfg_.capacity_factor <= 0; }
+  // Plain top-K when dropless (noise and GShard's random second expert act in training only).
+  std::string top_k_obstacle() const override;
   // The clean (noise-free) scores s, without any selection bias.
   torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
 
