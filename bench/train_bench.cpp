@@ -11,7 +11,7 @@
 #include "moeforge/data/batching.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/optim.h"
-#include "moeforge/train/run_config.h"
+#include "moeforge/config/run_config.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/progress.h"
 #include "moeforge/util/runtime.h"

@@ -3,6 +3,6 @@
 
 #include "moeforge/data/batching.h"
 #include "moeforge/data/corpus.h"
-#include "moeforge/data/data_config.h"
+#include "moeforge/config/data_config.h"
 #include "moeforge/data/tfidf.h"
 #include "moeforge/data/tokenizer.h"

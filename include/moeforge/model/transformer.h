@@ -11,7 +11,7 @@
 
 #include "moeforge/config/moe_config.h"
 #include "moeforge/layer/moe_layer.h"
-#include "moeforge/model/config.h"
+#include "moeforge/config/model_config.h"
 
 namespace moeforge {
 

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "moeforge/train/run_config.h"
+#include "moeforge/config/run_config.h"
 
 namespace moeforge {
 

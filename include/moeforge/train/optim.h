@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "moeforge/model/config.h"
+#include "moeforge/config/model_config.h"
 
 namespace moeforge {
 

@@ -12,7 +12,7 @@
 #include "moeforge/data/data.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/evaluate.h"
-#include "moeforge/train/run_config.h"
+#include "moeforge/config/run_config.h"
 
 namespace moeforge {
 

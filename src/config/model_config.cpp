@@ -1,4 +1,4 @@
-#include "moeforge/model/config.h"
+#include "moeforge/config/model_config.h"
 
 #include "moeforge/util/error.h"
 

@@ -8,8 +8,8 @@
 
 #include "moeforge/config/binder.h"
 #include "moeforge/config/moe_config.h"
-#include "moeforge/data/data_config.h"
-#include "moeforge/model/config.h"
+#include "moeforge/config/data_config.h"
+#include "moeforge/config/model_config.h"
 
 namespace moeforge {
 

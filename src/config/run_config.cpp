@@ -1,4 +1,4 @@
-#include "moeforge/train/run_config.h"
+#include "moeforge/config/run_config.h"
 
 #include "moeforge/util/error.h"
 #include "moeforge_default_config.h"  // generated from configs/default.toml
