@@ -1,5 +1,6 @@
-// The MoE layer comparison of ../shared/docs/BENCHMARKS.md: the layer against a dense FFN doing the same
-// work (dense-equivalent ratio) and against the plain loop over experts, interleaved, median of reps.
+// The MoE layer comparison of docs/performance.md ("Definitions", method): the layer against a dense FFN
+// doing the same work (dense-equivalent ratio) and against the plain loop over experts, interleaved, median
+// of reps.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -27,8 +28,8 @@ struct LayerBenchOptions {
   bool router_costs = true;  // every router on the top-2 shape, as a ratio to the topk router
 };
 
-// The shapes of BENCHMARKS.md, then top2_gelu (GELU experts of twice the width, the same FLOPs as top2's
-// SwiGLU; Switch and GShard use GELU), run only when named in --shapes.
+// The shapes of docs/performance.md, then top2_gelu (GELU experts of twice the width, the same FLOPs as
+// top2's SwiGLU; Switch and GShard use GELU), run only when named in --shapes.
 std::vector<BenchShape> default_bench_shapes();
 
 // Runs the comparison and returns {"machine", "results": [...], "router_costs": [...]}; prints a table to

@@ -1,5 +1,5 @@
 // Timing helpers of the benches: median of repetitions, and variants interleaved in one run
-// (../shared/docs/BENCHMARKS.md: ratios measured in one process, A B A B ...).
+// (docs/performance.md ("Definitions", method): ratios measured in one process, A B A B ...).
 #pragma once
 
 #include <algorithm>

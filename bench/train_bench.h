@@ -1,4 +1,4 @@
-// End-to-end training speed (../shared/docs/BENCHMARKS.md "End to end"): training steps of a model config
+// End-to-end training speed (method: docs/performance.md, "Definitions"): training steps of a model config
 // with the fused MoE path against the same model on the plain LibTorch experts (experts_impl =
 // "reference", the path every MoE layer took before the fast layer), and a large sgemm, interleaved in one
 // run. Reports tokens/s and achieved FLOP/s as a share of the sgemm FLOP/s measured in the same run.

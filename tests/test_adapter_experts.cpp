@@ -1,4 +1,4 @@
-// Adapter experts on a frozen dense FFN (MoCE / PESC form, ROUTING.md section 6).
+// Adapter experts on a frozen dense FFN (MoCE / PESC form, docs/routing.md section 6).
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"

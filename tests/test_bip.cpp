@@ -1,4 +1,5 @@
-// BIP balancing against ROUTING.md section 4: skewed stream, causality of q, gap to the exact GLPK optimum.
+// BIP balancing against docs/routing.md section 4: skewed stream, causality of q, gap to the exact GLPK
+// optimum.
 #include "moeforge/routing/bip.h"
 #include "moeforge/routing/measures.h"
 #include "skewed_stream.h"

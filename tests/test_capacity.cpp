@@ -1,4 +1,4 @@
-// Capacity and dropping: hand-worked cases for each overflow rule of ROUTING.md section 1.
+// Capacity and dropping: hand-worked cases for each overflow rule of docs/routing.md section 1.
 #include "moeforge/routing/router.h"
 #include "moeforge/routing/topk.h"
 #include "test_util.h"

@@ -1,4 +1,4 @@
-// Expert-choice routing against ROUTING.md section 2: exact capacities, causality, threshold routing.
+// Expert-choice routing against docs/routing.md section 2: exact capacities, causality, threshold routing.
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/routing/expert_choice.h"
 #include "moeforge/routing/measures.h"

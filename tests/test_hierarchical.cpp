@@ -1,5 +1,6 @@
-// Hierarchical cluster routing (ClusterMoE, ROUTING.md section 5): gates, two-level capacity, reliability
-// under fault injection, diversity-loss gradient, pruning, adaptive weight, state round trip, config errors.
+// Hierarchical cluster routing (ClusterMoE, docs/routing.md section 5): gates, two-level capacity,
+// reliability under fault injection, diversity-loss gradient, pruning, adaptive weight, state round trip,
+// config errors.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

@@ -1,4 +1,4 @@
-// Loss-free balancing against ROUTING.md section 3: the bias balances a skewed stream and never uses the
+// Loss-free balancing against docs/routing.md section 3: the bias balances a skewed stream and never uses the
 // batch it routes.
 #include "moeforge/routing/loss_free.h"
 #include "skewed_stream.h"

@@ -1,4 +1,4 @@
-// Measures of ROUTING.md section 9: MaxVio accumulation, specialisation, the GLPK optimum and the gap.
+// Measures of docs/routing.md section 9: MaxVio accumulation, specialisation, the GLPK optimum and the gap.
 #include "moeforge/routing/measures.h"
 #include "moeforge/routing/topk.h"
 #include "test_util.h"

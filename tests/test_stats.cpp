@@ -1,4 +1,4 @@
-// Routing measures (ROUTING.md section 9) on hand-computed loads.
+// Routing measures (docs/routing.md section 9) on hand-computed loads.
 #include "moeforge/routing/stats.h"
 #include "test_util.h"
 

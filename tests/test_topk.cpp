@@ -1,4 +1,4 @@
-// Token-choice top-K router options against ROUTING.md section 1.
+// Token-choice top-K router options against docs/routing.md section 1.
 #include "moeforge/routing/topk.h"
 #include "test_util.h"
 

@@ -178,8 +178,8 @@ int main(int argc, char** argv) {
                     "validation batches to measure (0 = the whole split)");
 
   // bench
-  auto* bench =
-      app.add_subcommand("bench", "MoE layer vs dense-equivalent FFN vs plain expert loop (BENCHMARKS.md)");
+  auto* bench = app.add_subcommand(
+      "bench", "MoE layer vs dense-equivalent FFN vs plain expert loop (docs/performance.md)");
   std::string json_path, shapes_csv;
   LayerBenchOptions bench_opt;
   bench->add_option("--json", json_path, "write the results as JSON to this file");

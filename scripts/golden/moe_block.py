@@ -1,5 +1,5 @@
 """PyTorch reference of a Mixtral-style MoE block (top-K token choice, SwiGLU experts) and of the
-auxiliary losses of ROUTING.md section 8, with inputs, outputs and gradients, in float64.
+auxiliary losses of docs/routing.md section 8, with inputs, outputs and gradients, in float64.
 
 Weights use nn.Linear's layout stacked over experts: router [E, C], w_gate/w_up [E, F, C], w_down [E, C, F].
 """

@@ -13,7 +13,7 @@ void bip_dual_iterations(torch::Tensor& q, const torch::Tensor& s, int64_t k, in
   const int64_t T = s.size(0), E = s.size(1);
   auto sd = s.detach().to(q.dtype());  // [T, E]
   auto qd = q.to(sd.device());         // [E]
-  // Tie rule (open in ROUTING.md section 4): each order statistic is taken as the midpoint between the
+  // Tie rule (open in docs/routing.md section 4): each order statistic is taken as the midpoint between the
   // K-th and (K+1)-th (the cap-th and (cap+1)-th) largest, not the (K+1)-th itself. At the exact
   // (K+1)-th value, the token defining q_e sits in a tie with its own p_t, the top-K of (s - q) breaks it
   // arbitrarily and overfills the expert; with midpoints a fixed point has no ties, so its top-K of

@@ -1,4 +1,4 @@
-// Expert-choice routing, ROUTING.md section 2. Legend: B sequences, S positions, T = B*S, E experts.
+// Expert-choice routing, docs/routing.md section 2. Legend: B sequences, S positions, T = B*S, E experts.
 #include "moeforge/routing/expert_choice.h"
 
 #include <algorithm>
@@ -58,7 +58,7 @@ ExpertChoiceRouterImpl::ExpertChoiceRouterImpl(const MoEConfig& cfg, int64_t d_m
 }
 
 std::string ExpertChoiceRouterImpl::name() const {
-  // Non-causal EC says so in its name: it leaks the future of a sequence (ROUTING.md section 2).
+  // Non-causal EC says so in its name: it leaks the future of a sequence (docs/routing.md section 2).
   switch (cfg_.ec_mode) {
     case ECMode::kCausal:
       return "expert_choice(causal)";
@@ -111,7 +111,7 @@ torch::Tensor ExpertChoiceRouterImpl::select_causal(const torch::Tensor& s, int6
 
 torch::Tensor ExpertChoiceRouterImpl::select_threshold(const torch::Tensor& s) const {
   // Generation-time EC: a token goes to every expert whose score passes its threshold, and at least to
-  // its top-1 (ROUTING.md section 2). Per token, so causal.
+  // its top-1 (docs/routing.md section 2). Per token, so causal.
   auto sd = s.detach();
   auto mask = sd >= threshold.to(s.device()).unsqueeze(0);  // [T, E]
   if (has_pruned()) {

@@ -1,4 +1,4 @@
-// Hierarchical cluster routing, ROUTING.md section 5. See the header for the legend.
+// Hierarchical cluster routing, docs/routing.md section 5. See the header for the legend.
 #include "moeforge/routing/hierarchical.h"
 
 #include <algorithm>

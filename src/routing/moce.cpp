@@ -1,4 +1,4 @@
-// MoCE dual-stage routing, ROUTING.md section 6. See the header for the legend.
+// MoCE dual-stage routing, docs/routing.md section 6. See the header for the legend.
 #include "moeforge/routing/moce.h"
 
 #include <cmath>

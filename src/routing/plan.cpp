@@ -1,5 +1,5 @@
-// Building a RoutingPlan from per-token choices: capacity with the overflow rules of ROUTING.md section 1,
-// then a counting sort by expert (no full sort, no [T, E] masks).
+// Building a RoutingPlan from per-token choices: capacity with the overflow rules of docs/routing.md section
+// 1, then a counting sort by expert (no full sort, no [T, E] masks).
 #include <algorithm>
 #include <cmath>
 #include <limits>

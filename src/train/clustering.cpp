@@ -1,4 +1,4 @@
-// MoCE offline clustering, ROUTING.md section 6. See the header for the legend.
+// MoCE offline clustering, docs/routing.md section 6. See the header for the legend.
 #include "moeforge/train/clustering.h"
 
 #include <stdexcept>

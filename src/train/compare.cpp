@@ -1,4 +1,5 @@
-// moeforge compare: the same run once per router, then the measures of ROUTING.md section 9 side by side.
+// moeforge compare: the same run once per router, then the measures of docs/routing.md section 9 side by
+// side.
 //
 // Legend: B sequences, S positions, T = B*S tokens, C model width, E routed experts, K assignments per token,
 // G clusters, Eg experts per cluster.

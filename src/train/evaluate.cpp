@@ -79,7 +79,7 @@ void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch
     RouteContext ctx;
     ctx.seq_domain = batch.domain;
     // No ctx.seq_cluster even when training had offline clusters: evaluation assigns each sequence to its
-    // nearest centroid, as generation must (ROUTING.md section 6).
+    // nearest centroid, as generation must (docs/routing.md section 6).
     auto out = model->forward(inputs, ctx);
     auto ce = torch::nn::functional::cross_entropy(
         out.logits.reshape({B * S, -1}), targets.reshape(-1),

@@ -1,4 +1,4 @@
-// Expert pruning, ROUTING.md section 5. See the header for the legend.
+// Expert pruning, docs/routing.md section 5. See the header for the legend.
 #include "moeforge/train/prune.h"
 
 #include <cmath>

@@ -172,8 +172,9 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     log << "resumed from " << resume_dir << " at step " << step << "\n";
   }
 
-  // MoCE offline clustering (ROUTING.md section 6): before the first step, on the weights training starts
-  // from; a resumed run keeps the ids it started with (the centroids are router buffers, already restored).
+  // MoCE offline clustering (docs/routing.md section 6): before the first step, on the weights training
+  // starts from; a resumed run keeps the ids it started with (the centroids are router buffers, already
+  // restored).
   if (cfg.moe.moce_clustering != SeqClustering::kOnline) {
     if (resume) {
       for (auto& t : resume->trainer)

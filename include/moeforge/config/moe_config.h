@@ -13,11 +13,11 @@ enum class ExpertAct { kSwiGLU, kGELU };
 enum class ExpertsImplKind { kGrouped, kReference };
 enum class ExpertForm { kFFN, kAdapter };
 
-// --- Expert choice, loss-free and BIP routers (ROUTING.md sections 2-4) ---
+// --- Expert choice, loss-free and BIP routers (docs/routing.md sections 2-4) ---
 enum class ECMode { kCausal, kNonCausal, kThreshold };
 enum class ECEval { kBatch, kThreshold };
 enum class BipMode { kCausal, kSolve };
-// MoCE's stage-1 sequence clusters (ROUTING.md section 6).
+// MoCE's stage-1 sequence clusters (docs/routing.md section 6).
 enum class SeqClustering { kOnline, kHidden, kTfidf };
 // What MoCE pools to assign a token its cluster: the positions up to it (causal) or the whole sequence.
 enum class MocePool { kPrefix, kSequence };
@@ -32,7 +32,7 @@ struct MoEConfig {
   ExpertAct expert_act = ExpertAct::kSwiGLU;                 // moe.expert_act: "swiglu" | "gelu"
   ExpertsImplKind experts_impl = ExpertsImplKind::kGrouped;  // moe.experts_impl: "grouped" | "reference"
 
-  // Token-choice options (ROUTING.md section 1).
+  // Token-choice options (docs/routing.md section 1).
   ScoreFunc score = ScoreFunc::kSoftmax;                // moe.score: "softmax" | "sigmoid"
   bool renormalize = true;                              // moe.renormalize (always on for sigmoid)
   bool noisy = false;                                   // moe.noisy: Shazeer noisy top-K (training only)
@@ -40,14 +40,15 @@ struct MoEConfig {
   double capacity_factor = 0.0;                         // moe.capacity_factor: 0 = dropless
   OverflowOrder overflow = OverflowOrder::kTokenOrder;  // moe.overflow: "token_order" | "batch_prioritized"
 
-  // Auxiliary losses (ROUTING.md section 8).
+  // Auxiliary losses (docs/routing.md section 8).
   double balance_coef = 1e-2;     // moe.balance_coef: Switch balance loss alpha
   double seq_balance_coef = 0.0;  // moe.seq_balance_coef: sequence-wise balance loss alpha
   double z_loss_coef = 1e-3;      // moe.z_loss_coef: router z-loss beta
 
-  // --- Hierarchical cluster routing (router "hierarchical", ROUTING.md section 5) and MoCE (router "moce",
-  // section 6). For "hierarchical", moe.n_expert_used is K_e, the experts taken inside each selected cluster,
-  // so a token has up to n_cluster_used * n_expert_used assignments. For "moce" it is K inside the group.
+  // --- Hierarchical cluster routing (router "hierarchical", docs/routing.md section 5) and MoCE (router
+  // "moce", section 6). For "hierarchical", moe.n_expert_used is K_e, the experts taken inside each selected
+  // cluster, so a token has up to n_cluster_used * n_expert_used assignments. For "moce" it is K inside the
+  // group.
   int64_t n_cluster = 2;                 // moe.n_cluster: G (expert clusters / sequence clusters)
   int64_t n_cluster_used = 1;            // moe.n_cluster_used: K_c clusters per token (hierarchical)
   double cluster_capacity_factor = 0.0;  // moe.cluster_capacity_factor: cap_c = ceil(CF*T*K_c/G), 0 = none
@@ -78,7 +79,7 @@ struct MoEConfig {
   ExpertForm expert_form = ExpertForm::kFFN;  // moe.expert_form: "ffn" | "adapter"
   int64_t adapter_dim = 64;                   // moe.adapter_dim: adapter bottleneck width
   double adapter_scale = 1.0;  // moe.adapter_scale: lambda in A(z) = lambda W_up gelu(W_down z)
-  // --- Expert choice, loss-free and BIP routers (ROUTING.md sections 2-4) ---
+  // --- Expert choice, loss-free and BIP routers (docs/routing.md sections 2-4) ---
   // Expert choice (Zhou et al. 2022): expert e takes k_e = round(T * ec_capacity_factor / E) tokens.
   double ec_capacity_factor = 2.0;  // moe.ec_capacity_factor: the paper's CF (2 = compute of top-2)
   // How EC routes in training: "causal" (choice among the tokens at the same position across the batch,
@@ -86,7 +87,7 @@ struct MoEConfig {
   // "threshold" (per-token routing with the calibrated thresholds, training and evaluation alike).
   ECMode ec_mode = ECMode::kCausal;
   // Routing in evaluation for ec_mode causal/noncausal: "threshold" (what generation can use) or "batch"
-  // (the training grouping; evaluation reports both, ROUTING.md section 2).
+  // (the training grouping; evaluation reports both, docs/routing.md section 2).
   ECEval ec_eval = ECEval::kThreshold;
   double ec_threshold_decay = 0.99;  // moe.ec_threshold_decay: EMA decay of the thresholds
   // Loss-free balancing (Wang et al. 2024): bias step u.

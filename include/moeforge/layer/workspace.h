@@ -1,5 +1,5 @@
 // Reused scratch buffers of one layer. Fresh large allocations are served by mmap and cost a page fault
-// per 4 KiB on first touch, which on the MoE layer cost more than all the routing (BENCHMARKS.md); a
+// per 4 KiB on first touch, which on the MoE layer cost more than all the routing (docs/performance.md); a
 // layer therefore keeps its intermediates from one call to the next.
 #pragma once
 

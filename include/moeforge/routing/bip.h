@@ -1,4 +1,4 @@
-// BIP balancing (Sun 2025, arXiv 2502.15451; ROUTING.md section 4): token-choice top-K of (s - q) where
+// BIP balancing (Sun 2025, arXiv 2502.15451; docs/routing.md section 4): token-choice top-K of (s - q) where
 // q [E] is the expert part of the LP dual of the balanced assignment problem
 //   max sum s_te x_te  s.t.  sum_e x_te = K,  sum_t x_te <= cap_e = ceil(K T / E),  x in {0, 1}.
 // Legend: T tokens, E experts, K experts per token.

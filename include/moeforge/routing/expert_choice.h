@@ -1,5 +1,5 @@
-// Expert-choice routing (Zhou et al., NeurIPS 2022, arXiv 2202.09368; ROUTING.md section 2): every expert
-// picks its k_e = round(T * CF / E) highest-scoring tokens, so a token gets 0..E experts.
+// Expert-choice routing (Zhou et al., NeurIPS 2022, arXiv 2202.09368; docs/routing.md section 2): every
+// expert picks its k_e = round(T * CF / E) highest-scoring tokens, so a token gets 0..E experts.
 //
 // Legend: B sequences, S positions, T = B*S tokens, C model width, E experts.
 #pragma once

@@ -1,5 +1,5 @@
-// Hierarchical cluster routing (ClusterMoE, ROUTING.md section 5): a cluster router picks K_c of G clusters,
-// then each selected cluster's own expert router picks K_e of its E/G experts. Gate = p(cluster) *
+// Hierarchical cluster routing (ClusterMoE, docs/routing.md section 5): a cluster router picks K_c of G
+// clusters, then each selected cluster's own expert router picks K_e of its E/G experts. Gate = p(cluster) *
 // p(expert | cluster). Reliability (EMA of measured expert health) biases both stages by log r; balance
 // losses at both levels; a diversity loss on the router rows inside a cluster; an optional adaptive output
 // weight a(x) = sigmoid(w.x); expert pruning masks; utilisation / reliability summaries.

@@ -1,4 +1,4 @@
-// Loss-free balancing (Wang et al. 2024, arXiv 2408.15664; ROUTING.md section 3): token-choice top-K
+// Loss-free balancing (Wang et al. 2024, arXiv 2408.15664; docs/routing.md section 3): token-choice top-K
 // whose selection adds a per-expert bias b, moved after each step against the load just seen.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Auxiliary router losses of ROUTING.md section 8. Each returns the loss without its coefficient.
+// Auxiliary router losses of docs/routing.md section 8. Each returns the loss without its coefficient.
 //
 // Legend: T tokens, E experts, K choices per token, B sequences of S positions (T = B*S).
 #pragma once

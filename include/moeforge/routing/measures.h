@@ -1,6 +1,6 @@
-// Routing measures of ROUTING.md section 9 beyond the per-batch RoutingStats: MaxVio over steps and over an
-// evaluation set, domain specialisation, the optimality gap against the exact balanced assignment, and
-// the causal-leak perturbation measure.
+// Routing measures of docs/routing.md section 9 beyond the per-batch RoutingStats: MaxVio over steps and over
+// an evaluation set, domain specialisation, the optimality gap against the exact balanced assignment, and the
+// causal-leak perturbation measure.
 //
 // Legend: B sequences, S positions, T = B*S tokens, C model width, E experts, K experts per token,
 // D domain labels.
@@ -50,7 +50,7 @@ Specialisation domain_specialisation(const torch::Tensor& counts);
 
 // The exact balanced optimum max sum s x s.t. sum_e x_te = K, sum_t x_te <= cap, x in [0, 1], solved as an
 // LP by GLPK's simplex; the constraint matrix is a bipartite transportation matrix (totally unimodular), so
-// the optimum vertex is integral (ROUTING.md section 4). scores: [T, E].
+// the optimum vertex is integral (docs/routing.md section 4). scores: [T, E].
 struct BalancedOptimum {
   torch::Tensor x;  // [T, E] float64 in {0, 1}
   double objective = 0;

@@ -48,8 +48,8 @@ class MoCERouterImpl : public Router {
   int64_t n_per_group() const { return n_per_group_; }
   int64_t n_cluster() const { return n_cluster_; }
 
-  // Offline clustering (ROUTING.md section 6): centroids [G, C] from spherical k-means on this router's own
-  // representation (the mean-pooled input of the first MoE layer), and the sequences behind each, so that
+  // Offline clustering (docs/routing.md section 6): centroids [G, C] from spherical k-means on this router's
+  // own representation (the mean-pooled input of the first MoE layer), and the sequences behind each, so that
   // an unseen sequence's nearest centroid is the cluster its training neighbours had. Rows are normalised.
   // `mean` [C], when given, is the vector the clustering space was centred on (embed() uses it from now on).
   void set_centroids(const torch::Tensor& centroids, const torch::Tensor& sizes,

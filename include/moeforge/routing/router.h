@@ -1,4 +1,4 @@
-// Stage 1 of the MoE layer (DESIGN.md "four stages"): the router contract.
+// Stage 1 of the MoE layer (docs/routing.md section 0, "four stages"): the router contract.
 //
 // Legend: T tokens (B sequences of S positions), C model width, E routed experts, K experts per token,
 // N assignments kept (varies by router; a token may have 0..E of them).
@@ -105,8 +105,8 @@ class Router : public torch::nn::Module {
   // Zeroes the utilisation counters (not the routing state: bias, dual, reliabilities stay).
   virtual void reset_counters() {}
 
-  // Pruning (ROUTING.md section 5): active [E], 1 = routable, 0 = removed from routing. A pruned expert gets
-  // no assignment; only the *selection* is masked, the scores are not, so the gates of the other experts
+  // Pruning (docs/routing.md section 5): active [E], 1 = routable, 0 = removed from routing. A pruned expert
+  // gets no assignment; only the *selection* is masked, the scores are not, so the gates of the other experts
   // are unchanged and pruning an expert that no token chose leaves the layer's output unchanged. The mask
   // is the buffer "expert_active", so a pruned checkpoint keeps it. Throws std::invalid_argument (naming
   // the layer's router) when the shape is wrong or too few experts would remain to route a token.
@@ -142,7 +142,7 @@ RoutingPlan build_plan_from_choices(const torch::Tensor& expert, const torch::Te
                                     const torch::Tensor& priority, const torch::Tensor& gate_tk,
                                     int64_t n_expert, const std::vector<int64_t>& capacity);
 
-// cap = ceil(CF * T * K / E), ROUTING.md section 1; 0 when CF = 0 (dropless).
+// cap = ceil(CF * T * K / E), docs/routing.md section 1; 0 when CF = 0 (dropless).
 int64_t expert_capacity(double capacity_factor, int64_t n_tokens, int64_t k, int64_t n_expert);
 
 }  // namespace moeforge

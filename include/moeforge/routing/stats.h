@@ -1,4 +1,4 @@
-// Routing measures of ROUTING.md section 9, computed from per-expert counts (cheap: O(E)).
+// Routing measures of docs/routing.md section 9, computed from per-expert counts (cheap: O(E)).
 #pragma once
 
 #include <cstdint>

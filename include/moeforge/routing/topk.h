@@ -1,4 +1,4 @@
-// Token-choice top-K routing (ROUTING.md section 1): Switch (K=1), GShard (K=2, random second expert),
+// Token-choice top-K routing (docs/routing.md section 1): Switch (K=1), GShard (K=2, random second expert),
 // Mixtral (softmax, renormalised), noisy top-K (Shazeer 2017), sigmoid scores (DeepSeek-V3).
 #pragma once
 

@@ -1,6 +1,7 @@
-// MoCE's offline sequence clustering before training (ROUTING.md section 6): every packed training sequence
-// gets a cluster id, and the MoCE routers get centroids in their own representation space, so that an
-// unseen sequence (evaluation, generation) goes to the nearest centroid of the clusters it was trained with.
+// MoCE's offline sequence clustering before training (docs/routing.md section 6): every packed training
+// sequence gets a cluster id, and the MoCE routers get centroids in their own representation space, so that
+// an unseen sequence (evaluation, generation) goes to the nearest centroid of the clusters it was trained
+// with.
 //
 // Legend: N sequences of S positions, C model width, G clusters, V vocabulary, D domains.
 #pragma once

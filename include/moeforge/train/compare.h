@@ -1,6 +1,6 @@
 // Side-by-side router comparison (`moeforge compare`): one model per router, trained on the same data with
 // the same seed, steps and model shape, and the same active expert compute per token; then the measures of
-// ROUTING.md section 9 for each, written as compare.json and compare.md with gnuplot PNG plots.
+// docs/routing.md section 9 for each, written as compare.json and compare.md with gnuplot PNG plots.
 #pragma once
 
 #include <nlohmann/json.hpp>

@@ -1,5 +1,5 @@
 // Evaluation of a language model on a split: loss / perplexity and the routing measures that tell routers
-// apart (ROUTING.md section 9): MaxVio_global per layer and averaged, specialisation I(domain; expert) /
+// apart (docs/routing.md section 9): MaxVio_global per layer and averaged, specialisation I(domain; expert) /
 // H(domain) per layer, from (domain label, expert) counts over the whole evaluated set.
 #pragma once
 
@@ -31,8 +31,8 @@ struct EvalResult {
   double specialization = 0;  // averaged over MoE layers
   std::vector<LayerRouting> layers;
   std::vector<std::string> domains;
-  // Expert choice trained with batch grouping (ROUTING.md section 2): the loss of the same sequences with
-  // batch routing (causal-safe grouping, or the non-causal one the model was trained with) and with
+  // Expert choice trained with batch grouping (docs/routing.md section 2): the loss of the same sequences
+  // with batch routing (causal-safe grouping, or the non-causal one the model was trained with) and with
   // threshold routing, the only one generation can use. `loss` above is the one moe.ec_eval picks.
   bool has_ec = false;
   double ec_batch_loss = 0, ec_threshold_loss = 0;

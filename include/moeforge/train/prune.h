@@ -1,6 +1,6 @@
-// Expert pruning for inference (ROUTING.md section 5): measure each expert's share of its MoE layer's load on
-// the validation set, remove the experts under a threshold from routing (the routers' expert masks), and
-// write a new checkpoint, reporting the validation perplexity before and after.
+// Expert pruning for inference (docs/routing.md section 5): measure each expert's share of its MoE layer's
+// load on the validation set, remove the experts under a threshold from routing (the routers' expert masks),
+// and write a new checkpoint, reporting the validation perplexity before and after.
 //
 // Legend: L MoE layers, E experts per layer.
 #pragma once
