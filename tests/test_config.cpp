@@ -63,5 +63,22 @@ TEST(Config, TomlFileAndOverrides) {
   }
 }
 
+// A router's own option without a MoEConfig field (docs/routing.md, "Adding a router"): bound by its row
+// into router_options, read from files and --set, written back by to_toml.
+TEST(Config, RouterOptionsBindThroughTheBinder) {
+  MoEConfig c;
+  ConfigBinder b;
+  bind_router_option(b, &c, "my_router_alpha", 0.25);
+  EXPECT_DOUBLE_EQ(c.router_option("my_router_alpha"), 0.25);
+  b.apply_override("moe.my_router_alpha=0.5");
+  EXPECT_DOUBLE_EQ(c.router_option("my_router_alpha"), 0.5);
+  EXPECT_NE(b.to_toml().find("my_router_alpha = 0.5"), std::string::npos) << b.to_toml();
+  MoEConfig again = c;  // a copy keeps the value; binding it again does not reset it
+  ConfigBinder b2;
+  bind_router_option(b2, &again, "my_router_alpha", 0.25);
+  EXPECT_DOUBLE_EQ(again.router_option("my_router_alpha"), 0.5);
+  test::expect_config_error([&] { c.router_option("unbound_key"); }, "moe.unbound_key");
+}
+
 }  // namespace
 }  // namespace moeforge

@@ -84,6 +84,18 @@ void bind_moe_config(ConfigBinder& b, MoEConfig* c) {
     if (r.bind) r.bind(b, c);
 }
 
+void bind_router_option(ConfigBinder& b, MoEConfig* c, const std::string& key, double default_value) {
+  auto it = c->router_options.emplace(key, default_value).first;  // std::map: the address stays valid
+  b.bind("moe." + key, &it->second);
+}
+
+double MoEConfig::router_option(const std::string& key) const {
+  auto it = router_options.find(key);
+  if (it == router_options.end())
+    throw ConfigError("moe." + key, "no router of this build binds this option (routing/registry.cpp)");
+  return it->second;
+}
+
 std::string to_string(ScoreFunc v) {
   return v == ScoreFunc::kSoftmax ? "softmax" : "sigmoid";
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -96,6 +97,13 @@ struct MoEConfig {
   int64_t bip_iters = 2;                // moe.bip_iters
   BipMode bip_mode = BipMode::kCausal;  // moe.bip_mode: "causal" | "solve"
 
+  // Options of routers that have no field above: a router's registry row binds its own numeric keys
+  // ("moe.<key>") into this map (`bind_router_option`), so that a new router with new options touches no
+  // file outside its own two and the registry (docs/routing.md, "Adding a router").
+  std::map<std::string, double> router_options;
+  // The value of moe.<key> from router_options; ConfigError naming "moe.<key>" when no row bound it.
+  double router_option(const std::string& key) const;
+
   // Shapes after DeepSeekMoE fine-grained splitting: m*E experts of width F/m, m*K active.
   int64_t routed_experts() const { return n_expert * expert_split; }
   int64_t routed_used() const { return n_expert_used * expert_split; }
@@ -111,6 +119,9 @@ struct MoEConfig {
 class ConfigBinder;
 // Registers every [moe] key of `cfg` under "moe.<key>": the common ones and each registered router's.
 void bind_moe_config(ConfigBinder& binder, MoEConfig* cfg);
+// For a router's registry row: binds "moe.<key>" to cfg->router_options[key], starting at `default_value`
+// when the config does not hold it yet.
+void bind_router_option(ConfigBinder& binder, MoEConfig* cfg, const std::string& key, double default_value);
 
 std::string to_string(ScoreFunc v);
 std::string to_string(OverflowOrder v);
