@@ -46,6 +46,11 @@ MixtralModel to_mixtral(const LoadedModel& lm, const std::string& format, const 
   if (any_moe) {
     if (moe.score != ScoreFunc::kSoftmax)
       throw unsupported("moe.score", "sigmoid gates sigma(z_i) / sum sigma(z_j) are not softmax gates");
+    // Since session 4 a single choice keeps g = p (Switch; docs/routing.md section 1); the format
+    // renormalises the top-K weights, which makes a K = 1 gate the constant 1.
+    if (moe.routed_used() == 1 && !opt.allow_unnormalized_gates)
+      throw unsupported("moe.n_expert_used",
+                        "K = 1 gates are the chosen probability p, which the format renormalises to 1");
     if (!moe.renormalize && !opt.allow_unnormalized_gates)
       throw unsupported("moe.renormalize",
                         "gates p_i not renormalised over the top-K (Switch style); the format renormalises");
