@@ -136,7 +136,8 @@ nlohmann::json run_train_profile(const TrainBenchOptions& opt, std::ostream& log
     const auto t3 = std::chrono::steady_clock::now();
     clip_grad_norm(t.params, cfg.train.grad_clip);
     t.optim->step(learning_rate(cfg.train, t.step));
-    t.model->after_step(ce.detach());
+    t.model->add_token_loss(ce.detach());
+    t.model->after_step();
     t.optim->zero_grad();
     ++t.step;
     const double o = ms_since(t3);
