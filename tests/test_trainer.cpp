@@ -184,5 +184,40 @@ TEST(TrainerResume, DefaultCheckpointsAtEveryEvaluation) {
     EXPECT_TRUE(fs::exists(fs::path(o.out_dir) / "checkpoints" / s / "manifest.json")) << s;
 }
 
+TEST(TrainerBadData, UnseenCharactersEmptyDocumentsHugeLinesAndNonUtf8Train) {
+  // The tiny corpus plus hostile documents (docs/reliability.md, "bad training data").
+  const auto root = fs::path(::testing::TempDir()) / "moeforge_bad_corpus";
+  fs::remove_all(root);
+  fs::copy(test::tiny_text_corpus(), root, fs::copy_options::recursive);
+  std::ofstream(root / "animals" / "empty.txt");  // an empty document
+  std::ofstream(root / "tools" / "blank.txt") << "\n\n   \n";
+  {
+    // One 1 MB line with no newline: words, then 200 kB of a two-byte character without any space (cut
+    // into training pieces mid-word, possibly mid-character).
+    std::ofstream out(root / "tools" / "huge.txt", std::ios::binary);
+    for (int i = 0; i < 100000; ++i) out << "the saw cuts ";
+    for (int i = 0; i < 100000; ++i) out << "\xc3\xa9";
+  }
+  {
+    // Invalid UTF-8: stray continuation bytes, a truncated sequence, 0xff / 0xfe, an overlong NUL, a NUL.
+    std::ofstream out(root / "animals" / "bytes.txt", std::ios::binary);
+    for (int i = 0; i < 50; ++i)
+      out << "the cat \x80\xbf sees \xff\xfe the dog \xe2\x82 . \xc0\x80 " << std::string(1, '\0') << " ";
+  }
+  std::ostringstream log;
+  auto cfg = tiny_config("bad_data", {"train.steps=4", "data.corpus=\"text:" + root.string() + "\""});
+  auto o = opts("bad_data");
+  auto s = train_model(cfg, o, log);
+  EXPECT_EQ(s.step, 4);
+  for (double l : s.step_losses) EXPECT_TRUE(std::isfinite(l));
+  // Characters the tokenizer never saw become <unk> (id 0 in SentencePiece's default layout) and decode
+  // back without error.
+  auto lm = load_model(s.checkpoint);
+  auto ids = lm.tokenizer->encode("the cat \xe7\x8c\xab \xf0\x9f\x90\x88 \xff");
+  EXPECT_FALSE(ids.empty());
+  EXPECT_NE(std::find(ids.begin(), ids.end(), 0), ids.end());
+  EXPECT_NO_THROW(lm.tokenizer->decode(ids));
+}
+
 }  // namespace
 }  // namespace moeforge
