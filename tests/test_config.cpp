@@ -80,5 +80,17 @@ TEST(Config, RouterOptionsBindThroughTheBinder) {
   test::expect_config_error([&] { c.router_option("unbound_key"); }, "moe.unbound_key");
 }
 
+// Fuzz finding (docs/reliability.md): an integer with no exact double for a float key threw
+// std::bad_optional_access out of the binder.
+TEST(Config, HugeIntegerForAFloatKeyIsANumber) {
+  MoEConfig c;
+  ConfigBinder b;
+  bind_moe_config(b, &c);
+  b.apply_text("[moe]\ncapacity_factor = 9999900000000001\n", "test.toml");
+  EXPECT_EQ(c.capacity_factor, 9999900000000001.0);
+  b.apply_override("moe.capacity_factor=9223372036854775807");
+  EXPECT_EQ(c.capacity_factor, 9223372036854775807.0);
+}
+
 }  // namespace
 }  // namespace moeforge

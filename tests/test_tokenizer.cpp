@@ -137,5 +137,22 @@ TEST(Tokenizer, CacheReusesTheModelForTheSameSplit) {
   EXPECT_EQ(n_files(), 3);
 }
 
+// Fuzz finding (docs/reliability.md): a model whose normaliser table (precompiled_charsmap) has trie offsets
+// outside the table made SentencePiece read out of bounds in encode. The shim now refuses such a model.
+TEST(Tokenizer, ModelWithAnOutOfBoundsNormaliserTableIsRefused) {
+  const std::string path =
+      std::string(MOEFORGE_SOURCE_DIR) + "/fuzz/regressions/tokenizer/normalizer-table-out-of-bounds";
+  try {
+    Tokenizer::load(path);
+    ADD_FAILURE() << "the hostile model loaded";
+  } catch (const FileError& e) {
+    EXPECT_NE(std::string(e.what()).find("precompiled_charsmap"), std::string::npos) << e.what();
+  }
+  // The real model it was mutated from still loads.
+  EXPECT_GT(
+      Tokenizer::load(std::string(MOEFORGE_SOURCE_DIR) + "/fuzz/corpus/tokenizer/tiny.model").vocab_size(),
+      0);
+}
+
 }  // namespace
 }  // namespace moeforge

@@ -1,5 +1,7 @@
 // End-to-end training on a tiny generated text corpus: the loss falls, a resumed run continues exactly,
 // the NaN guard stops or skips, and bad input (config, corpus) gives errors that name the thing.
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -168,6 +170,112 @@ TEST(Trainer, MissingCorpusAndBadConfigAreNamed) {
   EXPECT_THROW(load_run_config_text("", "x", {"moe.n_expert_used=99"}), ConfigError);
   // The embedded default is valid.
   EXPECT_NO_THROW(load_run_config(""));
+}
+
+// (step, split) of every row of a run's metrics.jsonl, in order.
+std::vector<std::pair<int64_t, std::string>> metric_rows(const std::string& out_dir) {
+  std::ifstream in(fs::path(out_dir) / "metrics.jsonl");
+  std::vector<std::pair<int64_t, std::string>> rows;
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    rows.push_back({j.at("step").get<int64_t>(), j.at("split").get<std::string>()});
+  }
+  return rows;
+}
+
+TEST(TrainerResume, SetChangesStepsAndCadenceOnlyAndMetricsHaveOneRowPerStep) {
+  std::ostringstream log;
+  auto cfg = tiny_config("resume_set", {"train.steps=6", "train.log_every=1"});
+  auto o = opts("resume_set");
+  auto first = train_model(cfg, o, log);
+  ASSERT_EQ(first.step, 6);
+  auto o2 = o;
+  o2.resume = (fs::path(o.out_dir) / "checkpoints").string();
+  // Nothing left to do at train.steps = 6: an error saying how to go on, not a silent no-op.
+  test::expect_config_error([&] { train_model(cfg, o2, log); }, "train.steps");
+  // Keys that change what the checkpoint means are refused by name.
+  o2.resume_overrides = {"model.d_model=64"};
+  test::expect_config_error([&] { train_model(cfg, o2, log); }, "model.d_model");
+  o2.resume_overrides = {"train.lr=1.0"};
+  test::expect_config_error([&] { train_model(cfg, o2, log); }, "train.lr");
+  o2.resume_overrides = {"train.steps=9", "train.log_every=1", "train.eval_every=0"};
+  auto second = train_model(cfg, o2, log);
+  EXPECT_EQ(second.step, 9);
+  EXPECT_EQ(second.step_losses.size(), 3u);
+  std::vector<std::pair<int64_t, std::string>> expect;
+  for (int64_t s = 1; s <= 6; ++s) expect.push_back({s, "train"});
+  expect.push_back({6, "validation"});
+  for (int64_t s = 7; s <= 9; ++s) expect.push_back({s, "train"});
+  expect.push_back({9, "validation"});
+  EXPECT_EQ(metric_rows(o.out_dir), expect);
+}
+
+TEST(TrainerResume, RowsPastTheCheckpointAreDroppedOnResume) {
+  std::ostringstream log;
+  // Checkpoints at 3 and 6; the run goes on to 8 and then (as if killed) is resumed from step 3.
+  auto cfg = tiny_config("resume_trunc", {"train.steps=8", "train.log_every=1", "train.checkpoint_every=3",
+                                          "train.keep_checkpoints=3"});
+  auto o = opts("resume_trunc");
+  auto straight = train_model(cfg, o, log);
+  ASSERT_TRUE(fs::exists(fs::path(o.out_dir) / "checkpoints" / "step-000003" / "manifest.json"));
+  // A torn last line, as a writer killed mid-line leaves.
+  std::ofstream(fs::path(o.out_dir) / "metrics.jsonl", std::ios::app) << "{\"step\": 9, \"spl";
+  auto o2 = o;
+  o2.resume = (fs::path(o.out_dir) / "checkpoints" / "step-000003").string();
+  auto second = train_model(cfg, o2, log);
+  EXPECT_EQ(second.step, 8);
+  std::vector<std::pair<int64_t, std::string>> expect;
+  for (int64_t s = 1; s <= 8; ++s) expect.push_back({s, "train"});
+  expect.push_back({8, "validation"});
+  EXPECT_EQ(metric_rows(o.out_dir), expect);
+  // And the resumed steps are the straight run's.
+  ASSERT_EQ(second.step_losses.size(), 5u);
+  for (size_t i = 0; i < 5; ++i) EXPECT_EQ(second.step_losses[i], straight.step_losses[i + 3]) << i;
+}
+
+TEST(TrainerResume, DefaultCheckpointsAtEveryEvaluation) {
+  std::ostringstream log;
+  auto cfg = tiny_config("ckpt_eval", {"train.steps=6", "train.eval_every=2", "train.keep_checkpoints=5"});
+  EXPECT_EQ(cfg.train.checkpoint_every, -1);
+  auto o = opts("ckpt_eval");
+  train_model(cfg, o, log);
+  for (const char* s : {"step-000002", "step-000004", "step-000006"})
+    EXPECT_TRUE(fs::exists(fs::path(o.out_dir) / "checkpoints" / s / "manifest.json")) << s;
+}
+
+TEST(TrainerBadData, UnseenCharactersEmptyDocumentsHugeLinesAndNonUtf8Train) {
+  // The tiny corpus plus hostile documents (docs/reliability.md, "bad training data").
+  const auto root = fs::path(::testing::TempDir()) / "moeforge_bad_corpus";
+  fs::remove_all(root);
+  fs::copy(test::tiny_text_corpus(), root, fs::copy_options::recursive);
+  std::ofstream(root / "animals" / "empty.txt");  // an empty document
+  std::ofstream(root / "tools" / "blank.txt") << "\n\n   \n";
+  {
+    // One 1 MB line with no newline: words, then 200 kB of a two-byte character without any space (cut
+    // into training pieces mid-word, possibly mid-character).
+    std::ofstream out(root / "tools" / "huge.txt", std::ios::binary);
+    for (int i = 0; i < 100000; ++i) out << "the saw cuts ";
+    for (int i = 0; i < 100000; ++i) out << "\xc3\xa9";
+  }
+  {
+    // Invalid UTF-8: stray continuation bytes, a truncated sequence, 0xff / 0xfe, an overlong NUL, a NUL.
+    std::ofstream out(root / "animals" / "bytes.txt", std::ios::binary);
+    for (int i = 0; i < 50; ++i)
+      out << "the cat \x80\xbf sees \xff\xfe the dog \xe2\x82 . \xc0\x80 " << std::string(1, '\0') << " ";
+  }
+  std::ostringstream log;
+  auto cfg = tiny_config("bad_data", {"train.steps=4", "data.corpus=\"text:" + root.string() + "\""});
+  auto o = opts("bad_data");
+  auto s = train_model(cfg, o, log);
+  EXPECT_EQ(s.step, 4);
+  for (double l : s.step_losses) EXPECT_TRUE(std::isfinite(l));
+  // Characters the tokenizer never saw become <unk> (id 0 in SentencePiece's default layout) and decode
+  // back without error.
+  auto lm = load_model(s.checkpoint);
+  auto ids = lm.tokenizer->encode("the cat \xe7\x8c\xab \xf0\x9f\x90\x88 \xff");
+  EXPECT_FALSE(ids.empty());
+  EXPECT_NE(std::find(ids.begin(), ids.end(), 0), ids.end());
+  EXPECT_NO_THROW(lm.tokenizer->decode(ids));
 }
 
 }  // namespace

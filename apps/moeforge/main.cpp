@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -22,6 +23,7 @@
 #include "moeforge/train/upcycle.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
+#include "moeforge/util/interrupt.h"
 #include "moeforge/util/runtime.h"
 
 namespace fs = std::filesystem;
@@ -259,7 +261,14 @@ int main(int argc, char** argv) {
     init_threads(threads);
     if (train->parsed()) {
       RunConfig cfg;
-      if (!init_from.empty() && config_path.empty()) {
+      if (!resume.empty()) {
+        // The checkpoint's config is the run's; --set may change only how long and how often
+        // (train_model checks the keys).
+        if (!config_path.empty())
+          throw ConfigError("--config",
+                            "cannot be combined with --resume: the run continues the checkpoint's "
+                            "configuration (change train.steps or the cadences with --set)");
+      } else if (!init_from.empty() && config_path.empty()) {
         const auto ckpt = load_checkpoint(init_from);
         cfg = load_run_config_text(ckpt.config_toml, init_from + "/config.toml", overrides);
       } else {
@@ -269,9 +278,20 @@ int main(int argc, char** argv) {
       TrainOptions opt;
       opt.out_dir = out_dir;
       opt.resume = resume;
+      if (!resume.empty()) opt.resume_overrides = overrides;
       opt.stop_after = stop_after;
       opt.init_from = init_from;
+      // SIGINT / SIGTERM: finish the step, checkpoint it, exit 128 + signal (docs/reliability.md).
+      install_stop_handlers();
+      opt.stop_on_signal = true;
       auto summary = train_model(cfg, opt, std::cout);
+      if (summary.interrupted_by) {
+        std::cerr << "moeforge: interrupted by " << (summary.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM")
+                  << " after step " << summary.step << "; checkpoint " << summary.checkpoint
+                  << "\nmoeforge: resume with: " << argv[0] << " train --resume "
+                  << (fs::path(out_dir) / "checkpoints").string() << " --out " << out_dir << "\n";
+        return 128 + summary.interrupted_by;
+      }
       if (!no_report) {
         auto lm = load_model(summary.checkpoint);
         const std::string tok = lm.tokenizer->serialized();

@@ -46,8 +46,15 @@ void ConfigBinder::bind(const std::string& key, double* field) {
     return s;
   };
   setters_[key] = [key, field](const toml::node& n, const std::string& where) {
-    if (n.is_floating_point() || n.is_integer()) {
-      *field = n.value<double>().value();
+    // An integer beyond 2^53 has no exact double, and toml++'s value<double>() is then empty: convert it
+    // ourselves (to the nearest double) rather than throw bad_optional_access (a fuzz finding,
+    // docs/reliability.md).
+    if (n.is_integer()) {
+      *field = static_cast<double>(n.as_integer()->get());
+      return;
+    }
+    if (n.is_floating_point()) {
+      *field = n.as_floating_point()->get();
       return;
     }
     throw ConfigError(key, "expected a number, got " + type_name(n) + " (" + located(where, n) + ")");

@@ -43,7 +43,8 @@ void TrainConfig::validate() const {
   require(eval_every >= 0, "train.eval_every", "must be >= 0");
   require(eval_batches >= 0, "train.eval_batches", "must be >= 0");
   require(log_every >= 1, "train.log_every", "must be >= 1");
-  require(checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0");
+  require(checkpoint_every >= -1, "train.checkpoint_every",
+          "must be >= -1 (-1 = at every evaluation, 0 = only at the end)");
   require(keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1");
   require(nan_policy == "stop" || nan_policy == "skip", "train.nan_policy",
           "must be \"stop\" or \"skip\", got \"" + nan_policy + "\"");

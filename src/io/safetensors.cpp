@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <sstream>
+#include <tuple>
 
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
@@ -44,8 +46,36 @@ SafeTensors read_safetensors(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw FileError(path, "cannot open safetensors file");
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) throw FileError(path, "read error");
   return parse_safetensors(bytes, path);
 }
+
+namespace {
+
+// A JSON value as a non-negative integer that fits int64_t, or a FileError naming `what`.
+int64_t json_size(const nlohmann::json& v, const std::string& path, const std::string& what) {
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u > uint64_t(std::numeric_limits<int64_t>::max()))
+      throw FileError(path, what + " " + std::to_string(u) + " is too large");
+    return int64_t(u);
+  }
+  if (v.is_number_integer()) {
+    const int64_t s = v.get<int64_t>();
+    if (s < 0) throw FileError(path, what + " " + std::to_string(s) + " is negative");
+    return s;
+  }
+  throw FileError(path, what + " is not an integer: " + v.dump());
+}
+
+struct Entry {
+  std::string name;
+  torch::ScalarType dtype;
+  std::vector<int64_t> shape;
+  int64_t begin = 0, end = 0;
+};
+
+}  // namespace
 
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& path) {
   const int64_t file_size = static_cast<int64_t>(bytes.size());
@@ -55,6 +85,9 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& path)
   if (header_len > uint64_t(file_size - 8))
     throw FileError(path, "header length " + std::to_string(header_len) + " runs past the end of the file (" +
                               std::to_string(file_size) + " bytes): truncated or not safetensors");
+  if (header_len > kMaxSafetensorsHeader)
+    throw FileError(path, "header length " + std::to_string(header_len) + " exceeds the limit of " +
+                              std::to_string(kMaxSafetensorsHeader) + " bytes");
   const std::string header = bytes.substr(8, header_len);
   nlohmann::json j;
   try {
@@ -66,10 +99,14 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& path)
   const int64_t data_size = file_size - 8 - int64_t(header_len);
   const char* data = bytes.data() + 8 + header_len;
 
+  // Every entry is checked (dtype, shape, byte count against data_offsets, offsets inside the data) before
+  // anything is allocated, so a hostile header costs no more memory than the file itself
+  // (docs/reliability.md).
   SafeTensors out;
-  std::vector<std::pair<int64_t, int64_t>> ranges;
+  std::vector<Entry> entries;
   for (auto& [name, entry] : j.items()) {
     if (name == "__metadata__") {
+      if (!entry.is_object()) throw FileError(path, "__metadata__ is not a JSON object");
       for (auto& [k, v] : entry.items()) out.metadata[k] = v.is_string() ? v.get<std::string>() : v.dump();
       continue;
     }
@@ -77,41 +114,75 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& path)
     if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||
         !entry.contains("data_offsets"))
       throw FileError(path, where + ": entry needs dtype, shape and data_offsets");
+    if (!entry["dtype"].is_string()) throw FileError(path, where + ": dtype is not a string");
     const std::string dt = entry["dtype"].get<std::string>();
     auto it =
         std::find_if(dtype_names().begin(), dtype_names().end(), [&](auto& d) { return d.first == dt; });
     if (it == dtype_names().end()) throw FileError(path, where + ": unsupported dtype " + dt);
-    std::vector<int64_t> shape = entry["shape"].get<std::vector<int64_t>>();
+    Entry e;
+    e.name = name;
+    e.dtype = it->second;
+    if (!entry["shape"].is_array()) throw FileError(path, where + ": shape is not an array");
+    if (entry["shape"].size() > kMaxSafetensorsDims)
+      throw FileError(path, where + ": " + std::to_string(entry["shape"].size()) + " dimensions (at most " +
+                                std::to_string(kMaxSafetensorsDims) + ")");
+    // numel and the byte count: each product is checked against INT64_MAX before it is formed.
+    const int64_t elem = int64_t(c10::elementSize(e.dtype));
     int64_t numel = 1;
-    for (auto s : shape) {
-      if (s < 0) throw FileError(path, where + ": negative dimension");
+    bool zero = false;
+    for (auto& d : entry["shape"]) {
+      const int64_t s = json_size(d, path, where + ": dimension");
+      e.shape.push_back(s);
+      if (s == 0) zero = true;
+    }
+    for (int64_t s : e.shape) {
+      if (zero) break;
+      if (numel > std::numeric_limits<int64_t>::max() / elem / s)
+        throw FileError(path, where + ": shape " + entry["shape"].dump() + " of " + dt +
+                                  " overflows a 64-bit byte count");
       numel *= s;
     }
-    auto offs = entry["data_offsets"].get<std::vector<int64_t>>();
-    if (offs.size() != 2 || offs[0] < 0 || offs[1] < offs[0] || offs[1] > data_size)
-      throw FileError(path, where + ": data_offsets [" +
-                                (offs.size() == 2 ? std::to_string(offs[0]) + ", " + std::to_string(offs[1])
-                                                  : std::string("?")) +
-                                "] lie outside the " + std::to_string(data_size) +
+    if (zero) numel = 0;
+    const int64_t nbytes = numel * elem;
+    const auto& offs = entry["data_offsets"];
+    if (!offs.is_array() || offs.size() != 2)
+      throw FileError(path, where + ": data_offsets is not a pair [begin, end]: " + offs.dump());
+    e.begin = json_size(offs[0], path, where + ": data_offsets begin");
+    e.end = json_size(offs[1], path, where + ": data_offsets end");
+    if (e.end < e.begin || e.end > data_size)
+      throw FileError(path, where + ": data_offsets [" + std::to_string(e.begin) + ", " +
+                                std::to_string(e.end) + "] lie outside the " + std::to_string(data_size) +
                                 " data bytes (truncated file?)");
-    auto t = torch::empty(shape, torch::TensorOptions().dtype(it->second));
-    const int64_t nbytes = numel * int64_t(t.element_size());
-    if (offs[1] - offs[0] != nbytes)
-      throw FileError(path, where + ": " + std::to_string(offs[1] - offs[0]) + " bytes for a " + dt +
-                                " tensor of " + std::to_string(numel) + " elements (" +
-                                std::to_string(nbytes) + " expected)");
-    if (nbytes > 0) std::memcpy(t.data_ptr(), data + offs[0], size_t(nbytes));
-    ranges.push_back({offs[0], offs[1]});
-    out.tensors.push_back({name, t});
+    if (e.end - e.begin != nbytes)
+      throw FileError(path, where + ": " + std::to_string(e.end - e.begin) + " bytes for a " + dt +
+                                " tensor of shape " + entry["shape"].dump() + " (" + std::to_string(numel) +
+                                " elements, " + std::to_string(nbytes) + " bytes expected)");
+    entries.push_back(std::move(e));
   }
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i)
-    if (ranges[i].first < ranges[i - 1].second) throw FileError(path, "tensor data ranges overlap");
-  // Keep file order (by offset) for a stable listing.
-  std::sort(out.tensors.begin(), out.tensors.end(), [&](auto& a, auto& b) {
-    return j[a.first]["data_offsets"][0].template get<int64_t>() <
-           j[b.first]["data_offsets"][0].template get<int64_t>();
+  // The spec: the data buffer is indexed entirely, without holes or overlaps.
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return std::tie(a.begin, a.end) < std::tie(b.begin, b.end);
   });
+  int64_t covered = 0;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (entries[i].begin < covered)
+      throw FileError(path, "tensor data ranges overlap: tensor '" + entries[i].name + "' starts at byte " +
+                                std::to_string(entries[i].begin) + ", inside tensor '" + entries[i - 1].name +
+                                "' (ends at " + std::to_string(covered) + ")");
+    if (entries[i].begin > covered)
+      throw FileError(path, "tensor data has a hole: bytes [" + std::to_string(covered) + ", " +
+                                std::to_string(entries[i].begin) + ") before tensor '" + entries[i].name +
+                                "' belong to no tensor");
+    covered = entries[i].end;
+  }
+  if (covered != data_size)
+    throw FileError(path, std::to_string(data_size - covered) + " trailing data bytes belong to no tensor");
+  // Only now, with every size known to fit inside the file, the tensors are allocated (in file order).
+  for (auto& e : entries) {
+    auto t = torch::empty(e.shape, torch::TensorOptions().dtype(e.dtype));
+    if (e.end > e.begin) std::memcpy(t.data_ptr(), data + e.begin, size_t(e.end - e.begin));
+    out.tensors.push_back({e.name, t});
+  }
   return out;
 }
 

@@ -12,6 +12,7 @@
 #include "moeforge/train/optim.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
+#include "moeforge/util/interrupt.h"
 #include "moeforge/util/progress.h"
 #include "moeforge/util/runtime.h"
 
@@ -60,6 +61,79 @@ uint64_t token_digest(const torch::Tensor& tokens) {
     h *= 1099511628211ull;
   }
   return h;
+}
+
+// --set keys a resumed run may change (docs/reliability.md): how long it runs and how often it logs,
+// evaluates and checkpoints; everything else would make the checkpoint's state mean something else.
+const std::vector<std::string>& resumable_keys() {
+  static const std::vector<std::string> k = {
+      "train.steps",     "train.eval_every",       "train.eval_batches",
+      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"};
+  return k;
+}
+
+// The checkpoint's configuration with the safe `overrides` applied; any other key is a ConfigError naming
+// it, and a config the checkpoint's writer wrote that this build cannot read names that writer.
+RunConfig resume_config(const Checkpoint& ckpt, const std::string& dir,
+                        const std::vector<std::string>& overrides) {
+  const std::string where = dir + "/config.toml";
+  for (auto& o : overrides) {
+    const std::string key = o.substr(0, o.find('='));
+    const auto& ok = resumable_keys();
+    if (std::find(ok.begin(), ok.end(), key) == ok.end()) {
+      std::string list;
+      for (auto& k : ok) list += (list.empty() ? "" : ", ") + k;
+      throw ConfigError(key, "cannot be changed when resuming (--set " + o + "); a resumed run may change " +
+                                 list + ". Start a new run, or --init from the checkpoint");
+    }
+  }
+  RunConfig cfg;
+  try {
+    cfg = load_run_config_text(ckpt.config_toml, where);
+  } catch (const ConfigError& e) {
+    throw FileError(where, "written by " + ckpt.writer + ", not readable by moeforge " + moeforge_version() +
+                               ": " + e.what());
+  }
+  cfg = load_run_config_text(ckpt.config_toml, where, overrides);
+  if (cfg.train.steps <= ckpt.step)
+    throw ConfigError("train.steps", std::to_string(cfg.train.steps) + " steps: the checkpoint " + dir +
+                                         " is at step " + std::to_string(ckpt.step) +
+                                         " already; pass --set train.steps=N with N > " +
+                                         std::to_string(ckpt.step) + " to train further");
+  return cfg;
+}
+
+// A non-negative integer counter from the checkpoint's trainer metadata, or a FileError naming it.
+int64_t trainer_counter(const Checkpoint& ckpt, const std::string& dir, const std::string& key) {
+  const std::string where = dir + "/trainer.safetensors";
+  auto it = ckpt.trainer_meta.find(key);
+  if (it == ckpt.trainer_meta.end()) throw FileError(where, "metadata has no '" + key + "'");
+  const std::string& v = it->second;
+  if (v.empty() || v.size() > 18 || v.find_first_not_of("0123456789") != std::string::npos)
+    throw FileError(where, "metadata '" + key + "' = '" + v + "' is not a non-negative integer");
+  return std::stoll(v);
+}
+
+// After a resume from step `step`, metrics.jsonl keeps only the rows written up to that step (the run
+// that wrote the checkpoint may have gone on before it ended), so that every step and split has one row.
+// A torn last line (the writer killed mid-line) is dropped too.
+void truncate_metrics(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception&) {
+      continue;
+    }
+    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
+        j["step"].get<int64_t>() <= step)
+      kept += line + "\n";
+  }
+  in.close();
+  write_file_atomic(path, kept);
 }
 
 std::string fmt(double v, int precision = 4) {
@@ -130,8 +204,9 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   if (!opt.resume.empty()) {
     resume_dir = resolve_checkpoint_dir(opt.resume);
     resume = load_checkpoint(resume_dir);
-    // A resumed run continues the checkpoint's own configuration exactly.
-    cfg = load_run_config_text(resume->config_toml, resume_dir + "/config.toml");
+    // A resumed run continues the checkpoint's own configuration exactly, but for the --set keys that
+    // only say how long and how often (resumable_keys()).
+    cfg = resume_config(*resume, resume_dir, opt.resume_overrides);
   }
   std::optional<Checkpoint> init;
   if (!opt.init_from.empty()) {
@@ -205,14 +280,22 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   // Built once the training sequences have their clusters (the batches carry them).
   Batcher batcher(data.train, tc.batch_size, uint64_t(tc.seed), /*shuffle=*/true);
   if (resume)
-    batcher.restore(std::stoll(resume->trainer_meta.at("batcher_epoch")),
-                    std::stoll(resume->trainer_meta.at("batcher_position")));
+    batcher.restore(trainer_counter(*resume, resume_dir, "batcher_epoch"),
+                    trainer_counter(*resume, resume_dir, "batcher_position"));
 
   fs::create_directories(opt.out_dir);
   const fs::path ckpt_root = fs::path(opt.out_dir) / "checkpoints";
   const std::string metrics_path = (fs::path(opt.out_dir) / "metrics.jsonl").string();
+  TrainSummary summary;
+  if (resume) truncate_metrics(metrics_path, step);
   std::ofstream metrics(metrics_path, resume ? std::ios::app : std::ios::trunc);
   if (!metrics) throw FileError(metrics_path, "cannot open for writing");
+  auto check_metrics = [&] {
+    if (!metrics.flush())
+      throw FileError(metrics_path,
+                      "write failed (disk full or file size limit?); the last checkpoint is " +
+                          (summary.checkpoint.empty() ? std::string("none") : summary.checkpoint));
+  };
   auto counts = count_model(*model);
   log << "model: " << counts.total_params << " parameters, " << counts.active_params << " active per token, "
       << fmt(counts.flops_per_token / 1e6, 2) << " MFLOP/token; router " << cfg.moe.router << ", "
@@ -262,11 +345,10 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
               fmt(summary.validation->ec_gap()) + ")";
     if (!summary.validation->cluster_domain.empty())
       line += "; cluster purity " + fmt(summary.validation->cluster_purity, 3);
-    metrics.flush();
+    check_metrics();
     return line;
   };
 
-  TrainSummary summary;
   const int64_t last = opt.stop_after > 0 ? std::min(opt.stop_after, tc.steps) : tc.steps;
   const int64_t S = cfg.data.seq_len;
   ProgressBar bar(opt.progress_label, tc.steps, log, opt.progress);
@@ -343,21 +425,31 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       j["max_vio_batch_layers"] = max_vio;
       j["load"] = loads;
       metrics << j.dump() << "\n";
-      metrics.flush();
+      check_metrics();
     }
     bar.update(step, "loss " + fmt(loss_sum, 3) + " | " + fmt(tok_s / 1000.0, 1) + "k tok/s");
     if (tc.eval_every > 0 && step % tc.eval_every == 0 && step != last)
       eval_lines.push_back(run_eval(step, summary));
-    if (tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 && step != last)
-      summary.checkpoint = save(step);
+    // train.checkpoint_every: N steps, or (-1, the default) at every evaluation, so that an interrupted
+    // run loses at most one evaluation interval (docs/reliability.md).
+    const int64_t ckpt_every = tc.checkpoint_every < 0 ? tc.eval_every : tc.checkpoint_every;
+    if (ckpt_every > 0 && step % ckpt_every == 0 && step != last) summary.checkpoint = save(step);
+    // SIGINT / SIGTERM (moeforge train): the step is done; checkpoint it and stop.
+    if (opt.stop_on_signal && stop_signal() != 0 && step != last) {
+      summary.interrupted_by = stop_signal();
+      if (summary.checkpoint.empty() || fs::path(summary.checkpoint).filename() != step_name(step))
+        summary.checkpoint = save(step);
+      break;
+    }
   }
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   summary.tokens_per_s = double(tokens_done) / std::max(summary.seconds, 1e-9);
   bar.finish(summary.step_losses.empty() ? "" : "loss " + fmt(summary.step_losses.back(), 3));
   for (auto& l : eval_lines) log << l << "\n";
+  summary.step = step;
+  if (summary.interrupted_by) return summary;
   if (step == tc.steps || tc.eval_every > 0) log << run_eval(step, summary) << "\n";
   summary.checkpoint = save(step);
-  summary.step = step;
   log << "checkpoint: " << summary.checkpoint << "\n";
   return summary;
 }

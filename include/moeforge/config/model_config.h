@@ -37,7 +37,8 @@ struct TrainConfig {
   int64_t eval_every = 100;          // train.eval_every: steps between evaluations (0 = only at the end)
   int64_t eval_batches = 8;          // train.eval_batches: batches per evaluation split (0 = the whole split)
   int64_t log_every = 10;            // train.log_every: steps between train metric lines
-  int64_t checkpoint_every = 0;     // train.checkpoint_every: steps between checkpoints (0 = only at the end)
+  int64_t checkpoint_every = -1;    // train.checkpoint_every: steps between checkpoints (0 = only at the end,
+                                    // -1 = at every evaluation, train.eval_every; docs/reliability.md)
   int64_t keep_checkpoints = 2;     // train.keep_checkpoints: how many step checkpoints to keep
   int64_t seed = 1;                 // train.seed
   std::string nan_policy = "stop";  // train.nan_policy: "stop" or "skip" a step with a non-finite loss

@@ -20,8 +20,15 @@ struct SafeTensors {
   bool contains(const std::string& name) const;
 };
 
-// Reads and validates a whole file (header JSON, dtypes, offsets inside the file, no overlaps). Throws
-// FileError naming the path and the offending entry.
+// Limits for hostile files (docs/reliability.md): the JSON header is at most 100 MB (the limit of the
+// reference implementation), a tensor has at most 64 dimensions.
+constexpr uint64_t kMaxSafetensorsHeader = 100'000'000;
+constexpr size_t kMaxSafetensorsDims = 64;
+
+// Reads and validates a whole file: header length bounded and inside the file, header JSON, dtypes, every
+// shape's element and byte count computed with overflow checks and equal to its data_offsets, offsets
+// inside the data, the data covered without overlaps or holes (as the spec requires). Nothing is
+// allocated before every entry passed. Throws FileError naming the path and the offending tensor.
 SafeTensors read_safetensors(const std::string& path);
 
 // The bytes of a safetensors file, and their parse (`where` names the source in errors).

@@ -22,6 +22,12 @@ struct TrainOptions {
   std::string init_from;   // start from this checkpoint's weights and tokenizer (fresh optimiser,
                            // step 0): fine-tuning an upcycled checkpoint
   int64_t stop_after = 0;  // stop (with a checkpoint) once this many steps are done; 0 = train.steps
+  // With `resume`: --set overrides of the checkpoint's config; only the keys that say how long and how often
+  // (train.steps, eval/log/checkpoint cadence) are allowed, others are a ConfigError naming the key.
+  std::vector<std::string> resume_overrides;
+  // Poll stop_signal() (util/interrupt.h) after every step: on SIGINT / SIGTERM, checkpoint that step and
+  // return with TrainSummary::interrupted_by set.
+  bool stop_on_signal = false;
   bool progress = true;
   std::string progress_label = "train";  // the progress bar's label (compare names the router there)
 };
@@ -37,6 +43,7 @@ struct TrainSummary {
   int64_t skipped_steps = 0;  // non-finite steps skipped (train.nan_policy = "skip")
   std::optional<EvalResult> validation, heldout;
   std::string checkpoint;  // the checkpoint written last
+  int interrupted_by = 0;  // the signal that stopped the run (stop_on_signal), else 0
   double tokens_per_s = 0;
   double seconds = 0;
 };

@@ -78,6 +78,121 @@ const sentencepiece::SentencePieceProcessor* sp(const void* model) {
   return static_cast<const sentencepiece::SentencePieceProcessor*>(model);
 }
 
+// --- Checking a model's normaliser tables before SentencePiece uses them (docs/reliability.md) ---
+// SentencePiece trusts the precompiled_charsmap of a model: a double-array trie and the strings its
+// leaves point into. A hostile table makes Normalizer::NormalizePrefix read out of bounds (a fuzz finding).
+// The shim therefore reads the table from the serialized ModelProto (protobuf wire format:
+// ModelProto.normalizer_spec = 3 and denormalizer_spec = 5, NormalizerSpec.precompiled_charsmap = 2; the
+// last occurrence wins, as protobuf merges) and walks every trie node the normaliser can reach.
+
+bool read_varint(const std::string& b, size_t& pos, uint64_t& v) {
+  v = 0;
+  for (int shift = 0; shift < 64; shift += 7) {
+    if (pos >= b.size()) return false;
+    const uint8_t c = static_cast<uint8_t>(b[pos++]);
+    v |= uint64_t(c & 0x7f) << shift;
+    if (!(c & 0x80)) return true;
+  }
+  return false;
+}
+
+// Calls on_field(number, bytes) for every length-delimited field of a message; false if malformed.
+template <class F>
+bool for_each_bytes_field(const std::string& b, F on_field) {
+  size_t pos = 0;
+  while (pos < b.size()) {
+    uint64_t tag = 0, v = 0;
+    if (!read_varint(b, pos, tag)) return false;
+    switch (tag & 7) {
+      case 0:
+        if (!read_varint(b, pos, v)) return false;
+        break;
+      case 1:
+        if (b.size() - pos < 8) return false;
+        pos += 8;
+        break;
+      case 2:
+        if (!read_varint(b, pos, v) || v > b.size() - pos) return false;
+        on_field(tag >> 3, b.substr(pos, size_t(v)));
+        pos += size_t(v);
+        break;
+      case 5:
+        if (b.size() - pos < 4) return false;
+        pos += 4;
+        break;
+      default:
+        return false;  // groups (3, 4) are not used by ModelProto
+    }
+  }
+  return true;
+}
+
+// Empty if the precompiled_charsmap `blob` is safe for SentencePiece's normaliser, else what is wrong.
+std::string check_charsmap(const std::string& blob) {
+  if (blob.empty()) return "";
+  if (blob.size() < 4) return "table shorter than its 4-byte header";
+  uint32_t trie_bytes = 0;
+  std::memcpy(&trie_bytes, blob.data(), 4);  // little-endian, as SentencePiece reads it on x86
+  if (trie_bytes >= blob.size() - 4 + 1 || trie_bytes % 4 != 0) return "trie size outside the table";
+  const size_t n = trie_bytes / 4;
+  if (n == 0) return "empty trie";
+  std::vector<uint32_t> units(n);
+  std::memcpy(units.data(), blob.data() + 4, trie_bytes);
+  const char* normalized = blob.data() + 4 + trie_bytes;
+  const size_t normalized_size = blob.size() - 4 - trie_bytes;
+  auto offset = [](uint32_t u) { return (u >> 10) << ((u & (1u << 9)) >> 6); };
+  auto has_leaf = [](uint32_t u) { return ((u >> 8) & 1) == 1; };
+  auto label = [](uint32_t u) { return u & ((1u << 31) | 0xff); };
+  std::vector<char> seen(n, 0);
+  std::vector<uint32_t> todo = {0};
+  seen[0] = 1;
+  while (!todo.empty()) {
+    const uint32_t p = todo.back();
+    todo.pop_back();
+    const uint32_t base = p ^ offset(units[p]);
+    if (has_leaf(units[p]) && p != 0) {
+      if (base >= n) return "a leaf points outside the trie";
+      const uint32_t value = units[base] & ((1u << 31) - 1);
+      if (value >= normalized_size ||
+          std::memchr(normalized + value, '\0', normalized_size - value) == nullptr)
+        return "a leaf points outside the normalised strings";
+    }
+    for (uint32_t c = 0; c < 256; ++c) {
+      const uint32_t q = base ^ c;
+      if (q >= n) return "a trie transition points outside the trie";
+      if (label(units[q]) == c && !seen[q]) {
+        seen[q] = 1;
+        todo.push_back(q);
+      }
+    }
+  }
+  return "";
+}
+
+// Empty if `proto`'s normaliser tables are safe, else what is wrong.
+std::string check_model_tables(const std::string& proto) {
+  std::string spec[6];
+  bool present[6] = {false, false, false, false, false, false};
+  if (!for_each_bytes_field(proto, [&](uint64_t field, const std::string& bytes) {
+        if (field == 3 || field == 5) {
+          present[field] = true;
+          spec[field] += bytes;  // protobuf merges repeated occurrences of a message field
+        }
+      }))
+    return "malformed model proto";
+  for (int f : {3, 5}) {
+    if (!present[f]) continue;
+    std::string charsmap;
+    bool ok = for_each_bytes_field(spec[f], [&](uint64_t field, const std::string& bytes) {
+      if (field == 2) charsmap = bytes;  // the last one wins
+    });
+    if (!ok) return "malformed normalizer spec";
+    const std::string why = check_charsmap(charsmap);
+    if (!why.empty())
+      return std::string(f == 3 ? "normalizer" : "denormalizer") + " table (precompiled_charsmap): " + why;
+  }
+  return "";
+}
 }  // namespace
 
 extern "C" {
@@ -111,8 +226,11 @@ int moeforge_spm_train(const char* const* texts, const size_t* lengths, size_t n
 
 int moeforge_spm_load(const char* proto, size_t proto_len, void** model, char** error) {
   try {
+    const std::string bytes(proto, proto_len);
+    const std::string unsafe = check_model_tables(bytes);
+    if (!unsafe.empty()) return fail(error, "unsafe model: " + unsafe);
     auto* p = new sentencepiece::SentencePieceProcessor();
-    const auto status = p->LoadFromSerializedProto(std::string(proto, proto_len));
+    const auto status = p->LoadFromSerializedProto(bytes);
     if (!status.ok() || p->GetPieceSize() <= 0) {
       delete p;
       return fail(error, status.ok() ? std::string("the model has no pieces") : status.ToString());
