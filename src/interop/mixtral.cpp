@@ -10,13 +10,6 @@ torch::Tensor f32(const torch::Tensor& t) {
   return t.detach().to(torch::kCPU, torch::kFloat).contiguous();
 }
 
-// A buffer of the router by name, or undefined.
-torch::Tensor router_buffer(const Router& r, const std::string& name) {
-  for (const auto& b : r.named_buffers(/*recurse=*/false))
-    if (b.key() == name) return b.value();
-  return {};
-}
-
 // [rows, cols] weight zero-padded to `rows` rows (dim 0) or `cols` columns (dim 1) of a stacked [E, ., .].
 torch::Tensor pad_dim(const torch::Tensor& w, int64_t dim, int64_t size) {
   if (w.size(dim) == size) return w;
