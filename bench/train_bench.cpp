@@ -8,10 +8,10 @@
 #include <map>
 #include <memory>
 
+#include "moeforge/config/run_config.h"
 #include "moeforge/data/batching.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/optim.h"
-#include "moeforge/config/run_config.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/progress.h"
 #include "moeforge/util/runtime.h"

@@ -15,8 +15,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "moeforge/model/checkpoint.h"
 #include "moeforge/config/run_config.h"
+#include "moeforge/model/checkpoint.h"
 
 namespace fs = std::filesystem;
 

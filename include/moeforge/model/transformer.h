@@ -9,9 +9,9 @@
 
 #include <vector>
 
+#include "moeforge/config/model_config.h"
 #include "moeforge/config/moe_config.h"
 #include "moeforge/layer/moe_layer.h"
-#include "moeforge/config/model_config.h"
 
 namespace moeforge {
 

@@ -8,11 +8,11 @@
 #include <string>
 #include <vector>
 
+#include "moeforge/config/run_config.h"
 #include "moeforge/data/batching.h"
 #include "moeforge/data/data.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/evaluate.h"
-#include "moeforge/config/run_config.h"
 
 namespace moeforge {
 
