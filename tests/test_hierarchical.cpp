@@ -211,6 +211,37 @@ TEST(Hierarchical, NonFiniteExpertLosesTraffic) {
   EXPECT_GE(finite, 16) << "outputs must be finite on most steps once the expert is avoided";
 }
 
+// In a model a NaN row spreads through attention to the later positions of its sequence, so the token
+// losses of every expert's tokens go NaN with it. The faulty expert's own non-finite rows must still single
+// it out: before the direct signal outranked the loss signal, every expert that served a token got h = 0
+// and all reliabilities fell alike (0.9^10 = 0.35 each), leaving the faulty expert as likely as any.
+TEST(Hierarchical, NaNExpertIsSingledOutWhenItsNaNsReachEveryTokenLoss) {
+  torch::manual_seed(5);
+  MoELayer layer(hier_config(), 16);
+  auto x = torch::randn({256, 16});
+  layer->set_fault(5, std::nan(""));
+  layer->train();
+  std::vector<int64_t> served(8, 0);
+  for (int s = 0; s < 10; ++s) {
+    torch::NoGradGuard ng;
+    auto out = layer->forward(x);
+    for (int64_t e = 0; e < 8; ++e) served[e] += out.plan.stats.load[e];
+    // The first quarter of the positions before the fault's first NaN, finite; every later one NaN.
+    auto loss = torch::full({256}, std::nan(""));
+    loss.narrow(0, 0, 64).fill_(1.0);
+    layer->add_token_loss(loss);
+    layer->after_step();
+  }
+  auto r = as_hier(layer);
+  ASSERT_GT(served[5], 0);
+  EXPECT_LT(r->expert_reliability[5].item<double>(), 0.5);
+  for (int64_t e = 0; e < 8; ++e) {
+    if (e != 5 && served[e] > 0) {
+      EXPECT_GT(r->expert_reliability[e].item<double>(), 0.99) << "expert " << e;
+    }
+  }
+}
+
 TEST(Hierarchical, DiversityLossGradientMatchesFiniteDifferences) {
   torch::manual_seed(6);
   HierarchicalRouter router(hier_config(), 5);

@@ -146,7 +146,8 @@ RoutingPlan HierarchicalRouterImpl::route(const torch::Tensor& x, const RouteCon
 //   h = share of its output rows that are finite;
 //   h = 0 if its output RMS exceeds reliability_explode x the median RMS of the healthy active experts;
 //   h *= min(1, 1.5 * L_mean / L_e) when per-token losses are given: L_e = mean loss of the tokens it served,
-//        L_mean = the mean over the step's tokens.
+//        L_mean = the mean over the step's tokens; skipped in a step where some expert shows one of the two
+//        direct signals above (its faults spread to every expert's token losses).
 // r <- decay * r + (1 - decay) * h, clamped to [1e-4, 1]. A cluster's h is the load-weighted mean of its
 // experts' h. An expert that served no token has no signal: its r moves toward the prior 1 instead,
 // r <- rec * r + (1 - rec) with rec = moe.reliability_recovery, so that an expert starved by a low r gets
@@ -167,7 +168,10 @@ void HierarchicalRouterImpl::after_step(const RouteFeedback& fb) {
       cluster_count.add_(lc.to(cluster_count.device()));
     }
   }
-  if (!fb.has_health) return;
+  // moe.reliability = 0: no tracking (r stays at its prior 1), the fault experiment's baseline. A MoEConfig
+  // built in code has no entry: tracking on.
+  const auto rel = cfg_.router_options.find("reliability");
+  if (!fb.has_health || (rel != cfg_.router_options.end() && rel->second == 0)) return;
   const auto rms = fb.out_rms();
   const auto& rows = fb.out_rows;
   const auto& bad = fb.nonfinite;
@@ -180,8 +184,18 @@ void HierarchicalRouterImpl::after_step(const RouteFeedback& fb) {
     std::nth_element(healthy_rms.begin(), healthy_rms.begin() + healthy_rms.size() / 2, healthy_rms.end());
     median = healthy_rms[healthy_rms.size() / 2];
   }
-  const double loss_mean = fb.has_loss && fb.loss_count > 0 ? fb.loss_sum / double(fb.loss_count)
-                                                            : std::numeric_limits<double>::quiet_NaN();
+  // Direct evidence (an expert's own rows non-finite or exploding) outranks the loss signal: a NaN or a huge
+  // row spreads through attention to later positions of its sequence, so the losses of tokens that every
+  // expert served go bad with it, and the loss term would condemn all experts alike, leaving the faulty one
+  // no less likely than the rest (measured in docs/comparison.md's fault experiment). In such a step only
+  // the direct signal counts.
+  bool direct = false;
+  for (int64_t e = 0; e < E; ++e)
+    direct = direct || (rows[e] > 0 && (bad[e] > 0 || !std::isfinite(rms[e]) ||
+                                        (median > 0 && rms[e] > cfg_.reliability_explode * median)));
+  const double loss_mean = fb.has_loss && fb.loss_count > 0 && !direct
+                               ? fb.loss_sum / double(fb.loss_count)
+                               : std::numeric_limits<double>::quiet_NaN();
 
   std::vector<double> h(E, -1.0);  // -1: no signal this step
   for (int64_t e = 0; e < E; ++e) {

@@ -128,6 +128,9 @@ RouterSpec hierarchical_row() {
     b.bind("moe.reliability_decay", &c->reliability_decay);
     b.bind("moe.reliability_explode", &c->reliability_explode);
     b.bind("moe.reliability_recovery", &c->reliability_recovery);
+    // moe.reliability: 1 (default) tracks expert and cluster reliability; 0 switches it off (r stays 1), the
+    // baseline of the fault experiment (docs/comparison.md).
+    bind_router_option(b, c, "reliability", 1.0);
     b.bind("moe.diversity_coef", &c->diversity_coef);
     b.bind("moe.adaptive_weight", &c->adaptive_weight);
   };
@@ -148,6 +151,11 @@ RouterSpec hierarchical_row() {
                         "must be >= 0 (0 = none), got " + std::to_string(c.cluster_capacity_factor));
     check_unit_decay("moe.reliability_decay", c.reliability_decay);
     check_unit_decay("moe.reliability_recovery", c.reliability_recovery);
+    // A MoEConfig built in code (not through the binder) has no entry: the default, 1.
+    const auto rel = c.router_options.find("reliability");
+    if (const double on = rel == c.router_options.end() ? 1.0 : rel->second; on != 0 && on != 1)
+      throw ConfigError("moe.reliability",
+                        "must be 1 (track reliability) or 0 (off), got " + std::to_string(on));
     if (!(c.reliability_explode > 1) || !std::isfinite(c.reliability_explode))
       throw ConfigError("moe.reliability_explode",
                         "must be a finite number > 1, got " + std::to_string(c.reliability_explode));
