@@ -20,7 +20,24 @@ ExpertHealth measure_expert_health(const torch::Tensor& y_sorted, const RoutingP
   return sums.result();
 }
 
+// Rows [off[e], off[e+1]) of the expert-sorted output times `factor` (the injected fault), through autograd.
+torch::Tensor apply_fault(const torch::Tensor& y_sorted, const RoutingPlan& plan, int64_t e, double factor) {
+  const auto off = plan.offsets();
+  const int64_t n = off[e + 1] - off[e];
+  if (n == 0) return y_sorted;
+  auto scale = torch::ones({y_sorted.size(0), 1}, y_sorted.options());
+  scale.narrow(0, off[e], n).fill_(factor);
+  return y_sorted * scale;
+}
+
 }  // namespace
+
+void MoELayerImpl::set_fault(int64_t expert, double factor) {
+  TORCH_CHECK(expert >= 0 && expert < cfg_.routed_experts(), "MoELayer::set_fault: expert ", expert,
+              " is not one of the ", cfg_.routed_experts(), " routed experts");
+  fault_expert_ = expert;
+  fault_factor_ = factor;
+}
 
 MoELayerImpl::MoELayerImpl(const MoEConfig& cfg, int64_t d_model) : cfg_(cfg) {
   cfg_.validate();
@@ -67,14 +84,17 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
     auto z = dense->forward(x2);                                  // [T, C]
     auto z_sorted = dispatch(z, plan);                            // [N, C]
     auto a_sorted = adapters->forward(z_sorted, plan.offsets());  // [N, C]
+    if (fault_expert_ >= 0) a_sorted = apply_fault(a_sorted, plan, fault_expert_, fault_factor_);
     if (want_health) health = measure_expert_health(a_sorted, plan);
     y = z + combine(a_sorted, plan, T);
-  } else if (experts->impl() == ExpertsImplKind::kGrouped && fused_moe_supported(x2, experts->weights())) {
+  } else if (fault_expert_ < 0 && experts->impl() == ExpertsImplKind::kGrouped &&
+             fused_moe_supported(x2, experts->weights())) {
     // The fast path: dispatch, experts and combine in one function (fused_moe.h).
     y = fused_moe(x2, plan, experts->weights(), &experts->workspace(), want_health ? &health : nullptr);
   } else {
     auto x_sorted = dispatch(x2, plan);                          // [N, C]
     auto y_sorted = experts->forward(x_sorted, plan.offsets());  // [N, C]
+    if (fault_expert_ >= 0) y_sorted = apply_fault(y_sorted, plan, fault_expert_, fault_factor_);
     if (want_health) health = measure_expert_health(y_sorted, plan);
     y = combine(y_sorted, plan, T);
   }

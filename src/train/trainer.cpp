@@ -356,6 +356,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   int64_t tokens_done = 0;
   std::vector<std::string> eval_lines;
   while (step < last) {
+    if (opt.before_step) opt.before_step(step, model);
     const double lr = learning_rate(tc, step);
     double loss_sum = 0, aux_sum = 0;
     std::vector<RoutingPlan> plans;
@@ -415,19 +416,23 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
                           {"aux_loss", aux_sum},  {"lr", lr},         {"grad_norm", grad_norm},
                           {"tokens_per_s", tok_s}};
       nlohmann::json max_vio = nlohmann::json::array(), loads = nlohmann::json::array();
-      double mv = 0;
+      double mv = 0, dropped = 0;
       for (auto& p : plans) {
         max_vio.push_back(p.stats.max_vio);
         loads.push_back(p.stats.load);
         mv += p.stats.max_vio / double(plans.size());
+        dropped += p.stats.dropped_share / double(plans.size());
       }
       j["max_vio_batch"] = mv;
+      j["dropped_share"] = dropped;  // (requested - kept) / requested, mean over MoE layers
+      if (!plans.empty()) j["plan_tokens"] = plans.front().stats.n_tokens;  // the tokens `load` counts
       j["max_vio_batch_layers"] = max_vio;
       j["load"] = loads;
       metrics << j.dump() << "\n";
       check_metrics();
     }
-    bar.update(step, "loss " + fmt(loss_sum, 3) + " | " + fmt(tok_s / 1000.0, 1) + "k tok/s");
+    bar.update(step, "loss " + fmt(loss_sum, 3) + " | " + fmt(tok_s / 1000.0, 1) + "k tok/s" +
+                         (opt.progress_extra ? " | " + opt.progress_extra(step) : std::string()));
     if (tc.eval_every > 0 && step % tc.eval_every == 0 && step != last)
       eval_lines.push_back(run_eval(step, summary));
     // train.checkpoint_every: N steps, or (-1, the default) at every evaluation, so that an interrupted

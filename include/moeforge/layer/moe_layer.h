@@ -37,6 +37,12 @@ class MoELayerImpl : public torch::nn::Module {
   // Keep the router input [T, C] of the last forward (for measures that re-score it: the optimality gap).
   void set_record_input(bool on) { record_input_ = on; }
   const torch::Tensor& last_input() const { return last_input_; }
+  // Fault injection (moeforge compare's reliability experiment, docs/comparison.md): every output row of
+  // routed expert `expert` is multiplied by `factor` (NaN makes it NaN) before combine, in training and in
+  // evaluation, until clear_fault(). Not saved in checkpoints: a fault is a property of the run.
+  void set_fault(int64_t expert, double factor);
+  void clear_fault() { fault_expert_ = -1; }
+  int64_t fault_expert() const { return fault_expert_; }
 
   const MoEConfig& config() const { return cfg_; }
   std::shared_ptr<Router> router;
@@ -53,6 +59,8 @@ class MoELayerImpl : public torch::nn::Module {
   RoutingPlan last_plan_;  // the last training forward's, until its token loss arrives
   bool record_input_ = false;
   torch::Tensor last_input_;
+  int64_t fault_expert_ = -1;
+  double fault_factor_ = 1.0;
 };
 TORCH_MODULE(MoELayer);
 

@@ -3,6 +3,7 @@
 // checkpoints and exact resume.
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -30,6 +31,11 @@ struct TrainOptions {
   bool stop_on_signal = false;
   bool progress = true;
   std::string progress_label = "train";  // the progress bar's label (compare names the router there)
+  // Called before every step with the index of the step about to run (0-based, also the first step after a
+  // resume) and the model: moeforge compare injects its faults here.
+  std::function<void(int64_t step, TransformerLM& model)> before_step;
+  // Extra fields for the progress bar, asked after every step (compare: the whole comparison's ETA).
+  std::function<std::string(int64_t step)> progress_extra;
 };
 
 struct TrainSummary {
