@@ -153,6 +153,63 @@ nlohmann::json bench_router_costs(const LayerBenchOptions& opt, std::ostream& lo
   return out;
 }
 
+nlohmann::json run_routing_scale(const std::vector<int64_t>& experts, int reps, std::ostream& log) {
+  const int64_t S = 128, B = 16, C = 128, F = 172, K = 2;
+  torch::manual_seed(1);
+  auto x = torch::randn({B, S, C});
+  auto gy = torch::randn({B, S, C});
+  nlohmann::json points = nlohmann::json::array();
+  log << "\nrouting cost vs E (T = " << B * S << ", C = " << C << ", F = " << F << ", K = " << K
+      << "), median of " << reps << " ms\n";
+  for (const int64_t E : experts) {
+    int64_t G = 1;
+    while (G * G * 4 <= E) G *= 2;  // G = sqrt(E) for E = 4^k, the power of two below otherwise
+    auto make = [&](const std::string& router) {
+      MoEConfig c;
+      c.router = router;
+      c.n_expert = E;
+      c.n_expert_used = K;
+      c.d_expert = F;
+      c.n_cluster = G;
+      router_spec(router).equal_compute(c);  // hierarchical: 1 cluster x top-2 (routing/registry.h)
+      MoELayer l(c, C);
+      l->train();
+      return l;
+    };
+    MoELayer flat = make("topk"), hier = make("hierarchical");
+    auto step = [&](MoELayer& l) {
+      auto xg = x.clone().requires_grad_();
+      l->forward(xg).y.backward(gy);
+      l->zero_grad();
+      l->after_step();
+    };
+    auto route_only = [&](MoELayer& l) {
+      torch::NoGradGuard ng;
+      RouteContext ctx;
+      ctx.n_seq = B;
+      ctx.seq_len = S;
+      ctx.training = true;
+      l->router->route(x.view({B * S, C}), ctx);
+    };
+    auto t = interleaved({{"topk_layer", [&] { step(flat); }},
+                          {"hier_layer", [&] { step(hier); }},
+                          {"topk_route", [&] { route_only(flat); }},
+                          {"hier_route", [&] { route_only(hier); }}},
+                         reps);
+    points.push_back(
+        {{"E", E},
+         {"G", G},
+         {"topk", {{"route_ms", t["topk_route"].median()}, {"layer_ms", t["topk_layer"].median()}}},
+         {"hierarchical", {{"route_ms", t["hier_route"].median()}, {"layer_ms", t["hier_layer"].median()}}}});
+    log << "  E = " << std::setw(4) << E << " (G = " << std::setw(2) << G << "): route() topk " << std::fixed
+        << std::setprecision(3) << t["topk_route"].median() << " ms, hierarchical "
+        << t["hier_route"].median() << " ms; layer fwd+bwd topk " << std::setprecision(1)
+        << t["topk_layer"].median() << " ms, hierarchical " << t["hier_layer"].median() << " ms" << std::endl;
+  }
+  return {
+      {"machine", describe_machine()}, {"reps", reps}, {"T", B * S}, {"C", C}, {"F", F}, {"points", points}};
+}
+
 nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) {
   torch::manual_seed(0);
   nlohmann::json results = nlohmann::json::array();

@@ -36,4 +36,12 @@ std::vector<BenchShape> default_bench_shapes();
 // `log` as it goes.
 nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log);
 
+// Routing cost as the number of experts grows (ClusterMoE's claim, docs/comparison.md): flat top-2 against
+// hierarchical routing (G = sqrt(E) clusters rounded to a power of two, 1 cluster x top-2 inside it) at each
+// E of `experts`, on T = 2048 tokens (16 x 128) of width C = 128 with experts of width 172 (the comparison's
+// model shape): route() alone and the whole layer forward+backward in training mode, interleaved, median
+// of `reps`. Returns {"machine", "reps", "T", "C", "F", "points": [{"E", "G", "topk": {"route_ms",
+// "layer_ms"}, "hierarchical": {...}}]}.
+nlohmann::json run_routing_scale(const std::vector<int64_t>& experts, int reps, std::ostream& log);
+
 }  // namespace moeforge

@@ -7,6 +7,7 @@
 #include <iomanip>
 #include <map>
 #include <memory>
+#include <sstream>
 
 #include "moeforge/config/run_config.h"
 #include "moeforge/data/batching.h"
@@ -302,6 +303,54 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
           {"sgemm_ms_range", {t["sgemm"].min(), t["sgemm"].max()}},
           {"variants", variants_json},
           {"speedup", speedup}};
+}
+
+nlohmann::json run_variant_throughput(const std::vector<CompareVariant>& variants, int steps,
+                                      std::ostream& log) {
+  if (variants.empty()) return nullptr;
+  const RunConfig& first = variants.front().cfg;
+  std::ostringstream quiet;
+  DataBundle data = prepare_data(first.data, nullptr, quiet);
+  const int64_t vocab = data.tokenizer->vocab_size();
+  const int warmup = 2;
+  Batcher batcher(data.train, first.train.batch_size, uint64_t(first.train.seed), /*shuffle=*/true);
+  std::vector<Batcher::Batch> batches;
+  for (int i = 0; i < warmup + steps; ++i) batches.push_back(batcher.next());
+  const int64_t tokens_per_step = batches.front().tokens.size(0) * first.data.seq_len;
+  std::vector<std::unique_ptr<Trainee>> models;
+  std::vector<size_t> next(variants.size(), 0);
+  bench::Variants timed;
+  ProgressBar bar("bench variants", int64_t(variants.size()) * (warmup + steps), log, true);
+  int64_t done = 0;
+  for (size_t i = 0; i < variants.size(); ++i) {
+    RunConfig cfg = variants[i].cfg;
+    if (!variants[i].seeds.empty()) cfg.train.seed = variants[i].seeds.front();
+    models.push_back(std::make_unique<Trainee>(cfg, vocab));
+    timed.push_back({variants[i].name, [&, i] {
+                       models[i]->train_step(batches[next[i]++ % batches.size()]);
+                       bar.update(++done);
+                     }});
+  }
+  auto t = bench::interleaved(timed, steps, warmup);
+  bar.finish();
+  nlohmann::json out = {{"machine", describe_machine()},
+                        {"steps", steps},
+                        {"tokens_per_step", tokens_per_step},
+                        {"variants", nlohmann::json::object()}};
+  const double base = t[variants.front().name].median();
+  log << "\ntraining throughput, interleaved in one process, median of " << steps << " steps\n";
+  for (auto& v : variants) {
+    const double ms = t[v.name].median();
+    out["variants"][v.name] = {{"step_ms", ms},
+                               {"step_ms_range", {t[v.name].min(), t[v.name].max()}},
+                               {"tokens_per_s", double(tokens_per_step) / (ms * 1e-3)},
+                               {"ratio_to_first", ms / base}};
+    log << "  " << std::left << std::setw(28) << v.name << std::right << std::fixed << std::setprecision(1)
+        << std::setw(9) << ms << " ms/step " << std::setprecision(0) << std::setw(8)
+        << double(tokens_per_step) / (ms * 1e-3) << " tokens/s  " << std::setprecision(3) << ms / base
+        << " x " << variants.front().name << "\n";
+  }
+  return out;
 }
 
 }  // namespace moeforge

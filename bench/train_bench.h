@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "moeforge/train/compare.h"
+
 namespace moeforge {
 
 struct TrainBenchOptions {
@@ -31,5 +33,13 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log);
 // gradient accumulation, the autograd engine between nodes). Also times as many unprofiled steps, for the
 // profiler's own cost. Returns per-category ms per step; prints a table to `log`.
 nlohmann::json run_train_profile(const TrainBenchOptions& opt, std::ostream& log);
+
+// Training throughput of a comparison's variants (moeforge compare, docs/comparison.md): one model per
+// variant (its resolved config, first seed), all trained on the same batches, their steps interleaved in
+// one process (A B C ..., rotated each round), `steps` timed steps each after two warm-up steps. Returns
+// {"machine", "steps", "tokens_per_step", "variants": {name: {"step_ms", "step_ms_range", "tokens_per_s",
+// "ratio_to_first"}}}; prints a table to `log`.
+nlohmann::json run_variant_throughput(const std::vector<CompareVariant>& variants, int steps,
+                                      std::ostream& log);
 
 }  // namespace moeforge

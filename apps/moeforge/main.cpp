@@ -204,6 +204,14 @@ int main(int argc, char** argv) {
   bench->add_option("--config", train_bench_opt.config, "with --train: TOML config (default: embedded)")
       ->check(CLI::ExistingFile);
   bench->add_option("--set", train_bench_opt.overrides, "with --train: override a config key, key=value");
+  std::string bench_compare, bench_scale;
+  bench
+      ->add_option("--compare", bench_compare,
+                   "training throughput of a comparison config's variants, interleaved in one process "
+                   "(docs/comparison.md)")
+      ->check(CLI::ExistingFile);
+  bench->add_option("--routing-scale", bench_scale,
+                    "route() and layer cost of topk vs hierarchical at these E, e.g. 16,64,256");
 
   // info
   auto* info = app.add_subcommand(
@@ -219,17 +227,29 @@ int main(int argc, char** argv) {
   auto* cmp = app.add_subcommand("compare",
                                  "train one model per router on the same data and compute; "
                                  "compare.md + plots (docs/comparison.md)");
-  std::string cmp_config, cmp_routers, cmp_out = "runs/compare";
+  std::string cmp_config, cmp_routers, cmp_out = "runs/compare", cmp_seeds, cmp_variants,
+                                       cmp_scale = "16,64,256";
   std::vector<std::string> cmp_overrides;
-  cmp->add_option("--config", cmp_config, "TOML config file (e.g. configs/compare.toml)")
+  cmp->add_option("--config", cmp_config,
+                  "TOML config file with optional [compare] seeds and [[compare.variant]]s "
+                  "(e.g. configs/compare.toml)")
       ->check(CLI::ExistingFile);
-  cmp->add_option("--routers", cmp_routers, "comma-separated routers (default: all)");
+  cmp->add_option("--routers", cmp_routers,
+                  "without variants in the config: one variant per router, comma-separated (default: all)");
+  cmp->add_option("--variants", cmp_variants, "run only these variants of the config (comma-separated)");
+  cmp->add_option("--seeds", cmp_seeds,
+                  "seeds of every variant without its own, e.g. 1,2,3 (default: 1,2,3)");
   cmp->add_option("--set", cmp_overrides,
                   "override a config key for every run: section.key=value (repeatable)");
-  bool cmp_render = false;
-  cmp->add_flag("--render-only", cmp_render, "redraw compare.md and plots from --out's compare.json");
+  bool cmp_render = false, cmp_no_bench = false;
+  cmp->add_flag("--render-only", cmp_render, "redraw report.md and plots from --out's compare.json");
+  cmp->add_flag("--no-bench", cmp_no_bench, "skip the throughput and routing-scale phases");
+  cmp->add_option("--routing-scale", cmp_scale, "the E of the routing-scale phase (comma-separated)");
+  int cmp_bench_steps = 8;
+  cmp->add_option("--bench-steps", cmp_bench_steps, "timed steps per variant of the throughput phase")
+      ->check(CLI::Range(1, 1000));
   cmp->add_option("--out", cmp_out,
-                  "folder for compare.md, compare.json, plots/ and one run folder per router");
+                  "folder for report.md, compare.json, plots/ and one run folder per variant and seed");
 
   // export (docs/interop.md)
   auto* export_cmd =
@@ -386,18 +406,40 @@ int main(int argc, char** argv) {
     } else if (prune->parsed()) {
       prune_checkpoint(prune_opt, std::cout);
     } else if (cmp->parsed() && cmp_render) {
-      std::ifstream in(fs::path(cmp_out) / "compare.json");
-      if (!in) throw FileError((fs::path(cmp_out) / "compare.json").string(), "cannot read");
-      std::cout << "wrote " << write_compare_outputs(cmp_out, nlohmann::json::parse(in)) << "\n";
+      const auto path = fs::path(cmp_out) / "compare.json";
+      std::ifstream in(path);
+      if (!in) throw FileError(path.string(), "cannot read");
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(in);
+      } catch (const nlohmann::json::exception& e) {
+        throw FileError(path.string(), std::string("not JSON: ") + e.what());
+      }
+      std::cout << "wrote " << write_compare_outputs(cmp_out, j) << "\n";
     } else if (cmp->parsed()) {
       CompareOptions copt;
-      copt.routers = parse_router_list(cmp_routers);
       copt.out_dir = cmp_out;
       copt.command = "moeforge";
       for (int i = 1; i < argc; ++i) copt.command += std::string(" ") + argv[i];
-      RunConfig cfg = load_run_config(cmp_config, cmp_overrides);
-      if (threads > 0) cfg.train.threads = threads;
-      run_compare(cfg, copt, std::cout);
+      std::vector<std::string> routers;
+      if (!cmp_routers.empty()) routers = parse_router_list(cmp_routers);
+      ComparePlan plan = load_compare_plan(cmp_config, cmp_overrides, routers);
+      if (threads > 0) plan.base.train.threads = threads;
+      resolve_compare_plan(plan, cmp_variants,
+                           cmp_seeds.empty() ? std::vector<int64_t>{} : parse_seed_list(cmp_seeds));
+      const auto scale = parse_seed_list(cmp_scale, "--routing-scale");
+      if (!cmp_no_bench) {
+        copt.throughput = [&](const std::vector<CompareVariant>& v, std::ostream& log) {
+          return run_variant_throughput(v, cmp_bench_steps, log);
+        };
+        copt.routing_scale = [&](std::ostream& log) {
+          return run_routing_scale(scale, cmp_bench_steps, log);
+        };
+      }
+      // SIGINT / SIGTERM: the running variant checkpoints its step; a rerun continues (docs/comparison.md).
+      install_stop_handlers();
+      const auto result = run_compare(plan, copt, std::cout);
+      if (result.contains("interrupted_by")) return 128 + result["interrupted_by"].get<int>();
     } else if (info->parsed()) {
       if (info->count("--reps") > 0 && info_sgemm == 0)
         throw ConfigError("--reps", "applies only with --sgemm");
@@ -444,14 +486,32 @@ int main(int argc, char** argv) {
             throw ConfigError("--directions",
                               "unknown direction '" + d + "' (expected forward,forward_backward)");
       }
-      if (!bench_train && (!train_bench_opt.config.empty() || !train_bench_opt.overrides.empty()))
+      if (!bench_train && bench_compare.empty() &&
+          (!train_bench_opt.config.empty() || !train_bench_opt.overrides.empty()))
         throw ConfigError(train_bench_opt.config.empty() ? "--set" : "--config", "applies only with --train");
       if (bench_profile && !bench_train) throw ConfigError("--profile", "applies only with --train");
+      if (!bench_compare.empty() && bench_train) throw ConfigError("--compare", "does not go with --train");
+      if (!bench_scale.empty() && (bench_train || !bench_compare.empty()))
+        throw ConfigError("--routing-scale", "goes alone (not with --train or --compare)");
       std::cout << "moeforge bench: " << describe_machine() << "\n";
       train_bench_opt.steps = bench_opt.reps;
-      auto result = bench_profile ? run_train_profile(train_bench_opt, std::cout)
-                    : bench_train ? run_train_bench(train_bench_opt, std::cout)
-                                  : run_layer_bench(bench_opt, std::cout);
+      nlohmann::json result;
+      if (!bench_compare.empty()) {
+        ComparePlan plan = load_compare_plan(bench_compare, train_bench_opt.overrides);
+        if (threads > 0) plan.base.train.threads = threads;
+        resolve_compare_plan(plan);
+        std::vector<CompareVariant> main;
+        for (auto& v : plan.variants)
+          if (!v.fault.active()) main.push_back(v);
+        result = run_variant_throughput(main, bench_opt.reps, std::cout);
+      } else if (!bench_scale.empty()) {
+        result =
+            run_routing_scale(parse_seed_list(bench_scale, "--routing-scale"), bench_opt.reps, std::cout);
+      } else {
+        result = bench_profile ? run_train_profile(train_bench_opt, std::cout)
+                 : bench_train ? run_train_bench(train_bench_opt, std::cout)
+                               : run_layer_bench(bench_opt, std::cout);
+      }
       if (!json_path.empty()) {
         write_file_atomic(json_path, result.dump(2) + "\n");
         std::cout << "wrote " << json_path << "\n";

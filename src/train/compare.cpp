@@ -1,26 +1,32 @@
-// moeforge compare: the same run once per router, then the measures of docs/routing.md section 9 side by
-// side.
+// moeforge compare: variants x seeds, each a normal training run, then the measures of docs/routing.md
+// section 9 for every run (docs/comparison.md). This file plans and runs; compare_report.cpp aggregates and
+// draws.
 //
-// Legend: B sequences, S positions, T = B*S tokens, C model width, E routed experts, K assignments per token,
-// G clusters, Eg experts per cluster.
+// Legend: B sequences, S positions, T = B*S tokens, C model width, E routed experts, K assignments per token.
 #include "moeforge/train/compare.h"
 
+#include <toml++/toml.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <iomanip>
+#include <limits>
+#include <map>
+#include <regex>
 #include <set>
 #include <sstream>
 
+#include "moeforge/config/binder.h"
 #include "moeforge/routing/measures.h"
 #include "moeforge/routing/registry.h"
 #include "moeforge/train/report.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
+#include "moeforge/util/progress.h"
 #include "moeforge/util/runtime.h"
 
 namespace fs = std::filesystem;
@@ -39,10 +45,6 @@ std::string fmt(double v, int precision) {
   std::ostringstream os;
   os << std::fixed << std::setprecision(precision) << v;
   return os.str();
-}
-
-std::string quote(const std::string& s) {
-  return "'" + s + "'";
 }
 
 struct BatchMeasures {
@@ -96,37 +98,6 @@ BatchMeasures measure_batch(TransformerLM& model, const PackedData& data, const 
   return r;
 }
 
-// (step, loss) of the metrics.jsonl lines of one split.
-std::vector<std::pair<int64_t, double>> metric_curve(const fs::path& metrics, const std::string& split) {
-  std::vector<std::pair<int64_t, double>> out;
-  std::ifstream in(metrics);
-  for (std::string line; std::getline(in, line);) {
-    if (line.empty()) continue;
-    auto j = nlohmann::json::parse(line);
-    if (j.value("split", "") == split) out.push_back({j.value("step", int64_t{0}), j.value("loss", 0.0)});
-  }
-  return out;
-}
-
-// Trailing moving average over `window` values (shorter at the start): single steps are too noisy to
-// tell routers apart by eye.
-std::vector<double> smooth(const std::vector<double>& v, size_t window) {
-  std::vector<double> out(v.size());
-  double sum = 0;
-  for (size_t i = 0; i < v.size(); ++i) {
-    sum += v[i];
-    if (i >= window) sum -= v[i - window];
-    out[i] = sum / double(std::min(i + 1, window));
-  }
-  return out;
-}
-
-double mean_of(const std::vector<double>& v) {
-  double s = 0;
-  for (double x : v) s += x;
-  return v.empty() ? 0.0 : s / double(v.size());
-}
-
 int dead_experts(const EvalResult& r) {
   int dead = 0;
   for (auto& l : r.layers) {
@@ -140,163 +111,197 @@ int dead_experts(const EvalResult& r) {
 
 nlohmann::json eval_json(const std::optional<EvalResult>& r) {
   if (!r) return nullptr;
-  nlohmann::json layers = nlohmann::json::array();
-  for (auto& l : r->layers)
-    layers.push_back(
-        {{"load", l.load}, {"max_vio_global", l.max_vio_global}, {"specialization", l.specialization}});
-  return {{"loss", r->loss},
-          {"perplexity", r->perplexity},
-          {"tokens", r->tokens},
-          {"max_vio_global", r->max_vio_global},
-          {"specialization", r->specialization},
-          {"layers", layers}};
+  auto j = r->to_json();
+  j["dead_experts"] = dead_experts(*r);
+  // Assignments per token in evaluation routing, mean over MoE layers: equal compute shown, not assumed.
+  double apt = 0;
+  for (auto& l : r->layers) {
+    int64_t sum = 0;
+    for (auto x : l.load) sum += x;
+    apt += double(sum) / double(std::max<int64_t>(r->tokens, 1)) / double(r->layers.size());
+  }
+  j["assignments_per_token"] = apt;
+  return j;
 }
 
-void write_plots(const fs::path& dir, const nlohmann::json& result) {
-  const fs::path plots = dir / "plots";
-  fs::create_directories(plots);
-  const auto& runs = result["runs"];
-  std::ostringstream gp;
-  gp << "set terminal pngcairo size 1000,800 font 'sans,10'\nset output "
-     << quote((plots / "loss.png").string())
-     << "\nset multiplot layout 2,1\nset grid\nset key top right\nset xlabel 'step'\n"
-     << "set ylabel 'cross-entropy (nats)'\n";
-  // Router names hold "_", which gnuplot's enhanced text would read as a subscript: labels are noenhanced.
-  std::string train_plot, val_plot, vio_plot;
-  for (size_t i = 0; i < runs.size(); ++i) {
-    const std::string name = runs[i]["router"];
-    const auto losses = runs[i]["train_loss"].get<std::vector<double>>();
-    const auto vio = runs[i]["max_vio_batch_steps"].get<std::vector<double>>();
-    const size_t window = std::max<size_t>(1, losses.size() / 30);
-    const auto ls = smooth(losses, window), vs = smooth(vio, window);
-    std::ostringstream tr, va;
-    for (size_t s = 0; s < ls.size(); ++s) tr << s + 1 << " " << ls[s] << " " << vs[s] << "\n";
-    for (auto& p : runs[i]["validation_curve"])
-      va << p[0].get<int64_t>() << " " << p[1].get<double>() << "\n";
-    const auto tf = plots / ("train_" + name + ".dat"), vf = plots / ("validation_" + name + ".dat");
-    write_file_atomic(tf.string(), tr.str());
-    write_file_atomic(vf.string(), va.str() + "\n");
-    const std::string sep = i ? ", " : "";
-    train_plot += sep + quote(tf.string()) + " using 1:2 with lines lw 2 lc " + std::to_string(i + 1) +
-                  " title '" + name + "' noenhanced";
-    val_plot += sep + quote(vf.string()) + " using 1:2 with linespoints lw 2 pt 7 lc " +
-                std::to_string(i + 1) + " title '" + name + "' noenhanced";
-    vio_plot += sep + quote(tf.string()) + " using 1:3 with lines lw 2 lc " + std::to_string(i + 1) +
-                " title '" + name + "' noenhanced";
-  }
-  gp << "set title 'Training loss (moving average over "
-     << std::max<size_t>(1, runs[0]["train_loss"].size() / 30) << " steps)'\nplot " << train_plot
-     << "\nset title 'Validation loss'\nplot " << val_plot << "\nunset multiplot\n";
-  gp << "set terminal pngcairo size 1000,500 font 'sans,10'\nset output "
-     << quote((plots / "max_vio_batch.png").string())
-     << "\nset title 'MaxVio_{batch} per training step (mean over MoE layers, moving average)'\n"
-     << "set ylabel 'MaxVio_{batch}'\nset logscale y\nplot " << vio_plot << "\nunset logscale y\n";
+// The logged curves of a run's metrics.jsonl (which covers the whole run, also across a resume: the trainer
+// truncates it to the checkpoint's step).
+struct Curves {
+  nlohmann::json train = {{"step", nlohmann::json::array()},
+                          {"loss", nlohmann::json::array()},
+                          {"max_vio_batch", nlohmann::json::array()},
+                          {"dropped_share", nlohmann::json::array()},
+                          {"assignments_per_token", nlohmann::json::array()}};
+  nlohmann::json load_steps = nlohmann::json::array();  // per logged step: [E] load summed over MoE layers
+  nlohmann::json validation = nlohmann::json::array(), heldout = nlohmann::json::array();  // [step, loss]
+};
 
-  // Bar charts: one panel per measure, one bar per router.
-  struct Bar {
-    std::string file, title;
-    std::function<double(const nlohmann::json&)> get;
-  };
-  auto ev = [](const char* split, const char* key) {
-    return [=](const nlohmann::json& r) { return r[split].is_null() ? 0.0 : r[split][key].get<double>(); };
-  };
-  std::vector<Bar> bars = {
-      {"ppl_validation", "validation perplexity", ev("validation", "perplexity")},
-      {"ppl_heldout", "held-out genre perplexity", ev("heldout", "perplexity")},
-      {"max_vio_batch", "MaxVio_{batch} (mean over steps)",
-       [](const nlohmann::json& r) { return r["max_vio_batch_mean"].get<double>(); }},
-      {"max_vio_global", "MaxVio_{global} (validation)", ev("validation", "max_vio_global")},
-      {"specialization", "specialisation I(genre; expert)/H(genre)", ev("validation", "specialization")},
-      {"gap", "optimality gap vs exact balanced optimum",
-       [](const nlohmann::json& r) { return r["optimality_gap"]["gap"].get<double>(); }}};
-  gp << "set terminal pngcairo size 1200,700 font 'sans,10'\nset output "
-     << quote((plots / "bars.png").string())
-     << "\nset multiplot layout 2,3\nunset key\nset style data histograms\nset style histogram clustered\n"
-     << "set style fill solid 0.8 border -1\nset boxwidth 0.8\nset xtics rotate by -30 noenhanced\nset "
-        "xlabel ''\n"
-     << "set ylabel ''\n";
-  for (auto& b : bars) {
-    std::ostringstream dat;
-    // An explicit range that always holds 0: a gap can be negative (a router that overfills capacity
-    // collects more score than the balanced optimum), and gnuplot rejects all-zero or all-negative bars in
-    // a [0:*] range.
-    double lo = 0, hi = 0;
-    for (auto& r : runs) {
-      const double v = b.get(r);
-      dat << r["router"].get<std::string>() << " " << v << "\n";
-      lo = std::min(lo, v);
-      hi = std::max(hi, v);
+// A number of a metrics line; NaN for null (the trainer writes a non-finite loss as null) or a missing key.
+double number_or_nan(const nlohmann::json& j, const char* key) {
+  return j.contains(key) && j[key].is_number() ? j[key].get<double>()
+                                               : std::numeric_limits<double>::quiet_NaN();
+}
+
+Curves read_curves(const fs::path& metrics) {
+  Curves c;
+  std::ifstream in(metrics);
+  if (!in) throw FileError(metrics.string(), "cannot read the run's metrics");
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty()) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      throw FileError(metrics.string(), std::string("a line is not JSON: ") + e.what());
     }
-    if (hi - lo <= 0) hi = 1;
-    const double pad = 0.1 * (hi - lo);
-    const auto f = plots / ("bar_" + b.file + ".dat");
-    write_file_atomic(f.string(), dat.str());
-    gp << "set title '" << b.title << "'\nset yrange [" << (lo < 0 ? lo - pad : 0.0) << ":" << hi + pad
-       << "]\nplot " << quote(f.string()) << " using 2:xtic(1) lc 3\n";
+    const std::string split = j.value("split", "");
+    const int64_t step = j.value("step", int64_t{0});
+    if (split == "validation" || split == "heldout") {
+      (split == "validation" ? c.validation : c.heldout).push_back({step, number_or_nan(j, "loss")});
+      continue;
+    }
+    if (split != "train") continue;
+    c.train["step"].push_back(step);
+    c.train["loss"].push_back(number_or_nan(j, "loss"));
+    c.train["max_vio_batch"].push_back(number_or_nan(j, "max_vio_batch"));
+    c.train["dropped_share"].push_back(j.contains("dropped_share") ? number_or_nan(j, "dropped_share") : 0.0);
+    const int64_t tokens = j.value("plan_tokens", int64_t{0});
+    std::vector<int64_t> sum;
+    double apt = 0;
+    const auto& loads = j.contains("load") ? j["load"] : nlohmann::json::array();
+    for (auto& layer : loads) {
+      const auto l = layer.get<std::vector<int64_t>>();
+      if (sum.empty()) sum.assign(l.size(), 0);
+      int64_t n = 0;
+      for (size_t e = 0; e < l.size() && e < sum.size(); ++e) {
+        sum[e] += l[e];
+        n += l[e];
+      }
+      if (tokens > 0) apt += double(n) / double(tokens) / double(loads.size());
+    }
+    c.train["assignments_per_token"].push_back(apt);
+    c.load_steps.push_back(sum);
   }
-  gp << "unset multiplot\n";
-  const auto script = plots / "compare.gp";
-  write_file_atomic(script.string(), gp.str());
-  const std::string cmd = "gnuplot " + quote(script.string()) + " 2>" + quote(script.string() + ".log");
-  if (std::system(cmd.c_str()) != 0)
-    throw FileError(script.string(),
-                    "gnuplot failed (see " + script.string() + ".log; is gnuplot-nox installed?)");
+  return c;
 }
 
-std::string write_markdown(const fs::path& dir, const nlohmann::json& result, bool plots) {
-  std::ostringstream md;
-  md << "# Router comparison\n\n"
-     << "Same data, seed, steps and model shape for every router, and the same active expert compute per "
-        "token (K = "
-     << result["k"].get<int64_t>() << " expert assignments per token on average).\n\n"
-     << "| | |\n|---|---|\n"
-     << "| command | `" << result["command"].get<std::string>() << "` |\n"
-     << "| machine | " << result["machine"].get<std::string>() << " |\n"
-     << "| steps x batch x sequence | " << result["steps"].get<int64_t>() << " x "
-     << result["batch_size"].get<int64_t>() << " x " << result["seq_len"].get<int64_t>() << " |\n"
-     << "| seed | " << result["seed"].get<int64_t>() << " |\n\n"
-     << "## Results\n\n"
-     << "| router | equal-compute setting | val ppl | held-out ppl | MaxVio_batch | MaxVio_global | "
-        "specialisation | dead experts | opt. gap | cap. violation | causal leak (eval / train) | tokens/s "
-        "|\n"
-     << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
-  for (auto& r : result["runs"]) {
-    auto ppl = [&](const char* s) {
-      return r[s].is_null() ? std::string("-") : fmt(r[s]["perplexity"].get<double>(), 2);
-    };
-    const auto& g = r["optimality_gap"];
-    md << "| " << r.value("router_label", r["router"].get<std::string>()) << " | "
-       << r["equal_compute"].get<std::string>() << " | " << ppl("validation") << " | " << ppl("heldout")
-       << " | " << fmt(r["max_vio_batch_mean"].get<double>(), 3) << " | "
-       << fmt(r["validation"]["max_vio_global"].get<double>(), 3) << " | "
-       << fmt(r["validation"]["specialization"].get<double>(), 3) << " | " << r["dead_experts"].get<int>()
-       << " | " << fmt(g["gap"].get<double>(), 4) << " | " << fmt(g["capacity_violation"].get<double>(), 3)
-       << " | " << std::scientific << std::setprecision(1) << r["causal_leak"]["eval"].get<double>() << " / "
-       << r["causal_leak"]["train"].get<double>() << std::defaultfloat << " | "
-       << fmt(r["tokens_per_s"].get<double>(), 0) << " |\n";
-  }
-  md << "\nMaxVio_batch: (max load - mean load) / mean load per training batch, averaged over MoE layers and "
-        "steps. MaxVio_global: the same over the summed validation loads. Specialisation: I(genre; expert) / "
-        "H(genre) on the validation set. Dead experts: experts (summed over MoE layers) with under "
-     << fmt(100 * kDeadShare, 0)
-     << "% of the mean load on the validation set. Optimality gap: (sum s x_opt - sum s x_router) / sum s "
-        "x_opt on "
-     << result["gap_tokens"].get<int64_t>()
-     << " validation tokens, x_opt the exact balanced optimum (capacity ceil(T K / E), GLPK), averaged over "
-        "MoE "
-        "layers; capacity violation: the worst max_e (load_e - cap) / cap. Causal leak: max |y' - y| of a "
-        "MoE "
-        "layer's output at positions <= S/2 of a sequence whose later positions were replaced, in evaluation "
-        "and in training routing (0 = causal). Each run's own report is in <router>/report.md.\n\n";
-  if (plots)
-    md << "## Loss\n\n![loss](plots/loss.png)\n\n## Measures\n\n![bars](plots/bars.png)\n\n"
-       << "## Balance during training\n\n![MaxVio_batch](plots/max_vio_batch.png)\n";
-  const auto path = (dir / "compare.md").string();
-  write_file_atomic(path, md.str());
-  return path;
+// Mean of the finite numbers of a JSON array (NaN is stored as null); NaN when there are none.
+double json_mean(const nlohmann::json& a) {
+  double s = 0;
+  int64_t n = 0;
+  for (auto& x : a)
+    if (x.is_number() && std::isfinite(x.get<double>())) {
+      s += x.get<double>();
+      ++n;
+    }
+  return n ? s / double(n) : std::numeric_limits<double>::quiet_NaN();
 }
+
+bool valid_name(const std::string& s) {
+  return !s.empty() &&
+         std::all_of(s.begin(), s.end(),
+                     [](char c) {
+                       return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
+                     }) &&
+         s != "." && s != ".." && s != "plots";
+}
+
+std::string toml_where(const std::string& path, const toml::node& n) {
+  const auto& src = n.source();
+  return path + ":" + std::to_string(src.begin.line) + ":" + std::to_string(src.begin.column);
+}
+
+std::vector<int64_t> toml_seeds(const toml::node& n, const std::string& key, const std::string& where) {
+  const auto* a = n.as_array();
+  if (!a || a->empty()) throw ConfigError(key, "expected a non-empty array of seeds (" + where + ")");
+  std::vector<int64_t> out;
+  for (auto& x : *a) {
+    const auto v = x.value<int64_t>();
+    if (!v || *v < 0) throw ConfigError(key, "seeds are integers >= 0 (" + where + ")");
+    if (std::find(out.begin(), out.end(), *v) != out.end())
+      throw ConfigError(key, "seed " + std::to_string(*v) + " is listed twice (" + where + ")");
+    out.push_back(*v);
+  }
+  return out;
+}
+
+FaultSpec toml_fault(const toml::node& n, const std::string& key, const std::string& where) {
+  const auto* t = n.as_table();
+  if (!t)
+    throw ConfigError(key,
+                      "expected a table { step = N, expert = E, factor = X or \"nan\" } (" + where + ")");
+  FaultSpec f;
+  for (auto&& [k, v] : *t) {
+    const std::string name(k.str());
+    if (name == "step" || name == "expert") {
+      const auto x = v.value<int64_t>();
+      if (!x || *x < 0) throw ConfigError(key + "." + name, "expected an integer >= 0 (" + where + ")");
+      (name == "step" ? f.step : f.expert) = *x;
+    } else if (name == "factor") {
+      if (auto s = v.value<std::string>()) {
+        if (*s != "nan")
+          throw ConfigError(key + ".factor", "a number or \"nan\", got \"" + *s + "\" (" + where + ")");
+        f.factor = std::numeric_limits<double>::quiet_NaN();
+      } else if (auto d = v.value<double>()) {
+        f.factor = *d;
+      } else {
+        throw ConfigError(key + ".factor", "a number or \"nan\" (" + where + ")");
+      }
+    } else {
+      throw ConfigError(key + "." + name, "unknown key; a fault has step, expert and factor (" + where + ")");
+    }
+  }
+  if (f.step < 0) throw ConfigError(key + ".step", "a fault needs the step it starts at (" + where + ")");
+  return f;
+}
+
+std::string run_dir_name(int64_t seed) {
+  return "seed" + std::to_string(seed);
+}
+
+// Thrown out of a run that stopped early (a signal, or CompareOptions::stop_after_runs).
+struct CompareStopped {
+  int signal = 0;
+};
 
 }  // namespace
+
+std::string FaultSpec::describe() const {
+  if (!active()) return "none";
+  std::ostringstream os;
+  os << "expert " << expert << (std::isnan(factor) ? " NaN" : " x " + fmt(factor, 1)) << " from step "
+     << step;
+  return os.str();
+}
+
+Spread spread_of(const std::vector<double>& v) {
+  Spread s;
+  std::vector<double> ok;
+  for (double x : v) (std::isfinite(x) ? ok.push_back(x) : void(++s.missing));
+  s.n = int64_t(ok.size());
+  if (ok.empty()) return s;
+  s.min = *std::min_element(ok.begin(), ok.end());
+  s.max = *std::max_element(ok.begin(), ok.end());
+  for (double x : ok) s.mean += x / double(ok.size());
+  if (ok.size() > 1) {
+    double ss = 0;
+    for (double x : ok) ss += (x - s.mean) * (x - s.mean);
+    s.sd = std::sqrt(ss / double(ok.size() - 1));
+  }
+  return s;
+}
+
+int64_t time_to_balance(const std::vector<int64_t>& steps, const std::vector<double>& max_vio,
+                        double threshold) {
+  int64_t first = -1;
+  for (size_t i = 0; i < steps.size() && i < max_vio.size(); ++i) {
+    if (!(max_vio[i] < threshold))
+      first = -1;
+    else if (first < 0)
+      first = steps[i];
+  }
+  return first;
+}
 
 std::vector<std::string> parse_router_list(const std::string& csv) {
   const auto known = router_names();
@@ -321,6 +326,28 @@ std::vector<std::string> parse_router_list(const std::string& csv) {
   return out.empty() ? known : out;
 }
 
+std::vector<int64_t> parse_seed_list(const std::string& csv, const std::string& flag) {
+  std::vector<int64_t> out;
+  std::stringstream ss(csv);
+  for (std::string item; std::getline(ss, item, ',');) {
+    if (item.empty()) continue;
+    size_t used = 0;
+    int64_t v = -1;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != item.size() || v < 0)
+      throw ConfigError(flag, "'" + item + "' is not a seed (an integer >= 0)");
+    if (std::find(out.begin(), out.end(), v) != out.end())
+      throw ConfigError(flag, "seed " + item + " is listed twice");
+    out.push_back(v);
+  }
+  if (out.empty()) throw ConfigError(flag, "expected a comma-separated list of seeds, e.g. 1,2,3");
+  return out;
+}
+
 RunConfig equal_compute_config(const RunConfig& base, const std::string& router, std::string* how) {
   RunConfig cfg = base;
   cfg.moe.router = router;
@@ -331,105 +358,455 @@ RunConfig equal_compute_config(const RunConfig& base, const std::string& router,
   return cfg;
 }
 
-std::string write_compare_outputs(const std::string& out_dir, const nlohmann::json& result, bool plots) {
-  if (plots) write_plots(out_dir, result);
-  return write_markdown(out_dir, result, plots);
+ComparePlan load_compare_plan(const std::string& path, const std::vector<std::string>& overrides,
+                              const std::vector<std::string>& routers) {
+  ComparePlan plan;
+  toml::table doc;
+  if (!path.empty()) {
+    try {
+      doc = toml::parse_file(path);
+    } catch (const toml::parse_error& e) {
+      std::ostringstream os;
+      os << e.description() << " at line " << e.source().begin.line << ", column " << e.source().begin.column;
+      throw FileError(path, os.str());
+    }
+  }
+  std::optional<toml::table> cmp;
+  if (auto* c = doc.get("compare")) {
+    if (!c->as_table())
+      throw ConfigError("compare", "expected a [compare] table (" + toml_where(path, *c) + ")");
+    cmp = *c->as_table();
+    doc.erase("compare");
+  }
+  {
+    ConfigBinder b;
+    bind_run_config(b, &plan.base);
+    if (path.empty())
+      b.apply_text(default_config_text(), "configs/default.toml (embedded)");
+    else
+      b.apply(doc, path);
+    for (auto& o : overrides) b.apply_override(o);
+    plan.base.validate();
+  }
+  plan.source = path.empty() ? "configs/default.toml (embedded)" : path;
+  if (cmp) {
+    for (auto&& [k, v] : *cmp) {
+      const std::string key = "compare." + std::string(k.str());
+      const std::string where = toml_where(path, v);
+      if (key == "compare.seeds") {
+        plan.seeds = toml_seeds(v, key, where);
+      } else if (key == "compare.variant") {
+        const auto* arr = v.as_array();
+        if (!arr) throw ConfigError(key, "expected [[compare.variant]] tables (" + where + ")");
+        for (auto& item : *arr) {
+          const auto* t = item.as_table();
+          const std::string w = toml_where(path, item);
+          if (!t) throw ConfigError(key, "each variant is a table (" + w + ")");
+          CompareVariant var;
+          for (auto&& [vk, vv] : *t) {
+            const std::string name(vk.str());
+            const std::string vkey = key + "." + name;
+            const std::string vw = toml_where(path, vv);
+            if (name == "name" || name == "router" || name == "role") {
+              const auto s = vv.value<std::string>();
+              if (!s) throw ConfigError(vkey, "expected a string (" + vw + ")");
+              (name == "name" ? var.name : name == "router" ? var.router : var.role) = *s;
+            } else if (name == "set") {
+              const auto* a = vv.as_array();
+              if (!a)
+                throw ConfigError(vkey, "expected an array of \"section.key=value\" strings (" + vw + ")");
+              for (auto& x : *a) {
+                const auto s = x.value<std::string>();
+                if (!s) throw ConfigError(vkey, "expected \"section.key=value\" strings (" + vw + ")");
+                var.overrides.push_back(*s);
+              }
+            } else if (name == "seeds") {
+              var.seeds = toml_seeds(vv, vkey, vw);
+            } else if (name == "fault") {
+              var.fault = toml_fault(vv, vkey, vw);
+            } else {
+              throw ConfigError(
+                  vkey, "unknown key; a variant has name, router, set, seeds, role and fault (" + vw + ")");
+            }
+          }
+          if (!valid_name(var.name))
+            throw ConfigError(key + ".name",
+                              "every variant needs a name of letters, digits, '_', '-' or '.' (" + w + ")");
+          if (var.router.empty())
+            throw ConfigError(key + ".router", "variant '" + var.name + "' has no router (" + w + ")");
+          const auto known = router_names();
+          if (std::find(known.begin(), known.end(), var.router) == known.end())
+            throw ConfigError(key + ".router",
+                              "variant '" + var.name + "': unknown router '" + var.router + "' (" + w + ")");
+          for (auto& other : plan.variants)
+            if (other.name == var.name)
+              throw ConfigError(key + ".name", "variant '" + var.name + "' is listed twice (" + w + ")");
+          plan.variants.push_back(std::move(var));
+        }
+      } else {
+        throw ConfigError(key, "unknown key; [compare] has seeds and [[compare.variant]] (" + where + ")");
+      }
+    }
+  }
+  if (plan.variants.empty() || !routers.empty()) {
+    if (!plan.variants.empty())
+      throw ConfigError("--routers",
+                        "the config lists [[compare.variant]]s; pick among them with --variants");
+    for (auto& r : routers.empty() ? router_names() : routers) {
+      CompareVariant v;
+      v.name = r;
+      v.router = r;
+      plan.variants.push_back(v);
+    }
+  }
+  return plan;
 }
 
-nlohmann::json run_compare(const RunConfig& base, const CompareOptions& opt, std::ostream& log) {
-  const auto routers = opt.routers.empty() ? router_names() : opt.routers;
+void resolve_compare_plan(ComparePlan& plan, const std::string& only, const std::vector<int64_t>& seeds) {
+  if (!seeds.empty()) plan.seeds = seeds;
+  if (!only.empty()) {
+    std::vector<CompareVariant> kept;
+    std::stringstream ss(only);
+    for (std::string name; std::getline(ss, name, ',');) {
+      if (name.empty()) continue;
+      auto it =
+          std::find_if(plan.variants.begin(), plan.variants.end(), [&](auto& v) { return v.name == name; });
+      if (it == plan.variants.end()) {
+        std::string all;
+        for (auto& v : plan.variants) all += (all.empty() ? "" : ",") + v.name;
+        throw ConfigError("--variants", "no variant '" + name + "' (the plan has " + all + ")");
+      }
+      if (std::any_of(kept.begin(), kept.end(), [&](auto& v) { return v.name == name; }))
+        throw ConfigError("--variants", "variant '" + name + "' is listed twice");
+      kept.push_back(*it);
+    }
+    plan.variants = std::move(kept);
+  }
+  const std::string base = plan.base.to_toml();
+  for (auto& v : plan.variants) {
+    std::vector<std::string> o = {"moe.router=\"" + v.router + "\""};
+    // A NaN fault makes steps non-finite: they are skipped (the weights stay), not the end of the run.
+    if (v.fault.active()) o.push_back("train.nan_policy=\"skip\"");
+    o.insert(o.end(), v.overrides.begin(), v.overrides.end());
+    try {
+      v.cfg = equal_compute_config(load_run_config_text(base, "compare variant " + v.name, o), v.router,
+                                   &v.equal_compute);
+    } catch (const ConfigError& e) {
+      throw ConfigError(e.field(), "variant '" + v.name + "': " + e.what());
+    }
+    if (v.fault.active() && v.fault.expert >= v.cfg.moe.routed_experts())
+      throw ConfigError("compare.variant.fault.expert", "variant '" + v.name + "': expert " +
+                                                            std::to_string(v.fault.expert) + " of " +
+                                                            std::to_string(v.cfg.moe.routed_experts()));
+    if (v.fault.active() && v.fault.step >= v.cfg.train.steps)
+      throw ConfigError("compare.variant.fault.step",
+                        "variant '" + v.name + "': the fault starts after the last step");
+  }
+}
+
+namespace {
+
+// One (variant, seed): trains it (or resumes it, or takes its finished run.json) and measures it.
+nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& dir, const CompareOptions& opt,
+                       const std::string& label, const std::function<std::string(int64_t)>& extra,
+                       int64_t stop_after, std::ostream& log) {
+  RunConfig cfg = v.cfg;
+  cfg.train.seed = seed;
+  const std::string fingerprint = cfg.to_toml() + "\n# fault: " + v.fault.describe() + "\n";
+  const fs::path run_json = dir / "run.json", fp_file = dir / "fingerprint.toml";
+  auto read_text = [](const fs::path& p) {
+    std::ifstream in(p);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  };
+  if (fs::exists(run_json)) {
+    nlohmann::json done;
+    try {
+      std::ifstream in(run_json);
+      done = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+      throw FileError(run_json.string(), std::string("not a finished run's record (") + e.what() +
+                                             "); delete the folder to run it again");
+    }
+    if (done.value("fingerprint", "") != fingerprint)
+      throw ConfigError("compare", run_json.string() + " was made with another config for variant '" +
+                                       v.name + "' seed " + std::to_string(seed) +
+                                       "; use a new --out, or delete that folder to run it again");
+    log << label << ": finished earlier, kept (" << run_json.string() << ")\n";
+    return done;
+  }
+  TrainOptions topt;
+  topt.out_dir = dir.string();
+  topt.progress = opt.progress;
+  topt.progress_label = label;
+  topt.progress_extra = extra;
+  topt.stop_on_signal = true;
+  topt.stop_after = stop_after;
+  const fs::path ckpts = dir / "checkpoints";
+  const bool resumable = fs::exists(fp_file) && read_text(fp_file) == fingerprint && fs::exists(ckpts) &&
+                         !fs::is_empty(ckpts) && fs::exists(dir / "metrics.jsonl");
+  if (resumable) {
+    topt.resume = ckpts.string();
+    log << label << ": resuming from " << ckpts.string() << "\n";
+  } else {
+    fs::remove_all(dir);  // a fresh run: metrics.jsonl must hold this run only
+    fs::create_directories(dir);
+    write_file_atomic(fp_file.string(), fingerprint);
+  }
+  if (v.fault.active()) {
+    const FaultSpec f = v.fault;
+    topt.before_step = [f](int64_t step, TransformerLM& model) {
+      if (step < f.step) return;
+      for (auto& l : model->moe_layers())
+        if (l->fault_expert() < 0) l->set_fault(f.expert, f.factor);
+    };
+  }
+  TrainSummary s;
+  BatchMeasures bm;
+  ModelCounts counts;
+  bool causal = true;
+  std::string router_label = v.router;
+  try {
+    s = train_model(cfg, topt, log);
+    if (s.interrupted_by) throw CompareStopped{s.interrupted_by};
+    if (s.step < cfg.train.steps) throw CompareStopped{0};  // stop_after: the simulated interruption
+    auto lm = load_model(s.checkpoint);
+    counts = count_model(*lm.model);
+    // What the router says of its own setting (Router::causal, name): reports label non-causal runs.
+    for (auto& l : lm.model->moe_layers()) {
+      causal = causal && l->router->causal();
+      router_label = l->router->name();
+    }
+    const std::string tok = lm.tokenizer->serialized();
+    std::ostringstream quiet;
+    DataBundle data = prepare_data(lm.cfg.data, &tok, quiet);
+    bm = measure_batch(lm.model, data.validation, lm.cfg);
+    if (opt.plots && s.validation) {
+      ReportInputs rin;
+      rin.run_dir = topt.out_dir;
+      rin.title =
+          "moeforge compare: " + v.name + " seed " + std::to_string(seed) + " (" + v.equal_compute + ")";
+      rin.facts = {{"steps", std::to_string(s.step)},
+                   {"validation perplexity", fmt(s.validation->perplexity, 2)},
+                   {"MaxVio_global (validation)", fmt(s.validation->max_vio_global, 3)},
+                   {"specialisation", fmt(s.validation->specialization, 3)}};
+      rin.validation = &*s.validation;
+      write_report(rin);
+    }
+  } catch (const CompareStopped&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw std::runtime_error("compare: variant " + v.name + " seed " + std::to_string(seed) + ": " +
+                             e.what());
+  }
+  if (!s.validation) throw std::runtime_error("compare: variant " + v.name + ": no final validation");
+  const Curves c = read_curves(dir / "metrics.jsonl");
+  const auto steps = c.train["step"].get<std::vector<int64_t>>();
+  const auto vio = c.train["max_vio_batch"].get<std::vector<double>>();
+  nlohmann::json fault = nullptr;
+  if (v.fault.active())
+    fault = {{"step", v.fault.step},
+             {"expert", v.fault.expert},
+             {"factor", std::isnan(v.fault.factor) ? nlohmann::json("nan") : nlohmann::json(v.fault.factor)},
+             {"describe", v.fault.describe()}};
+  nlohmann::json run = {
+      {"variant", v.name},
+      {"router", v.router},
+      {"role", v.role},
+      {"group", v.group()},
+      {"seed", seed},
+      {"fingerprint", fingerprint},
+      {"router_label", causal ? router_label : router_label + " [non-causal]"},
+      {"causal", causal},
+      {"equal_compute", v.equal_compute},
+      {"overrides", v.overrides},
+      {"moe",
+       {{"n_expert", cfg.moe.n_expert},
+        {"n_expert_used", cfg.moe.n_expert_used},
+        {"n_cluster_used", cfg.moe.n_cluster_used},
+        {"ec_capacity_factor", cfg.moe.ec_capacity_factor},
+        {"balance_coef", cfg.moe.balance_coef},
+        {"reliability_decay", cfg.moe.reliability_decay},
+        {"reliability",
+         cfg.moe.router_options.count("reliability") ? cfg.moe.router_options.at("reliability") : 1.0}}},
+      {"active_params_per_token", counts.active_params},
+      {"mflop_per_token", counts.flops_per_token / 1e6},
+      {"steps", s.step},
+      {"skipped_steps", s.skipped_steps},
+      {"tokens_per_step", cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len},
+      {"seconds", s.seconds},
+      {"wall_tokens_per_s", s.tokens_per_s},
+      {"first_batch", {{"tokens", s.first_batch_tokens}, {"digest", std::to_string(s.first_batch_digest)}}},
+      {"curve", c.train},
+      {"load_steps", c.load_steps},
+      {"max_vio_batch_mean", json_mean(c.train["max_vio_batch"])},
+      {"dropped_share_mean", json_mean(c.train["dropped_share"])},
+      {"assignments_per_token_train", json_mean(c.train["assignments_per_token"])},
+      {"time_to_balance", time_to_balance(steps, vio)},
+      {"validation", eval_json(s.validation)},
+      {"heldout", eval_json(s.heldout)},
+      {"validation_curve", c.validation},
+      {"heldout_curve", c.heldout},
+      {"optimality_gap",
+       {{"gap", bm.gap},
+        {"capacity_violation", bm.capacity_violation},
+        {"tokens", bm.tokens},
+        {"k", bm.k},
+        {"cap", bm.cap}}},
+      {"causal_leak", {{"eval", bm.leak_eval}, {"train", bm.leak_train}}},
+      {"fault", fault},
+      {"checkpoint", s.checkpoint}};
+  // Written last: its presence marks the run finished (a rerun keeps it).
+  write_file_atomic(run_json.string(), run.dump() + "\n");
+  log << label << ": validation ppl " << fmt(s.validation->perplexity, 2) << ", MaxVio_batch "
+      << fmt(json_mean(c.train["max_vio_batch"]), 3) << ", MaxVio_global "
+      << fmt(s.validation->max_vio_global, 3) << ", specialisation " << fmt(s.validation->specialization, 3)
+      << ", optimality gap " << fmt(bm.gap, 4) << ", causal leak " << bm.leak_eval << " / " << bm.leak_train
+      << "\n";
+  return run;
+}
+
+}  // namespace
+
+nlohmann::json run_compare(const ComparePlan& plan, const CompareOptions& opt, std::ostream& log) {
   const fs::path dir(opt.out_dir);
   fs::create_directories(dir);
-  nlohmann::json result = {{"command", opt.command},       {"machine", describe_machine()},
-                           {"routers", routers},           {"k", base.moe.routed_used()},
-                           {"steps", base.train.steps},    {"batch_size", base.train.batch_size},
-                           {"seq_len", base.data.seq_len}, {"seed", base.train.seed},
-                           {"config", base.to_toml()},     {"runs", nlohmann::json::array()}};
-  for (size_t i = 0; i < routers.size(); ++i) {
-    const std::string& router = routers[i];
-    std::string how;
-    RunConfig cfg = equal_compute_config(base, router, &how);
-    log << "== compare " << i + 1 << "/" << routers.size() << ": " << router << " (" << how << ") ==\n";
-    TrainOptions topt;
-    topt.out_dir = (dir / router).string();
-    topt.progress = opt.progress;
-    topt.progress_label = router;
-    fs::remove_all(topt.out_dir);  // a fresh run each time: metrics.jsonl must hold this run only
-    TrainSummary s;
-    BatchMeasures bm;
-    ModelCounts counts;
-    bool causal = true;
-    std::string label = router;
+  const auto t0 = std::chrono::steady_clock::now();
+  // What an earlier call of the same comparison measured after its runs (kept unless the variants changed).
+  nlohmann::json previous;
+  if (fs::exists(dir / "compare.json")) {
     try {
-      s = train_model(cfg, topt, log);
-      auto lm = load_model(s.checkpoint);
-      counts = count_model(*lm.model);
-      // What the router says of its own setting (Router::causal, name): reports label non-causal runs.
-      for (auto& l : lm.model->moe_layers()) {
-        causal = causal && l->router->causal();
-        label = l->router->name();
-      }
-      const std::string tok = lm.tokenizer->serialized();
-      std::ostringstream quiet;
-      DataBundle data = prepare_data(lm.cfg.data, &tok, quiet);
-      bm = measure_batch(lm.model, data.validation, lm.cfg);
-      if (opt.plots && s.validation) {
-        ReportInputs rin;
-        rin.run_dir = topt.out_dir;
-        rin.title = "moeforge compare: " + router + " (" + how + ")";
-        rin.facts = {{"steps", std::to_string(s.step)},
-                     {"validation perplexity", fmt(s.validation->perplexity, 2)},
-                     {"MaxVio_global (validation)", fmt(s.validation->max_vio_global, 3)},
-                     {"specialisation", fmt(s.validation->specialization, 3)}};
-        rin.validation = &*s.validation;
-        write_report(rin);
-      }
-    } catch (const std::exception& e) {
-      throw std::runtime_error("compare: router " + router + ": " + e.what());
+      std::ifstream in(dir / "compare.json");
+      previous = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception&) {
+      previous = nullptr;  // a torn file from an older version: every run.json still says what is done
     }
-    if (!s.validation) throw std::runtime_error("compare: router " + router + ": no final validation");
-    const auto metrics = dir / router / "metrics.jsonl";
-    nlohmann::json run = {
-        {"router", router},
-        {"router_label", causal ? label : label + " [non-causal]"},
-        {"causal", causal},
-        {"equal_compute", how},
-        {"moe",
-         {{"n_expert_used", cfg.moe.n_expert_used},
-          {"n_cluster_used", cfg.moe.n_cluster_used},
-          {"ec_capacity_factor", cfg.moe.ec_capacity_factor}}},
-        {"active_params_per_token", counts.active_params},
-        {"mflop_per_token", counts.flops_per_token / 1e6},
-        {"steps", s.step},
-        {"seconds", s.seconds},
-        {"tokens_per_s", s.tokens_per_s},
-        {"first_batch", {{"tokens", s.first_batch_tokens}, {"digest", std::to_string(s.first_batch_digest)}}},
-        {"train_loss", s.step_losses},
-        {"max_vio_batch_steps", s.step_max_vio},
-        {"max_vio_batch_mean", mean_of(s.step_max_vio)},
-        {"validation", eval_json(s.validation)},
-        {"heldout", eval_json(s.heldout)},
-        {"validation_curve", metric_curve(metrics, "validation")},
-        {"heldout_curve", metric_curve(metrics, "heldout")},
-        {"dead_experts", dead_experts(*s.validation)},
-        {"optimality_gap",
-         {{"gap", bm.gap},
-          {"capacity_violation", bm.capacity_violation},
-          {"tokens", bm.tokens},
-          {"k", bm.k},
-          {"cap", bm.cap}}},
-        {"causal_leak", {{"eval", bm.leak_eval}, {"train", bm.leak_train}}},
-        {"checkpoint", s.checkpoint}};
-    result["gap_tokens"] = bm.tokens;
-    result["runs"].push_back(run);
-    log << router << ": validation ppl " << fmt(s.validation->perplexity, 2) << ", MaxVio_batch "
-        << fmt(mean_of(s.step_max_vio), 3) << ", MaxVio_global " << fmt(s.validation->max_vio_global, 3)
-        << ", specialisation " << fmt(s.validation->specialization, 3) << ", optimality gap "
-        << fmt(bm.gap, 4) << ", causal leak " << bm.leak_eval << " / " << bm.leak_train << ", "
-        << fmt(s.tokens_per_s, 0) << " tokens/s\n";
-    // Written after every run so that an interrupted comparison keeps what it finished.
-    write_file_atomic((dir / "compare.json").string(), result.dump(1) + "\n");
   }
+  nlohmann::json variants = nlohmann::json::array();
+  std::vector<std::pair<const CompareVariant*, int64_t>> todo;
+  for (auto& v : plan.variants) {
+    const auto seeds = v.seeds.empty() ? plan.seeds : v.seeds;
+    variants.push_back({{"name", v.name},
+                        {"router", v.router},
+                        {"role", v.role},
+                        {"group", v.group()},
+                        {"seeds", seeds},
+                        {"overrides", v.overrides},
+                        {"equal_compute", v.equal_compute},
+                        {"fault", v.fault.describe()}});
+  }
+  // Seed-major order (every variant's first seed, then every second seed, ...), the main variants before the
+  // fault experiment: a comparison stopped early holds whole seeds of every main variant.
+  for (const char* group : {"main", "fault"})
+    for (size_t k = 0;; ++k) {
+      bool any = false;
+      for (auto& v : plan.variants) {
+        const auto& seeds = v.seeds.empty() ? plan.seeds : v.seeds;
+        if (v.group() == group && k < seeds.size()) {
+          todo.push_back({&v, seeds[k]});
+          any = true;
+        }
+      }
+      if (!any) break;
+    }
+  nlohmann::json result = {{"command", opt.command},
+                           {"machine", describe_machine()},
+                           {"source", plan.source},
+                           {"seeds", plan.seeds},
+                           {"k", plan.base.moe.routed_used()},
+                           {"steps", plan.base.train.steps},
+                           {"batch_size", plan.base.train.batch_size},
+                           {"seq_len", plan.base.data.seq_len},
+                           {"config", plan.base.to_toml()},
+                           {"variants", variants},
+                           {"runs", nlohmann::json::array()},
+                           {"complete", false}};
+  double seconds_before = 0;
+  if (previous.is_object()) seconds_before = previous.value("seconds_total", 0.0);
+
+  // The whole comparison's progress: steps of the runs still to train, at the rate of this call so far.
+  int64_t steps_total = 0, steps_done = 0;
+  for (auto& [v, s] : todo)
+    if (!fs::exists(dir / v->name / run_dir_name(s) / "run.json")) steps_total += v->cfg.train.steps;
+  int64_t run_base = 0;
+  auto overall = [&](int64_t step_in_run) {
+    const int64_t done = steps_done + std::max<int64_t>(step_in_run - run_base, 0);
+    const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double eta = done > 0 ? el / double(done) * double(steps_total - done) : NAN;
+    std::ostringstream os;
+    os << "all " << int(100.0 * double(done) / double(std::max<int64_t>(steps_total, 1))) << "%, ETA "
+       << format_duration(eta);
+    return os.str();
+  };
+  auto save = [&] {
+    result["seconds_total"] =
+        seconds_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    write_file_atomic((dir / "compare.json").string(), result.dump() + "\n");
+  };
+
+  int64_t trained = 0;
+  for (size_t i = 0; i < todo.size(); ++i) {
+    const auto& [v, seed] = todo[i];
+    const fs::path run_dir = dir / v->name / run_dir_name(seed);
+    const bool finished = fs::exists(run_dir / "run.json");
+    int64_t stop_after = 0;
+    if (!finished && opt.stop_after_runs > 0 && trained >= opt.stop_after_runs) {
+      if (opt.stop_after_steps <= 0) {
+        log << "compare: stopped after " << trained << " runs (stop_after_runs); rerun to continue\n";
+        save();
+        return result;
+      }
+      stop_after = opt.stop_after_steps;
+    }
+    std::ostringstream label;
+    label << "[" << i + 1 << "/" << todo.size() << "] " << v->name << " seed " << seed;
+    if (!finished) log << "== compare " << label.str() << " (" << v->equal_compute << ") ==\n";
+    run_base = 0;
+    try {
+      result["runs"].push_back(run_one(*v, seed, run_dir, opt, label.str(), overall, stop_after, log));
+    } catch (const CompareStopped& stop) {
+      if (stop.signal) result["interrupted_by"] = stop.signal;
+      save();
+      log << "compare: interrupted during " << label.str() << "; rerun the same command to continue\n";
+      return result;
+    }
+    if (!finished) {
+      ++trained;
+      steps_done += v->cfg.train.steps;
+      const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      // The whole comparison's bar, one line after each run (the run's own bar shows the ETA as it goes).
+      const double frac = double(steps_done) / double(std::max<int64_t>(steps_total, 1));
+      const int filled = int(frac * 24);
+      if (opt.progress)
+        log << "comparison [" << std::string(filled, '#') << std::string(24 - filled, '.') << "] " << trained
+            << " runs trained this call, " << i + 1 << "/" << todo.size() << " done | " << format_duration(el)
+            << " elapsed, ETA " << format_duration(el / frac - el) << "\n";
+    }
+    save();
+  }
+
+  // Phases after the runs: kept from an earlier call when the variants are the same.
+  const bool same_variants = previous.is_object() && previous.value("variants", nlohmann::json()) == variants;
+  if (opt.throughput) {
+    if (same_variants && previous.contains("throughput")) {
+      result["throughput"] = previous["throughput"];
+    } else {
+      std::vector<CompareVariant> main;
+      for (auto& v : plan.variants)
+        if (v.group() == "main") main.push_back(v);
+      result["throughput"] = opt.throughput(main, log);
+    }
+    save();
+  }
+  if (opt.routing_scale) {
+    if (same_variants && previous.contains("routing_scale"))
+      result["routing_scale"] = previous["routing_scale"];
+    else
+      result["routing_scale"] = opt.routing_scale(log);
+  }
+  result["complete"] = true;
+  save();
   log << "wrote " << write_compare_outputs(dir.string(), result, opt.plots) << "\n";
   return result;
 }

@@ -1,10 +1,16 @@
-// Side-by-side router comparison (`moeforge compare`): one model per router, trained on the same data with
-// the same seed, steps and model shape, and the same active expert compute per token; then the measures of
-// docs/routing.md section 9 for each, written as compare.json and compare.md with gnuplot PNG plots.
+// Side-by-side router comparison (`moeforge compare`, docs/comparison.md): variants (a router and its own
+// config overrides), each trained with several seeds on the same data, with the same steps, model shape and
+// active expert compute per token; then the measures of docs/routing.md section 9 for every run, aggregated
+// over seeds (mean, standard deviation, min-max) in compare.json and report.md with gnuplot PNG plots.
+//
+// Resumable: each finished run leaves OUT/<variant>/seed<k>/run.json; a rerun of the same command skips
+// those, resumes an interrupted run from its last checkpoint, and starts the rest.
 #pragma once
 
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
+#include <functional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -13,35 +19,117 @@
 
 namespace moeforge {
 
+// A fault injected into one routed expert of every MoE layer from training step `step` on: its output rows
+// multiplied by `factor` (NaN: replaced by NaN). The reliability experiment of docs/comparison.md.
+struct FaultSpec {
+  int64_t step = -1;  // -1: no fault
+  int64_t expert = 0;
+  double factor = 1.0;
+  bool active() const { return step >= 0; }
+  std::string describe() const;  // "expert 3 x 100 from step 250", "expert 3 NaN from step 250"
+};
+
+struct CompareVariant {
+  std::string name;                    // its label in every table and plot, and its folder
+  std::string router;                  // moe.router
+  std::vector<std::string> overrides;  // "section.key=value", applied before the equal-compute rule
+  std::vector<int64_t> seeds;          // empty: the comparison's seeds
+  FaultSpec fault;
+  // The part of the claims (docs/comparison.md) this variant plays, e.g. "balance_loss", "loss_free", "bip",
+  // "expert_choice", "expert_choice_noncausal", "moce", "hierarchical", "no_balance", and for the fault
+  // experiment "fault_reference" (the fault-free run the faulty runs are held against); empty = none.
+  std::string role;
+  // "fault" for the fault experiment (a fault, or role fault_reference), else "main" (the tables and claims).
+  std::string group() const { return fault.active() || role == "fault_reference" ? "fault" : "main"; }
+  // Filled by resolve_compare_plan: base + router + overrides + the equal-compute rule.
+  RunConfig cfg;
+  std::string equal_compute;  // what the rule set, in words
+};
+
+struct ComparePlan {
+  RunConfig base;
+  std::vector<CompareVariant> variants;
+  std::vector<int64_t> seeds = {1, 2, 3};
+  std::string source;  // the config file (or "routers") it came from
+};
+
 struct CompareOptions {
-  std::vector<std::string> routers;  // moe.router values, in the order they run; empty = every router
   std::string out_dir = "runs/compare";
-  std::string command;  // the command line, recorded in compare.md / compare.json
+  std::string command;  // the command line, recorded in report.md / compare.json
   bool progress = true;
-  bool plots = true;  // compare.md's PNGs and each run's report (gnuplot); tests may turn them off
+  bool plots = true;  // report.md's PNGs and each run's report (gnuplot); tests may turn them off
+  // Stop (as an interruption would) once this many runs have been trained in this call; 0 = never. Tests
+  // use it to simulate an interrupted comparison.
+  int64_t stop_after_runs = 0;
+  // With stop_after_runs: the next run is trained this many steps (and checkpointed) before the stop, as an
+  // interruption in the middle of a run would leave it; 0 = not at all.
+  int64_t stop_after_steps = 0;
+  // Phases after the runs, supplied by the command line (they live in bench/): training throughput of the
+  // main variants interleaved in one process, and the routing cost of flat vs hierarchical routing as E
+  // grows. Each result is stored in compare.json and kept by a rerun.
+  std::function<nlohmann::json(const std::vector<CompareVariant>&, std::ostream&)> throughput;
+  std::function<nlohmann::json(std::ostream&)> routing_scale;
 };
 
 // `base` with moe.router = `router` and the router's own options set so that every token gets
-// base.moe.n_expert_used expert assignments on average (K):
-//   topk, loss_free, bip: top-K as configured;
-//   expert_choice: ec_capacity_factor = K (each expert takes T*K/E tokens);
-//   hierarchical: n_cluster_used * n_expert_used = K (K_c = the smallest divisor of K that fits);
-//   moce: K inside the sequence's group, less the general experts' share when there are any.
-// `how` (if given) receives a one-line description of what was set. Throws ConfigError when K cannot be
-// met with the router's shape (e.g. hierarchical with K > experts per cluster * clusters).
+// base.moe.n_expert_used expert assignments on average (K): the registry's equal_compute rule
+// (routing/registry.h). `how` (if given) receives a one-line description of what was set. Throws
+// ConfigError when K cannot be met with the router's shape.
 RunConfig equal_compute_config(const RunConfig& base, const std::string& router, std::string* how = nullptr);
 
-// Parses "a,b,c" into router names, checking each against available_routers(); an empty string means all
-// of them. Throws ConfigError("--routers", ...) naming the bad entry or a duplicate.
+// Parses "a,b,c" into router names, checking each against router_names(); an empty string means all of
+// them. Throws ConfigError("--routers", ...) naming the bad entry or a duplicate.
 std::vector<std::string> parse_router_list(const std::string& csv);
 
-// Trains and measures every router of opt.routers on `base`; writes out_dir/<router>/ (each run),
-// out_dir/compare.json, out_dir/compare.md and out_dir/plots/*.png. Returns the JSON written.
-nlohmann::json run_compare(const RunConfig& base, const CompareOptions& opt, std::ostream& log);
+// Parses "1,2,3" into seeds; ConfigError(`flag`, ...) names a bad or repeated entry.
+std::vector<int64_t> parse_seed_list(const std::string& csv, const std::string& flag = "--seeds");
 
-// compare.md (and plots/*.png when `plots`) from a comparison's JSON, as run_compare writes them: lets the
-// figures be redrawn from out_dir/compare.json without training again. Returns the path of compare.md.
+// A comparison from a config file: the run config's sections, plus an optional [compare] table:
+//   [compare]
+//   seeds = [1, 2, 3]
+//   [[compare.variant]]
+//   name = "top2-switch"          # required, unique, [A-Za-z0-9_.-]
+//   router = "topk"               # required
+//   set = ["moe.balance_coef=0.01"]
+//   seeds = [1]                   # optional: this variant's own seeds
+//   role = "balance_loss"         # optional (see CompareVariant::role)
+//   fault = { step = 250, expert = 3, factor = 100.0 }   # or factor = "nan"
+// Without variants, one variant per router of `routers` (every router when empty), named after it.
+// `overrides` (--set) apply to the base config of every variant. Errors name the file and the key.
+ComparePlan load_compare_plan(const std::string& path, const std::vector<std::string>& overrides,
+                              const std::vector<std::string>& routers = {});
+
+// Applies each variant's router, overrides and the equal-compute rule (fills cfg and equal_compute); keeps
+// only the variants named in `only` (comma-separated, empty = all) and sets every variant without its own
+// seeds to `seeds` when given. ConfigError names the variant and the key.
+void resolve_compare_plan(ComparePlan& plan, const std::string& only = "",
+                          const std::vector<int64_t>& seeds = {});
+
+// Trains and measures every (variant, seed) of the plan that has no finished run.json yet (resuming a run
+// that was interrupted), runs the throughput and routing-scale phases, writes out_dir/compare.json,
+// out_dir/report.md and out_dir/plots/*.png. Returns the JSON written. When stop_after_runs stops it early,
+// compare.json holds the finished runs and "complete" is false.
+nlohmann::json run_compare(const ComparePlan& plan, const CompareOptions& opt, std::ostream& log);
+
+// report.md (and plots/*.png when `plots`) from a comparison's JSON as run_compare writes it: lets the
+// figures be redrawn from out_dir/compare.json without training again (--render-only). Returns the path of
+// report.md.
 std::string write_compare_outputs(const std::string& out_dir, const nlohmann::json& result,
                                   bool plots = true);
+
+// Mean, sample standard deviation (n - 1; 0 for one value), min, max and count of `v` (non-finite values
+// are skipped and counted in `missing`).
+struct Spread {
+  double mean = 0, sd = 0, min = 0, max = 0;
+  int64_t n = 0, missing = 0;
+  // Two spreads are resolved apart when their min-max ranges do not overlap (docs/comparison.md).
+  bool apart_from(const Spread& o) const { return n > 0 && o.n > 0 && (max < o.min || o.max < min); }
+};
+Spread spread_of(const std::vector<double>& v);
+
+// The first logged step from which MaxVio_batch stays under `threshold` until the end (-1 if the last
+// logged value is not under it); `steps` and `max_vio` are the logged (step, value) pairs in order.
+int64_t time_to_balance(const std::vector<int64_t>& steps, const std::vector<double>& max_vio,
+                        double threshold = 0.2);
 
 }  // namespace moeforge

@@ -1,0 +1,804 @@
+// moeforge compare's report: the runs of compare.json aggregated over seeds (mean, standard deviation,
+// min-max), the claims of docs/comparison.md answered from those numbers, and the plots (gnuplot PNG).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <functional>
+#include <iomanip>
+#include <map>
+#include <sstream>
+
+#include "moeforge/train/compare.h"
+#include "moeforge/util/atomic_file.h"
+#include "moeforge/util/error.h"
+#include "moeforge/util/progress.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace moeforge {
+namespace {
+
+// Balance threshold of "time to balance" (the definition: MaxVio_batch first stays under it).
+constexpr double kBalanced = 0.2;
+// The fault experiment's margin: the LM loss at the end of a faulty run counts as recovered when it is
+// within this many nats of the fault-free run's over the same steps (about 1% of the loss at this scale,
+// a few times the seed-to-seed spread of the final training loss).
+constexpr double kRecoveryMargin = 0.05;
+// A faulty expert's traffic counts as cut off when its share of the load falls under this fraction of
+// the fair share 1/E.
+constexpr double kCutOff = 0.1;
+
+std::string fmt(double v, int precision) {
+  if (!std::isfinite(v)) return "-";
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(precision) << v;
+  return os.str();
+}
+
+std::string quote(const std::string& s) {
+  return "'" + s + "'";
+}
+
+double num(const json& j, double missing = NAN) {
+  return j.is_number() ? j.get<double>() : missing;
+}
+
+struct Variant {
+  std::string name, role, group, equal_compute, router;
+  std::vector<const json*> runs;  // in seed order
+};
+
+std::vector<Variant> collect(const json& result) {
+  std::vector<Variant> out;
+  for (auto& v : result["variants"]) {
+    Variant x;
+    x.name = v["name"];
+    x.role = v.value("role", "");
+    x.group = v.value("group", "main");
+    x.equal_compute = v.value("equal_compute", "");
+    x.router = v.value("router", "");
+    for (auto& r : result["runs"])
+      if (r["variant"] == x.name) x.runs.push_back(&r);
+    if (!x.runs.empty()) out.push_back(x);
+  }
+  return out;
+}
+
+using Getter = std::function<double(const json&)>;
+
+Spread over(const Variant& v, const Getter& g) {
+  std::vector<double> xs;
+  for (auto* r : v.runs) xs.push_back(g(*r));
+  return spread_of(xs);
+}
+
+// "mean ± sd [min–max]" (sd: sample standard deviation over seeds).
+std::string cell(const Spread& s, int precision) {
+  if (s.n == 0) return "-";
+  std::string c = fmt(s.mean, precision);
+  if (s.n > 1)
+    c += " ± " + fmt(s.sd, precision) + " [" + fmt(s.min, precision) + "–" + fmt(s.max, precision) + "]";
+  if (s.missing > 0) c += " (" + std::to_string(s.missing) + " never)";
+  return c;
+}
+
+Getter split_get(const char* split, const char* key) {
+  return [=](const json& r) { return r[split].is_null() ? NAN : num(r[split][key]); };
+}
+const Getter kValPpl = split_get("validation", "perplexity");
+const Getter kValLoss = split_get("validation", "loss");
+const Getter kHeldPpl = split_get("heldout", "perplexity");
+const Getter kMaxVioGlobal = split_get("validation", "max_vio_global");
+const Getter kSpec = split_get("validation", "specialization");
+const Getter kDead = split_get("validation", "dead_experts");
+const Getter kAptEval = split_get("validation", "assignments_per_token");
+const Getter kMaxVioBatch = [](const json& r) { return num(r["max_vio_batch_mean"]); };
+const Getter kTimeToBalance = [](const json& r) {
+  const double t = num(r["time_to_balance"], -1);
+  return t < 0 ? NAN : t;
+};
+const Getter kDropped = [](const json& r) { return num(r["dropped_share_mean"]); };
+const Getter kAptTrain = [](const json& r) { return num(r["assignments_per_token_train"]); };
+const Getter kGap = [](const json& r) { return num(r["optimality_gap"]["gap"]); };
+const Getter kViolation = [](const json& r) { return num(r["optimality_gap"]["capacity_violation"]); };
+const Getter kLeakEval = [](const json& r) { return num(r["causal_leak"]["eval"]); };
+const Getter kLeakTrain = [](const json& r) { return num(r["causal_leak"]["train"]); };
+
+// The validation loss against training tokens, mean over seeds at the evaluation steps every seed has.
+struct Curve {
+  std::vector<double> tokens, mean, lo, hi;
+};
+Curve validation_curve(const Variant& v) {
+  std::map<int64_t, std::vector<double>> by_step;
+  for (auto* r : v.runs)
+    for (auto& p : (*r)["validation_curve"]) by_step[p[0].get<int64_t>()].push_back(num(p[1]));
+  Curve c;
+  const double tps = num((*v.runs.front())["tokens_per_step"], 0);
+  for (auto& [step, xs] : by_step) {
+    const auto s = spread_of(xs);
+    if (xs.size() != v.runs.size() || s.n != int64_t(xs.size())) continue;  // a seed missing or non-finite
+    c.tokens.push_back(double(step) * tps);
+    c.mean.push_back(s.mean);
+    c.lo.push_back(s.min);
+    c.hi.push_back(s.max);
+  }
+  return c;
+}
+
+// Training tokens at which the curve first reaches `target` (linear between evaluations), NaN if never.
+double tokens_to_reach(const Curve& c, double target) {
+  for (size_t i = 0; i < c.mean.size(); ++i) {
+    if (c.mean[i] > target) continue;
+    if (i == 0) return c.tokens[0];
+    const double f = (c.mean[i - 1] - target) / (c.mean[i - 1] - c.mean[i]);
+    return c.tokens[i - 1] + f * (c.tokens[i] - c.tokens[i - 1]);
+  }
+  return NAN;
+}
+
+const Variant* by_role(const std::vector<Variant>& vs, const std::string& role) {
+  for (auto& v : vs)
+    if (v.role == role && v.group == "main") return &v;
+  return nullptr;
+}
+
+const Variant* fault_reference(const std::vector<Variant>& vs) {
+  for (auto& v : vs)
+    if (v.role == "fault_reference") return &v;
+  return by_role(vs, "hierarchical");
+}
+
+double throughput_of(const json& result, const std::string& name) {
+  if (!result.contains("throughput") || !result["throughput"].contains("variants")) return NAN;
+  const auto& t = result["throughput"]["variants"];
+  return t.contains(name) ? num(t[name]["tokens_per_s"]) : NAN;
+}
+
+// "a < b (resolved)" / "a < b (spreads overlap: not resolved)".
+std::string versus(const std::string& what, const Variant& a, const Spread& sa, const Variant& b,
+                   const Spread& sb, int precision) {
+  std::ostringstream os;
+  os << what << ": " << a.name << " " << cell(sa, precision) << " vs " << b.name << " " << cell(sb, precision)
+     << " — "
+     << (sa.mean < sb.mean   ? "lower"
+         : sa.mean > sb.mean ? "higher"
+                             : "equal")
+     << (sa.apart_from(sb) ? " (min–max ranges apart: resolved)" : " (min–max ranges overlap: not resolved)");
+  return os.str();
+}
+
+// Per logged step of one run: the faulty expert's share of the load (all MoE layers).
+std::vector<std::pair<int64_t, double>> fault_share(const json& r, int64_t expert) {
+  std::vector<std::pair<int64_t, double>> out;
+  const auto& steps = r["curve"]["step"];
+  const auto& loads = r["load_steps"];
+  for (size_t i = 0; i < steps.size() && i < loads.size(); ++i) {
+    double total = 0;
+    for (auto& x : loads[i]) total += x.get<double>();
+    const double e = loads[i].size() > size_t(expert) ? loads[i][size_t(expert)].get<double>() : 0;
+    out.push_back({steps[i].get<int64_t>(), total > 0 ? e / total : 0});
+  }
+  return out;
+}
+
+// Mean of the logged training loss over steps in (from, to].
+double mean_loss(const json& r, int64_t from, int64_t to) {
+  double s = 0;
+  int n = 0;
+  const auto& steps = r["curve"]["step"];
+  const auto& loss = r["curve"]["loss"];
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const int64_t st = steps[i].get<int64_t>();
+    if (st > from && st <= to) {
+      if (!std::isfinite(num(loss[i]))) continue;
+      s += num(loss[i]);
+      ++n;
+    }
+  }
+  return n ? s / n : NAN;
+}
+
+struct Claim {
+  std::string title, verdict;
+  std::vector<std::string> evidence;
+};
+
+std::vector<Claim> answer_claims(const std::vector<Variant>& vs, const json& result) {
+  std::vector<Claim> claims;
+  const Variant* bl = by_role(vs, "balance_loss");
+  const Variant* lf = by_role(vs, "loss_free");
+  const Variant* bip = by_role(vs, "bip");
+  const Variant* ec = by_role(vs, "expert_choice");
+  const Variant* ecn = by_role(vs, "expert_choice_noncausal");
+  const Variant* moce = by_role(vs, "moce");
+
+  if (bl && lf) {
+    Claim c{
+        "1. Loss-free balancing (Wang et al. 2024) reaches a lower MaxVio_global than the balance loss at "
+        "equal or better perplexity (paper, 1B: 0.04 vs 0.72, perplexity 9.50 vs 9.56)",
+        "",
+        {}};
+    const auto ma = over(*lf, kMaxVioGlobal), mb = over(*bl, kMaxVioGlobal);
+    const auto pa = over(*lf, kValPpl), pb = over(*bl, kValPpl);
+    c.evidence.push_back(versus("MaxVio_global", *lf, ma, *bl, mb, 3));
+    c.evidence.push_back(versus("validation perplexity", *lf, pa, *bl, pb, 2));
+    const bool balance = ma.mean < mb.mean && ma.apart_from(mb);
+    const bool ppl_worse = pa.mean > pb.mean && pa.apart_from(pb);
+    c.verdict = balance && !ppl_worse ? "reproduced" : (ma.mean >= mb.mean ? "not reproduced" : "mixed");
+    claims.push_back(c);
+  }
+  if (bip && (lf || bl)) {
+    Claim c{
+        "2. BIP balancing (Sun et al. 2025) balances faster early in training than loss-free and the balance "
+        "loss, and reaches their perplexity with less compute (paper: at least 13% less time)",
+        "",
+        {}};
+    const auto tb = over(*bip, kTimeToBalance);
+    bool faster_all = true, cheaper_all = true, any_faster = false, any_cheaper = false;
+    const auto bip_curve = validation_curve(*bip);
+    for (const Variant* o : {lf, bl}) {
+      if (!o) continue;
+      const auto to = over(*o, kTimeToBalance);
+      c.evidence.push_back("time to balance (steps until MaxVio_batch stays < " + fmt(kBalanced, 1) +
+                           "; 'never' = not under it at the end): " + bip->name + " " + cell(tb, 0) + " vs " +
+                           o->name + " " + cell(to, 0));
+      // A variant that never balanced (missing) counts as slower than any that did.
+      const bool faster = tb.n > 0 && (to.n == 0 || (tb.mean < to.mean && tb.apart_from(to)) ||
+                                       (tb.missing < to.missing && tb.n == int64_t(bip->runs.size())));
+      faster_all = faster_all && faster;
+      any_faster = any_faster || faster;
+      const auto oc = validation_curve(*o);
+      if (oc.mean.empty() || bip_curve.mean.empty()) continue;
+      const double target = oc.mean.back();
+      const double tb_tok = tokens_to_reach(bip_curve, target), to_tok = tokens_to_reach(oc, target);
+      const double time_ratio =
+          (tb_tok / to_tok) * (throughput_of(result, o->name) / throughput_of(result, bip->name));
+      const double tok_ratio = tb_tok / to_tok;
+      std::string line = "tokens to reach " + o->name + "'s final mean validation loss " + fmt(target, 4) +
+                         ": " + bip->name + " " +
+                         (std::isfinite(tb_tok) ? fmt(tb_tok / 1e6, 3) + "M" : "never") + " vs " + o->name +
+                         " " + fmt(to_tok / 1e6, 3) + "M (ratio " + fmt(tok_ratio, 3) +
+                         "; time ratio at the measured tokens/s " + fmt(time_ratio, 3) + ")";
+      c.evidence.push_back(line);
+      const bool cheaper =
+          std::isfinite(time_ratio) ? time_ratio <= 0.87 : (std::isfinite(tok_ratio) && tok_ratio <= 0.87);
+      cheaper_all = cheaper_all && cheaper;
+      any_cheaper = any_cheaper || cheaper;
+    }
+    c.evidence.push_back(
+        "the validation curves are means over seeds at the evaluation steps; 0.87 = the paper's "
+        "13% saving");
+    c.verdict =
+        faster_all && cheaper_all ? "reproduced" : (!any_faster && !any_cheaper ? "not reproduced" : "mixed");
+    claims.push_back(c);
+  }
+  if (ec && bl) {
+    Claim c{
+        "3. Expert choice (Zhou et al. 2022) converges faster than top-2 at equal compute (paper: 2x at "
+        "8B/64E); the leak of non-causal expert choice against the causal-safe variant",
+        "",
+        {}};
+    const auto le = over(*ec, kValLoss), lb = over(*bl, kValLoss);
+    c.evidence.push_back(versus("final validation loss", *ec, le, *bl, lb, 4));
+    const auto ecc = validation_curve(*ec), blc = validation_curve(*bl);
+    double ratio = NAN;
+    if (!ecc.mean.empty() && !blc.mean.empty()) {
+      const double target = blc.mean.back();
+      ratio = tokens_to_reach(ecc, target) / tokens_to_reach(blc, target);
+      c.evidence.push_back("tokens to reach " + bl->name + "'s final mean validation loss, " + ec->name +
+                           " / " + bl->name + ": " +
+                           (std::isfinite(ratio) ? fmt(ratio, 3) : std::string("never reached")) +
+                           " (0.5 = the paper's 2x)");
+    }
+    c.evidence.push_back("causal leak of " + ec->name + " (max |y' - y|, evaluation / training routing): " +
+                         cell(over(*ec, kLeakEval), 6) + " / " + cell(over(*ec, kLeakTrain), 6));
+    if (ecn)
+      c.evidence.push_back("causal leak of " + ecn->name + ": " + cell(over(*ecn, kLeakEval), 6) + " / " +
+                           cell(over(*ecn, kLeakTrain), 6) + "; its validation loss " +
+                           cell(over(*ecn, kValLoss), 4) +
+                           " (training routing sees the future; evaluation uses "
+                           "thresholds)");
+    const bool resolved_better = le.mean < lb.mean && le.apart_from(lb);
+    c.verdict = std::isfinite(ratio) && ratio <= 0.5 && resolved_better
+                    ? "reproduced"
+                    : (resolved_better ? "mixed (faster, not 2x)" : "not reproduced");
+    claims.push_back(c);
+  }
+  if (moce && bl) {
+    Claim c{
+        "4. MoCE (Eo et al. 2025): experts specialise by genre more than with one router, while "
+        "held-out-genre "
+        "perplexity is not worse",
+        "",
+        {}};
+    const auto sa = over(*moce, kSpec), sb = over(*bl, kSpec);
+    const auto ha = over(*moce, kHeldPpl), hb = over(*bl, kHeldPpl);
+    c.evidence.push_back(versus("specialisation I(genre; expert)/H(genre)", *moce, sa, *bl, sb, 3));
+    c.evidence.push_back(versus("held-out genre perplexity", *moce, ha, *bl, hb, 2));
+    const bool spec = sa.mean > sb.mean && sa.apart_from(sb);
+    const bool worse = ha.mean > hb.mean && ha.apart_from(hb);
+    c.verdict = spec && !worse ? "reproduced" : (sa.mean <= sb.mean ? "not reproduced" : "mixed");
+    claims.push_back(c);
+  }
+  {
+    Claim c{
+        "5. ClusterMoE: hierarchical routing cost grows more slowly than flat top-K as E grows; reliability "
+        "tracking survives a faulty expert",
+        "",
+        {}};
+    int votes_yes = 0, votes_no = 0;
+    if (result.contains("routing_scale") && result["routing_scale"].contains("points")) {
+      const auto& pts = result["routing_scale"]["points"];
+      if (pts.size() >= 2) {
+        const auto& a = pts.front();
+        const auto& b = pts.back();
+        for (const char* what : {"route_ms", "layer_ms"}) {
+          const double gt = num(b["topk"][what]) / num(a["topk"][what]);
+          const double gh = num(b["hierarchical"][what]) / num(a["hierarchical"][what]);
+          c.evidence.push_back(
+              std::string(what == std::string("route_ms") ? "route()" : "layer forward+backward") +
+              " time from E = " + std::to_string(a["E"].get<int64_t>()) +
+              " to E = " + std::to_string(b["E"].get<int64_t>()) + ": topk x" + fmt(gt, 2) +
+              ", hierarchical x" + fmt(gh, 2) + " (at E = " + std::to_string(b["E"].get<int64_t>()) + ": " +
+              fmt(num(b["topk"][what]), 2) + " vs " + fmt(num(b["hierarchical"][what]), 2) + " ms)");
+          (gh < gt ? votes_yes : votes_no) += 1;
+        }
+      }
+    }
+    for (auto& v : vs) {
+      if (v.group != "fault" || v.role == "fault_reference") continue;
+      for (auto* r : v.runs) {
+        const auto& f = (*r)["fault"];
+        const int64_t e = f["expert"].get<int64_t>(), at = f["step"].get<int64_t>();
+        const bool rel = num((*r)["moe"]["reliability"], 1.0) != 0.0;
+        const int64_t last = (*r)["steps"].get<int64_t>();
+        const int64_t window = std::max<int64_t>(1, (last - at) / 5);
+        double share = 0;
+        int n = 0;
+        for (auto& [st, sh] : fault_share(*r, e))
+          if (st > last - window) {
+            share += sh;
+            ++n;
+          }
+        share = n ? share / n : NAN;
+        const double fair = 1.0 / double(num((*r)["moe"]["n_expert"], 1));
+        // The fault-free reference (role fault_reference, else the hierarchical variant): its run of the same
+        // seed, over the same steps.
+        const json* ref = nullptr;
+        if (const Variant* rv = fault_reference(vs))
+          for (auto* h : rv->runs)
+            if ((*h)["seed"] == (*r)["seed"]) ref = h;
+        const double lf_end = mean_loss(*r, last - window, last);
+        const double ref_end = ref ? mean_loss(*ref, last - window, last) : NAN;
+        const bool cut = share < kCutOff * fair;
+        const bool recovered =
+            std::isfinite(lf_end) && std::isfinite(ref_end) && lf_end - ref_end <= kRecoveryMargin;
+        c.evidence.push_back(
+            v.name + " (" + f["describe"].get<std::string>() + ", reliability " + (rel ? "on" : "off") +
+            ", seed " + std::to_string((*r)["seed"].get<int64_t>()) +
+            "): faulty expert's share of the load over the last " + std::to_string(window) + " steps " +
+            fmt(share, 4) + " (fair share " + fmt(fair, 4) + "); training loss there " + fmt(lf_end, 3) +
+            " vs fault-free " + fmt(ref_end, 3) + " (" + (recovered ? "within" : "not within") + " " +
+            fmt(kRecoveryMargin, 2) + " nats); " + std::to_string((*r)["skipped_steps"].get<int64_t>()) +
+            " non-finite steps skipped");
+        if (rel)
+          (cut && recovered ? votes_yes : votes_no) += 1;
+        else
+          (cut && recovered ? votes_no : votes_yes) += 1;  // without reliability it must not recover
+      }
+    }
+    if (!c.evidence.empty()) {
+      c.verdict = votes_no == 0 ? "reproduced" : (votes_yes == 0 ? "not reproduced" : "mixed");
+      claims.push_back(c);
+    }
+  }
+  {
+    Claim c{
+        "6. The optimality gap of each router's assignments on validation batches (against the exact "
+        "balanced "
+        "optimum)",
+        "measured",
+        {}};
+    for (auto& v : vs)
+      if (v.group == "main")
+        c.evidence.push_back(v.name + ": gap " + cell(over(v, kGap), 4) + ", capacity violation " +
+                             cell(over(v, kViolation), 3));
+    claims.push_back(c);
+  }
+  return claims;
+}
+
+// Trailing moving average over `window` values.
+std::vector<double> smooth(const std::vector<double>& v, size_t window) {
+  std::vector<double> out(v.size());
+  double sum = 0;
+  for (size_t i = 0; i < v.size(); ++i) {
+    sum += v[i];
+    if (i >= window) sum -= v[i - window];
+    out[i] = sum / double(std::min(i + 1, window));
+  }
+  return out;
+}
+
+// Mean over a variant's seeds of one logged per-step curve, at the logged steps all seeds share.
+std::pair<std::vector<int64_t>, std::vector<double>> mean_curve(const Variant& v, const char* key) {
+  std::map<int64_t, std::vector<double>> at;
+  for (auto* r : v.runs) {
+    const auto& st = (*r)["curve"]["step"];
+    const auto& x = (*r)["curve"][key];
+    for (size_t i = 0; i < st.size(); ++i) at[st[i].get<int64_t>()].push_back(num(x[i]));
+  }
+  std::vector<int64_t> steps;
+  std::vector<double> mean;
+  for (auto& [s, xs] : at)
+    if (xs.size() == v.runs.size() && spread_of(xs).n == int64_t(xs.size())) {
+      steps.push_back(s);
+      mean.push_back(spread_of(xs).mean);
+    }
+  return {steps, mean};
+}
+
+void write_plots(const fs::path& dir, const json& result, const std::vector<Variant>& vs) {
+  const fs::path plots = dir / "plots";
+  fs::create_directories(plots);
+  std::vector<const Variant*> main, faults;
+  for (auto& v : vs) (v.group == "main" ? main : faults).push_back(&v);
+  auto dat = [&](const std::string& name, const std::string& text) {
+    const auto f = plots / (name + ".dat");
+    write_file_atomic(f.string(), text);
+    return quote(f.string());
+  };
+  std::ostringstream gp;
+  gp << "set grid\nset key outside right noenhanced\n";
+  // Validation loss vs tokens (mean, min-max band) and training loss (smoothed mean).
+  {
+    std::string band, line, train;
+    for (size_t i = 0; i < main.size(); ++i) {
+      const auto c = validation_curve(*main[i]);
+      std::ostringstream d;
+      for (size_t k = 0; k < c.tokens.size(); ++k)
+        d << c.tokens[k] / 1e6 << " " << c.mean[k] << " " << c.lo[k] << " " << c.hi[k] << "\n";
+      const auto f = dat("validation_" + main[i]->name, d.str() + "\n");
+      const std::string lc = " lc " + std::to_string(i + 1);
+      band += std::string(band.empty() ? "" : ", ") + f +
+              " using 1:3:4 with filledcurves fs transparent solid 0.15" + lc + " notitle";
+      line +=
+          ", " + f + " using 1:2 with linespoints lw 2 pt 7 ps 0.6" + lc + " title '" + main[i]->name + "'";
+      auto [steps, loss] = mean_curve(*main[i], "loss");
+      const auto sm = smooth(loss, std::max<size_t>(1, loss.size() / 40));
+      const double tps = num((*main[i]->runs.front())["tokens_per_step"], 0);
+      std::ostringstream t;
+      for (size_t k = 0; k < steps.size(); ++k) t << double(steps[k]) * tps / 1e6 << " " << sm[k] << "\n";
+      train += std::string(train.empty() ? "" : ", ") + dat("train_" + main[i]->name, t.str() + "\n") +
+               " using 1:2 with lines lw 2" + lc + " title '" + main[i]->name + "'";
+    }
+    if (!main.empty())
+      gp << "set terminal pngcairo size 1100,900 font 'sans,10'\nset output "
+         << quote((plots / "loss.png").string())
+         << "\nset multiplot layout 2,1\nset xlabel 'training tokens (millions)'\nset ylabel 'cross-entropy "
+            "(nats)'\n"
+         << "set title 'Validation loss: mean over seeds, band = min-max'\nplot " << band << line
+         << "\nset title 'Training loss: mean over seeds, moving average'\nplot " << train
+         << "\nunset multiplot\n";
+  }
+  // MaxVio_batch vs steps.
+  {
+    std::string p;
+    for (size_t i = 0; i < main.size(); ++i) {
+      auto [steps, vio] = mean_curve(*main[i], "max_vio_batch");
+      const auto sm = smooth(vio, std::max<size_t>(1, vio.size() / 40));
+      std::ostringstream d;
+      for (size_t k = 0; k < steps.size(); ++k) d << steps[k] << " " << std::max(sm[k], 1e-4) << "\n";
+      p += std::string(p.empty() ? "" : ", ") + dat("max_vio_" + main[i]->name, d.str() + "\n") +
+           " using 1:2 with lines lw 2 lc " + std::to_string(i + 1) + " title '" + main[i]->name + "'";
+    }
+    if (!main.empty())
+      gp << "set terminal pngcairo size 1100,550 font 'sans,10'\nset output "
+         << quote((plots / "max_vio_batch.png").string())
+         << "\nset title 'MaxVio_batch per training step (mean over MoE layers and seeds, moving average); "
+            "dashed: "
+         << fmt(kBalanced, 1)
+         << "' noenhanced\nset xlabel 'step'\nset ylabel 'MaxVio_batch' noenhanced\nset logscale y\n"
+         << "plot " << p << ", " << kBalanced
+         << " with lines dt 2 lc rgb 'black' notitle\nunset logscale y\n";
+  }
+  // Heatmaps: per variant, first seed.
+  auto grid = [&](size_t n, int& rows, int& cols) {
+    cols = n > 4 ? 3 : 2;
+    rows = int((n + size_t(cols) - 1) / size_t(cols));
+  };
+  {
+    int rows, cols;
+    grid(main.size(), rows, cols);
+    if (!main.empty()) {
+      gp << "set terminal pngcairo size " << 420 * cols << "," << 300 * rows + 40
+         << " font 'sans,9'\nset output " << quote((plots / "load_heatmaps.png").string())
+         << "\nset multiplot layout " << rows << "," << cols
+         << " title 'Expert load during training (load / mean load, both MoE layers summed; first seed)'\n"
+         << "unset key\nset xlabel 'training step'\nset ylabel 'expert'\nset cbrange [0:3]\nset palette "
+            "rgbformulae 21,22,23\n";
+      for (auto* v : main) {
+        const json& r = *v->runs.front();
+        const auto& steps = r["curve"]["step"];
+        const auto& loads = r["load_steps"];
+        if (loads.empty()) continue;
+        const size_t n = loads.size(), E = loads[0].size();
+        const size_t bucket = std::max<size_t>(1, n / 150);
+        std::ostringstream d;
+        for (size_t b = 0; b * bucket < n; ++b) {
+          std::vector<double> acc(E, 0);
+          double total = 0;
+          for (size_t i = b * bucket; i < std::min(n, (b + 1) * bucket); ++i)
+            for (size_t e = 0; e < E; ++e) {
+              acc[e] += loads[i][e].get<double>();
+              total += loads[i][e].get<double>();
+            }
+          const double mean = total / double(E);
+          const double st = steps[std::min(n - 1, b * bucket)].get<double>();
+          for (size_t e = 0; e < E; ++e) d << st << " " << e << " " << (mean > 0 ? acc[e] / mean : 0) << "\n";
+          d << "\n";
+        }
+        gp << "set title '" << v->name << "' noenhanced\nplot " << dat("load_" + v->name, d.str())
+           << " using 1:2:3 with image\n";
+      }
+      gp << "unset multiplot\nunset cbrange\n";
+    }
+  }
+  {
+    int rows, cols;
+    grid(main.size(), rows, cols);
+    if (!main.empty()) {
+      gp << "set terminal pngcairo size " << 460 * cols << "," << 330 * rows + 40
+         << " font 'sans,9'\nset output " << quote((plots / "genre_expert.png").string())
+         << "\nset multiplot layout " << rows << "," << cols
+         << " title 'p(expert | genre) on the validation set (MoE layers summed; first seed)'\nunset key\n"
+         << "set xlabel 'expert'\nset ylabel ''\nset cbrange [0:*]\nset palette rgbformulae 21,22,23\n";
+      for (auto* v : main) {
+        const json& val = (*v->runs.front())["validation"];
+        if (val.is_null() || val["layers"].empty()) continue;
+        const auto& domains = val["domains"];
+        const size_t D = domains.size();
+        const size_t E = val["layers"][0]["load"].size();
+        std::vector<std::vector<double>> m(D, std::vector<double>(E, 0));
+        for (auto& l : val["layers"])
+          for (size_t d = 0; d < D && d < l["domain_expert"].size(); ++d)
+            for (size_t e = 0; e < E; ++e) m[d][e] += l["domain_expert"][d][e].get<double>();
+        std::ostringstream d, ytics;
+        for (size_t g = 0; g < D; ++g) {
+          double row = 0;
+          for (double x : m[g]) row += x;
+          for (size_t e = 0; e < E; ++e) d << e << " " << g << " " << (row > 0 ? m[g][e] / row : 0) << "\n";
+          d << "\n";
+          ytics << (g ? ", " : "") << "\"" << domains[g].get<std::string>() << "\" " << g;
+        }
+        gp << "set ytics (" << ytics.str() << ") noenhanced\nset title '" << v->name << "' noenhanced\nplot "
+           << dat("genre_" + v->name, d.str()) << " using 1:2:3 with image\n";
+      }
+      gp << "unset multiplot\nset ytics autofreq\nunset cbrange\n";
+    }
+  }
+  // Fault injection: the faulty expert's traffic and the loss, each fault run and its fault-free reference.
+  std::vector<const Variant*> faulty;
+  for (auto* v : faults)
+    if (v->role != "fault_reference") faulty.push_back(v);
+  if (!faulty.empty()) {
+    const Variant* hier = fault_reference(vs);
+    std::string share, loss;
+    int lc = 1;
+    int64_t at = -1;
+    auto add = [&](const json& r, const std::string& title, int64_t expert) {
+      std::ostringstream ds, dl;
+      const auto sh = fault_share(r, expert);
+      std::vector<double> raw;
+      for (auto& p : sh) raw.push_back(p.second);
+      const auto sm = smooth(raw, std::max<size_t>(1, raw.size() / 60));
+      for (size_t k = 0; k < sh.size(); ++k) ds << sh[k].first << " " << sm[k] << "\n";
+      const auto& st = r["curve"]["step"];
+      std::vector<double> l;
+      for (auto& x : r["curve"]["loss"]) l.push_back(num(x));
+      const auto lsm = smooth(l, std::max<size_t>(1, l.size() / 60));
+      for (size_t k = 0; k < st.size(); ++k) dl << st[k].get<int64_t>() << " " << lsm[k] << "\n";
+      const std::string tag = title;
+      std::string safe = tag;
+      for (auto& ch : safe)
+        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+      share += std::string(share.empty() ? "" : ", ") + dat("fault_share_" + safe, ds.str() + "\n") +
+               " using 1:2 with lines lw 2 lc " + std::to_string(lc) + " title '" + title + "'";
+      loss += std::string(loss.empty() ? "" : ", ") + dat("fault_loss_" + safe, dl.str() + "\n") +
+              " using 1:2 with lines lw 2 lc " + std::to_string(lc) + " title '" + title + "'";
+      ++lc;
+    };
+    int64_t expert = 0, seed = -1, last = 0;
+    for (auto* v : faulty)
+      for (auto* r : v->runs) {
+        expert = (*r)["fault"]["expert"].get<int64_t>();
+        at = (*r)["fault"]["step"].get<int64_t>();
+        seed = (*r)["seed"].get<int64_t>();
+        last = std::max<int64_t>(last, (*r)["steps"].get<int64_t>());
+        add(*r, v->name + " s" + std::to_string(seed), expert);
+      }
+    if (hier)
+      for (auto* r : hier->runs)
+        if ((*r)["seed"].get<int64_t>() == seed)
+          add(*r, hier->name + " s" + std::to_string(seed) + " (no fault)", expert);
+    gp << "set terminal pngcairo size 1100,850 font 'sans,10'\nset output "
+       << quote((plots / "fault.png").string()) << "\nset multiplot layout 2,1\nset xrange [0:" << last
+       << "]\nset xlabel 'training step'\n"
+       << "set arrow 1 from " << at << ", graph 0 to " << at << ", graph 1 nohead dt 2 lc rgb 'red'\n"
+       << "set title 'Faulty expert " << expert
+       << "''s share of the load (both MoE layers, moving average); dashed: fault starts'\n"
+       << "set ylabel 'share of assignments'\nplot " << share
+       << "\nset title 'Training loss (moving average)'\nset ylabel 'cross-entropy (nats)'\nplot " << loss
+       << "\nunset multiplot\nunset arrow 1\nset xrange [*:*]\n";
+  }
+  // Routing cost vs E.
+  if (result.contains("routing_scale") && result["routing_scale"].contains("points")) {
+    std::ostringstream d;
+    for (auto& p : result["routing_scale"]["points"])
+      d << p["E"].get<int64_t>() << " " << num(p["topk"]["route_ms"]) << " "
+        << num(p["hierarchical"]["route_ms"]) << " " << num(p["topk"]["layer_ms"]) << " "
+        << num(p["hierarchical"]["layer_ms"]) << "\n";
+    const auto f = dat("routing_scale", d.str());
+    gp << "set terminal pngcairo size 1000,500 font 'sans,10'\nset output "
+       << quote((plots / "routing_cost.png").string())
+       << "\nset title 'Routing cost vs number of experts (median ms; equal compute: K = 2)'\nset logscale "
+          "xy\n"
+       << "set xlabel 'routed experts E'\nset ylabel 'ms'\nset xtics (16, 32, 64, 128, 256)\nplot " << f
+       << " using 1:2 with linespoints lw 2 pt 7 title 'topk route()', " << f
+       << " using 1:3 with linespoints lw 2 pt 7 title 'hierarchical route()', " << f
+       << " using 1:4 with linespoints lw 2 pt 5 dt 2 title 'topk layer fwd+bwd', " << f
+       << " using 1:5 with linespoints lw 2 pt 5 dt 2 title 'hierarchical layer fwd+bwd'\nunset logscale xy\n"
+       << "set xtics autofreq\n";
+  }
+  // Bars with min-max error bars.
+  {
+    struct Bar {
+      std::string file, title;
+      Getter get;
+    };
+    const std::vector<Bar> bars = {{"ppl_validation", "validation perplexity", kValPpl},
+                                   {"ppl_heldout", "held-out genre perplexity", kHeldPpl},
+                                   {"max_vio_batch", "MaxVio_batch (mean over steps)", kMaxVioBatch},
+                                   {"max_vio_global", "MaxVio_global (validation)", kMaxVioGlobal},
+                                   {"specialization", "specialisation I(genre; expert)/H(genre)", kSpec},
+                                   {"gap", "optimality gap vs exact balanced optimum", kGap}};
+    if (!main.empty()) {
+      gp << "set terminal pngcairo size 1300,750 font 'sans,10'\nset output "
+         << quote((plots / "bars.png").string())
+         << "\nset multiplot layout 2,3 title 'mean over seeds, error bars = min-max'\nunset key\n"
+         << "set style data histograms\nset style histogram errorbars gap 1 lw 1\nset style fill solid 0.7 "
+            "border -1\n"
+         << "set boxwidth 0.8\nset xtics rotate by -30 noenhanced\nset xlabel ''\nset ylabel ''\n";
+      for (auto& b : bars) {
+        std::ostringstream d;
+        double lo = 0, hi = 0;
+        for (auto* v : main) {
+          const auto s = over(*v, b.get);
+          d << v->name << " " << s.mean << " " << s.min << " " << s.max << "\n";
+          lo = std::min(lo, s.min);
+          hi = std::max(hi, s.max);
+        }
+        if (hi - lo <= 0) hi = 1;
+        const double pad = 0.1 * (hi - lo);
+        gp << "set title '" << b.title << "' noenhanced\nset yrange [" << (lo < 0 ? lo - pad : 0.0) << ":"
+           << hi + pad << "]\nplot " << dat("bar_" + b.file, d.str()) << " using 2:3:4:xtic(1) lc 3\n";
+      }
+      gp << "unset multiplot\nset yrange [*:*]\n";
+    }
+  }
+  const auto script = plots / "compare.gp";
+  write_file_atomic(script.string(), gp.str());
+  const std::string cmd = "gnuplot " + quote(script.string()) + " 2>" + quote(script.string() + ".log");
+  if (std::system(cmd.c_str()) != 0)
+    throw FileError(script.string(),
+                    "gnuplot failed (see " + script.string() + ".log; is gnuplot-nox installed?)");
+}
+
+}  // namespace
+
+std::string write_compare_outputs(const std::string& out_dir, const json& result, bool plots) {
+  const fs::path dir(out_dir);
+  if (!result.is_object() || !result.contains("runs") || !result.contains("variants"))
+    throw FileError((dir / "compare.json").string(), "not a comparison's JSON (no runs / variants)");
+  const auto vs = collect(result);
+  if (plots) write_plots(dir, result, vs);
+  std::ostringstream md;
+  md << "# Router comparison\n\n"
+     << "Every variant trains the same model shape on the same data for the same steps, with the same active "
+        "expert "
+        "compute per token (K = "
+     << result["k"].get<int64_t>()
+     << " expert assignments per token on average; the measured figure is in the table), once per seed. "
+        "Figures "
+        "are mean ± sample standard deviation [min–max] over seeds; two variants' difference counts as "
+        "resolved "
+        "only when their min–max ranges do not overlap.\n\n"
+     << "| | |\n|---|---|\n"
+     << "| command | `" << result["command"].get<std::string>() << "` |\n"
+     << "| config | " << result.value("source", std::string("-")) << " |\n"
+     << "| machine | " << result["machine"].get<std::string>() << " |\n"
+     << "| steps x batch x sequence | " << result["steps"].get<int64_t>() << " x "
+     << result["batch_size"].get<int64_t>() << " x " << result["seq_len"].get<int64_t>() << " ("
+     << fmt(double(result["steps"].get<int64_t>() * result["batch_size"].get<int64_t>() *
+                   result["seq_len"].get<int64_t>()) /
+                1e6,
+            2)
+     << "M training tokens per run) |\n"
+     << "| seeds | " << result["seeds"].dump() << " |\n"
+     << "| time | " << format_duration(result.value("seconds_total", 0.0))
+     << " in all (every call of the command) |\n";
+  if (!result.value("complete", false)) md << "| state | **incomplete**: rerun the command to finish |\n";
+  md << "\n## Variants and equal compute\n\n"
+     << "| variant | router | seeds | overrides | equal-compute setting | assignments/token (training) | "
+        "assignments/token (validation) | dropped share | training tokens/s (bench) |\n"
+     << "|---|---|---|---|---|---|---|---|---|\n";
+  for (auto& v : vs) {
+    std::string over_s;
+    for (auto& r : result["variants"])
+      if (r["name"] == v.name)
+        for (auto& o : r["overrides"])
+          over_s += (over_s.empty() ? "" : ", ") + ("`" + o.get<std::string>() + "`");
+    md << "| " << v.name << " | " << (*v.runs.front())["router_label"].get<std::string>() << " | "
+       << v.runs.size() << " | " << (over_s.empty() ? "-" : over_s) << " | " << v.equal_compute << " | "
+       << cell(over(v, kAptTrain), 3) << " | " << cell(over(v, kAptEval), 3) << " | "
+       << cell(over(v, kDropped), 4) << " | " << fmt(throughput_of(result, v.name), 0) << " |\n";
+  }
+  md << "\n## Results\n\n"
+     << "| variant | val ppl | held-out ppl | MaxVio_batch | MaxVio_global | time to balance (steps) | dead "
+        "experts | "
+        "specialisation | opt. gap | causal leak eval / train (max) |\n"
+     << "|---|---|---|---|---|---|---|---|---|---|\n";
+  for (auto& v : vs) {
+    if (v.group != "main") continue;
+    const auto le = over(v, kLeakEval), lt = over(v, kLeakTrain);
+    std::ostringstream leak;
+    leak << std::scientific << std::setprecision(1) << le.max << " / " << lt.max;
+    md << "| " << v.name << " | " << cell(over(v, kValPpl), 2) << " | " << cell(over(v, kHeldPpl), 2) << " | "
+       << cell(over(v, kMaxVioBatch), 3) << " | " << cell(over(v, kMaxVioGlobal), 3) << " | "
+       << cell(over(v, kTimeToBalance), 0) << " | " << cell(over(v, kDead), 1) << " | "
+       << cell(over(v, kSpec), 3) << " | " << cell(over(v, kGap), 4) << " | " << leak.str() << " |\n";
+  }
+  md << "\nMaxVio_batch: (max load − mean load) / mean load of each training batch, mean over MoE layers, "
+        "then over "
+        "steps. MaxVio_global: the same over the summed validation loads. Time to balance: the first logged "
+        "step "
+        "from which MaxVio_batch stays under "
+     << fmt(kBalanced, 1)
+     << " to the end (\"never\": not under it at the end). Dead experts: experts (over MoE layers) with "
+        "under 1% of "
+        "the mean validation load. Specialisation: I(genre; expert) / H(genre) on the validation set. "
+        "Optimality "
+        "gap: (Σ s·x_opt − Σ s·x_router) / Σ s·x_opt on the first validation sequences, x_opt the exact "
+        "balanced "
+        "optimum (GLPK), s the router's own probabilities; negative when the router overfills capacity. "
+        "Causal "
+        "leak: max |y' − y| of a MoE layer's output at positions ≤ S/2 when later positions are replaced (0 "
+        "= "
+        "causal). Training tokens/s: one interleaved run of every variant's training step in one process "
+        "(`moeforge bench`), not wall clock.\n\n";
+  md << "## The claims\n\n";
+  for (auto& c : answer_claims(vs, result)) {
+    md << "### " << c.title << "\n\n**" << c.verdict << "**\n\n";
+    for (auto& e : c.evidence) md << "- " << e << "\n";
+    md << "\n";
+  }
+  if (result.contains("throughput") && result["throughput"].contains("machine"))
+    md << "Throughput measured on: " << result["throughput"]["machine"].get<std::string>() << "; "
+       << result["throughput"].value("steps", 0) << " interleaved steps per variant, median.\n\n";
+  if (plots) {
+    md << "## Plots\n\n![loss](plots/loss.png)\n\n![MaxVio_batch](plots/max_vio_batch.png)\n\n"
+       << "![measures](plots/bars.png)\n\n![load heatmaps](plots/load_heatmaps.png)\n\n"
+       << "![genre x expert](plots/genre_expert.png)\n\n";
+    if (fs::exists(dir / "plots" / "fault.png")) md << "![fault injection](plots/fault.png)\n\n";
+    if (fs::exists(dir / "plots" / "routing_cost.png"))
+      md << "![routing cost vs E](plots/routing_cost.png)\n\n";
+  }
+  md << "Each run's own report, metrics and checkpoint: `<variant>/seed<k>/` (not committed).\n";
+  const auto path = (dir / "report.md").string();
+  write_file_atomic(path, md.str());
+  return path;
+}
+
+}  // namespace moeforge
