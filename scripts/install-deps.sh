@@ -24,6 +24,7 @@ packages=(
   gnuplot-nox                        # PNG plots in reports
   clang-format
   zlib1g-dev                         # checkpoint checksums (CRC-32)
+  wordnet-base                       # WordNet 3.0 data files for data.corpus = "instruct" (docs/instruct-data.md)
   clang-14 libclang-rt-14-dev llvm-14 # make fuzz (libFuzzer), make test-sanitize (docs/reliability.md)
 )
 

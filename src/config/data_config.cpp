@@ -5,17 +5,34 @@
 
 #include "moeforge/config/binder.h"
 #include "moeforge/data/corpus.h"
+#include "moeforge/data/instruct.h"
 #include "moeforge/util/error.h"
 
 namespace moeforge {
 
 void DataConfig::validate() const {
   const bool is_text = corpus.rfind("text:", 0) == 0;
-  if (corpus != "brown" && !is_text)
-    throw ConfigError("data.corpus", "unknown corpus '" + corpus + "' (expected \"brown\" or \"text:PATH\")");
+  const bool is_instruct = corpus == "instruct";
+  if (corpus != "brown" && !is_text && !is_instruct)
+    throw ConfigError("data.corpus",
+                      "unknown corpus '" + corpus + "' (expected \"brown\", \"text:PATH\" or \"instruct\")");
   if (is_text && corpus.size() == 5)
     throw ConfigError("data.corpus", "\"text:\" needs a folder path after the colon");
-  if (corpus == "brown" && dir.empty())
+  if (is_instruct) {
+    check_instruct_tasks(*this);
+    if (!heldout_genres.empty())
+      throw ConfigError("data.heldout_genres",
+                        "the instruct corpus holds out tasks, not genres: use data.instruct_heldout");
+    if (instruct_train_per_task < 1)
+      throw ConfigError("data.instruct_train_per_task",
+                        "must be >= 1, got " + std::to_string(instruct_train_per_task));
+    if (instruct_eval_per_task < 1)
+      throw ConfigError("data.instruct_eval_per_task",
+                        "must be >= 1, got " + std::to_string(instruct_eval_per_task));
+    if (wordnet_dir.empty())
+      throw ConfigError("data.wordnet_dir", "must name WordNet's folder (e.g. \"/usr/share/wordnet\")");
+  }
+  if ((corpus == "brown" || is_instruct) && dir.empty())
     throw ConfigError("data.dir", "must name the folder that holds brown/ (e.g. \"data\")");
   if (!std::isfinite(validation_fraction) || validation_fraction < 0 || validation_fraction >= 1)
     throw ConfigError("data.validation_fraction",
@@ -56,6 +73,12 @@ void bind_data_config(ConfigBinder& b, DataConfig* c) {
   b.bind("data.seq_len", &c->seq_len);
   b.bind("data.seed", &c->seed);
   b.bind("data.byte_fallback", &c->byte_fallback);
+  b.bind("data.instruct_tasks", &c->instruct_tasks);
+  b.bind("data.instruct_heldout", &c->instruct_heldout);
+  b.bind("data.instruct_train_per_task", &c->instruct_train_per_task);
+  b.bind("data.instruct_eval_per_task", &c->instruct_eval_per_task);
+  b.bind("data.instruct_pack", &c->instruct_pack);
+  b.bind("data.wordnet_dir", &c->wordnet_dir);
 }
 
 }  // namespace moeforge

@@ -213,6 +213,10 @@ Tokenizer train_or_load_tokenizer(const CorpusSplit& split, const DataConfig& cf
   }
   key = fnv1a64(std::to_string(cfg.vocab_size) + "/" + std::to_string(cfg.seed), key);
   if (cfg.byte_fallback) key = fnv1a64("/byte_fallback", key);  // unchanged keys for existing caches
+  if (!split.tokenizer_extra.empty()) {  // likewise: only the instruct corpus has extra texts
+    key = fnv1a64("/extra", key);
+    for (const auto& t : split.tokenizer_extra) key = fnv1a64(t, fnv1a64(std::string(1, '\0'), key));
+  }
   const std::filesystem::path path =
       std::filesystem::path(cache_dir) / ("tokenizer-" + hex64(key) + ".model");
 
@@ -226,8 +230,9 @@ Tokenizer train_or_load_tokenizer(const CorpusSplit& split, const DataConfig& cf
     }
   }
   std::vector<std::string> texts;
-  texts.reserve(split.train.size());
+  texts.reserve(split.train.size() + split.tokenizer_extra.size());
   for (const auto& d : split.train) texts.push_back(d.text);
+  texts.insert(texts.end(), split.tokenizer_extra.begin(), split.tokenizer_extra.end());
   Tokenizer tok = Tokenizer::train(texts, cfg.vocab_size, static_cast<uint64_t>(cfg.seed), cfg.byte_fallback);
   std::filesystem::create_directories(cache_dir, ec);
   if (ec) throw FileError(cache_dir, "cannot create the tokenizer cache folder: " + ec.message());

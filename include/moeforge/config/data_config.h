@@ -9,8 +9,9 @@
 namespace moeforge {
 
 struct DataConfig {
-  std::string corpus = "brown";  // data.corpus: "brown" or "text:PATH" (a folder of .txt files)
-  std::string dir = "data";      // data.dir: the folder holding brown/ (relative to the cwd)
+  // data.corpus: "brown", "text:PATH" (a folder of .txt files) or "instruct" (docs/instruct-data.md)
+  std::string corpus = "brown";
+  std::string dir = "data";  // data.dir: the folder holding brown/ (relative to the cwd)
   std::vector<std::string> heldout_genres =
       {};                             // data.heldout_genres: genre names or letters kept out of training
   double validation_fraction = 0.05;  // data.validation_fraction: share of each training genre's documents
@@ -21,6 +22,19 @@ struct DataConfig {
   // become bytes instead of <unk>. llama.cpp's SentencePiece tokenizer needs them for any character it has
   // no piece for (docs/interop.md); they take 256 of vocab_size.
   bool byte_fallback = false;
+
+  // data.corpus = "instruct" (docs/instruct-data.md): the tasks, those held out of training (test only),
+  // and the samples per task in each split. WordNet is read from data.wordnet_dir (Debian's wordnet-base).
+  std::vector<std::string> instruct_tasks = {"pos_tag",    "first_of_pos",  "genre",      "define",
+                                             "synonym",    "antonym",       "hypernym",   "fill_blank",
+                                             "word_class", "reverse_words", "sort_words", "count_words",
+                                             "copy_upper", "add",           "subtract"};
+  std::vector<std::string> instruct_heldout = {"first_of_pos", "antonym", "sort_words"};
+  int64_t instruct_train_per_task = 1000;  // data.instruct_train_per_task
+  int64_t instruct_eval_per_task = 100;    // data.instruct_eval_per_task: validation and test, each
+  // data.instruct_pack: several samples of one task per sequence (never cut); false = one per sequence
+  bool instruct_pack = true;
+  std::string wordnet_dir = "/usr/share/wordnet";  // data.wordnet_dir
 
   // Throws ConfigError naming the field when a value is out of range. Held-out genres of a "brown" corpus
   // are checked here; those of a "text:" corpus can only be checked against its folders by split_corpus.

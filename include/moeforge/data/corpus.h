@@ -26,13 +26,17 @@ const std::vector<std::pair<char, std::string>>& brown_genres();
 // punctuation attached to its neighbour. `where` names the file for errors.
 std::string brown_detokenize(const std::string& tagged, const std::string& where);
 
-// Reads every document of cfg.corpus, sorted by id. Throws FileError naming a missing or unreadable path
+// Reads every document of cfg.corpus ("brown" or "text:PATH"; "instruct" is made by generate_instruct,
+// data/instruct.h), sorted by id. Throws FileError naming a missing or unreadable path
 // (with a hint to run scripts/install-deps.sh for Brown).
 std::vector<Document> load_corpus(const DataConfig& cfg);
 
 struct CorpusSplit {
   std::vector<Document> train, validation, heldout;
   std::vector<std::string> domains;  // sorted names of all domains (held-out ones too); domain id = index
+  // Texts the tokenizer trains on besides `train` (instruct: the Brown corpus, docs/instruct-data.md);
+  // empty for the other corpora.
+  std::vector<std::string> tokenizer_extra;
 };
 
 // Puts documents of held-out genres in `heldout`, then a seeded cfg.validation_fraction of each remaining

@@ -43,8 +43,9 @@ class Tokenizer {
   std::shared_ptr<const Model> model_;
 };
 
-// Trains on split.train, or re-uses the model cached under <cache_dir> for the same corpus, training
-// documents (ids and texts), vocab_size and seed. A cached file that fails to load is retrained over.
+// Trains on split.train (and split.tokenizer_extra), or re-uses the model cached under <cache_dir> for the
+// same corpus, training documents (ids and texts), extra texts, vocab_size and seed. A cached file that fails
+// to load is retrained over.
 Tokenizer train_or_load_tokenizer(const CorpusSplit& split, const DataConfig& cfg,
                                   const std::string& cache_dir);
 
