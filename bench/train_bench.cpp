@@ -44,11 +44,11 @@ struct Trainee {
   }
 
   void train_step(const Batcher::Batch& batch) {
-    auto [ce, out] = training_forward(model, batch);
-    (ce.mean() + out.aux_loss).backward();
+    auto fwd = training_forward(model, batch);
+    (fwd.loss() + fwd.out.aux_loss).backward();
     clip_grad_norm(params, cfg.train.grad_clip);
     optim->step(learning_rate(cfg.train, step));
-    model->add_token_loss(ce.detach());
+    model->add_token_loss(fwd.token_ce.detach());
     model->after_step();
     optim->zero_grad();
     ++step;
@@ -127,8 +127,10 @@ nlohmann::json run_train_profile(const TrainBenchOptions& opt, std::ostream& log
     const auto batch = batcher.next();
     const double d = ms_since(t0);
     const auto t1 = std::chrono::steady_clock::now();
-    auto [ce, out] = training_forward(t.model, batch);
-    auto loss = ce.mean() + out.aux_loss;
+    auto step_loss = training_forward(t.model, batch);
+    auto& ce = step_loss.token_ce;
+    auto& out = step_loss.out;
+    auto loss = step_loss.loss() + out.aux_loss;
     const double f = ms_since(t1);
     const auto t2 = std::chrono::steady_clock::now();
     loss.backward();

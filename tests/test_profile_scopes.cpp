@@ -74,8 +74,8 @@ TEST(ProfileScopes, TrainingStepOpensEveryCategoryWithoutNesting) {
       at::RecordFunctionCallback(on_start, on_end)
           .scopes({at::RecordScope::USER_SCOPE, at::RecordScope::BACKWARD_FUNCTION}));
   g_seen = &seen;
-  auto [ce, out] = training_forward(model, batch);
-  (ce.mean() + out.aux_loss).backward();
+  auto fwd = training_forward(model, batch);
+  (fwd.loss() + fwd.out.aux_loss).backward();
   g_seen = nullptr;
   at::removeCallback(handle);
 

@@ -7,6 +7,8 @@
 #include <numeric>
 #include <stdexcept>
 
+#include "moeforge/data/instruct.h"
+
 namespace moeforge {
 
 PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& tok, int64_t seq_len,
@@ -59,6 +61,75 @@ PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& to
   return out;
 }
 
+PackedData pack_samples(const std::vector<InstructSample>& samples, const Tokenizer& tok, int64_t seq_len,
+                        const std::vector<std::string>& domains, bool pack) {
+  if (seq_len < 1) throw std::invalid_argument("pack_samples: seq_len must be >= 1");
+  const int64_t n = static_cast<int64_t>(samples.size());
+  std::vector<int64_t> sample_domain(samples.size());
+  for (int64_t i = 0; i < n; ++i) {
+    sample_domain[i] = domain_id(domains, samples[i].task);
+    if (sample_domain[i] < 0)
+      throw std::invalid_argument("pack_samples: task '" + samples[i].task + "' is not in the domain list");
+  }
+  // ids[i] = <s> prompt response </s>; n_prompt[i] = the tokens before the response (<s> and the prompt).
+  // Encoding the two parts apart gives the same pieces as encoding them joined by a space, since BPE
+  // pieces never cross spaces (docs/data.md), and marks the boundary exactly.
+  std::vector<std::vector<int64_t>> ids(samples.size());
+  std::vector<int64_t> n_prompt(samples.size());
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      auto prompt = tok.encode(samples[i].prompt);
+      auto response = tok.encode(samples[i].response);
+      ids[i].push_back(tok.bos_id());
+      ids[i].insert(ids[i].end(), prompt.begin(), prompt.end());
+      n_prompt[i] = static_cast<int64_t>(ids[i].size());
+      ids[i].insert(ids[i].end(), response.begin(), response.end());
+      ids[i].push_back(tok.eos_id());
+    }
+  });
+  const int64_t width = seq_len + 1;
+  std::vector<int64_t> tokens, domain, first;
+  std::vector<float> scored;  // [rows * width]: 1 where the token is part of a response
+  int64_t fill = width;       // tokens used in the last row; `width` = no open row
+  int64_t dropped = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t len = static_cast<int64_t>(ids[i].size());
+    if (len > width) {
+      ++dropped;
+      continue;
+    }
+    const bool fits = pack && fill + len <= width && domain.back() == sample_domain[i];
+    if (!fits) {
+      tokens.resize(tokens.size() + width, tok.eos_id());
+      scored.resize(scored.size() + width, 0.0f);
+      domain.push_back(sample_domain[i]);
+      first.push_back(i);
+      fill = 0;
+    }
+    const size_t at = tokens.size() - static_cast<size_t>(width - fill);
+    std::copy(ids[i].begin(), ids[i].end(), tokens.begin() + static_cast<std::ptrdiff_t>(at));
+    std::fill(scored.begin() + static_cast<std::ptrdiff_t>(at + n_prompt[i]),
+              scored.begin() + static_cast<std::ptrdiff_t>(at + len), 1.0f);
+    fill += len;
+  }
+  const int64_t rows = static_cast<int64_t>(domain.size());
+  if (rows == 0) {  // from_blob needs storage to point at
+    tokens.push_back(0);
+    scored.push_back(0);
+  }
+  PackedData out;
+  out.tokens = torch::from_blob(tokens.data(), {rows, width}, torch::kLong).clone();  // [N, S + 1]
+  // The weight of target j is whether token j + 1 is a response token.
+  out.weight =
+      torch::from_blob(scored.data(), {rows, width}, torch::kFloat).narrow(1, 1, seq_len).clone();  // [N, S]
+  out.domain = torch::tensor(domain, torch::kLong);                                                 // [N]
+  out.doc = torch::tensor(first, torch::kLong);                                                     // [N]
+  out.window = torch::zeros({rows}, torch::kLong);                                                  // [N]
+  out.domains = domains;
+  out.dropped = dropped;
+  return out;
+}
+
 Batcher::Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffle)
     : data_(std::move(data)), batch_size_(batch_size), seed_(seed), shuffle_(shuffle) {
   if (batch_size_ < 1) throw std::invalid_argument("Batcher: batch_size must be >= 1");
@@ -67,6 +138,10 @@ Batcher::Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffl
   if (data_.cluster.defined() && data_.cluster.numel() != data_.size())
     throw std::invalid_argument("Batcher: " + std::to_string(data_.cluster.numel()) + " cluster ids for " +
                                 std::to_string(data_.size()) + " sequences");
+  if (data_.weight.defined() && (data_.weight.dim() != 2 || data_.weight.size(0) != data_.size() ||
+                                 data_.weight.size(1) != data_.seq_len()))
+    throw std::invalid_argument("Batcher: loss weights must be [" + std::to_string(data_.size()) + ", " +
+                                std::to_string(data_.seq_len()) + "], one per target");
   if (shuffle_ && data_.size() < batch_size_)
     throw std::invalid_argument("Batcher: " + std::to_string(data_.size()) +
                                 " sequences are fewer than batch_size " + std::to_string(batch_size_));
@@ -112,9 +187,10 @@ Batcher::Batch Batcher::next() {
   const int64_t take = std::min(batch_size_, n - position_);
   auto index = torch::from_blob(order_.data() + position_, {take}, torch::kLong).clone();  // [B]
   position_ += take;
-  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}, {}};
+  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}, {}, {}};
   if (data_.cluster.defined()) b.cluster = data_.cluster.index_select(0, index);
   if (data_.doc.defined()) b.doc = data_.doc.index_select(0, index);
+  if (data_.weight.defined()) b.weight = data_.weight.index_select(0, index);
   return b;
 }
 

@@ -81,11 +81,21 @@ void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch
     // No ctx.seq_cluster even when training had offline clusters: evaluation assigns each sequence to its
     // nearest centroid, as generation must (docs/routing.md section 6).
     auto out = model->forward(inputs, ctx);
-    auto ce = torch::nn::functional::cross_entropy(
-        out.logits.reshape({B * S, -1}), targets.reshape(-1),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    loss_sum += ce.item<double>();
-    tokens += B * S;
+    if (batch.weight.defined()) {
+      // Instruction data: the loss and perplexity of the response tokens only (docs/instruct-data.md).
+      auto ce = torch::nn::functional::cross_entropy(
+          out.logits.reshape({B * S, -1}), targets.reshape(-1),
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]
+      auto w = batch.weight.reshape(-1).to(ce.device(), ce.scalar_type());            // [B*S]
+      loss_sum += (ce * w).sum().item<double>();
+      tokens += static_cast<int64_t>(std::llround(w.sum().item<double>()));
+    } else {
+      auto ce = torch::nn::functional::cross_entropy(
+          out.logits.reshape({B * S, -1}), targets.reshape(-1),
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+      loss_sum += ce.item<double>();
+      tokens += B * S;
+    }
     if (batch.doc.defined()) {
       auto doc = batch.doc.contiguous();
       const int64_t* dp = doc.data_ptr<int64_t>();

@@ -1,5 +1,6 @@
 #include "moeforge/train/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -146,7 +147,17 @@ std::string fmt(double v, int precision = 4) {
 
 DataBundle prepare_data(const DataConfig& cfg, const std::string* tokenizer_model, std::ostream& log) {
   DataBundle d;
-  d.split = split_corpus(load_corpus(cfg), cfg);
+  if (cfg.corpus == "instruct") {
+    const auto t0 = std::chrono::steady_clock::now();
+    d.instruct = generate_instruct(cfg);
+    d.split = instruct_corpus_split(*d.instruct, cfg);
+    log << "instruct: " << d.instruct->tasks.size() << " tasks (" << d.instruct->heldout.size()
+        << " held out), " << d.instruct->train.size() << "/" << d.instruct->validation.size() << "/"
+        << d.instruct->test.size() << " samples (train/validation/test) ("
+        << fmt(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1) << " s)\n";
+  } else {
+    d.split = split_corpus(load_corpus(cfg), cfg);
+  }
   if (tokenizer_model) {
     d.tokenizer = Tokenizer::from_serialized(*tokenizer_model);
   } else {
@@ -155,10 +166,28 @@ DataBundle prepare_data(const DataConfig& cfg, const std::string* tokenizer_mode
     log << "tokenizer: " << d.tokenizer->vocab_size() << " pieces ("
         << fmt(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1) << " s)\n";
   }
-  d.train = pack_documents(d.split.train, *d.tokenizer, cfg.seq_len, d.split.domains);
-  d.validation = pack_documents(d.split.validation, *d.tokenizer, cfg.seq_len, d.split.domains);
-  if (!d.split.heldout.empty())
-    d.heldout = pack_documents(d.split.heldout, *d.tokenizer, cfg.seq_len, d.split.domains);
+  if (d.instruct) {
+    // `heldout` is the test samples of the held-out tasks (instruct_corpus_split); the trained tasks' test
+    // samples are for the final evaluation only.
+    std::vector<InstructSample> heldout;
+    for (const auto& s : d.instruct->test)
+      if (std::count(d.instruct->heldout.begin(), d.instruct->heldout.end(), s.task)) heldout.push_back(s);
+    const auto& doms = d.split.domains;
+    d.train = pack_samples(d.instruct->train, *d.tokenizer, cfg.seq_len, doms, cfg.instruct_pack);
+    d.validation = pack_samples(d.instruct->validation, *d.tokenizer, cfg.seq_len, doms, cfg.instruct_pack);
+    if (!heldout.empty())
+      d.heldout = pack_samples(heldout, *d.tokenizer, cfg.seq_len, doms, cfg.instruct_pack);
+    const int64_t dropped =
+        d.train.dropped + d.validation.dropped + (heldout.empty() ? 0 : d.heldout.dropped);
+    if (dropped > 0)
+      log << "instruct: " << dropped << " samples longer than data.seq_len + 1 = " << cfg.seq_len + 1
+          << " tokens left out (" << d.train.dropped << " of them training samples)\n";
+  } else {
+    d.train = pack_documents(d.split.train, *d.tokenizer, cfg.seq_len, d.split.domains);
+    d.validation = pack_documents(d.split.validation, *d.tokenizer, cfg.seq_len, d.split.domains);
+    if (!d.split.heldout.empty())
+      d.heldout = pack_documents(d.split.heldout, *d.tokenizer, cfg.seq_len, d.split.domains);
+  }
   log << "data: " << d.split.train.size() << "/" << d.split.validation.size() << "/" << d.split.heldout.size()
       << " documents (train/validation/held-out), " << d.train.size() << " training sequences of "
       << cfg.seq_len << " tokens\n";
@@ -195,7 +224,16 @@ BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch) {
   auto ce = torch::nn::functional::cross_entropy(
       out.logits.reshape({B * S, -1}), batch.tokens.narrow(1, 1, S).reshape(-1),
       torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]
-  return {ce, std::move(out)};
+  torch::Tensor weight;
+  if (batch.weight.defined()) weight = batch.weight.reshape(-1).to(ce.device(), ce.scalar_type());  // [B*S]
+  return {ce, weight, std::move(out)};
+}
+
+torch::Tensor BatchLoss::loss() const {
+  if (!weight.defined()) return token_ce.mean();
+  // Every instruction sample has a response, so sum(w) >= 1 in practice; the clamp only keeps a batch of
+  // nothing but padding at loss 0 instead of NaN.
+  return (token_ce * weight).sum() / weight.sum().clamp_min(1.0);
 }
 
 TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& log) {
@@ -367,10 +405,13 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
         summary.first_batch_tokens = batch.tokens.numel();
         summary.first_batch_digest = token_digest(batch.tokens);
       }
-      auto [ce, out] = training_forward(model, batch);  // ce [B*S]
-      auto loss = ce.mean() + out.aux_loss;
+      auto fwd = training_forward(model, batch);
+      auto& ce = fwd.token_ce;  // [B*S]
+      auto& out = fwd.out;
+      const auto ce_loss = fwd.loss();  // response tokens only for instruction data
+      auto loss = ce_loss + out.aux_loss;
       (loss / double(tc.grad_accum)).backward();
-      loss_sum += ce.mean().item<double>() / double(tc.grad_accum);
+      loss_sum += ce_loss.item<double>() / double(tc.grad_accum);
       aux_sum += out.aux_loss.item<double>() / double(tc.grad_accum);
       // Each micro-batch's token losses join its plans in the routers' feedback (docs/routing.md, "State
       // updates"): after_step then sees every micro-batch of the step, not only the last.

@@ -23,6 +23,10 @@ struct PackedData {
   // [N] int64: the document each sequence was cut from, and its window's index in that document
   // (pack_documents sets both; undefined for data made otherwise).
   torch::Tensor doc, window;
+  // [N, S] float32: the loss weight of each target (tokens[:, 1:]). Undefined = 1 everywhere, as for the
+  // corpora pack_documents packs; pack_samples gives prompt and padding targets 0, response targets 1.
+  torch::Tensor weight;
+  int64_t dropped = 0;  // samples pack_samples left out because they are longer than S + 1 tokens
   int64_t seq_len() const { return tokens.size(1) - 1; }
   int64_t size() const { return tokens.size(0); }
 };
@@ -33,6 +37,18 @@ struct PackedData {
 // id and no loss mask. Documents of a domain not in `domains` -> std::invalid_argument naming it.
 PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& tok, int64_t seq_len,
                           const std::vector<std::string>& domains);
+
+struct InstructSample;
+
+// Instruction samples (data/instruct.h) as rows of S + 1 tokens: each sample is <s> prompt response </s>,
+// whole in one row, never cut (a sample longer than S + 1 tokens is left out and counted in `dropped`).
+// With `pack`, a row takes the following samples of the same task while they fit (so its domain, the
+// task, is exact), else each sample has its own row; the rest of a row is padded with </s>. weight is 1
+// for the targets that are response tokens (the response and its </s>), 0 for prompt and padding targets,
+// so that the loss sum(w * ce) / sum(w) is on the responses only (docs/instruct-data.md). Tasks not in
+// `domains` -> std::invalid_argument naming them. doc = the row's first sample, window = 0.
+PackedData pack_samples(const std::vector<InstructSample>& samples, const Tokenizer& tok, int64_t seq_len,
+                        const std::vector<std::string>& domains, bool pack = true);
 
 // Walks the sequences in batches, epoch after epoch. With shuffle, each epoch visits the sequences in
 // a fresh order drawn from (seed, epoch) and drops the last partial batch so every batch has B rows;
@@ -55,6 +71,7 @@ class Batcher {
     torch::Tensor domain;   // [B] int64
     torch::Tensor cluster;  // [B] int64, defined when the data has clusters
     torch::Tensor doc;      // [B] int64, defined when the data has document ids
+    torch::Tensor weight;   // [B, S] float32 target loss weights, defined when the data has them
   };
   Batch next();
 

@@ -12,6 +12,7 @@
 #include "moeforge/config/run_config.h"
 #include "moeforge/data/batching.h"
 #include "moeforge/data/data.h"
+#include "moeforge/data/instruct.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/evaluate.h"
 
@@ -58,6 +59,7 @@ struct TrainSummary {
 // packed splits.
 struct DataBundle {
   CorpusSplit split;
+  std::optional<InstructData> instruct;  // data.corpus = "instruct": the samples the splits were packed from
   std::optional<Tokenizer> tokenizer;
   PackedData train, validation, heldout;
 };
@@ -77,11 +79,16 @@ LoadedModel load_model(const std::string& checkpoint_dir);
 TransformerLM build_model(RunConfig& cfg, int64_t vocab_size);
 
 // The training forward pass of one batch ([B, S + 1] tokens, next-token targets): the per-token
-// cross-entropy [B*S] and the model's output (aux loss, routing plans). train_model and
-// `moeforge bench --train` run their steps through it.
+// cross-entropy [B*S], the batch's loss weights [B*S] (undefined when the batch has none: weight 1
+// everywhere) and the model's output (aux loss, routing plans). train_model and `moeforge bench --train`
+// run their steps through it.
 struct BatchLoss {
   torch::Tensor token_ce;
+  torch::Tensor weight;
   LMOutput out;
+  // The training loss: sum(w * ce) / sum(w), on the response tokens of instruction data; without weights
+  // exactly token_ce.mean(), as before weights existed (the golden training test holds it to PyTorch).
+  torch::Tensor loss() const;
 };
 BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch);
 
