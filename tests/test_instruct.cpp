@@ -292,19 +292,33 @@ TEST(InstructData, AnswersFollowTheirRule) {
     }
   }
   EXPECT_GT(checked, 100);
-  // A few answers fixed by the sources themselves.
-  std::map<std::string, std::string> add;
-  for (const auto* part : {&d.train, &d.validation, &d.test})
-    for (const auto& s : *part)
-      if (s.task == "add") add[s.key] = s.response;
-  for (const auto& [key, response] : add) {
-    const auto plus = key.find('+');
-    const int a = std::stoi(key.substr(0, plus)), b = std::stoi(key.substr(plus + 1));
-    const std::map<int, std::string> known = {
-        {7, "seven"}, {21, "twenty-one"}, {100, "one hundred"}, {126, "one hundred and twenty-six"}};
-    auto it = known.find(a + b);
-    if (it != known.end()) EXPECT_EQ(response, it->second) << key;
+  // Arithmetic: every sample's answer, against numbers written out here independently.
+  const std::vector<std::string> ones = {"zero",    "one",     "two",       "three",    "four",
+                                         "five",    "six",     "seven",     "eight",    "nine",
+                                         "ten",     "eleven",  "twelve",    "thirteen", "fourteen",
+                                         "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"};
+  const std::vector<std::string> tens = {"",      "",      "twenty",  "thirty", "forty",
+                                         "fifty", "sixty", "seventy", "eighty", "ninety"};
+  auto below_100 = [&](int n) {
+    return n < 20 ? ones[size_t(n)] : tens[size_t(n / 10)] + (n % 10 ? "-" + ones[size_t(n % 10)] : "");
+  };
+  auto in_words = [&](int n) {
+    return n < 100 ? below_100(n) : "one hundred" + (n % 100 ? " and " + below_100(n % 100) : std::string());
+  };
+  EXPECT_EQ(in_words(126), "one hundred and twenty-six");
+  int sums = 0;
+  for (const auto* part : {&d.train, &d.validation, &d.test}) {
+    for (const auto& s : *part) {
+      if (s.task != "add" && s.task != "subtract") continue;
+      const auto op = s.key.find(s.task == "add" ? '+' : '-');
+      const int a = std::stoi(s.key.substr(0, op)), b = std::stoi(s.key.substr(op + 1));
+      EXPECT_EQ(s.response, in_words(s.task == "add" ? a + b : a - b)) << s.key;
+      EXPECT_NE(s.prompt.find(in_words(a)), std::string::npos) << s.prompt;
+      EXPECT_NE(s.prompt.find(in_words(b)), std::string::npos) << s.prompt;
+      ++sums;
+    }
   }
+  EXPECT_EQ(sums, 2 * 60);
 }
 
 TEST(InstructData, DeterministicForASeedAndTasksIndependent) {
