@@ -540,10 +540,10 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
           for (size_t e = 0; e < E; ++e) d << st << " " << e << " " << (mean > 0 ? acc[e] / mean : 0) << "\n";
           d << "\n";
         }
-        gp << "set title '" << v->name << "' noenhanced\nplot " << dat("load_" + v->name, d.str())
-           << " using 1:2:3 with image\n";
+        gp << "set title '" << v->name << "' noenhanced\nset yrange [-0.5:" << double(E) - 0.5
+           << "]\nset xrange [*:*]\nplot " << dat("load_" + v->name, d.str()) << " using 1:2:3 with image\n";
       }
-      gp << "unset multiplot\nunset cbrange\n";
+      gp << "unset multiplot\nunset cbrange\nset xrange [*:*]\nset yrange [*:*]\n";
     }
   }
   {
@@ -565,18 +565,24 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
         for (auto& l : val["layers"])
           for (size_t d = 0; d < D && d < l["domain_expert"].size(); ++d)
             for (size_t e = 0; e < E; ++e) m[d][e] += l["domain_expert"][d][e].get<double>();
+        // Genres with no validation tokens (the held-out genre) have no row.
         std::ostringstream d, ytics;
+        int rows_drawn = 0;
         for (size_t g = 0; g < D; ++g) {
           double row = 0;
           for (double x : m[g]) row += x;
-          for (size_t e = 0; e < E; ++e) d << e << " " << g << " " << (row > 0 ? m[g][e] / row : 0) << "\n";
+          if (row <= 0) continue;
+          for (size_t e = 0; e < E; ++e) d << e << " " << rows_drawn << " " << m[g][e] / row << "\n";
           d << "\n";
-          ytics << (g ? ", " : "") << "\"" << domains[g].get<std::string>() << "\" " << g;
+          ytics << (rows_drawn ? ", " : "") << "\"" << domains[g].get<std::string>() << "\" " << rows_drawn;
+          ++rows_drawn;
         }
-        gp << "set ytics (" << ytics.str() << ") noenhanced\nset title '" << v->name << "' noenhanced\nplot "
-           << dat("genre_" + v->name, d.str()) << " using 1:2:3 with image\n";
+        if (rows_drawn == 0) continue;
+        gp << "set ytics (" << ytics.str() << ") noenhanced\nset title '" << v->name
+           << "' noenhanced\nset xrange [-0.5:" << double(E) - 0.5 << "]\nset yrange [-0.5:" << rows_drawn - 0.5
+           << "]\nplot " << dat("genre_" + v->name, d.str()) << " using 1:2:3 with image\n";
       }
-      gp << "unset multiplot\nset ytics autofreq\nunset cbrange\n";
+      gp << "unset multiplot\nset ytics autofreq\nunset cbrange\nset xrange [*:*]\nset yrange [*:*]\n";
     }
   }
   // Fault injection: the faulty expert's traffic and the loss, each fault run and its fault-free reference.
