@@ -99,6 +99,20 @@ const Getter kTimeToBalance = [](const json& r) {
   const double t = num(r["time_to_balance"], -1);
   return t < 0 ? NAN : t;
 };
+// Mean MaxVio_batch over the first tenth of the logged steps: how balanced a router is early in training.
+const Getter kEarlyVio = [](const json& r) {
+  const auto& st = r["curve"]["step"];
+  const auto& v = r["curve"]["max_vio_batch"];
+  const double last = st.empty() ? 0 : st.back().get<double>();
+  double s = 0;
+  int n = 0;
+  for (size_t i = 0; i < st.size(); ++i)
+    if (st[i].get<double>() <= 0.1 * last && std::isfinite(num(v[i]))) {
+      s += num(v[i]);
+      ++n;
+    }
+  return n ? s / n : NAN;
+};
 const Getter kDropped = [](const json& r) { return num(r["dropped_share_mean"]); };
 const Getter kAptTrain = [](const json& r) { return num(r["assignments_per_token_train"]); };
 const Getter kGap = [](const json& r) { return num(r["optimality_gap"]["gap"]); };
@@ -236,17 +250,23 @@ std::vector<Claim> answer_claims(const std::vector<Variant>& vs, const json& res
         "",
         {}};
     const auto tb = over(*bip, kTimeToBalance);
+    const auto eb = over(*bip, kEarlyVio);
     bool faster_all = true, cheaper_all = true, any_faster = false, any_cheaper = false;
     const auto bip_curve = validation_curve(*bip);
     for (const Variant* o : {lf, bl}) {
       if (!o) continue;
       const auto to = over(*o, kTimeToBalance);
+      const auto eo = over(*o, kEarlyVio);
+      c.evidence.push_back(versus("early balance (mean MaxVio_batch over the first tenth of the steps)", *bip, eb,
+                                  *o, eo, 3));
       c.evidence.push_back("time to balance (steps until MaxVio_batch stays < " + fmt(kBalanced, 1) +
                            "; 'never' = not under it at the end): " + bip->name + " " + cell(tb, 0) + " vs " +
                            o->name + " " + cell(to, 0));
-      // A variant that never balanced (missing) counts as slower than any that did.
-      const bool faster = tb.n > 0 && (to.n == 0 || (tb.mean < to.mean && tb.apart_from(to)) ||
-                                       (tb.missing < to.missing && tb.n == int64_t(bip->runs.size())));
+      // Faster early: a lower early MaxVio_batch, resolved; or balanced for good sooner (a variant that never
+      // balanced counts as slower than one that did).
+      const bool faster = (eb.mean < eo.mean && eb.apart_from(eo)) ||
+                          (tb.n > 0 && ((tb.mean < to.mean && tb.apart_from(to)) ||
+                                        (tb.missing < to.missing && tb.n == int64_t(bip->runs.size()))));
       faster_all = faster_all && faster;
       any_faster = any_faster || faster;
       const auto oc = validation_curve(*o);
