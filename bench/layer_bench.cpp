@@ -85,6 +85,24 @@ void drop_grads(torch::nn::Module& m) {
   for (auto& p : m.parameters()) p.mutable_grad() = torch::Tensor();
 }
 
+// One training step of a layer alone: forward of x [B, S, C], backward of gy, the router's after_step.
+void layer_train_step(MoELayer& l, const torch::Tensor& x, const torch::Tensor& gy) {
+  auto xg = x.clone().requires_grad_();
+  l->forward(xg).y.backward(gy);
+  l->zero_grad();
+  l->after_step();
+}
+
+// The router's route() alone, in training mode, on x [B, S, C].
+void route_only(MoELayer& l, const torch::Tensor& x) {
+  torch::NoGradGuard ng;
+  RouteContext ctx;
+  ctx.n_seq = x.size(0);
+  ctx.seq_len = x.size(1);
+  ctx.training = true;
+  l->router->route(x.reshape({-1, x.size(2)}), ctx);
+}
+
 }  // namespace
 
 // Each router's cost on the top-2 shape (T = 4096 as 32 sequences of 128, C = 512, F = 1024, 16 experts, two
@@ -116,24 +134,10 @@ nlohmann::json bench_router_costs(const LayerBenchOptions& opt, std::ostream& lo
     if (name == baseline) continue;
     MoELayer layer(make_cfg(name), shape.C);
     layer->train();
-    auto step = [&](MoELayer& l) {
-      auto xg = x.clone().requires_grad_();
-      l->forward(xg).y.backward(gy);
-      l->zero_grad();
-      l->after_step();
-    };
-    auto route_only = [&](MoELayer& l) {
-      torch::NoGradGuard ng;
-      RouteContext ctx;
-      ctx.n_seq = B;
-      ctx.seq_len = S;
-      ctx.training = true;
-      l->router->route(x.view({B * S, shape.C}), ctx);
-    };
-    auto t = interleaved({{"topk_layer", [&] { step(base); }},
-                          {"router_layer", [&] { step(layer); }},
-                          {"topk_route", [&] { route_only(base); }},
-                          {"router_route", [&] { route_only(layer); }}},
+    auto t = interleaved({{"topk_layer", [&] { layer_train_step(base, x, gy); }},
+                          {"router_layer", [&] { layer_train_step(layer, x, gy); }},
+                          {"topk_route", [&] { route_only(base, x); }},
+                          {"router_route", [&] { route_only(layer, x); }}},
                          opt.reps);
     const double layer_ratio = t["router_layer"].median() / t["topk_layer"].median();
     const double route_ratio = t["router_route"].median() / t["topk_route"].median();
@@ -177,24 +181,10 @@ nlohmann::json run_routing_scale(const std::vector<int64_t>& experts, int reps, 
       return l;
     };
     MoELayer flat = make("topk"), hier = make("hierarchical");
-    auto step = [&](MoELayer& l) {
-      auto xg = x.clone().requires_grad_();
-      l->forward(xg).y.backward(gy);
-      l->zero_grad();
-      l->after_step();
-    };
-    auto route_only = [&](MoELayer& l) {
-      torch::NoGradGuard ng;
-      RouteContext ctx;
-      ctx.n_seq = B;
-      ctx.seq_len = S;
-      ctx.training = true;
-      l->router->route(x.view({B * S, C}), ctx);
-    };
-    auto t = interleaved({{"topk_layer", [&] { step(flat); }},
-                          {"hier_layer", [&] { step(hier); }},
-                          {"topk_route", [&] { route_only(flat); }},
-                          {"hier_route", [&] { route_only(hier); }}},
+    auto t = interleaved({{"topk_layer", [&] { layer_train_step(flat, x, gy); }},
+                          {"hier_layer", [&] { layer_train_step(hier, x, gy); }},
+                          {"topk_route", [&] { route_only(flat, x); }},
+                          {"hier_route", [&] { route_only(hier, x); }}},
                          reps);
     points.push_back(
         {{"E", E},

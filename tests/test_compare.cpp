@@ -328,6 +328,9 @@ TEST(Compare, SpreadAndTimeToBalance) {
   EXPECT_EQ(time_to_balance({1, 2, 3, 4, 5}, {0.5, 0.1, 0.3, 0.15, 0.1}), 4);
   EXPECT_EQ(time_to_balance({1, 2}, {0.1, 0.5}), -1);
   EXPECT_EQ(time_to_balance({}, {}), -1);
+  // Averaged over 2 steps: one lucky last batch is not balance; two low ones are.
+  EXPECT_EQ(time_to_balance({1, 2, 3}, {0.5, 0.5, 0.1}, 0.2, 2), -1);
+  EXPECT_EQ(time_to_balance({1, 2, 3, 4}, {0.5, 0.5, 0.1, 0.1}, 0.2, 2), 4);
 }
 
 // A synthetic compare.json: the report's verdicts follow the numbers, and overlapping spreads say so.

@@ -292,10 +292,15 @@ Spread spread_of(const std::vector<double>& v) {
 }
 
 int64_t time_to_balance(const std::vector<int64_t>& steps, const std::vector<double>& max_vio,
-                        double threshold) {
+                        double threshold, size_t window) {
+  window = std::max<size_t>(window, 1);
   int64_t first = -1;
+  double sum = 0;
   for (size_t i = 0; i < steps.size() && i < max_vio.size(); ++i) {
-    if (!(max_vio[i] < threshold))
+    sum += max_vio[i];
+    if (i >= window) sum -= max_vio[i - window];
+    const double avg = sum / double(std::min(i + 1, window));
+    if (!(avg < threshold))
       first = -1;
     else if (first < 0)
       first = steps[i];
@@ -643,7 +648,7 @@ nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& di
       {"max_vio_batch_mean", json_mean(c.train["max_vio_batch"])},
       {"dropped_share_mean", json_mean(c.train["dropped_share"])},
       {"assignments_per_token_train", json_mean(c.train["assignments_per_token"])},
-      {"time_to_balance", time_to_balance(steps, vio)},
+      {"time_to_balance", time_to_balance(steps, vio, 0.2, 10)},  // as the report computes it
       {"validation", eval_json(s.validation)},
       {"heldout", eval_json(s.heldout)},
       {"validation_curve", c.validation},

@@ -127,9 +127,11 @@ struct Spread {
 };
 Spread spread_of(const std::vector<double>& v);
 
-// The first logged step from which MaxVio_batch stays under `threshold` until the end (-1 if the last
-// logged value is not under it); `steps` and `max_vio` are the logged (step, value) pairs in order.
+// The first logged step from which MaxVio_batch, as a trailing moving average over `window` logged values
+// (1 = the raw values), stays under `threshold` until the end (-1 if its last value is not under it);
+// `steps` and `max_vio` are the logged (step, value) pairs in order. The average keeps one lucky batch at
+// the end from counting as balance.
 int64_t time_to_balance(const std::vector<int64_t>& steps, const std::vector<double>& max_vio,
-                        double threshold = 0.2);
+                        double threshold = 0.2, size_t window = 1);
 
 }  // namespace moeforge
