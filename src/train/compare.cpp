@@ -551,7 +551,16 @@ nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& di
   const fs::path ckpts = dir / "checkpoints";
   const bool resumable = fs::exists(fp_file) && read_text(fp_file) == fingerprint && fs::exists(ckpts) &&
                          !fs::is_empty(ckpts) && fs::exists(dir / "metrics.jsonl");
-  if (resumable) {
+  // A run stopped after its last checkpoint but before its run.json has nothing left to train, and the
+  // trainer refuses to resume it: it is run again from the start (losing that one run, never a result).
+  int64_t last_ckpt = -1;
+  if (resumable)
+    for (auto& e : fs::directory_iterator(ckpts)) {
+      const std::string n = e.path().filename().string();
+      if (n.rfind("step-", 0) == 0 && n.size() > 5 && std::all_of(n.begin() + 5, n.end(), ::isdigit))
+        last_ckpt = std::max<int64_t>(last_ckpt, std::stoll(n.substr(5)));
+    }
+  if (resumable && last_ckpt < cfg.train.steps) {
     topt.resume = ckpts.string();
     log << label << ": resuming from " << ckpts.string() << "\n";
   } else {

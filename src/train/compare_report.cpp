@@ -412,8 +412,8 @@ std::vector<Claim> answer_claims(const std::vector<Variant>& vs, const json& res
             " non-finite steps skipped");
         if (rel)
           (cut && recovered ? votes_yes : votes_no) += 1;
-        else
-          (cut && recovered ? votes_no : votes_yes) += 1;  // without reliability it must not recover
+        else  // the claim: without reliability the loss does not recover
+          (recovered ? votes_no : votes_yes) += 1;
       }
     }
     if (!c.evidence.empty()) {

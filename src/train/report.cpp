@@ -16,6 +16,11 @@ namespace fs = std::filesystem;
 namespace moeforge {
 namespace {
 
+// A number of a metrics line; NaN for null (a non-finite loss is written as null) or a missing key.
+double number_or_nan(const nlohmann::json& j, const char* key) {
+  return j.contains(key) && j[key].is_number() ? j[key].get<double>() : std::nan("");
+}
+
 void write_text(const fs::path& path, const std::string& text) {
   write_file_atomic(path.string(), text);
 }
@@ -64,7 +69,8 @@ std::string write_report(const ReportInputs& in) {
     const auto split = j.value("split", "");
     const int64_t step = j.value("step", int64_t{0});
     if (split == "train") {
-      train_dat << step << " " << j.value("loss", 0.0) << " " << j.value("max_vio_batch", 0.0) << "\n";
+      train_dat << step << " " << number_or_nan(j, "loss") << " " << number_or_nan(j, "max_vio_batch")
+                << "\n";
       if (j.contains("load")) {
         const auto& loads = j["load"];
         n_layer = loads.size();
@@ -80,9 +86,9 @@ std::string write_report(const ReportInputs& in) {
         }
       }
     } else if (split == "validation") {
-      val_dat << step << " " << j.value("loss", 0.0) << "\n";
+      val_dat << step << " " << number_or_nan(j, "loss") << "\n";
     } else if (split == "heldout") {
-      held_dat << step << " " << j.value("loss", 0.0) << "\n";
+      held_dat << step << " " << number_or_nan(j, "loss") << "\n";
     }
   }
   write_text(plots / "train.dat", train_dat.str());
@@ -148,6 +154,13 @@ std::string write_report(const ReportInputs& in) {
       ytics << ")\n";
       const auto file = plots / ("expert_domain_layer" + std::to_string(l) + ".dat");
       write_text(file, mat.str());
+      // A layer with no counted assignment (its inputs were NaN, e.g. behind a faulty expert) has no
+      // matrix to draw: gnuplot rejects an empty one, so its panel says so instead.
+      if (row == 0) {
+        gp << "set title 'MoE layer " << l << ": no assignments counted'\nunset ytics\nplot [0:1] [0:1] NaN\n"
+           << "set ytics\n";
+        continue;
+      }
       gp << ytics.str() << "set title 'MoE layer " << l << " (specialisation " << std::fixed
          << std::setprecision(3) << v.layers[l].specialization << ")'\nplot " << quote(file.string())
          << " matrix with image\n";
