@@ -657,7 +657,7 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
       for (auto* r : hier->runs)
         if ((*r)["seed"].get<int64_t>() == seed)
           add(*r, hier->name + " s" + std::to_string(seed) + " (no fault)", expert);
-    gp << "set terminal pngcairo size 1100,850 font 'sans,10'\nset output "
+    gp << "set key outside right noenhanced\nset terminal pngcairo size 1100,850 font 'sans,10'\nset output "
        << quote((plots / "fault.png").string()) << "\nset multiplot layout 2,1\nset xrange [0:" << last
        << "]\nset xlabel 'training step'\n"
        << "set arrow 1 from " << at << ", graph 0 to " << at << ", graph 1 nohead dt 2 lc rgb 'red'\n"
@@ -675,7 +675,7 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
         << num(p["hierarchical"]["route_ms"]) << " " << num(p["topk"]["layer_ms"]) << " "
         << num(p["hierarchical"]["layer_ms"]) << "\n";
     const auto f = dat("routing_scale", d.str());
-    gp << "set terminal pngcairo size 1000,500 font 'sans,10'\nset output "
+    gp << "set key outside right noenhanced\nset terminal pngcairo size 1000,500 font 'sans,10'\nset output "
        << quote((plots / "routing_cost.png").string())
        << "\nset title 'Routing cost vs number of experts (median ms; equal compute: K = 2)'\nset logscale "
           "xy\n"

@@ -115,6 +115,7 @@ set ytics autofreq
 unset cbrange
 set xrange [*:*]
 set yrange [*:*]
+set key outside right noenhanced
 set terminal pngcairo size 1100,850 font 'sans,10'
 set output 'docs/results/plots/fault.png'
 set multiplot layout 2,1
@@ -130,6 +131,7 @@ plot 'docs/results/plots/fault_loss_fault_x100_rel_s1.dat' using 1:2 with lines 
 unset multiplot
 unset arrow 1
 set xrange [*:*]
+set key outside right noenhanced
 set terminal pngcairo size 1000,500 font 'sans,10'
 set output 'docs/results/plots/routing_cost.png'
 set title 'Routing cost vs number of experts (median ms; equal compute: K = 2)'
