@@ -93,7 +93,7 @@ std::string number_words(int64_t n) {
 
 struct TaskSpec {
   InstructTask info;
-  std::vector<std::string> templates;  // "{slot}" placeholders; each ends in "Answer:"
+  std::vector<std::string> templates;  // "{slot}" markers filled per sample; each ends in "Answer:"
 };
 
 const std::vector<TaskSpec>& task_specs() {
