@@ -24,7 +24,7 @@ test: build
 # fuzz/regressions/; new inputs and findings go to $(FUZZ_BUILD)/ (docs/reliability.md).
 FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := safetensors checkpoint config tokenizer
+FUZZ_TARGETS := safetensors checkpoint config tokenizer hf
 fuzz: deps
 	cmake -S . -B $(FUZZ_BUILD) -DMOEFORGE_FUZZ=ON -DMOEFORGE_CUDA=OFF -DMOEFORGE_TESTS=OFF \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_C_COMPILER=clang-14
@@ -36,6 +36,7 @@ fuzz: deps
 SANITIZE_BUILD ?= build-sanitize
 test-sanitize: deps
 	cmake -S . -B $(SANITIZE_BUILD) -DMOEFORGE_SANITIZE=ON -DMOEFORGE_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only" \
 	  -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_C_COMPILER=clang-14
 	cmake --build $(SANITIZE_BUILD) -j $(JOBS)
 	cd $(SANITIZE_BUILD) && ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
