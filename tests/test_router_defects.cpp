@@ -39,7 +39,8 @@ double grad_norm_of(MoELayer& layer, const std::string& param, uint64_t seed) {
   layer->zero_grad();
   auto out = layer->forward(x);
   (out.y * w).sum().backward();
-  auto* p = layer->router->named_parameters().find(param);
+  const auto params = layer->router->named_parameters();  // find() points into the dict: keep it alive
+  auto* p = params.find(param);
   EXPECT_TRUE(p != nullptr) << param;
   return p && p->grad().defined() ? p->grad().abs().mean().item<double>() : 0.0;
 }
