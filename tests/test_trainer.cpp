@@ -6,6 +6,8 @@
 #include <fstream>
 #include <map>
 
+#include "moeforge/model/checkpoint.h"
+#include "moeforge/train/compare.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
@@ -170,6 +172,59 @@ TEST(Trainer, MissingCorpusAndBadConfigAreNamed) {
   EXPECT_THROW(load_run_config_text("", "x", {"moe.n_expert_used=99"}), ConfigError);
   // The embedded default is valid.
   EXPECT_NO_THROW(load_run_config(""));
+}
+
+// A checkpoint whose config.toml describes a far larger model than its model file holds (CRCs fixed, as a
+// hostile file would have them) is refused before the model is built, by eval/generate (load_model) and by
+// train --resume; a sequence length that would make the RoPE table huge is a config error.
+TEST(TrainerHostile, ConfigLargerThanItsModelFileIsRefusedBeforeAnythingIsAllocated) {
+  std::ostringstream log;
+  auto o = opts("hostile_cfg");
+  auto s = train_model(tiny_config("hostile_cfg", {"train.steps=2"}), o, log);
+  auto ck = load_checkpoint(s.checkpoint);
+  auto cfg =
+      load_run_config_text(ck.config_toml, "ckpt",
+                           {"model.d_model=65536", "model.n_head=1", "model.n_layer=1000", "train.steps=4"});
+  ck.config_toml = cfg.to_toml();
+  const auto dir = (fs::path(o.out_dir) / "hostile").string();
+  save_checkpoint(dir, ck);
+  try {
+    load_model(dir);
+    ADD_FAILURE() << "a config of 10^13 parameters was built";
+  } catch (const FileError& e) {
+    EXPECT_NE(std::string(e.what()).find(dir), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("describes a model of at least"), std::string::npos) << e.what();
+  }
+  auto o2 = opts("hostile_cfg_resume");
+  o2.resume = dir;
+  EXPECT_THROW(train_model(RunConfig{}, o2, log), FileError);
+  // The same checkpoint with its own config loads.
+  EXPECT_NO_THROW(load_model(s.checkpoint));
+  test::expect_config_error([&] { load_run_config_text("", "x", {"data.seq_len=1073741824"}); },
+                            "data.seq_len");
+}
+
+// The lower bound never refuses a real model: every committed config and the expert forms, sharing and
+// splitting it knows of.
+TEST(TrainerHostile, ParameterLowerBoundHoldsForRealModels) {
+  std::vector<RunConfig> configs = {
+      load_run_config(std::string(MOEFORGE_SOURCE_DIR) + "/configs/default.toml")};
+  // Every variant of the committed comparison (each router at the comparison's size).
+  auto plan = load_compare_plan(std::string(MOEFORGE_SOURCE_DIR) + "/configs/compare.toml", {});
+  resolve_compare_plan(plan);
+  for (const auto& v : plan.variants) configs.push_back(v.cfg);
+  for (std::vector<std::string> extra : {std::vector<std::string>{"moe.expert_form=\"adapter\""},
+                                         {"model.tie_embeddings=false", "model.moe_every=2"},
+                                         {"moe.expert_split=2", "moe.n_shared_expert=1"},
+                                         {"moe.router=\"hierarchical\"", "moe.n_cluster=2"},
+                                         {"moe.router=\"moce\"", "moe.n_cluster=2"},
+                                         {"model.moe_every=0"}})
+    configs.push_back(tiny_config("bound", extra));
+  for (auto& cfg : configs) {
+    const int64_t vocab = cfg.data.vocab_size;
+    auto model = build_model(cfg, vocab);
+    EXPECT_NO_THROW(check_config_fits_model_file(cfg, vocab, module_state(*model), "x")) << cfg.to_toml();
+  }
 }
 
 // (step, split) of every row of a run's metrics.jsonl, in order.

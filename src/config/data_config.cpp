@@ -40,7 +40,10 @@ void DataConfig::validate() const {
   // SentencePiece needs room for its 3 special pieces plus every character of the corpus (~80 in Brown).
   if (vocab_size < 100 || vocab_size > (int64_t{1} << 20))
     throw ConfigError("data.vocab_size", "must be in [100, 1048576], got " + std::to_string(vocab_size));
-  if (seq_len < 1) throw ConfigError("data.seq_len", "must be >= 1, got " + std::to_string(seq_len));
+  // The model's RoPE table holds seq_len x head_dim / 2 angles, built before any weight is read: the
+  // bound keeps a hostile checkpoint config from asking for terabytes (docs/reliability.md).
+  if (seq_len < 1 || seq_len > (int64_t{1} << 20))
+    throw ConfigError("data.seq_len", "must be in [1, 1048576], got " + std::to_string(seq_len));
   if (seed < 0) throw ConfigError("data.seed", "must be >= 0, got " + std::to_string(seed));
   if (corpus == "brown") {
     std::set<char> letters;  // genres named twice (by letter and by name) count once

@@ -13,6 +13,7 @@
 #include "moeforge/data/batching.h"
 #include "moeforge/data/data.h"
 #include "moeforge/data/instruct.h"
+#include "moeforge/model/checkpoint.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/evaluate.h"
 
@@ -77,6 +78,13 @@ LoadedModel load_model(const std::string& checkpoint_dir);
 
 // Builds the model of `cfg` for a vocabulary of `vocab_size` tokens.
 TransformerLM build_model(RunConfig& cfg, int64_t vocab_size);
+
+// Before a checkpoint's model is built from its config.toml: a lower bound of the parameters that config
+// describes must be held by the checkpoint's model file (whose size the safetensors reader has already
+// bounded by the file's), so that a hostile config cannot make the constructor allocate more than the file
+// holds. Throws FileError naming `where` (docs/reliability.md, "Checkpoints").
+void check_config_fits_model_file(const RunConfig& cfg, int64_t vocab_size, const NamedTensors& model,
+                                  const std::string& where);
 
 // The training forward pass of one batch ([B, S + 1] tokens, next-token targets): the per-token
 // cross-entropy [B*S], the batch's loss weights [B*S] (undefined when the batch has none: weight 1
