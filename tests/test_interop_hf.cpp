@@ -213,11 +213,35 @@ TEST_F(HfInterop, BadFoldersAreErrorsNamingFileAndTensor) {
     try {
       import_hf(d.string(), (fs::path(root) / (name + "_ckpt")).string(), log);
       ADD_FAILURE() << name << ": imported";
-    } catch (const std::exception& e) {
+    } catch (const FileError& e) {
       for (auto& s : must_name)
         EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << name << ": " << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << name << ": not an error naming the file: " << e.what();
     }
   };
+  auto edit_config = [](const std::function<void(json&)>& f) {
+    return [f](const fs::path& d) {
+      auto c = json::parse(read_bytes(d / "config.json"));
+      f(c);
+      std::ofstream(d / "config.json", std::ios::trunc) << c.dump();
+    };
+  };
+  // Keys of the wrong JSON type are named (they were a JSON library exception), a context that would make
+  // the RoPE table huge is refused before anything is built, as is a configuration moeforge cannot build.
+  expect_error("model_type_number", edit_config([](json& c) { c["model_type"] = 7; }),
+               {"config.json", "model_type", "not a string"});
+  expect_error("bias_string", edit_config([](json& c) { c["attention_bias"] = "no"; }),
+               {"config.json", "attention_bias"});
+  expect_error("huge_context", edit_config([](json& c) { c["max_position_embeddings"] = int64_t{1} << 40; }),
+               {"config.json", "max_position_embeddings", "1099511627776"});
+  expect_error("experts_used", edit_config([](json& c) { c["num_experts_per_tok"] = 99; }),
+               {"config.json", "cannot build", "n_expert_used"});
+  expect_error("index_escape",
+               [](const fs::path& d) {
+                 std::ofstream(d / "model.safetensors.index.json") << R"({"weight_map": {"x": ".."}})";
+               },
+               {"model.safetensors.index.json", "outside the folder", ".."});
   const std::string st = "model.safetensors";
   expect_error("garbled_config",
                [](const fs::path& d) { std::ofstream(d / "config.json") << "{\"model_type\": "; },

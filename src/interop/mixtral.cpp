@@ -131,31 +131,4 @@ MixtralModel to_mixtral(const LoadedModel& lm, const std::string& format, const 
   return out;
 }
 
-void check_mixtral_shapes(const MixtralModel& m, const std::string& where) {
-  const int64_t V = m.vocab_size, C = m.d_model, D = m.head_dim(), E = m.n_expert, F = m.d_ff;
-  auto check = [&](const torch::Tensor& t, std::vector<int64_t> want, const std::string& name) {
-    if (!t.defined()) throw FileError(where, "tensor '" + name + "' is missing");
-    if (t.sizes().vec() != want)
-      throw FileError(where, "tensor '" + name + "' has shape " + c10::str(t.sizes()) + ", expected " +
-                                 c10::str(c10::IntArrayRef(want)));
-  };
-  check(m.embedding, {V, C}, "embedding");
-  check(m.final_norm, {C}, "final norm");
-  if (m.head.defined()) check(m.head, {V, C}, "output head");
-  for (int64_t i = 0; i < m.n_layer(); ++i) {
-    const auto& L = m.layers[size_t(i)];
-    const std::string p = "layer " + std::to_string(i) + " ";
-    check(L.attn_norm, {C}, p + "attention norm");
-    check(L.wq, {m.n_head * D, C}, p + "q");
-    check(L.wk, {m.n_kv_head * D, C}, p + "k");
-    check(L.wv, {m.n_kv_head * D, C}, p + "v");
-    check(L.wo, {C, m.n_head * D}, p + "attention output");
-    check(L.ffn_norm, {C}, p + "ffn norm");
-    check(L.router, {E, C}, p + "router");
-    check(L.w_gate, {E, F, C}, p + "expert gate");
-    check(L.w_up, {E, F, C}, p + "expert up");
-    check(L.w_down, {E, C, F}, p + "expert down");
-  }
-}
-
 }  // namespace moeforge

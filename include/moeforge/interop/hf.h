@@ -8,6 +8,7 @@
 #include <ostream>
 #include <string>
 
+#include "moeforge/config/run_config.h"
 #include "moeforge/interop/mixtral.h"
 
 namespace moeforge {
@@ -19,6 +20,19 @@ struct HfExportOptions {
 };
 
 void write_hf(const std::string& dir, const MixtralModel& m, const HfExportOptions& opt = {});
+
+// A Hugging Face folder as read, before any moeforge model exists: the Mixtral form (weights converted to
+// float32), the architecture and the moeforge configuration that computes the same (validated).
+struct HfModel {
+  MixtralModel model;
+  std::string type;  // config.json's model_type: "llama" or "mixtral"
+  bool moe = false, tied = false;
+  RunConfig cfg;
+};
+
+// Reads and checks everything in `dir` (config.json, tokenizer.model, model.safetensors or shards): every
+// error is a FileError naming the file and the key or tensor. The fuzz target fuzz_hf runs this.
+HfModel read_hf(const std::string& dir);
 
 // Reads a Hugging Face folder into a moeforge checkpoint folder `out` (format of checkpoint.h): Llama
 // (dense) and Mixtral. bf16 and f16 weights are converted to float32 (exactly: both are subsets of it).
