@@ -133,6 +133,66 @@ TEST(MoCE, UnseenSequencesGetTheirNearestCentroid) {
   EXPECT_TRUE(router->centroids.equal(dir)) << "evaluation must not move centroids";
 }
 
+// The prompt pool (moe.moce_pool = "prompt", instruction data): a sample's cluster is a function of its
+// prompt only. Two batches whose prompts agree and whose responses differ get the same clusters at every
+// position; the response positions all take the prompt's cluster; inside the prompt it is the running
+// prefix pool; and token-by-token generation with the cache's running sum gives the same clusters.
+TEST(MoCE, PromptPoolClusterDependsOnlyOnThePrompt) {
+  torch::manual_seed(21);
+  const int64_t G = 4, C = 8, B = 6, S = 10;
+  auto cfg = moce_config();
+  cfg.moce_pool = MocePool::kPrompt;
+  MoCERouter router(cfg, C);
+  auto dir = directions(G, C);
+  {
+    torch::NoGradGuard ng;
+    router->centroids.copy_(dir);
+    router->centroid_count.fill_(1);
+  }
+  auto label = torch::randint(G, {B}, torch::kLong);
+  auto prompt_len = torch::tensor({3, 4, 5, 6, 4, 7}, torch::kLong);
+  auto x = sequences_around(dir, label, S);  // [B, S, C]
+  // The responses: positions from prompt_len on, drawn around another (random) direction.
+  auto other = sequences_around(dir, torch::randint(G, {B}, torch::kLong), S);
+  auto pos = torch::arange(S).view({1, S, 1});
+  auto y = torch::where(pos < prompt_len.view({B, 1, 1}), x, other);
+  RouteContext ctx;
+  ctx.n_seq = B;
+  ctx.seq_len = S;
+  ctx.pool_len = prompt_len;
+  auto px = router->route(x.reshape({B * S, C}), ctx);
+  auto py = router->route(y.reshape({B * S, C}), ctx);
+  EXPECT_TRUE(px.token_cluster.equal(py.token_cluster)) << "the response changed a cluster";
+  auto tc = px.token_cluster.view({B, S});
+  RouteContext prefix = ctx;
+  prefix.pool_len = torch::Tensor();
+  auto pp = router->route(x.reshape({B * S, C}), prefix).token_cluster.view({B, S});
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t P = prompt_len[b].item<int64_t>();
+    EXPECT_TRUE(tc[b].narrow(0, 0, P).equal(pp[b].narrow(0, 0, P))) << "inside the prompt: the prefix pool";
+    EXPECT_TRUE((tc[b].narrow(0, P - 1, S - P + 1) == tc[b][P - 1]).all().item<bool>()) << "row " << b;
+    // The prompt's own nearest centroid.
+    EXPECT_EQ(tc[b][P - 1].item<int64_t>(),
+              nearest_centroid(x[b].narrow(0, 0, P).mean(0, true), dir)[0].item<int64_t>());
+  }
+  // Generation: the prompt in one chunk, then one position at a time with the running sum.
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t P = prompt_len[b].item<int64_t>();
+    RouteContext g;
+    g.n_seq = 1;
+    g.seq_len = P;
+    g.pool_len = prompt_len.narrow(0, b, 1);
+    auto plan = router->route(y[b].narrow(0, 0, P), g);
+    for (int64_t t = P; t < S; ++t) {
+      g.seq_len = 1;
+      g.prefix_sum = plan.pool_sum;
+      g.prefix_len = t;
+      plan = router->route(y[b].narrow(0, t, 1), g);
+      EXPECT_EQ(plan.token_cluster[0].item<int64_t>(), tc[b][t].item<int64_t>()) << "row " << b << " t " << t;
+    }
+  }
+}
+
 TEST(MoCE, OnlineCentroidsMoveTowardTheData) {
   torch::manual_seed(15);
   const int64_t G = 2, C = 8, B = 16, S = 4;

@@ -122,7 +122,7 @@ std::string to_string(SeqClustering v) {
   return v == SeqClustering::kOnline ? "online" : v == SeqClustering::kHidden ? "hidden" : "tfidf";
 }
 std::string to_string(MocePool v) {
-  return v == MocePool::kPrefix ? "prefix" : "sequence";
+  return v == MocePool::kPrefix ? "prefix" : v == MocePool::kPrompt ? "prompt" : "sequence";
 }
 std::string to_string(BipMode v) {
   return v == BipMode::kCausal ? "causal" : "solve";

@@ -41,6 +41,12 @@ void RunConfig::validate() const {
   moe.validate();
   train.validate();
   data.validate();
+  // MoCE's prompt pool needs a prompt per row: instruction samples, one per sequence.
+  if (moe.router == "moce" && moe.moce_pool == MocePool::kPrompt &&
+      (data.corpus != "instruct" || data.instruct_pack))
+    throw ConfigError("moe.moce_pool",
+                      "\"prompt\" pools each sequence's prompt: it needs data.corpus = \"instruct\" and "
+                      "data.instruct_pack = false (one sample per sequence)");
   // vocab_size and max_seq_len come from the data; check the rest of the model section with stand-ins.
   ModelConfig m = model;
   m.vocab_size = std::max<int64_t>(m.vocab_size, data.vocab_size);

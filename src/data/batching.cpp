@@ -88,7 +88,7 @@ PackedData pack_samples(const std::vector<InstructSample>& samples, const Tokeni
     }
   });
   const int64_t width = seq_len + 1;
-  std::vector<int64_t> tokens, domain, first;
+  std::vector<int64_t> tokens, domain, first, row_prompt;
   std::vector<float> scored;  // [rows * width]: 1 where the token is part of a response
   int64_t fill = width;       // tokens used in the last row; `width` = no open row
   int64_t dropped = 0;
@@ -104,6 +104,7 @@ PackedData pack_samples(const std::vector<InstructSample>& samples, const Tokeni
       scored.resize(scored.size() + width, 0.0f);
       domain.push_back(sample_domain[i]);
       first.push_back(i);
+      row_prompt.push_back(n_prompt[i]);
       fill = 0;
     }
     const size_t at = tokens.size() - static_cast<size_t>(width - fill);
@@ -125,6 +126,7 @@ PackedData pack_samples(const std::vector<InstructSample>& samples, const Tokeni
   out.domain = torch::tensor(domain, torch::kLong);                                                 // [N]
   out.doc = torch::tensor(first, torch::kLong);                                                     // [N]
   out.window = torch::zeros({rows}, torch::kLong);                                                  // [N]
+  if (!pack) out.prompt_len = torch::tensor(row_prompt, torch::kLong);                              // [N]
   out.domains = domains;
   out.dropped = dropped;
   return out;
@@ -187,10 +189,11 @@ Batcher::Batch Batcher::next() {
   const int64_t take = std::min(batch_size_, n - position_);
   auto index = torch::from_blob(order_.data() + position_, {take}, torch::kLong).clone();  // [B]
   position_ += take;
-  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}, {}, {}};
+  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}, {}, {}, {}};
   if (data_.cluster.defined()) b.cluster = data_.cluster.index_select(0, index);
   if (data_.doc.defined()) b.doc = data_.doc.index_select(0, index);
   if (data_.weight.defined()) b.weight = data_.weight.index_select(0, index);
+  if (data_.prompt_len.defined()) b.prompt_len = data_.prompt_len.index_select(0, index);
   return b;
 }
 

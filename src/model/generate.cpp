@@ -14,6 +14,9 @@ std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& 
   KVCache cache;
   RouteContext ctx;
   ctx.generating = true;
+  // MoCE's prompt pool: the prompt is all there is to pool, and generated tokens never join it.
+  if (model->moe_config().moce_pool == MocePool::kPrompt)
+    ctx.pool_len = torch::tensor({int64_t(prompt.size())}, torch::kLong);
   auto input = torch::tensor(prompt, torch::kLong).unsqueeze(0);  // [1, P]
   const int64_t max_len = model->model_config().max_seq_len;
   TORCH_CHECK(int64_t(prompt.size()) < max_len, "generate: the prompt has ", prompt.size(),

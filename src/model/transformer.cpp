@@ -127,7 +127,17 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
       h = blk->ffn_norm->forward(x);  // [B, S, C]
     }
     if (blk->moe) {
-      if (!out.pooled_first_moe.defined()) out.pooled_first_moe = h.detach().mean(1);  // [B, C]
+      if (!out.pooled_first_moe.defined()) {
+        if (ctx.pool_len.defined()) {  // the prompts' mean (MoCE's prompt pool, offline clustering)
+          auto pos =
+              torch::arange(S, torch::TensorOptions().dtype(torch::kLong).device(h.device())).view({1, S});
+          auto m =
+              (pos < ctx.pool_len.to(h.device(), torch::kLong).view({B, 1})).to(h.scalar_type());  // [B, S]
+          out.pooled_first_moe = (h.detach() * m.unsqueeze(2)).sum(1) / m.sum(1, true).clamp_min(1.0);
+        } else {
+          out.pooled_first_moe = h.detach().mean(1);  // [B, C]
+        }
+      }
       auto r = blk->moe->forward(h, ctx);
       // A token keeps the cluster the first clustering layer gave it (MoCE) in every later layer.
       if (!ctx.token_cluster.defined() && r.plan.token_cluster.defined())

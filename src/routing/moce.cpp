@@ -139,7 +139,22 @@ torch::Tensor MoCERouterImpl::prefix_pool(const torch::Tensor& x, int64_t B, int
     before = double(ctx.prefix_len);
   }
   auto n = torch::arange(1, S + 1, sum.options()).add_(before).view({1, S, 1});  // [1, S, 1]
-  return sum / n;                                                                // [B, S, C]
+  if (!ctx.pool_len.defined()) return sum / n;                                   // [B, S, C]
+  // Prompt pool: only positions before pool_len[b] (absolute) are summed; the count stops there too.
+  auto x_in = x.detach().view({B, S, C}) * prompt_mask(B, S, ctx, x.options()).unsqueeze(2);  // [B, S, C]
+  auto psum = x_in.cumsum(1);
+  if (ctx.prefix_sum.defined())
+    psum = psum + ctx.prefix_sum.to(psum.device(), psum.scalar_type()).unsqueeze(1);
+  auto len = ctx.pool_len.to(x.device(), x.scalar_type()).view({B, 1, 1}).clamp_min(1.0);  // [B, 1, 1]
+  return psum / torch::minimum(n, len);                                                    // [B, S, C]
+}
+
+torch::Tensor MoCERouterImpl::prompt_mask(int64_t B, int64_t S, const RouteContext& ctx,
+                                          const torch::TensorOptions& opt) const {
+  TORCH_CHECK(ctx.pool_len.numel() == B, "moce: ctx.pool_len has ", ctx.pool_len.numel(), " lengths for ", B,
+              " sequences");
+  auto pos = torch::arange(S, opt.dtype(torch::kLong)).add_(ctx.prefix_len).view({1, S});   // absolute
+  return (pos < ctx.pool_len.to(opt.device(), torch::kLong).view({B, 1})).to(opt.dtype());  // [B, S]
 }
 
 void MoCERouterImpl::seed_centroids(const torch::Tensor& unit) {
@@ -186,10 +201,20 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
       auto ids = ctx.seq_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
       TORCH_CHECK(ids.numel() == B, "moce: ctx.seq_cluster has ", ids.numel(), " ids for ", B, " sequences");
       tok_cluster = ids.unsqueeze(1).expand({B, S}).reshape({T}).clone();
-    } else if (cfg_.moce_pool == MocePool::kPrefix) {
-      tok_cluster = initialised ? assign(prefix_pool(x, B, S, ctx).reshape({T, C}))
+    } else if (cfg_.moce_pool == MocePool::kPrefix || cfg_.moce_pool == MocePool::kPrompt) {
+      // The prompt pool needs the prompts' lengths; without them (plain text) it is the prefix pool.
+      const bool prompt = cfg_.moce_pool == MocePool::kPrompt && ctx.pool_len.defined();
+      RouteContext pctx = ctx;
+      if (!prompt) pctx.pool_len = torch::Tensor();
+      tok_cluster = initialised ? assign(prefix_pool(x, B, S, pctx).reshape({T, C}))
                                 : torch::zeros({T}, torch::kLong);  // before any centroid: group 0
-      pool_sum = x.detach().view({B, S, C}).sum(1);
+      auto xs = x.detach().view({B, S, C});
+      if (prompt) {
+        xs = xs * prompt_mask(B, S, ctx, x.options()).unsqueeze(2);
+        // What the centroids learn from: the prompt's mean (the cluster's own definition).
+        seq_pool = xs.sum(1) / ctx.pool_len.to(dev, x.scalar_type()).view({B, 1}).clamp_min(1.0);
+      }
+      pool_sum = xs.sum(1);
       if (ctx.prefix_sum.defined()) pool_sum = pool_sum + ctx.prefix_sum.to(dev, pool_sum.scalar_type());
     } else {
       // NON-CAUSAL: the whole sequence's mean decides every position's cluster.

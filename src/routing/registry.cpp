@@ -190,8 +190,9 @@ RouterSpec moce_row() {
     b.bind("moe.moce_n_general", &c->moce_n_general);
     b.bind("moe.moce_general_used", &c->moce_general_used);
     b.bind("moe.centroid_decay", &c->centroid_decay);
-    b.bind_enum("moe.moce_pool", &c->moce_pool,
-                {{"prefix", MocePool::kPrefix}, {"sequence", MocePool::kSequence}});
+    b.bind_enum(
+        "moe.moce_pool", &c->moce_pool,
+        {{"prefix", MocePool::kPrefix}, {"sequence", MocePool::kSequence}, {"prompt", MocePool::kPrompt}});
     b.bind("moe.moce_balance_rate", &c->moce_balance_rate);
     b.bind_enum("moe.moce_clustering", &c->moce_clustering,
                 {{"online", SeqClustering::kOnline},

@@ -21,8 +21,12 @@ torch::Tensor pooled_first_moe_inputs(TransformerLM& model, const PackedData& da
   for (int64_t start = 0; start < N; start += batch_size) {
     const int64_t B = std::min(batch_size, N - start);
     auto inputs = data.tokens.narrow(0, start, B).narrow(1, 0, S);  // [B, S]
-    // Plain forward: the router sees exactly this pooled vector when it assigns the sequence.
-    parts.push_back(model->forward(inputs).pooled_first_moe.to(torch::kCPU, torch::kFloat));  // [B, C]
+    // The router sees exactly this pooled vector when it assigns the sequence: the whole sequence's mean,
+    // or with MoCE's prompt pool the prompt's.
+    RouteContext ctx;
+    if (data.prompt_len.defined() && model->moe_config().moce_pool == MocePool::kPrompt)
+      ctx.pool_len = data.prompt_len.narrow(0, start, B);
+    parts.push_back(model->forward(inputs, ctx).pooled_first_moe.to(torch::kCPU, torch::kFloat));  // [B, C]
   }
   if (was_training) model->train();
   return torch::cat(parts, 0);  // [N, C]
@@ -51,9 +55,12 @@ SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data,
     const int64_t N = data.size(), S = data.seq_len();
     auto inputs = data.tokens.narrow(1, 0, S).contiguous();  // [N, S]
     std::vector<std::vector<int64_t>> rows(N);
+    const bool prompt = data.prompt_len.defined() && model->moe_config().moce_pool == MocePool::kPrompt;
     for (int64_t i = 0; i < N; ++i) {
       const int64_t* p = inputs.data_ptr<int64_t>() + i * S;
-      rows[i].assign(p, p + S);
+      // With the prompt pool the words of the prompt only: the response must not choose the cluster.
+      const int64_t len = prompt ? std::min<int64_t>(S, data.prompt_len[i].item<int64_t>()) : S;
+      rows[i].assign(p, p + len);
     }
     auto km = spherical_kmeans(tfidf_embeddings(rows, vocab_size), n_cluster, opt);  // in [N, V]
     out.assignment = km.assignment;

@@ -78,6 +78,7 @@ void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch
     auto targets = batch.tokens.narrow(1, 1, S);
     RouteContext ctx;
     ctx.seq_domain = batch.domain;
+    ctx.pool_len = batch.prompt_len;  // instruction rows of one sample: MoCE's prompt pool
     // No ctx.seq_cluster even when training had offline clusters: evaluation assigns each sequence to its
     // nearest centroid, as generation must (docs/routing.md section 6).
     auto out = model->forward(inputs, ctx);

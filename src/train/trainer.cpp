@@ -244,6 +244,7 @@ BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch) {
   const int64_t B = batch.tokens.size(0), S = batch.tokens.size(1) - 1;
   RouteContext ctx;
   ctx.seq_domain = batch.domain;
+  ctx.pool_len = batch.prompt_len;  // instruction rows of one sample: MoCE's prompt pool
   // No ctx.seq_cluster: MoCE assigns every sequence itself, by the rule evaluation and generation use too
   // (offline clustering only initialises its centroids; docs/routing.md, MoCE).
   auto out = model->forward(batch.tokens.narrow(1, 0, S), ctx);

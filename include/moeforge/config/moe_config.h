@@ -21,7 +21,7 @@ enum class BipMode { kCausal, kSolve };
 // MoCE's stage-1 sequence clusters (docs/routing.md section 6).
 enum class SeqClustering { kOnline, kHidden, kTfidf };
 // What MoCE pools to assign a token its cluster: the positions up to it (causal) or the whole sequence.
-enum class MocePool { kPrefix, kSequence };
+enum class MocePool { kPrefix, kSequence, kPrompt };
 
 struct MoEConfig {
   std::string router = "topk";  // moe.router
@@ -64,7 +64,10 @@ struct MoEConfig {
   int64_t moce_general_used = 1;  // moe.moce_general_used: general experts per token
   double centroid_decay = 0.99;   // moe.centroid_decay: EMA decay of MoCE's online centroids
   // moe.moce_pool: "prefix" (causal, the default: a token's cluster is that of the running mean of the
-  // positions up to it) or "sequence" (NON-CAUSAL: the whole sequence's mean, labelled so in reports).
+  // positions up to it), "sequence" (NON-CAUSAL: the whole sequence's mean, labelled so in reports) or
+  // "prompt" (instruction data, MoCE's own setting: the running mean up to the end of the prompt, then the
+  // prompt's mean for every later position, so the cluster depends on the instruction and input only;
+  // needs data.corpus = "instruct" with data.instruct_pack = false, docs/routing.md section 6).
   MocePool moce_pool = MocePool::kPrefix;
   double moce_balance_rate = 1e-3;  // moe.moce_balance_rate: step of the cluster balance bias (0 = off)
   // moe.moce_clustering: how training sequences get their cluster. "online" (the default: works from

@@ -43,6 +43,9 @@ class MoCERouterImpl : public Router {
   // The running prefix mean of x [B*S, C] (with ctx.prefix_sum / prefix_len of earlier positions, when
   // generating with a KV cache): row (b, t) is the mean of positions 0..t of sequence b.
   torch::Tensor prefix_pool(const torch::Tensor& x, int64_t B, int64_t S, const RouteContext& ctx) const;
+  // [B, S] 1 where a position is inside its sequence's prompt (ctx.pool_len, absolute positions), else 0.
+  torch::Tensor prompt_mask(int64_t B, int64_t S, const RouteContext& ctx,
+                            const torch::TensorOptions& opt) const;
   // Global id of local expert j of group g.
   int64_t group_expert(int64_t g, int64_t j) const { return g * n_per_group_ + j; }
   int64_t n_per_group() const { return n_per_group_; }

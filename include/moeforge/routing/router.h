@@ -27,6 +27,10 @@ struct RouteContext {
   // over the prefix_len positions already processed; the plan returns the new sum (RoutingPlan::pool_sum).
   torch::Tensor prefix_sum;
   int64_t prefix_len = 0;
+  // MoCE's prompt pool (moe.moce_pool = "prompt", instruction data): [B] int64, the number of leading
+  // positions of each sequence (counted from its start, prefix_len included) whose inputs make its pool, the
+  // prompt's; later positions keep the prompt's pool, so a response never changes its cluster.
+  torch::Tensor pool_len;
   torch::Tensor seq_domain;  // [B] int64 domain label per sequence (measures only), optional
   bool training = false;
   // Token-by-token generation: a router must route each token alone (expert choice uses its thresholds,
