@@ -14,6 +14,7 @@
 #include "moeforge/data/data.h"
 #include "moeforge/data/instruct.h"
 #include "moeforge/model/transformer.h"
+#include "moeforge/train/instruct_eval.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
@@ -624,6 +625,103 @@ TEST(InstructTraining, PrepareDataAndAFewSteps) {
   // train.batch_size = 4 rows in order.
   EXPECT_EQ(s.validation->tokens, std::llround(d.validation.weight.narrow(0, 0, 4).sum().item<double>()));
   EXPECT_LT(s.validation->tokens, 4 * 64);
+
+  // The task evaluation of the trained checkpoint: every task scored, the held-out ones marked, greedy
+  // generations bounded, the routing tables filled from the response positions.
+  auto lm = load_model(s.checkpoint);
+  InstructEvalOptions eo;
+  eo.per_task = 2;
+  eo.max_new_tokens = 4;
+  auto r = evaluate_instruct(lm.model, *lm.tokenizer, *d.instruct, d.instruct->test, eo);
+  ASSERT_EQ(r.tasks.size(), 15u);
+  int heldout = 0;
+  for (const auto& t : r.tasks) {
+    EXPECT_EQ(t.samples, 2) << t.task;
+    EXPECT_GE(t.exact, 0);
+    EXPECT_LE(t.exact, t.samples);
+    // seq_len 64 is shorter than some tasks' samples (genre, pos_tag): those are counted, not scored.
+    EXPECT_TRUE(t.tokens > 0 || t.too_long == t.samples) << t.task;
+    EXPECT_TRUE(std::isfinite(t.loss())) << t.task;
+    int64_t assigned = 0;
+    for (auto n : t.expert) assigned += n;
+    // top-2 of the tiny run's experts at every scored position of the first MoE layer
+    EXPECT_EQ(assigned, 2 * t.tokens) << t.task;
+    ASSERT_FALSE(t.examples.empty());
+    heldout += t.heldout;
+  }
+  EXPECT_EQ(heldout, 3);
+  EXPECT_NE(format_instruct_eval(r).find("held-out accuracy"), std::string::npos);
+  EXPECT_TRUE(r.to_json().contains("tasks"));
+}
+
+// MoCE in its own setting: the prompt pool with offline k-means on the prompts (TF-IDF: the hidden form needs
+// an --init checkpoint, which scripts/instruct-experiment.sh runs), trained a
+// few steps; the task evaluation reports clusters, and a sample's clusters depend on its prompt only.
+TEST(InstructTraining, MoceWithThePromptPoolClustersPromptsOnly) {
+  SKIP_WITHOUT_SOURCES();
+  const auto data_dir = tmp_dir("moce_data");
+  fs::create_directory_symlink(brown_data_dir() + "/brown", fs::path(data_dir) / "brown");
+  RunConfig cfg = load_run_config_text(
+      "", "test",
+      test::tiny_run_overrides(
+          "instruct_moce",
+          {"data.corpus=\"instruct\"", "data.dir=\"" + data_dir + "\"", "data.vocab_size=512",
+           "data.seq_len=64", "data.instruct_train_per_task=20", "data.instruct_eval_per_task=4",
+           "data.instruct_pack=false", "moe.router=\"moce\"", "moe.n_cluster=2", "moe.moce_pool=\"prompt\"",
+           "moe.moce_clustering=\"tfidf\"", "train.steps=2", "train.eval_batches=1"}));
+  std::ostringstream log;
+  TrainOptions o;
+  o.out_dir = tmp_dir("moce_run");
+  o.progress = false;
+  auto s = train_model(cfg, o, log);
+  ASSERT_EQ(s.step_losses.size(), 2u) << log.str();
+  auto lm = load_model(s.checkpoint);
+  DataBundle d = prepare_data(lm.cfg.data, nullptr, log);
+  ASSERT_TRUE(d.validation.prompt_len.defined());
+  InstructEvalOptions eo;
+  eo.per_task = 2;
+  eo.max_new_tokens = 2;
+  auto r = evaluate_instruct(lm.model, *lm.tokenizer, *d.instruct, d.instruct->test, eo);
+  for (const auto& t : r.tasks) {
+    if (t.tokens == 0) continue;  // samples longer than the tiny context
+    ASSERT_EQ(t.cluster.size(), 2u) << t.task;
+    EXPECT_EQ(t.cluster[0] + t.cluster[1], t.tokens) << t.task;
+  }
+  EXPECT_GE(r.cluster_purity_task, 0.0);
+  EXPECT_LE(r.cluster_purity_task, 1.0);
+  // Replace every response token of a batch with another token: the clusters do not move.
+  torch::NoGradGuard ng;
+  lm.model->eval();
+  const int64_t B = 4, S = d.validation.seq_len();
+  auto tokens = d.validation.tokens.narrow(0, 0, B).clone();
+  auto plen = d.validation.prompt_len.narrow(0, 0, B);
+  auto pos = torch::arange(S + 1).view({1, S + 1});
+  auto changed = torch::where(pos >= plen.view({B, 1}), torch::full_like(tokens, 7), tokens);
+  RouteContext ctx;
+  ctx.pool_len = plen;
+  auto a = lm.model->forward(tokens.narrow(1, 0, S), ctx).plans.at(0).token_cluster;
+  auto b = lm.model->forward(changed.narrow(1, 0, S), ctx).plans.at(0).token_cluster;
+  EXPECT_TRUE(a.equal(b));
+  // Without instruction rows of one sample the prompt pool is a config error naming the key.
+  test::expect_config_error(
+      [] {
+        load_run_config_text("", "x", {"moe.router=\"moce\"", "moe.moce_pool=\"prompt\""});
+      },
+      "moe.moce_pool");
+}
+
+TEST(InstructEval, ExactMatchComparesNormalisedAnswers) {
+  EXPECT_EQ(normalize_answer("  The  Cat.\n"), "the cat");
+  EXPECT_EQ(normalize_answer("seventy-two!"), "seventy-two");
+  EXPECT_EQ(normalize_answer(": noun"), "noun");
+  EXPECT_EQ(normalize_answer(""), "");
+  EXPECT_TRUE(answer_matches("Cat", {"cat"}));
+  EXPECT_TRUE(answer_matches(" apple  banana cherry ", {"apple banana cherry"}));
+  EXPECT_TRUE(answer_matches("big", {"large", "big"}));  // any accepted answer
+  EXPECT_FALSE(answer_matches("cats", {"cat"}));
+  EXPECT_FALSE(answer_matches("cherry banana apple", {"apple banana cherry"}));  // order matters
+  EXPECT_FALSE(answer_matches("", {"cat"}));
+  EXPECT_FALSE(answer_matches("cat", {}));
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/generate.h"
 #include "moeforge/train/compare.h"
+#include "moeforge/train/instruct_eval.h"
 #include "moeforge/train/prune.h"
 #include "moeforge/train/report.h"
 #include "moeforge/train/trainer.h"
@@ -149,6 +150,15 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"validation", "heldout"}));
   int64_t eval_batches = 0;
   eval->add_option("--batches", eval_batches, "batches to evaluate (0 = the whole split)");
+  InstructEvalOptions ieval;
+  std::string eval_json;
+  eval->add_option("--per-task", ieval.per_task,
+                   "instruction data: samples scored per task (0 = all; docs/instruct-data.md)")
+      ->check(CLI::NonNegativeNumber);
+  eval->add_option("--max-new-tokens", ieval.max_new_tokens,
+                   "instruction data: greedy generation stops at </s> or after this many tokens")
+      ->check(CLI::PositiveNumber);
+  eval->add_option("--json", eval_json, "instruction data: write the task scores to this JSON file");
 
   // generate
   auto* gen = app.add_subcommand("generate", "generate text from a checkpoint (KV cache)");
@@ -360,6 +370,18 @@ int main(int argc, char** argv) {
         throw ConfigError("data.heldout_genres",
                           "this checkpoint's config has no held-out genres to evaluate");
       print_eval(evaluate(lm.model, set, lm.cfg.train.batch_size, eval_batches, split));
+      if (data.instruct) {
+        // Task scores: the validation samples (trained tasks), or with --split heldout the test samples,
+        // which hold every trained task's test samples and the held-out tasks (docs/instruct-data.md).
+        const auto& samples = split == "heldout" ? data.instruct->test : data.instruct->validation;
+        ieval.batch_size = lm.cfg.train.batch_size;
+        auto r = evaluate_instruct(lm.model, *lm.tokenizer, *data.instruct, samples, ieval);
+        std::cout << "\n" << format_instruct_eval(r);
+        if (!eval_json.empty()) {
+          write_file_atomic(eval_json, r.to_json().dump(2) + "\n");
+          std::cout << "task scores: " << eval_json << "\n";
+        }
+      }
     } else if (gen->parsed()) {
       auto lm = load_model(ckpt_dir);
       std::cout << sample_text(lm, prompt, gopt) << "\n";

@@ -1,0 +1,230 @@
+// Task evaluation on instruction data: exact match of greedy generations, response perplexity and the
+// routing tables by task (docs/instruct-data.md, "Evaluation").
+#include "moeforge/train/instruct_eval.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <iomanip>
+#include <map>
+#include <sstream>
+
+#include "moeforge/data/batching.h"
+#include "moeforge/model/generate.h"
+#include "moeforge/train/evaluate.h"
+
+namespace moeforge {
+
+std::string normalize_answer(const std::string& text) {
+  std::string out;
+  bool space = false;
+  for (unsigned char c : text) {
+    if (std::isspace(c)) {
+      space = !out.empty();
+      continue;
+    }
+    if (space) out.push_back(' ');
+    space = false;
+    out.push_back(char(std::tolower(c)));
+  }
+  auto punct = [](char c) { return c == '.' || c == ',' || c == ';' || c == ':' || c == '!' || c == '?'; };
+  while (!out.empty() && (punct(out.back()) || out.back() == ' ')) out.pop_back();
+  size_t start = 0;
+  while (start < out.size() && (punct(out[start]) || out[start] == ' ')) ++start;
+  return out.substr(start);
+}
+
+bool answer_matches(const std::string& generated, const std::vector<std::string>& answers) {
+  const std::string g = normalize_answer(generated);
+  return std::any_of(answers.begin(), answers.end(),
+                     [&](const std::string& a) { return normalize_answer(a) == g; });
+}
+
+namespace {
+
+std::string family_of(const std::string& task) {
+  for (const auto& t : instruct_tasks())
+    if (t.name == task) return t.family;
+  return "";
+}
+
+// The teacher-forced pass over one task's samples (one sample per row): response-token loss, and the
+// first MoE layer's experts and clusters at the positions that predict a response token.
+void teacher_forced(TransformerLM& model, const Tokenizer& tok, const std::vector<InstructSample>& samples,
+                    int64_t batch_size, InstructTaskScore& s) {
+  const int64_t S = model->model_config().max_seq_len;
+  PackedData packed = pack_samples(samples, tok, S, {s.task}, /*pack=*/false);
+  const int64_t rows = packed.size();
+  s.too_long = packed.dropped;
+  const auto& moe = model->moe_config();
+  s.expert.assign(size_t(moe.routed_experts()), 0);
+  for (int64_t r0 = 0; r0 < rows; r0 += batch_size) {
+    const int64_t B = std::min(batch_size, rows - r0);
+    auto tokens = packed.tokens.narrow(0, r0, B);
+    auto weight = packed.weight.narrow(0, r0, B).reshape(-1).contiguous();  // [B*S]
+    RouteContext ctx;
+    ctx.seq_domain = torch::zeros({B}, torch::kLong);
+    ctx.pool_len = packed.prompt_len.narrow(0, r0, B);  // MoCE's prompt pool (unused by other routers)
+    auto out = model->forward(tokens.narrow(1, 0, S), ctx);
+    auto ce = torch::nn::functional::cross_entropy(
+        out.logits.reshape({B * S, -1}), tokens.narrow(1, 1, S).reshape(-1),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]
+    s.loss_sum += (ce.to(torch::kCPU, torch::kDouble) * weight.to(torch::kDouble)).sum().item<double>();
+    s.tokens += int64_t(std::llround(weight.sum().item<double>()));
+    if (out.plans.empty()) continue;
+    const float* w = weight.data_ptr<float>();
+    const auto& plan = out.plans[0];
+    auto idx = plan.token_index.to(torch::kCPU, torch::kLong).contiguous();
+    auto off = plan.expert_offsets.to(torch::kCPU, torch::kLong).contiguous();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const int64_t* op = off.data_ptr<int64_t>();
+    const int64_t E = off.numel() - 1;
+    if (int64_t(s.expert.size()) < E) s.expert.resize(size_t(E), 0);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t i = op[e]; i < op[e + 1]; ++i)
+        if (ip[i] >= 0 && ip[i] < B * S && w[ip[i]] > 0) ++s.expert[size_t(e)];
+    if (plan.token_cluster.defined()) {
+      if (s.cluster.empty()) s.cluster.assign(size_t(moe.n_cluster), 0);
+      auto c = plan.token_cluster.to(torch::kCPU, torch::kLong).contiguous();
+      const int64_t* cp = c.data_ptr<int64_t>();
+      for (int64_t t = 0; t < std::min<int64_t>(c.numel(), B * S); ++t)
+        if (w[t] > 0 && cp[t] >= 0 && cp[t] < int64_t(s.cluster.size())) ++s.cluster[size_t(cp[t])];
+    }
+  }
+}
+
+double mean_of(const std::vector<double>& v) {
+  double sum = 0;
+  for (double x : v) sum += x;
+  return v.empty() ? 0.0 : sum / double(v.size());
+}
+
+}  // namespace
+
+InstructEvalResult evaluate_instruct(TransformerLM& model, const Tokenizer& tok, const InstructData& data,
+                                     const std::vector<InstructSample>& samples,
+                                     const InstructEvalOptions& opt) {
+  torch::NoGradGuard ng;
+  const bool was_training = model->is_training();
+  model->eval();
+  InstructEvalResult r;
+  const int64_t context = model->model_config().max_seq_len;
+  for (const auto& task : data.tasks) {
+    InstructTaskScore s;
+    s.task = task;
+    s.family = family_of(task);
+    s.heldout = std::count(data.heldout.begin(), data.heldout.end(), task) > 0;
+    std::vector<InstructSample> mine;
+    for (const auto& x : samples)
+      if (x.task == task && (opt.per_task <= 0 || int64_t(mine.size()) < opt.per_task)) mine.push_back(x);
+    if (mine.empty()) continue;
+    for (const auto& x : mine) {
+      std::vector<int64_t> prompt = {tok.bos_id()};
+      const auto p = tok.encode(x.prompt);
+      prompt.insert(prompt.end(), p.begin(), p.end());
+      std::string generated;
+      if (int64_t(prompt.size()) < context) {  // a prompt that fills the context has no room for an answer
+        GenerateOptions g;
+        g.max_tokens = opt.max_new_tokens;
+        g.temperature = 0;  // greedy
+        g.eos_id = tok.eos_id();
+        auto ids = generate(model, prompt, g);
+        if (!ids.empty() && ids.back() == tok.eos_id()) ids.pop_back();
+        generated = tok.decode(ids);
+      }
+      const bool ok = answer_matches(generated, x.answers);
+      ++s.samples;
+      s.exact += ok;
+      if (int64_t(s.examples.size()) < opt.examples)
+        s.examples.push_back({x.prompt, generated, x.response, ok});
+    }
+    teacher_forced(model, tok, mine, std::max<int64_t>(1, opt.batch_size), s);
+    r.tasks.push_back(std::move(s));
+  }
+  std::vector<double> acc_in, acc_out, loss_in, loss_out;
+  std::map<std::string, std::vector<int64_t>> by_family;
+  std::vector<std::vector<int64_t>> by_task;
+  for (const auto& s : r.tasks) {
+    (s.heldout ? acc_out : acc_in).push_back(s.accuracy());
+    (s.heldout ? loss_out : loss_in).push_back(s.loss());
+    if (s.cluster.empty()) continue;
+    by_task.push_back(s.cluster);
+    auto& f = by_family[s.family];
+    if (f.empty()) f.assign(s.cluster.size(), 0);
+    for (size_t c = 0; c < s.cluster.size(); ++c) f[c] += s.cluster[c];
+  }
+  r.heldin_accuracy = mean_of(acc_in);
+  r.heldout_accuracy = mean_of(acc_out);
+  r.heldin_loss = mean_of(loss_in);
+  r.heldout_loss = mean_of(loss_out);
+  // Purity of the clusters by label: sum over clusters of the largest label count, over all counts (the
+  // table is [label][cluster] here, so transpose into table_purity's [cluster][label]).
+  auto purity = [](const std::vector<std::vector<int64_t>>& label_cluster) {
+    if (label_cluster.empty()) return 0.0;
+    std::vector<std::vector<int64_t>> t(label_cluster[0].size(), std::vector<int64_t>(label_cluster.size()));
+    for (size_t l = 0; l < label_cluster.size(); ++l)
+      for (size_t c = 0; c < label_cluster[l].size() && c < t.size(); ++c) t[c][l] = label_cluster[l][c];
+    return table_purity(t);
+  };
+  r.cluster_purity_task = purity(by_task);
+  std::vector<std::vector<int64_t>> fam;
+  for (auto& [name, counts] : by_family) fam.push_back(counts);
+  r.cluster_purity_family = purity(fam);
+  if (was_training) model->train();
+  return r;
+}
+
+nlohmann::json InstructEvalResult::to_json() const {
+  nlohmann::json j;
+  j["heldin_accuracy"] = heldin_accuracy;
+  j["heldout_accuracy"] = heldout_accuracy;
+  j["heldin_loss"] = heldin_loss;
+  j["heldout_loss"] = heldout_loss;
+  j["cluster_purity_task"] = cluster_purity_task;
+  j["cluster_purity_family"] = cluster_purity_family;
+  j["tasks"] = nlohmann::json::array();
+  for (const auto& s : tasks) {
+    nlohmann::json t = {{"task", s.task},       {"family", s.family},
+                        {"heldout", s.heldout}, {"samples", s.samples},
+                        {"exact", s.exact},     {"accuracy", s.accuracy()},
+                        {"loss", s.loss()},     {"perplexity", std::exp(s.loss())},
+                        {"tokens", s.tokens},   {"too_long", s.too_long},
+                        {"expert", s.expert},   {"cluster", s.cluster}};
+    t["examples"] = nlohmann::json::array();
+    for (const auto& e : s.examples)
+      t["examples"].push_back({{"prompt", e.prompt},
+                               {"generated", e.generated},
+                               {"reference", e.reference},
+                               {"correct", e.correct}});
+    j["tasks"].push_back(std::move(t));
+  }
+  return j;
+}
+
+std::string format_instruct_eval(const InstructEvalResult& r) {
+  std::ostringstream o;
+  o << std::fixed;
+  o << "task                 family        split     samples  exact match  response ppl\n";
+  for (const auto& s : r.tasks)
+    o << std::left << std::setw(21) << s.task << std::setw(14) << s.family << std::setw(10)
+      << (s.heldout ? "held-out" : "held-in") << std::right << std::setw(7) << s.samples << std::setw(12)
+      << std::setprecision(3) << s.accuracy() << std::setw(14) << std::setprecision(2) << std::exp(s.loss())
+      << "\n";
+  o << std::setprecision(3) << "held-in accuracy " << r.heldin_accuracy << " (ppl " << std::setprecision(2)
+    << std::exp(r.heldin_loss) << "), held-out accuracy " << std::setprecision(3) << r.heldout_accuracy
+    << " (ppl " << std::setprecision(2) << std::exp(r.heldout_loss) << "); task averages\n";
+  bool clusters =
+      std::any_of(r.tasks.begin(), r.tasks.end(), [](const auto& s) { return !s.cluster.empty(); });
+  if (clusters) {
+    o << "task x cluster (response positions of the first MoE layer; purity by task " << std::setprecision(3)
+      << r.cluster_purity_task << ", by family " << r.cluster_purity_family << "):\n";
+    for (const auto& s : r.tasks) {
+      o << "  " << std::left << std::setw(21) << s.task << std::right;
+      for (auto n : s.cluster) o << std::setw(8) << n;
+      o << "\n";
+    }
+  }
+  return o.str();
+}
+
+}  // namespace moeforge
