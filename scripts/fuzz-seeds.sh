@@ -43,4 +43,12 @@ parts=("$ckpt/manifest.json" "$ckpt/model.safetensors" "$ckpt/trainer.safetensor
 join "$c/checkpoint/as-written" "${parts[@]}"
 { printf '!'; cat "$c/checkpoint/as-written"; } >"$c/checkpoint/fixed-sums"
 join "$c/checkpoint/with-optimizer" "${parts[@]}" "$ckpt/optimizer.safetensors"
+# fuzz_hf: the Hugging Face folder `moeforge export --format hf` writes of the same checkpoint, alone and
+# with a shard index naming its one file.
+"$build/moeforge" export --checkpoint "$ckpt" --format hf --out "$tmp/hf" >/dev/null
+mkdir -p "$c/hf"
+hf=("$tmp/hf/config.json" "$tmp/hf/tokenizer.model" "$tmp/hf/model.safetensors")
+join "$c/hf/mixtral" "${hf[@]}"
+printf '{"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model.safetensors"}}\n' >"$tmp/index.json"
+join "$c/hf/mixtral-with-index" "${hf[@]}" "$tmp/index.json"
 ls -l "$c"/*

@@ -18,7 +18,7 @@ for t in "$@"; do
   # are not per-input leaks, which is all libFuzzer reports.
   # A tokenizer model (and so a checkpoint) holds SentencePiece's ~230 kB normaliser table.
   max_len=65536
-  case $t in checkpoint | tokenizer) max_len=400000 ;; esac
+  case $t in checkpoint | tokenizer | hf) max_len=400000 ;; esac
   status=0
   ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1} UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1} \
     "$build/fuzz_$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=$max_len \
