@@ -9,7 +9,7 @@
 # then scores each on the held-out and held-in tasks (moeforge eval --split heldout) and writes the report.
 #
 #   scripts/instruct-experiment.sh [OUT] [REPORT]     (default runs/instruct-exp, docs/results/instruct)
-# Env: SEEDS ("1 2 3"), BASE_STEPS (800), STEPS (400), PER_TASK (40), MOEFORGE (build/moeforge).
+# Env: SEEDS ("1 2 3"), BASE_STEPS (800), STEPS (500), PER_TASK (30), MOEFORGE (build/moeforge).
 # A finished step (its checkpoint or tasks.json exists) is not redone, so an interrupted run resumes.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,8 +18,8 @@ report=${2:-$here/docs/results/instruct}
 mf=${MOEFORGE:-$here/build/moeforge}
 seeds=${SEEDS:-1 2 3}
 base_steps=${BASE_STEPS:-800}
-steps=${STEPS:-400}
-per_task=${PER_TASK:-40}
+steps=${STEPS:-500}
+per_task=${PER_TASK:-30}
 mkdir -p "$out"
 start=$(date +%s)
 log() { echo "[$(($(date +%s) - start))s] $*"; }
