@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fuzz_parts.h"
 #include "moeforge/config/run_config.h"
 #include "moeforge/model/checkpoint.h"
 
@@ -28,14 +29,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string in(reinterpret_cast<const char*>(data), size);
   const bool fix = !in.empty() && in[0] == '!';
   if (fix) in.erase(0, 1);
-  std::vector<std::string> parts;
-  const std::string sep = "\n--moeforge-fuzz-file--\n";
-  for (size_t pos = 0;;) {
-    const size_t next = in.find(sep, pos);
-    parts.push_back(in.substr(pos, next == std::string::npos ? std::string::npos : next - pos));
-    if (next == std::string::npos || parts.size() == 6) break;
-    pos = next + sep.size();
-  }
+  std::vector<std::string> parts = split_fuzz_parts(in, 6);
   fs::remove_all(dir);
   fs::create_directories(dir);
   if (fix) {

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "fuzz_parts.h"
 #include "moeforge/interop/hf.h"
 
 namespace fs = std::filesystem;
@@ -22,14 +23,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const char* names[] = {"config.json", "tokenizer.model", "model.safetensors",
                                 "model.safetensors.index.json"};
   const std::string in(reinterpret_cast<const char*>(data), size);
-  std::vector<std::string> parts;
-  const std::string sep = "\n--moeforge-fuzz-file--\n";
-  for (size_t pos = 0;;) {
-    const size_t next = in.find(sep, pos);
-    parts.push_back(in.substr(pos, next == std::string::npos ? std::string::npos : next - pos));
-    if (next == std::string::npos || parts.size() == 4) break;
-    pos = next + sep.size();
-  }
+  std::vector<std::string> parts = split_fuzz_parts(in, 4);
   fs::remove_all(dir);
   fs::create_directories(dir);
   for (size_t i = 0; i < parts.size(); ++i) std::ofstream(dir / names[i], std::ios::binary) << parts[i];

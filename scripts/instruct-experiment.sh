@@ -9,7 +9,8 @@
 # then scores each on the held-out and held-in tasks (moeforge eval --split heldout) and writes the report.
 #
 #   scripts/instruct-experiment.sh [OUT] [REPORT]     (default runs/instruct-exp, docs/results/instruct)
-# Env: SEEDS ("1 2 3"), BASE_STEPS (800), STEPS (500), PER_TASK (30), MOEFORGE (build/moeforge).
+# Env: SEEDS ("1 2 3"), BASE_STEPS (800), STEPS (500), PER_TASK (30), MOEFORGE (build/moeforge),
+# INSTRUCT_SET (extra --set arguments for the instruction-tuning runs, e.g. smaller data for a smoke test).
 # A finished step (its checkpoint or tasks.json exists) is not redone, so an interrupted run resumes.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -51,6 +52,7 @@ upcycle dense --set moe.router='"topk"' --set moe.n_expert=1 --set moe.n_expert_
 instruct=(--set data.corpus='"instruct"' --set 'data.heldout_genres=[]' --set data.instruct_pack=false
   --set train.steps="$steps" --set train.warmup=40 --set train.lr=2e-3 --set train.eval_every=0
   --set train.eval_batches=8 --set train.log_every=10)
+read -r -a instruct_extra <<<"${INSTRUCT_SET:-}"
 for seed in $seeds; do
   for v in moce topk dense; do
     run="$out/$v/seed$seed"
@@ -61,7 +63,7 @@ for seed in $seeds; do
       log "instruction-tuning $v, seed $seed ($steps steps)"
       rm -rf "$run"
       "$mf" train --init "$out/up-$v" --out "$run" --no-report "${instruct[@]}" --set train.seed="$seed" \
-        --set data.seed=1234 "${extra[@]}" >"$out/$v-seed$seed.log" 2>&1 ||
+        --set data.seed=1234 "${extra[@]}" "${instruct_extra[@]}" >"$out/$v-seed$seed.log" 2>&1 ||
         { tail -20 "$out/$v-seed$seed.log"; exit 1; }
     fi
     if [ ! -e "$run/tasks.json" ]; then

@@ -593,16 +593,21 @@ TEST(InstructLoss, PromptAndPaddingTargetsDoNotCount) {
 
 // -------------------------------------------------------------------------------------- the trainer
 
+// A tiny instruction-tuning run: the Brown corpus linked into a fresh data folder, every task, 64-token rows.
+RunConfig tiny_instruct_config(const std::string& name, const std::vector<std::string>& extra) {
+  const auto data_dir = tmp_dir(name + "_data");
+  fs::create_directory_symlink(brown_data_dir() + "/brown", fs::path(data_dir) / "brown");
+  std::vector<std::string> o = {
+      "data.corpus=\"instruct\"", "data.dir=\"" + data_dir + "\"",   "data.vocab_size=512",
+      "data.seq_len=64",          "data.instruct_train_per_task=20", "data.instruct_eval_per_task=4",
+      "train.eval_batches=1"};
+  o.insert(o.end(), extra.begin(), extra.end());
+  return load_run_config_text("", "test", test::tiny_run_overrides(name, o));
+}
+
 TEST(InstructTraining, PrepareDataAndAFewSteps) {
   SKIP_WITHOUT_SOURCES();
-  const auto data_dir = tmp_dir("train_data");
-  fs::create_directory_symlink(brown_data_dir() + "/brown", fs::path(data_dir) / "brown");
-  RunConfig cfg = load_run_config_text(
-      "", "test",
-      test::tiny_run_overrides(
-          "instruct", {"data.corpus=\"instruct\"", "data.dir=\"" + data_dir + "\"", "data.vocab_size=512",
-                       "data.seq_len=64", "data.instruct_train_per_task=20", "data.instruct_eval_per_task=4",
-                       "train.steps=3", "train.eval_batches=1"}));
+  RunConfig cfg = tiny_instruct_config("instruct", {"train.steps=3"});
   std::ostringstream log;
   DataBundle d = prepare_data(cfg.data, nullptr, log);
   ASSERT_TRUE(d.instruct.has_value());
@@ -659,16 +664,9 @@ TEST(InstructTraining, PrepareDataAndAFewSteps) {
 // few steps; the task evaluation reports clusters, and a sample's clusters depend on its prompt only.
 TEST(InstructTraining, MoceWithThePromptPoolClustersPromptsOnly) {
   SKIP_WITHOUT_SOURCES();
-  const auto data_dir = tmp_dir("moce_data");
-  fs::create_directory_symlink(brown_data_dir() + "/brown", fs::path(data_dir) / "brown");
-  RunConfig cfg = load_run_config_text(
-      "", "test",
-      test::tiny_run_overrides(
-          "instruct_moce",
-          {"data.corpus=\"instruct\"", "data.dir=\"" + data_dir + "\"", "data.vocab_size=512",
-           "data.seq_len=64", "data.instruct_train_per_task=20", "data.instruct_eval_per_task=4",
-           "data.instruct_pack=false", "moe.router=\"moce\"", "moe.n_cluster=2", "moe.moce_pool=\"prompt\"",
-           "moe.moce_clustering=\"tfidf\"", "train.steps=2", "train.eval_batches=1"}));
+  RunConfig cfg = tiny_instruct_config(
+      "instruct_moce", {"data.instruct_pack=false", "moe.router=\"moce\"", "moe.n_cluster=2",
+                        "moe.moce_pool=\"prompt\"", "moe.moce_clustering=\"tfidf\"", "train.steps=2"});
   std::ostringstream log;
   TrainOptions o;
   o.out_dir = tmp_dir("moce_run");

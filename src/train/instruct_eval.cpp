@@ -224,6 +224,14 @@ std::string format_instruct_eval(const InstructEvalResult& r) {
       o << "\n";
     }
   }
+  if (std::any_of(r.tasks.begin(), r.tasks.end(), [](const auto& s) { return s.expert.size() > 1; })) {
+    o << "task x expert (response positions of the first MoE layer, assignments):\n";
+    for (const auto& s : r.tasks) {
+      o << "  " << std::left << std::setw(21) << s.task << std::right;
+      for (auto n : s.expert) o << std::setw(6) << n;
+      o << "\n";
+    }
+  }
   return o.str();
 }
 
