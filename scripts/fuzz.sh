@@ -10,6 +10,9 @@ seconds=$2
 shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$build/findings"
+# The checkpoint and Hugging Face targets write each input as a folder of files: in memory they run several
+# times faster than on disk (fuzz_checkpoint here: ~740/s on disk, ~2,960/s in /dev/shm).
+if [ -z "${TMPDIR:-}" ] && [ -w /dev/shm ]; then export TMPDIR=/dev/shm; fi
 for t in "$@"; do
   mkdir -p "$build/fuzz-corpus/$t" "$here/fuzz/regressions/$t"
   log="$build/fuzz-$t.log"
