@@ -1,4 +1,5 @@
 #include "moeforge/data/tokenizer.h"
+#include "moeforge/data/tokenizer_module.h"
 
 #include <dlfcn.h>
 
@@ -46,38 +47,100 @@ struct Shim {
   decltype(&moeforge_spm_free) free;
 };
 
-std::string exe_dir() {
+// The folder of the object this code was linked into: the executable when moeforge is linked statically
+// (the CLI, a user's program), found through dladdr rather than /proc/self/exe so that a shared build
+// would find its own folder.
+std::string own_dir() {
+  Dl_info info{};
+  if (::dladdr(reinterpret_cast<void*>(&own_dir), &info) != 0 && info.dli_fname != nullptr &&
+      info.dli_fname[0] == '/')
+    return std::filesystem::path(info.dli_fname).parent_path().string();
   std::error_code ec;
   const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
   return ec ? std::string() : exe.parent_path().string();
 }
 
-const Shim& shim() {
-  static const Shim s = [] {
-    // $MOEFORGE_SPM_SHIM, then the build tree's copy, then one beside the executable (an installed layout).
-    std::vector<std::string> candidates;
-    if (const char* env = std::getenv("MOEFORGE_SPM_SHIM")) candidates.push_back(env);
-    candidates.push_back(MOEFORGE_SPM_SHIM_PATH);
-    candidates.push_back(exe_dir() + "/" + std::filesystem::path(MOEFORGE_SPM_SHIM_PATH).filename().string());
-    void* handle = nullptr;
+}  // namespace
+
+// Defined (weakly) by the source that moeforgeConfig.cmake adds to a program built against the installed
+// package: the module in that package's prefix. Absent (null) in the CLI and the build tree.
+extern "C" __attribute__((weak)) const char* moeforge_spm_module_hint();
+
+std::vector<std::string> tokenizer_module_candidates() {
+  // docs/interop.md, "moeforge as a library": $MOEFORGE_SPM_SHIM; the installed package's module when the
+  // program was built against it (moeforge_spm_module_hint); then relative to the binary (an installed
+  // prefix's bin/ -> lib/moeforge/, also after the prefix was moved; or beside it, as in the build tree);
+  // then the install prefix it was configured for (a user's program linked against the installed package);
+  // then the build tree's copy.
+  const std::string name = std::filesystem::path(MOEFORGE_SPM_SHIM_PATH).filename().string();
+  std::vector<std::string> out;
+  if (const char* env = std::getenv("MOEFORGE_SPM_SHIM"); env != nullptr && *env != '\0') out.push_back(env);
+  if (moeforge_spm_module_hint != nullptr) out.push_back(moeforge_spm_module_hint());
+  const std::string dir = own_dir();
+  if (!dir.empty()) {
+    out.push_back(
+        (std::filesystem::path(dir) / MOEFORGE_SPM_SHIM_REL_DIR / name).lexically_normal().string());
+    out.push_back(dir + "/" + name);
+  }
+  out.push_back(std::string(MOEFORGE_SPM_SHIM_INSTALL_DIR) + "/" + name);
+  out.push_back(MOEFORGE_SPM_SHIM_PATH);
+  return out;
+}
+
+namespace {
+
+struct LoadedShim {
+  std::string path;
+  void* handle = nullptr;
+};
+
+const LoadedShim& loaded_shim() {
+  static const LoadedShim s = [] {
+    const std::vector<std::string> candidates = tokenizer_module_candidates();
+    LoadedShim out;
     std::string tried;
     for (const auto& path : candidates) {
+      // A candidate that does not exist is skipped silently; one that exists but fails to load is named.
+      std::error_code ec;
+      if (!std::filesystem::exists(path, ec)) {
+        tried += "\n  " + path + ": no such file";
+        continue;
+      }
 #if MOEFORGE_UNDER_ASAN
       // AddressSanitizer refuses RTLD_DEEPBIND; a link namespace of its own (with its own libc and
       // libstdc++, so the module's allocations never meet ASan's) isolates the module at least as well.
       // docs/reliability.md, "Sanitizers".
-      handle = ::dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
+      out.handle = ::dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
 #else
-      handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+      out.handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
 #endif
-      if (handle) break;
+      if (out.handle) {
+        out.path = path;
+        break;
+      }
       tried += "\n  " + path + ": " + ::dlerror();
     }
-    if (!handle)
+    if (!out.handle)
       throw std::runtime_error(
           "cannot load the SentencePiece shim module (build target moeforge_spm, or set "
           "MOEFORGE_SPM_SHIM):" +
           tried);
+    return out;  // the module stays loaded for the life of the process
+  }();
+  return s;
+}
+
+}  // namespace
+
+std::string tokenizer_module_path() {
+  return loaded_shim().path;
+}
+
+namespace {
+
+const Shim& shim() {
+  static const Shim s = [] {
+    void* handle = loaded_shim().handle;
     auto sym = [handle](const char* name) {
       void* f = ::dlsym(handle, name);
       if (!f) throw std::runtime_error(std::string("SentencePiece shim lacks ") + name);
@@ -92,7 +155,7 @@ const Shim& shim() {
     out.serialize = reinterpret_cast<decltype(out.serialize)>(sym("moeforge_spm_serialize"));
     out.info = reinterpret_cast<decltype(out.info)>(sym("moeforge_spm_info"));
     out.free = reinterpret_cast<decltype(out.free)>(sym("moeforge_spm_free"));
-    return out;  // the module stays loaded for the life of the process
+    return out;
   }();
   return s;
 }
