@@ -214,9 +214,8 @@ TEST_F(GgufLlamaCpp, InexpressibleRoutersAreErrorsNamingRouterAndFormat) {
       {"moe.router=\"moce\"", "moce"},
       {"moe.bip_mode=\"solve\"", "bip_mode"},
       {"moe.score=\"sigmoid\"", "moe.score"},
-      {"moe.renormalize=false", "moe.renormalize"},
       {"moe.capacity_factor=1.25", "capacity_factor"},
-      {"moe.n_shared_expert=1", "n_shared_expert"},
+      {"moe.n_shared_expert=1", "n_shared_expert"},  // with renormalised gates: deepseek does not renormalise
       {"moe.expert_act=\"gelu\"", "expert_act"}};
   for (auto& [set, expect] : cases) {
     std::vector<std::string> o = {set};
@@ -236,16 +235,122 @@ TEST_F(GgufLlamaCpp, InexpressibleRoutersAreErrorsNamingRouterAndFormat) {
 }
 
 // The gate renormalisation is needed: a topk model with moe.renormalize=false (Switch-style gates p_i) is
-// refused, and written anyway (test switch) llama.cpp computes something else.
+// refused by the Mixtral-form formats (hf), written through llama.cpp's deepseek architecture for gguf (and
+// agrees), and written anyway as the llama architecture (test switch) llama.cpp computes something else.
 TEST(GgufLlamaCppControl, NegativeControlWithoutGateRenormalisationDisagrees) {
   const auto ckpt = train_cli("norenorm", with({"model.moe_every=1", "moe.renormalize=false"}));
   auto lm = load_model(ckpt);
-  EXPECT_THROW(to_mixtral(lm, "gguf"), ConfigError);
+  EXPECT_THROW(to_mixtral(lm, "hf"), ConfigError);
+  const auto ds = to_mixtral(lm, "gguf");
+  EXPECT_EQ(ds.form, "deepseek");
+  const double ok = gguf_vs_llama(lm, ds, {}, "norenorm_deepseek");
+  std::cout << "un-renormalised gates as llama.cpp's deepseek architecture: max |log p difference| = " << ok
+            << "\n";
+  EXPECT_LT(ok, 2e-5);  // the f32 bound of F32LogProbsMatchAtEveryPosition
   MixtralExportOptions o;
   o.allow_unnormalized_gates = true;
-  const double d = gguf_vs_llama(lm, to_mixtral(lm, "gguf", o), {}, "norenorm");
+  const auto forced = to_mixtral(lm, "gguf", o);
+  EXPECT_EQ(forced.form, "mixtral");
+  const double d = gguf_vs_llama(lm, forced, {}, "norenorm");
   std::cout << "without the gate renormalisation: max |log p difference| = " << d << "\n";
   EXPECT_GT(d, 1e-2);  // the f32 bound is 2e-5: the comparison catches gates that differ
+}
+
+// Shared experts (DeepSeekMoE: ungated, gates not renormalised) through llama.cpp's deepseek architecture:
+// 4 layers, 0 and 2 dense, 1 and 3 MoE with one shared expert. Layer 0 is a leading dense block, layer 2 a
+// dense layer after an MoE one, written as the shared FFN with zero routed experts (docs/interop.md).
+TEST(GgufLlamaCppDeepseek, SharedExpertsAndInnerDenseLayersMatch) {
+  const auto ckpt =
+      train_cli("deepseek", with({"model.n_layer=4", "model.moe_every=2", "moe.n_shared_expert=1",
+                                  "moe.renormalize=false", "model.tie_embeddings=false"}));
+  auto lm = load_model(ckpt);
+  const auto m = to_mixtral(lm, "gguf");
+  ASSERT_EQ(m.form, "deepseek");
+  EXPECT_EQ(m.n_dense_lead, 1);
+  EXPECT_EQ(m.n_shared, 2);  // d_ff 48 over experts of width 24: two widths, so layer 2 fits
+  const double d = gguf_vs_llama(lm, m, {}, "deepseek");
+  std::cout << "deepseek architecture (shared experts, dense layers), f32: max |log p difference| = " << d
+            << "\n";
+  EXPECT_LT(d, 2e-5);  // the f32 bound of F32LogProbsMatchAtEveryPosition
+  // Left out, the shared experts change every output: the comparison sees it.
+  auto broken = m;
+  for (auto& L : broken.layers)
+    if (L.sh_down.defined()) L.sh_down = torch::zeros_like(L.sh_down);
+  const double control = gguf_vs_llama(lm, broken, {}, "deepseek_noshared");
+  std::cout << "shared experts zeroed (negative control): max |log p difference| = " << control << "\n";
+  EXPECT_GT(control, 1e-2);
+}
+
+// Top-1 (Switch): moeforge's gate is the chosen probability p; the deepseek architecture keeps p.
+TEST(GgufLlamaCppDeepseek, SwitchTopOneMatches) {
+  const auto ckpt = train_cli("switch", with({"model.moe_every=1", "moe.n_expert_used=1"}));
+  auto lm = load_model(ckpt);
+  EXPECT_THROW(to_mixtral(lm, "hf"), ConfigError);
+  const auto m = to_mixtral(lm, "gguf");
+  ASSERT_EQ(m.form, "deepseek");
+  EXPECT_EQ(m.n_dense_lead, 0);
+  const double d = gguf_vs_llama(lm, m, {}, "switch");
+  std::cout << "top-1 as the deepseek architecture, f32: max |log p difference| = " << d << "\n";
+  EXPECT_LT(d, 2e-5);  // the f32 bound of F32LogProbsMatchAtEveryPosition
+}
+
+// q8_0: llama.cpp runs the quantised weights (and quantises activations to 8 bits for its q8_0 products),
+// so it is compared with moeforge running the same quantised weights: every matrix that the writer stores
+// as q8_0 replaced by dequantize(quantize(w)), those kept f16 rounded to f16.
+TEST_F(GgufLlamaCpp, Q8_0LogProbsMatchMoeforgeOnTheQuantisedWeights) {
+  auto lm = load_model(*ckpt_);
+  const auto m = to_mixtral(lm, "gguf");
+  GgufExportOptions g;
+  g.dtype = GgufDType::kQ8_0;
+  std::vector<std::string> notes;
+  g.notes = &notes;
+  const std::string dir = fresh_dir("q8_0");
+  write_gguf(dir + "/model.gguf", m, g);
+  EXPECT_FALSE(notes.empty());  // the down projections (rows of 48) stay f16, and export says so
+  const auto tokens = probe_tokens(lm);
+  auto res = run_llama({{"model", dir + "/model.gguf"}, {"tokens", tokens}}, dir);
+  const double vs_f32 = max_logprob_diff(moeforge_logprobs(lm, tokens), res["logprobs"]);
+  LoadedModel q = load_model(*ckpt_);
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : q.model->named_parameters()) {
+      auto& w = p.value();
+      // Norms and the router stay float32 in the file.
+      if (w.dim() < 2 || p.key().find("router") != std::string::npos) continue;
+      // The file's rows are the last dimension (experts zero-padded to the dense width 48 first, which
+      // changes no block of a row of C = 32 and makes the down projections f16).
+      const bool padded_rows = p.key().find("w_down") != std::string::npos;
+      if (!padded_rows && w.size(-1) % 32 == 0)
+        w.copy_(dequantize_q8_0(quantize_q8_0(w), w.sizes().vec()));
+      else
+        w.copy_(w.to(torch::kHalf).to(torch::kFloat));
+    }
+  }
+  const double vs_quantised = max_logprob_diff(moeforge_logprobs(q, tokens), res["logprobs"]);
+  std::cout << "q8_0 GGUF, f32 KV cache: max |log p difference| = " << vs_quantised
+            << " against moeforge on the quantised weights, " << vs_f32 << " against the f32 model ("
+            << notes.size() << " tensors kept f16)\n";
+  // What remains is llama.cpp's 8-bit quantisation of the activations in its q8_0 products (each block of
+  // 32 inputs rounded to max|x| / 127 steps): measured in docs/interop.md; a wrong block layout, scale or
+  // rotation gives O(1).
+  EXPECT_LT(vs_quantised, 0.15);
+  EXPECT_GT(vs_f32, 1e-3);  // the file is really quantised: it does not compute the f32 model's numbers
+}
+
+TEST(GgufExport, Q8_0BlocksRoundTripWithinHalfAStep) {
+  torch::manual_seed(3);
+  auto x = torch::randn({5, 64}) * torch::linspace(0.01, 3, 64);
+  x.index_put_({2}, 0.0f);  // an all-zero block has d = 0
+  const auto blocks = quantize_q8_0(x);
+  EXPECT_EQ(blocks.size(), size_t(5 * 2 * 34));  // 2 blocks of 34 bytes per row
+  const auto y = dequantize_q8_0(blocks, {5, 64});
+  const auto amax = x.view({10, 32}).abs().amax(1, true);
+  // Each weight is within half a quantisation step d = max|block| / 127, plus the f16 rounding of d
+  // (2^-11 relative) times |q| <= 127.
+  const auto bound = amax / 127 * (0.5 + 127 * std::ldexp(1.0, -11)) + 1e-12;
+  EXPECT_TRUE(((y - x).view({10, 32}).abs() <= bound).all().item<bool>());
+  EXPECT_TRUE(y[2].eq(0).all().item<bool>());
+  EXPECT_THROW(quantize_q8_0(torch::zeros({3, 20})), std::invalid_argument);
 }
 
 TEST(GgufExport, QKPermutationIsAdjacentPairsPerHead) {

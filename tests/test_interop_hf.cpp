@@ -200,6 +200,132 @@ TEST_F(HfInterop, DenseLlamaWithGqaImports) {
   EXPECT_LT(d, 1e-4);  // float32 against float64, as in IndependentReaderComputesMoeforgeLogits
 }
 
+// A Qwen2-MoE folder made here (transformers' modeling_qwen2_moe.py layout): q/k/v biases, GQA, layer 0
+// dense (decoder_sparse_step 2), layer 1 sparse with 4 experts top-2 not renormalised (norm_topk_prob false)
+// and a shared expert twice the expert width behind its sigmoid gate. Import, then the independent reader and
+// moeforge agree; the imported checkpoint generates in one process.
+void write_qwen2_moe(const std::string& dir, int64_t V, const std::string& tokenizer, json extra = {}) {
+  fs::create_directories(dir);
+  const int64_t C = 32, H = 4, Hkv = 2, D = C / H, E = 4, F = 16, Fs = 32, Fd = 40, L = 2;
+  json cfg = {{"architectures", {"Qwen2MoeForCausalLM"}},
+              {"model_type", "qwen2_moe"},
+              {"vocab_size", V},
+              {"hidden_size", C},
+              {"intermediate_size", Fd},
+              {"moe_intermediate_size", F},
+              {"shared_expert_intermediate_size", Fs},
+              {"num_experts", E},
+              {"num_experts_per_tok", 2},
+              {"norm_topk_prob", false},
+              {"decoder_sparse_step", 2},
+              {"mlp_only_layers", json::array()},
+              {"num_hidden_layers", L},
+              {"num_attention_heads", H},
+              {"num_key_value_heads", Hkv},
+              {"max_position_embeddings", 64},
+              {"rms_norm_eps", 1e-6},
+              {"rope_theta", 1000000.0},
+              {"tie_word_embeddings", false},
+              {"use_sliding_window", false},
+              {"hidden_act", "silu"}};
+  for (auto& [k, v] : extra.items()) cfg[k] = v;
+  std::ofstream(dir + "/config.json") << cfg.dump(2);
+  std::ofstream(dir + "/tokenizer.model", std::ios::binary) << tokenizer;
+  torch::manual_seed(5);
+  std::vector<std::pair<std::string, torch::Tensor>> t = {
+      {"model.embed_tokens.weight", torch::randn({V, C}).to(torch::kBFloat16)},
+      {"lm_head.weight", 0.2 * torch::randn({V, C})},
+      {"model.norm.weight", 1 + 0.1 * torch::randn({C})}};
+  for (int64_t i = 0; i < L; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    t.push_back({p + "input_layernorm.weight", 1 + 0.1 * torch::randn({C})});
+    t.push_back({p + "post_attention_layernorm.weight", 1 + 0.1 * torch::randn({C})});
+    t.push_back({p + "self_attn.q_proj.weight", 0.2 * torch::randn({H * D, C})});
+    t.push_back({p + "self_attn.q_proj.bias", 0.2 * torch::randn({H * D})});
+    t.push_back({p + "self_attn.k_proj.weight", 0.2 * torch::randn({Hkv * D, C})});
+    t.push_back({p + "self_attn.k_proj.bias", 0.2 * torch::randn({Hkv * D})});
+    t.push_back({p + "self_attn.v_proj.weight", 0.2 * torch::randn({Hkv * D, C})});
+    t.push_back({p + "self_attn.v_proj.bias", 0.2 * torch::randn({Hkv * D})});
+    t.push_back({p + "self_attn.o_proj.weight", 0.2 * torch::randn({C, H * D})});
+    auto mlp = [&](const std::string& q, int64_t width) {
+      t.push_back({q + "gate_proj.weight", 0.2 * torch::randn({width, C})});
+      t.push_back({q + "up_proj.weight", 0.2 * torch::randn({width, C})});
+      t.push_back({q + "down_proj.weight", (0.2 * torch::randn({C, width})).to(torch::kHalf)});
+    };
+    if (i == 0) {
+      mlp(p + "mlp.", Fd);
+      continue;
+    }
+    t.push_back({p + "mlp.gate.weight", 0.5 * torch::randn({E, C})});
+    for (int64_t e = 0; e < E; ++e) mlp(p + "mlp.experts." + std::to_string(e) + ".", F);
+    mlp(p + "mlp.shared_expert.", Fs);
+    t.push_back({p + "mlp.shared_expert_gate.weight", 0.5 * torch::randn({1, C})});
+  }
+  write_safetensors(dir + "/model.safetensors", t);
+}
+
+TEST_F(HfInterop, Qwen2MoeImports) {
+  auto lm = load_model(*ckpt_);
+  const std::string root = fresh_dir("hf_qwen2_moe"), dir = root + "/qwen";
+  write_qwen2_moe(dir, lm.tokenizer->vocab_size(), lm.tokenizer->serialized());
+  int rc = 0;
+  std::string out = run_capture(std::string(MOEFORGE_CLI) + " import --format hf --from " + quote(dir) +
+                                    " --out " + quote(root + "/ckpt") + " 2>&1",
+                                &rc);
+  ASSERT_EQ(rc, 0) << out;
+  auto back = load_model(root + "/ckpt");
+  EXPECT_TRUE(back.cfg.model.attn_bias);
+  EXPECT_EQ(back.cfg.model.moe_every, 2);
+  EXPECT_EQ(back.cfg.model.d_ff, 40);
+  EXPECT_EQ(back.cfg.moe.n_shared_expert, 2);  // 32 wide = 2 experts of moe_intermediate_size 16
+  EXPECT_TRUE(back.cfg.moe.shared_gate);
+  EXPECT_FALSE(back.cfg.moe.renormalize);
+  const auto tokens = probe_tokens(lm);
+  const double d = (moeforge_logits(back, tokens) - python_logits(dir, tokens)).abs().max().item<double>();
+  std::cout << "imported Qwen2-MoE vs the reader: max |logit difference| = " << d << "\n";
+  EXPECT_LT(d, 1e-4);  // float32 against float64, as in IndependentReaderComputesMoeforgeLogits
+  // Left out, the shared expert's gate changes the logits far beyond that bound (negative control).
+  {
+    torch::NoGradGuard ng;
+    for (auto& layer : back.model->moe_layers()) layer->shared_gate.fill_(0);  // sigmoid(0) = 1/2
+  }
+  EXPECT_GT((moeforge_logits(back, tokens) - python_logits(dir, tokens)).abs().max().item<double>(), 1e-2);
+  out = run_capture(std::string(MOEFORGE_CLI) + " generate --temperature 0 --max-tokens 4 --checkpoint " +
+                        quote(root + "/ckpt") + " --prompt " + quote("the dog") + " 2>&1",
+                    &rc);
+  EXPECT_EQ(rc, 0) << out;
+  // Neither export format has q/k/v biases or a gated shared expert: a clear error naming the key.
+  for (const std::string fmt : {"gguf", "hf"}) try {
+      to_mixtral(load_model(root + "/ckpt"), fmt);
+      ADD_FAILURE() << "a Qwen2-MoE import exported to " << fmt;
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("model.attn_bias"), std::string::npos) << e.what();
+    }
+}
+
+TEST_F(HfInterop, Qwen2MoeFoldersMoeforgeCannotBuildAreErrorsNamingTheKey) {
+  auto lm = load_model(*ckpt_);
+  const std::string root = fresh_dir("hf_qwen2_moe_bad");
+  const std::vector<std::pair<json, std::string>> cases = {
+      {{{"shared_expert_intermediate_size", 24}}, "shared_expert_intermediate_size"},
+      {{{"mlp_only_layers", {0}}}, "mlp_only_layers"},
+      {{{"use_sliding_window", true}}, "use_sliding_window"},
+      {{{"num_experts_per_tok", 1}, {"norm_topk_prob", true}}, "norm_topk_prob"}};
+  int n = 0;
+  for (auto& [extra, key] : cases) {
+    const std::string dir = root + "/" + std::to_string(n++);
+    write_qwen2_moe(dir, lm.tokenizer->vocab_size(), lm.tokenizer->serialized(), extra);
+    std::ostringstream log;
+    try {
+      import_hf(dir, dir + "_ckpt", log);
+      ADD_FAILURE() << key << ": imported";
+    } catch (const FileError& e) {
+      EXPECT_NE(std::string(e.what()).find(key), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("config.json"), std::string::npos) << e.what();
+    }
+  }
+}
+
 // Bad folders: each is an error naming the file (and the tensor), never a crash.
 TEST_F(HfInterop, BadFoldersAreErrorsNamingFileAndTensor) {
   const std::string root = fresh_dir("hf_bad");

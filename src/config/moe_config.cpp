@@ -18,6 +18,8 @@ void MoEConfig::validate() const {
                                                " must not exceed moe.n_expert = " + std::to_string(n_expert));
   if (n_shared_expert < 0)
     throw ConfigError("moe.n_shared_expert", "must be >= 0, got " + std::to_string(n_shared_expert));
+  if (shared_gate && n_shared_expert == 0)
+    throw ConfigError("moe.shared_gate", "gates the shared experts, but moe.n_shared_expert is 0");
   if (d_expert < 1) throw ConfigError("moe.d_expert", "must be >= 1, got " + std::to_string(d_expert));
   if (expert_split < 1)
     throw ConfigError("moe.expert_split", "must be >= 1, got " + std::to_string(expert_split));
@@ -57,6 +59,7 @@ void bind_moe_config(ConfigBinder& b, MoEConfig* c) {
   b.bind("moe.n_expert", &c->n_expert);
   b.bind("moe.n_expert_used", &c->n_expert_used);
   b.bind("moe.n_shared_expert", &c->n_shared_expert);
+  b.bind("moe.shared_gate", &c->shared_gate);
   b.bind("moe.d_expert", &c->d_expert);
   b.bind("moe.expert_split", &c->expert_split);
   b.bind_enum("moe.expert_act", &c->expert_act, {{"swiglu", ExpertAct::kSwiGLU}, {"gelu", ExpertAct::kGELU}});

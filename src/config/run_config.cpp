@@ -12,6 +12,7 @@ void bind_run_config(ConfigBinder& b, RunConfig* c) {
   b.bind("model.d_ff", &c->model.d_ff);
   b.bind("model.moe_every", &c->model.moe_every);
   b.bind("model.tie_embeddings", &c->model.tie_embeddings);
+  b.bind("model.attn_bias", &c->model.attn_bias);
   b.bind("model.rope_theta", &c->model.rope_theta);
   b.bind("model.norm_eps", &c->model.norm_eps);
   bind_moe_config(b, &c->moe);

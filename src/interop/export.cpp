@@ -12,14 +12,17 @@ void export_checkpoint(const ExportOptions& opt, std::ostream& log) {
   if (opt.format != "gguf" && opt.format != "hf")
     throw ConfigError("--format", "unknown format '" + opt.format + "' (expected gguf or hf)");
   const bool gguf = opt.format == "gguf";
-  if (opt.dtype != "f32" && opt.dtype != "f16" && (gguf || opt.dtype != "bf16"))
+  const bool known =
+      opt.dtype == "f32" || opt.dtype == "f16" || (gguf ? opt.dtype == "q8_0" : opt.dtype == "bf16");
+  if (!known)
     throw ConfigError("--dtype", "'" + opt.dtype + "' is not one the " + opt.format +
-                                     " writer has (f32, f16" + (gguf ? ")" : ", bf16)"));
+                                     " writer has (f32, f16, " + (gguf ? "q8_0)" : "bf16)"));
   auto lm = load_model(opt.checkpoint);
   auto m = to_mixtral(lm, opt.format);
   if (gguf) {
     GgufExportOptions g;
-    g.dtype = opt.dtype == "f16" ? GgufDType::kF16 : GgufDType::kF32;
+    g.dtype = opt.dtype == "f16" ? GgufDType::kF16 : opt.dtype == "q8_0" ? GgufDType::kQ8_0 : GgufDType::kF32;
+    g.notes = &m.notes;
     write_gguf(opt.out, m, g);
   } else {
     HfExportOptions h;
@@ -30,8 +33,10 @@ void export_checkpoint(const ExportOptions& opt, std::ostream& log) {
   }
   for (auto& n : m.notes) log << "  " << n << "\n";
   log << "wrote " << opt.out << " ("
-      << (gguf ? "GGUF v3, llama architecture" : "Hugging Face MixtralForCausalLM") << ", " << m.n_layer()
-      << " layers, " << m.n_expert << " experts, top-" << m.n_expert_used << ", " << opt.dtype << ")\n";
+      << (gguf ? "GGUF v3, " + std::string(m.form == "deepseek" ? "deepseek" : "llama") + " architecture"
+               : std::string("Hugging Face MixtralForCausalLM"))
+      << ", " << m.n_layer() << " layers, " << m.n_expert << " experts, top-" << m.n_expert_used << ", "
+      << opt.dtype << ")\n";
 }
 
 }  // namespace moeforge

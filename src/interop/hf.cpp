@@ -169,12 +169,28 @@ void import_hf(const std::string& dir, const std::string& out, std::ostream& log
     blk->attn_norm->weight.copy_(L.attn_norm);
     blk->ffn_norm->weight.copy_(L.ffn_norm);
     blk->attn->w_qkv.copy_(torch::cat({L.wq, expand_kv(L.wk), expand_kv(L.wv)}, 0));
+    if (L.bq.defined()) {
+      auto expand_b = [&](const torch::Tensor& b) {  // [Hkv*D] -> [H*D]
+        return b.view({m.n_kv_head, 1, D}).expand({m.n_kv_head, group, D}).reshape({m.n_head * D});
+      };
+      blk->attn->b_qkv.copy_(torch::cat({L.bq, expand_b(L.bk), expand_b(L.bv)}, 0));
+    }
     blk->attn->w_out.copy_(L.wo);
     if (blk->moe) {
       blk->moe->router->named_parameters(false)["weight"].copy_(L.router);
       blk->moe->experts->w_gate.copy_(L.w_gate);
       blk->moe->experts->w_up.copy_(L.w_up);
       blk->moe->experts->w_down.copy_(L.w_down);
+      if (L.sh_gate.defined()) {
+        blk->moe->shared->w_gate.copy_(L.sh_gate);
+        blk->moe->shared->w_up.copy_(L.sh_up);
+        blk->moe->shared->w_down.copy_(L.sh_down);
+        blk->moe->shared_gate.copy_(L.sh_gate_w);
+      }
+    } else if (L.dense) {
+      blk->ffn->w_gate.copy_(L.dense_gate);
+      blk->ffn->w_up.copy_(L.dense_up);
+      blk->ffn->w_down.copy_(L.dense_down);
     } else {
       blk->ffn->w_gate.copy_(L.w_gate[0]);
       blk->ffn->w_up.copy_(L.w_up[0]);
@@ -188,7 +204,8 @@ void import_hf(const std::string& dir, const std::string& out, std::ostream& log
   ck.trainer_meta = {{"imported_from", dir}};
   save_checkpoint(out, ck);
   log << "imported " << hf.type << " (" << n_layer << " layers, "
-      << (moe ? std::to_string(m.n_expert) + " experts" : "dense") << ", " << m.n_kv_head
+      << (moe ? std::to_string(m.n_expert) + " experts" : "dense")
+      << (m.n_shared > 0 ? ", " + std::to_string(m.n_shared) + " shared" : "") << ", " << m.n_kv_head
       << " key/value heads" << (m.n_kv_head < m.n_head ? " repeated per query head" : "") << ") into " << out
       << "\n";
 }

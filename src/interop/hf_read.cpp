@@ -123,11 +123,9 @@ HfModel read_hf(const std::string& dir) {
   }
   if (!c.is_object()) throw FileError(cp, "is not a JSON object");
   const std::string type = get_str(c, "model_type", cp, "");
-  if (type != "llama" && type != "mixtral")
-    throw FileError(
-        cp, "model_type '" + type +
-                "' is not one moeforge imports (llama, mixtral; docs/interop.md says why not qwen2_moe)");
-  const bool moe = type == "mixtral";
+  if (type != "llama" && type != "mixtral" && type != "qwen2_moe")
+    throw FileError(cp, "model_type '" + type + "' is not one moeforge imports (llama, mixtral, qwen2_moe)");
+  const bool qwen = type == "qwen2_moe";
   MixtralModel m;
   m.vocab_size = get_int(c, "vocab_size", cp);
   m.d_model = get_int(c, "hidden_size", cp);
@@ -136,8 +134,42 @@ HfModel read_hf(const std::string& dir) {
   m.d_ff = get_int(c, "intermediate_size", cp);
   const int64_t n_layer = get_int(c, "num_hidden_layers", cp);
   m.context = get_int(c, "max_position_embeddings", cp);
-  m.n_expert = moe ? get_int(c, "num_local_experts", cp) : 1;
-  m.n_expert_used = moe ? get_int(c, "num_experts_per_tok", cp) : 1;
+  // Qwen2-MoE (transformers' modeling_qwen2_moe.py): layer i is sparse when (i + 1) % decoder_sparse_step
+  // == 0 (moeforge's model.moe_every) and not in mlp_only_layers; its MoE block is softmax top-K (divided
+  // by the sum only with norm_topk_prob) plus one shared expert of shared_expert_intermediate_size behind
+  // sigmoid(shared_expert_gate x); q, k, v projections have biases.
+  int64_t sparse_step = 1;
+  if (qwen) {
+    m.form = "qwen2_moe";
+    m.d_ff_dense = m.d_ff;
+    m.n_expert = get_int(c, "num_experts", cp);
+    m.n_expert_used = get_int(c, "num_experts_per_tok", cp);
+    m.d_ff = get_int(c, "moe_intermediate_size", cp);
+    m.norm_topk = get_bool(c, "norm_topk_prob", cp);
+    sparse_step = get_int(c, "decoder_sparse_step", cp, 1);
+    if (sparse_step < 1) throw FileError(cp, "'decoder_sparse_step' must be >= 1");
+    if (c.contains("mlp_only_layers") && !c["mlp_only_layers"].is_null() &&
+        !(c["mlp_only_layers"].is_array() && c["mlp_only_layers"].empty()))
+      throw FileError(cp,
+                      "mlp_only_layers is not empty; moeforge places dense layers by model.moe_every only");
+    if (get_bool(c, "use_sliding_window", cp))
+      throw FileError(cp, "use_sliding_window is true; moeforge's attention sees the whole context");
+    const int64_t shared_width = get_int(c, "shared_expert_intermediate_size", cp, 0);
+    if (m.d_ff == 0 || shared_width % m.d_ff != 0)
+      throw FileError(cp, "shared_expert_intermediate_size " + std::to_string(shared_width) +
+                              " is not a multiple of moe_intermediate_size " + std::to_string(m.d_ff) +
+                              " (moeforge's shared experts are moe.d_expert wide each)");
+    m.n_shared = shared_width / m.d_ff;
+    // moeforge's K = 1 gate is the chosen probability p; renormalised it would be 1.
+    if (m.n_expert_used == 1 && m.norm_topk)
+      throw FileError(cp,
+                      "num_experts_per_tok = 1 with norm_topk_prob = true (gate 1): moeforge's top-1 gate "
+                      "is the probability p");
+  } else {
+    m.n_expert = type == "mixtral" ? get_int(c, "num_local_experts", cp) : 1;
+    m.n_expert_used = type == "mixtral" ? get_int(c, "num_experts_per_tok", cp) : 1;
+  }
+  const bool moe = type != "llama";
   m.rope_theta = get_num(c, "rope_theta", cp, 10000.0);
   m.norm_eps = get_num(c, "rms_norm_eps", cp, 1e-6);
   if (m.n_head == 0 || m.d_model % m.n_head != 0)
@@ -152,7 +184,7 @@ HfModel read_hf(const std::string& dir) {
   if (c.contains("rope_scaling") && !c["rope_scaling"].is_null())
     throw FileError(cp, "rope_scaling is set; moeforge's RoPE has no scaling");
   if (get_bool(c, "attention_bias", cp) || get_bool(c, "mlp_bias", cp))
-    throw FileError(cp, "attention_bias / mlp_bias: moeforge's projections have no biases");
+    throw FileError(cp, "attention_bias / mlp_bias: moeforge's Llama projections have no biases");
   const bool tied = get_bool(c, "tie_word_embeddings", cp);
   // The RoPE table moeforge builds has max_position_embeddings rows before any weight is read
   // (data.seq_len's bound, docs/reliability.md).
@@ -184,7 +216,37 @@ HfModel read_hf(const std::string& dir) {
     L.wv = w.take(p + "self_attn.v_proj.weight", {m.n_kv_head * D, C}, dir);
     L.wo = w.take(p + "self_attn.o_proj.weight", {C, m.n_head * D}, dir);
     L.ffn_norm = w.take(p + "post_attention_layernorm.weight", {C}, dir);
-    if (moe) {
+    if (qwen) {
+      L.bq = w.take(p + "self_attn.q_proj.bias", {m.n_head * D}, dir);
+      L.bk = w.take(p + "self_attn.k_proj.bias", {m.n_kv_head * D}, dir);
+      L.bv = w.take(p + "self_attn.v_proj.bias", {m.n_kv_head * D}, dir);
+      if ((i + 1) % sparse_step != 0) {
+        const int64_t Fd = m.d_ff_dense;
+        L.dense = true;
+        L.dense_gate = w.take(p + "mlp.gate_proj.weight", {Fd, C}, dir);
+        L.dense_up = w.take(p + "mlp.up_proj.weight", {Fd, C}, dir);
+        L.dense_down = w.take(p + "mlp.down_proj.weight", {C, Fd}, dir);
+      } else {
+        L.router = w.take(p + "mlp.gate.weight", {E, C}, dir);
+        std::vector<torch::Tensor> g, u, dn;
+        for (int64_t e = 0; e < E; ++e) {
+          const std::string q = p + "mlp.experts." + std::to_string(e) + ".";
+          g.push_back(w.take(q + "gate_proj.weight", {F, C}, dir));
+          u.push_back(w.take(q + "up_proj.weight", {F, C}, dir));
+          dn.push_back(w.take(q + "down_proj.weight", {C, F}, dir));
+        }
+        L.w_gate = torch::stack(g);
+        L.w_up = torch::stack(u);
+        L.w_down = torch::stack(dn);
+        if (m.n_shared > 0) {
+          const int64_t Fs = m.n_shared * F;
+          L.sh_gate = w.take(p + "mlp.shared_expert.gate_proj.weight", {Fs, C}, dir);
+          L.sh_up = w.take(p + "mlp.shared_expert.up_proj.weight", {Fs, C}, dir);
+          L.sh_down = w.take(p + "mlp.shared_expert.down_proj.weight", {C, Fs}, dir);
+          L.sh_gate_w = w.take(p + "mlp.shared_expert_gate.weight", {1, C}, dir);
+        }
+      }
+    } else if (moe) {
       L.router = w.take(p + "block_sparse_moe.gate.weight", {E, C}, dir);
       std::vector<torch::Tensor> g, u, dn;
       for (int64_t e = 0; e < E; ++e) {
@@ -220,14 +282,20 @@ HfModel read_hf(const std::string& dir) {
   cfg.data.vocab_size = V;
   cfg.data.seq_len = m.context;
   if (moe) {
-    cfg.model.moe_every = 1;
+    cfg.model.moe_every = sparse_step;
     cfg.moe.router = "topk";
     cfg.moe.n_expert = E;
     cfg.moe.n_expert_used = m.n_expert_used;
     cfg.moe.d_expert = F;
-    cfg.moe.renormalize = true;
+    cfg.moe.renormalize = m.norm_topk;
     cfg.moe.capacity_factor = 0;
     cfg.moe.balance_coef = get_num(c, "router_aux_loss_coef", cp, cfg.moe.balance_coef);
+    if (qwen) {
+      cfg.model.attn_bias = true;
+      cfg.model.d_ff = m.d_ff_dense;
+      cfg.moe.n_shared_expert = m.n_shared;
+      cfg.moe.shared_gate = m.n_shared > 0;
+    }
   } else {
     cfg.model.moe_every = 0;
     cfg.model.d_ff = F;
@@ -264,10 +332,23 @@ void check_mixtral_shapes(const MixtralModel& m, const std::string& where) {
     check(L.wv, {m.n_kv_head * D, C}, p + "v");
     check(L.wo, {C, m.n_head * D}, p + "attention output");
     check(L.ffn_norm, {C}, p + "ffn norm");
+    if (L.dense) {
+      const int64_t Fd = m.d_ff_dense;
+      check(L.dense_gate, {Fd, C}, p + "dense gate");
+      check(L.dense_up, {Fd, C}, p + "dense up");
+      check(L.dense_down, {C, Fd}, p + "dense down");
+      continue;
+    }
     check(L.router, {E, C}, p + "router");
     check(L.w_gate, {E, F, C}, p + "expert gate");
     check(L.w_up, {E, F, C}, p + "expert up");
     check(L.w_down, {E, C, F}, p + "expert down");
+    if (m.form == "deepseek" || (m.form == "qwen2_moe" && m.n_shared > 0)) {
+      const int64_t Fs = m.n_shared * F;
+      check(L.sh_gate, {Fs, C}, p + "shared gate");
+      check(L.sh_up, {Fs, C}, p + "shared up");
+      check(L.sh_down, {C, Fs}, p + "shared down");
+    }
   }
 }
 

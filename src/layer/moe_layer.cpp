@@ -55,6 +55,7 @@ MoELayerImpl::MoELayerImpl(const MoEConfig& cfg, int64_t d_model) : cfg_(cfg) {
   if (cfg_.n_shared_expert > 0)
     shared =
         register_module("shared", DenseFFN(d_model, cfg_.n_shared_expert * cfg_.d_expert, cfg_.expert_act));
+  if (cfg_.shared_gate) shared_gate = register_parameter("shared_gate", torch::randn({1, d_model}) * 0.02);
 }
 
 MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
@@ -101,7 +102,11 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
   // A router's per-token output scale (ClusterMoE's adaptive weight a(x)) scales the routed output only;
   // shared experts are outside the router's control.
   if (plan.token_scale.defined()) y = y * plan.token_scale.to(y.dtype()).unsqueeze(1);
-  if (shared) y = y + shared->forward(x2);
+  if (shared) {
+    auto s = shared->forward(x2);
+    if (shared_gate.defined()) s = s * torch::sigmoid(torch::matmul(x2, shared_gate.t()));  // [T, C] * [T, 1]
+    y = y + s;
+  }
   if (ctx.training) {
     // What this step teaches the router, summed over micro-batches until after_step (feedback.h).
     feedback_.add_plan(plan);

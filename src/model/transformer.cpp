@@ -12,8 +12,9 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   return x * torch::rsqrt(x.pow(2).mean(-1, true) + eps_) * weight;
 }
 
-AttentionImpl::AttentionImpl(int64_t d_model, int64_t n_head) : n_head_(n_head) {
+AttentionImpl::AttentionImpl(int64_t d_model, int64_t n_head, bool bias) : n_head_(n_head) {
   w_qkv = register_parameter("w_qkv", torch::randn({3 * d_model, d_model}) * 0.02);
+  if (bias) b_qkv = register_parameter("b_qkv", torch::zeros({3 * d_model}));
   w_out = register_parameter("w_out", torch::randn({d_model, d_model}) * 0.02);
 }
 
@@ -31,7 +32,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
                                      const torch::Tensor& sin, torch::Tensor* cache_k,
                                      torch::Tensor* cache_v) {
   const int64_t B = x.size(0), S = x.size(1), C = x.size(2), H = n_head_, D = C / H;
-  auto qkv = torch::matmul(x, w_qkv.t()).view({B, S, 3, H, D});     // [B, S, 3, H, D]
+  auto qkv =
+      b_qkv.defined() ? torch::addmm(b_qkv, x.reshape({B * S, C}), w_qkv.t()) : torch::matmul(x, w_qkv.t());
+  qkv = qkv.view({B, S, 3, H, D});                                  // [B, S, 3, H, D]
   auto q = apply_rope(qkv.select(2, 0).transpose(1, 2), cos, sin);  // [B, H, S, D]
   auto k = apply_rope(qkv.select(2, 1).transpose(1, 2), cos, sin);  // [B, H, S, D]
   auto v = qkv.select(2, 2).transpose(1, 2);                        // [B, H, S, D]
@@ -58,7 +61,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
 
 BlockImpl::BlockImpl(const ModelConfig& m, const MoEConfig& moe_cfg, bool is_moe) {
   attn_norm = register_module("attn_norm", RMSNorm(m.d_model, m.norm_eps));
-  attn = register_module("attn", Attention(m.d_model, m.n_head));
+  attn = register_module("attn", Attention(m.d_model, m.n_head, m.attn_bias));
   ffn_norm = register_module("ffn_norm", RMSNorm(m.d_model, m.norm_eps));
   if (is_moe)
     moe = register_module("moe", MoELayer(moe_cfg, m.d_model));

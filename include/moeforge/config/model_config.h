@@ -15,6 +15,7 @@ struct ModelConfig {
   int64_t d_ff = 344;           // model.d_ff: hidden width of the dense SwiGLU FFNs
   int64_t moe_every = 1;        // model.moe_every: layer i has an MoE FFN when (i + 1) % moe_every == 0
   bool tie_embeddings = true;   // model.tie_embeddings: output head = token embedding^T
+  bool attn_bias = false;       // model.attn_bias: biases on the q, k, v projections (Qwen2; docs/interop.md)
   double rope_theta = 10000.0;  // model.rope_theta
   double norm_eps = 1e-5;       // model.norm_eps: RMSNorm epsilon
   int64_t vocab_size = 0;       // set from the tokenizer (data.vocab_size), not a config key

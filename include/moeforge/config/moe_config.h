@@ -28,9 +28,12 @@ struct MoEConfig {
   int64_t n_expert = 8;         // moe.n_expert: routed experts E (before fine-grained splitting)
   int64_t n_expert_used = 2;    // moe.n_expert_used: K
   int64_t n_shared_expert = 0;  // moe.n_shared_expert: K_s experts that see every token
-  int64_t d_expert = 256;       // moe.d_expert: hidden width F of one expert (before splitting)
-  int64_t expert_split = 1;     // moe.expert_split: DeepSeekMoE fine-grained factor m
-  ExpertAct expert_act = ExpertAct::kSwiGLU;                 // moe.expert_act: "swiglu" | "gelu"
+  // moe.shared_gate: the shared experts' output times sigmoid(w . x), a learned [C] gate per layer
+  // (Qwen2-MoE; docs/interop.md). Off: shared experts are added ungated (DeepSeekMoE).
+  bool shared_gate = false;
+  int64_t d_expert = 256;                     // moe.d_expert: hidden width F of one expert (before splitting)
+  int64_t expert_split = 1;                   // moe.expert_split: DeepSeekMoE fine-grained factor m
+  ExpertAct expert_act = ExpertAct::kSwiGLU;  // moe.expert_act: "swiglu" | "gelu"
   ExpertsImplKind experts_impl = ExpertsImplKind::kGrouped;  // moe.experts_impl: "grouped" | "reference"
 
   // Token-choice options (docs/routing.md section 1).

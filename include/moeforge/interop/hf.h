@@ -25,7 +25,7 @@ void write_hf(const std::string& dir, const MixtralModel& m, const HfExportOptio
 // float32), the architecture and the moeforge configuration that computes the same (validated).
 struct HfModel {
   MixtralModel model;
-  std::string type;  // config.json's model_type: "llama" or "mixtral"
+  std::string type;  // config.json's model_type: "llama", "mixtral" or "qwen2_moe"
   bool moe = false, tied = false;
   RunConfig cfg;
 };

@@ -51,7 +51,8 @@ class MoELayerImpl : public torch::nn::Module {
   // adapter experts and is added to their combined output (adapter_experts.h).
   DenseFFN dense{nullptr};
   AdapterExperts adapters{nullptr};
-  DenseFFN shared{nullptr};  // K_s shared experts merged into one FFN of width K_s * F (same function)
+  DenseFFN shared{nullptr};   // K_s shared experts merged into one FFN of width K_s * F (same function)
+  torch::Tensor shared_gate;  // [1, C] with moe.shared_gate: shared output * sigmoid(x . w) (Qwen2-MoE)
 
  private:
   MoEConfig cfg_;

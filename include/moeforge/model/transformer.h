@@ -37,11 +37,13 @@ struct KVCache {
 
 class AttentionImpl : public torch::nn::Module {
  public:
-  AttentionImpl(int64_t d_model, int64_t n_head);
+  // bias: biases on the q, k, v projections (model.attn_bias, Qwen2).
+  AttentionImpl(int64_t d_model, int64_t n_head, bool bias = false);
   // x [B, S, C]; cos/sin [S, D/2] for the positions of x; cache_k/v: the layer's cache (updated) or null.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         torch::Tensor* cache_k, torch::Tensor* cache_v);
   torch::Tensor w_qkv;  // [3C, C]
+  torch::Tensor b_qkv;  // [3C] with model.attn_bias, else undefined
   torch::Tensor w_out;  // [C, C]
 
  private:
