@@ -9,15 +9,19 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iomanip>
 #include <map>
+#include <sstream>
 
 #include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/experts.h"
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/routing/registry.h"
+#include "moeforge/train/report.h"
+#include "moeforge/util/atomic_file.h"
 #include "moeforge/util/runtime.h"
 
 namespace moeforge {
@@ -198,6 +202,114 @@ nlohmann::json run_routing_scale(const std::vector<int64_t>& experts, int reps, 
   }
   return {
       {"machine", describe_machine()}, {"reps", reps}, {"T", B * S}, {"C", C}, {"F", F}, {"points", points}};
+}
+
+namespace {
+
+// Least-squares slope of log(y) against log(x): the exponent a of y ~ x^a.
+double loglog_slope(const std::vector<double>& x, const std::vector<double>& y) {
+  const size_t n = x.size();
+  if (n < 2) return std::nan("");
+  double sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double lx = std::log(x[i]), ly = std::log(y[i]);
+    sx += lx;
+    sy += ly;
+    sxx += lx * lx;
+    sxy += lx * ly;
+  }
+  const double den = double(n) * sxx - sx * sx;
+  return den == 0 ? std::nan("") : (double(n) * sxy - sx * sy) / den;
+}
+
+}  // namespace
+
+nlohmann::json run_scaling_bench(int reps, bool quick, std::ostream& log) {
+  const int64_t C = 256, F = 256, S = 128, T0 = 4096, E0 = 32, K0 = 2;
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> sweeps = {
+      {"T", {1024, 2048, 4096, 8192, 16384}}, {"E", {8, 16, 32, 64, 128, 256}}, {"K", {1, 2, 4, 8}}};
+  nlohmann::json out = {{"machine", describe_machine()},
+                        {"reps", reps},
+                        {"base", {{"T", T0}, {"E", E0}, {"K", K0}, {"C", C}, {"F", F}, {"seq_len", S}}},
+                        {"sweeps", nlohmann::json::object()}};
+  log << "scaling: top-K softmax MoE layer, C = " << C << ", F = " << F << ", base T = " << T0
+      << ", E = " << E0 << ", K = " << K0 << "; median of " << reps << " (ms)\n";
+  torch::manual_seed(2);
+  for (const auto& [var, values] : sweeps) {
+    nlohmann::json points = nlohmann::json::array();
+    std::vector<double> xs, layer_ms, route_ms;
+    const size_t n = quick ? std::min<size_t>(2, values.size()) : values.size();
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t v = values[i];
+      const int64_t T = var == "T" ? v : T0, E = var == "E" ? v : E0, K = var == "K" ? v : K0;
+      MoEConfig c;
+      c.router = "topk";
+      c.n_expert = E;
+      c.n_expert_used = K;
+      c.d_expert = F;
+      c.capacity_factor = 0;
+      MoELayer layer(c, C);
+      layer->train();
+      auto x = torch::randn({T / S, S, C});
+      auto gy = torch::randn({T / S, S, C});
+      auto t = interleaved(
+          {{"layer", [&] { layer_train_step(layer, x, gy); }}, {"route", [&] { route_only(layer, x); }}},
+          reps);
+      xs.push_back(double(v));
+      layer_ms.push_back(t["layer"].median());
+      route_ms.push_back(t["route"].median());
+      points.push_back({{"x", v},
+                        {"T", T},
+                        {"E", E},
+                        {"K", K},
+                        {"assignments", T * K},
+                        {"layer_ms", layer_ms.back()},
+                        {"route_ms", route_ms.back()}});
+      log << "  " << var << " = " << std::setw(5) << v << ": layer fwd+bwd " << std::fixed
+          << std::setprecision(1) << std::setw(8) << layer_ms.back() << " ms, route() "
+          << std::setprecision(3) << std::setw(7) << route_ms.back() << " ms" << std::endl;
+    }
+    const double a_layer = loglog_slope(xs, layer_ms), a_route = loglog_slope(xs, route_ms);
+    log << "  fitted growth: layer ~ " << var << "^" << std::setprecision(2) << a_layer << ", route() ~ "
+        << var << "^" << a_route << "\n";
+    out["sweeps"][var] = {{"points", points}, {"layer_exponent", a_layer}, {"route_exponent", a_route}};
+  }
+  return out;
+}
+
+void plot_scaling_bench(const nlohmann::json& result, const std::string& png) {
+  const std::filesystem::path p(png);
+  const std::filesystem::path dir = p.parent_path().empty() ? std::filesystem::path(".") : p.parent_path();
+  std::filesystem::create_directories(dir);
+  const std::string stem = p.stem().string();
+  std::ostringstream gp;
+  gp << "set terminal pngcairo size 1500,480 font ',10'\nset output '" << png << "'\n"
+     << "set multiplot layout 1,3 title 'MoE layer (fwd+bwd) and router (route()) time as T, E, K grow; "
+     << result["machine"].get<std::string>() << "'\n"
+     << "set logscale xy\nset grid\nset key top left\nset ylabel 'ms (median)'\n";
+  for (const std::string var : {"T", "E", "K"}) {
+    if (!result["sweeps"].contains(var)) continue;
+    const auto& sw = result["sweeps"][var];
+    const std::filesystem::path dat = dir / (stem + "_" + var + ".dat");
+    std::ostringstream d;
+    for (const auto& pt : sw["points"])
+      d << pt["x"].get<int64_t>() << " " << pt["layer_ms"].get<double>() << " "
+        << pt["route_ms"].get<double>() << "\n";
+    write_file_atomic(dat.string(), d.str());
+    auto exp_str = [&](const char* key) {
+      std::ostringstream o;
+      o << std::fixed << std::setprecision(2) << sw[key].get<double>();
+      return o.str();
+    };
+    gp << "set xlabel '" << var << "'\nset title 'vs " << var << "'\n"
+       << "plot '" << dat.string() << "' using 1:2 with linespoints lw 2 title 'layer ~ " << var << "^"
+       << exp_str("layer_exponent") << "', '' using 1:3 with linespoints lw 2 title 'route() ~ " << var << "^"
+       << exp_str("route_exponent") << "'\n";
+  }
+  gp << "unset multiplot\n";
+  const auto script = dir / (stem + ".gp");
+  write_file_atomic(script.string(), gp.str());
+  run_gnuplot(script.string());
 }
 
 nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log) {

@@ -44,4 +44,18 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& opt, std::ostream& log);
 // "layer_ms"}, "hierarchical": {...}}]}.
 nlohmann::json run_routing_scale(const std::vector<int64_t>& experts, int reps, std::ostream& log);
 
+// How time grows with the problem (issue 11, docs/performance.md "Scaling"): a top-K softmax MoE layer of
+// width C = 256 with experts of width F = 256, from a base point T = 4096 tokens (32 x 128), E = 32, K = 2,
+// varying one of T (1k-16k), E (8-256) and K (1-8) at a time. At each point the layer's training step
+// (forward + backward) and the router's route() alone are timed, interleaved, median of `reps`; for each
+// sweep a least-squares line through (log x, log ms) gives the growth exponent. Writes nothing; returns
+// {"machine", "reps", "base", "sweeps": {"T"|"E"|"K": {"points": [{"x", "layer_ms", "route_ms",
+// "assignments"}], "layer_exponent", "route_exponent"}}}. `quick` runs the two smallest points of each sweep
+// (tests).
+nlohmann::json run_scaling_bench(int reps, bool quick, std::ostream& log);
+
+// The PNG of run_scaling_bench's result (log-log, one panel per sweep), written with gnuplot to
+// `png`; its data and script go beside it.
+void plot_scaling_bench(const nlohmann::json& result, const std::string& png);
+
 }  // namespace moeforge

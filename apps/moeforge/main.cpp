@@ -12,6 +12,7 @@
 #include "../../bench/layer_bench.h"
 #include "../../bench/timing.h"
 #include "../../bench/train_bench.h"
+#include "moeforge/data/tokenizer_module.h"
 #include "moeforge/interop/export.h"
 #include "moeforge/interop/hf.h"
 #include "moeforge/model/checkpoint.h"
@@ -222,6 +223,13 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   bench->add_option("--routing-scale", bench_scale,
                     "route() and layer cost of topk vs hierarchical at these E, e.g. 16,64,256");
+  bool bench_scaling = false, bench_quick = false;
+  std::string bench_plot;
+  bench->add_flag("--scaling", bench_scaling,
+                  "time per layer step and per route() as T, E and K grow, with the fitted growth "
+                  "(docs/performance.md, \"Scaling\")");
+  bench->add_option("--plot", bench_plot, "with --scaling: write the log-log plot to this PNG");
+  bench->add_flag("--quick", bench_quick, "with --scaling: only the two smallest points of each sweep");
 
   // info
   auto* info = app.add_subcommand(
@@ -268,7 +276,8 @@ int main(int argc, char** argv) {
   export_cmd->add_option("--checkpoint", exp_opt.checkpoint, "checkpoint folder")->required();
   export_cmd->add_option("--format", exp_opt.format, "gguf or hf")->required();
   export_cmd->add_option("--out", exp_opt.out, "the GGUF file, or the Hugging Face folder")->required();
-  export_cmd->add_option("--dtype", exp_opt.dtype, "weights: f32 or f16 (hf also bf16; default f32)");
+  export_cmd->add_option("--dtype", exp_opt.dtype,
+                         "weights: f32 or f16 (gguf also q8_0, hf also bf16; default f32)");
   int64_t shard_mb = 0;
   export_cmd->add_option("--shard-mb", shard_mb, "hf: shard the weights above this many MiB (default 4096)")
       ->check(CLI::PositiveNumber);
@@ -482,6 +491,12 @@ int main(int argc, char** argv) {
       std::cout << " (vector level " << cpu_vector_level(f) << ")\n"
                 << "openblas core: " << (core.empty() ? "none" : core) << " (vector level "
                 << blas_core_level(core) << ")\n";
+      // Which SentencePiece module a moved or installed binary found (docs/interop.md).
+      try {
+        std::cout << "tokenizer module: " << tokenizer_module_path() << "\n";
+      } catch (const std::exception& e) {
+        std::cout << "tokenizer module: none loads: " << e.what() << "\n";
+      }
       if (info_sgemm > 0) {
         auto a = torch::randn({info_sgemm, info_sgemm}), b = torch::randn({info_sgemm, info_sgemm});
         auto c = torch::empty({info_sgemm, info_sgemm});
@@ -515,6 +530,12 @@ int main(int argc, char** argv) {
       if (!bench_compare.empty() && bench_train) throw ConfigError("--compare", "does not go with --train");
       if (!bench_scale.empty() && (bench_train || !bench_compare.empty()))
         throw ConfigError("--routing-scale", "goes alone (not with --train or --compare)");
+      if (bench_scaling &&
+          (bench_train || !bench_compare.empty() || !bench_scale.empty() || !shapes_csv.empty()))
+        throw ConfigError("--scaling",
+                          "goes alone (not with --train, --compare, --routing-scale or --shapes)");
+      if (!bench_scaling && (!bench_plot.empty() || bench_quick))
+        throw ConfigError(bench_plot.empty() ? "--quick" : "--plot", "applies only with --scaling");
       std::cout << "moeforge bench: " << describe_machine() << "\n";
       train_bench_opt.steps = bench_opt.reps;
       nlohmann::json result;
@@ -529,6 +550,12 @@ int main(int argc, char** argv) {
       } else if (!bench_scale.empty()) {
         result =
             run_routing_scale(parse_seed_list(bench_scale, "--routing-scale"), bench_opt.reps, std::cout);
+      } else if (bench_scaling) {
+        result = run_scaling_bench(bench_opt.reps, bench_quick, std::cout);
+        if (!bench_plot.empty()) {
+          plot_scaling_bench(result, bench_plot);
+          std::cout << "wrote " << bench_plot << "\n";
+        }
       } else {
         result = bench_profile ? run_train_profile(train_bench_opt, std::cout)
                  : bench_train ? run_train_bench(train_bench_opt, std::cout)

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "moeforge/train/compare.h"
+#include "moeforge/train/report.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
 #include "moeforge/util/progress.h"
@@ -724,10 +725,7 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
   }
   const auto script = plots / "compare.gp";
   write_file_atomic(script.string(), gp.str());
-  const std::string cmd = "gnuplot " + quote(script.string()) + " 2>" + quote(script.string() + ".log");
-  if (std::system(cmd.c_str()) != 0)
-    throw FileError(script.string(),
-                    "gnuplot failed (see " + script.string() + ".log; is gnuplot-nox installed?)");
+  run_gnuplot(script.string());
 }
 
 }  // namespace

@@ -29,14 +29,13 @@ std::string quote(const std::string& s) {
   return "'" + s + "'";
 }
 
-void run_gnuplot(const fs::path& script) {
-  const std::string cmd = "gnuplot " + quote(script.string()) + " 2>" + quote(script.string() + ".log");
-  if (std::system(cmd.c_str()) != 0)
-    throw FileError(script.string(),
-                    "gnuplot failed (see " + script.string() + ".log; is gnuplot-nox installed?)");
-}
-
 }  // namespace
+
+void run_gnuplot(const std::string& script) {
+  const std::string cmd = "gnuplot " + quote(script) + " 2>" + quote(script + ".log");
+  if (std::system(cmd.c_str()) != 0)
+    throw FileError(script, "gnuplot failed (see " + script + ".log; is gnuplot-nox installed?)");
+}
 
 double unigram_perplexity(const torch::Tensor& train_tokens, const torch::Tensor& eval_tokens,
                           int64_t vocab_size) {
@@ -169,7 +168,7 @@ std::string write_report(const ReportInputs& in) {
     images.push_back("expert_domain.png");
   }
   write_text(plots / "plots.gp", gp.str());
-  run_gnuplot(plots / "plots.gp");
+  run_gnuplot((plots / "plots.gp").string());
 
   std::ostringstream md;
   md << "# " << in.title << "\n\n| | |\n|---|---|\n";
