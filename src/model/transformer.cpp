@@ -2,6 +2,9 @@
 
 #include <cmath>
 
+#include "moeforge/model/attention_core.h"
+#include "moeforge/model/norm.h"
+
 namespace moeforge {
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
@@ -9,7 +12,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  return x * torch::rsqrt(x.pow(2).mean(-1, true) + eps_) * weight;
+  return rms_norm(x, weight, eps_);  // fused on the CPU, its plain twin elsewhere (model/norm.h)
 }
 
 AttentionImpl::AttentionImpl(int64_t d_model, int64_t n_head, bool bias) : n_head_(n_head) {
@@ -48,13 +51,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     *cache_k = k;
     *cache_v = v;
   }
-  const int64_t S_kv = k.size(2);
-  auto att = torch::matmul(q, k.transpose(2, 3)) / std::sqrt(double(D));  // [B, H, S, S_kv]
-  // Query i sits at absolute position past + i and sees keys 0..past + i.
-  auto mask = torch::ones({S, S_kv}, torch::TensorOptions().dtype(torch::kBool).device(x.device()))
-                  .triu(past + 1);  // [S, S_kv] true = future
-  att = att.masked_fill(mask, -std::numeric_limits<float>::infinity());
-  auto y = torch::matmul(torch::softmax(att, -1), v);  // [B, H, S, D]
+  // The fused CPU attention when there are no past positions (training, evaluation, a prompt's first
+  // pass); its plain twin with a KV cache (docs/performance.md, "Fused attention").
+  auto y = past == 0 ? causal_attention(q, k, v) : causal_attention_reference(q, k, v, past);  // [B, H, S, D]
   y = y.transpose(1, 2).reshape({B, S, C});
   return torch::matmul(y, w_out.t());
 }

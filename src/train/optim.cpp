@@ -1,7 +1,11 @@
 #include "moeforge/train/optim.h"
 
+#include <ATen/Parallel.h>
+
 #include <cmath>
 
+#include "kernels/cpu/adamw.h"
+#include "moeforge/train/adamw_update.h"
 #include "moeforge/util/error.h"
 
 namespace moeforge {
@@ -14,22 +18,45 @@ AdamW::AdamW(std::vector<std::pair<std::string, torch::Tensor>> params, const Tr
   }
 }
 
+void adamw_update(torch::Tensor& p, torch::Tensor& m, torch::Tensor& v, const AdamWScalars& s, bool fused) {
+  const auto& g = p.grad();
+  if (!g.defined()) return;
+  const bool decay = p.dim() >= 2 && s.weight_decay > 0;  // nanoGPT's rule: norms and vectors not shrunk
+  fused = fused && p.device().is_cpu() && p.scalar_type() == torch::kFloat &&
+          g.scalar_type() == torch::kFloat && p.is_contiguous() && g.is_contiguous() && m.is_contiguous() &&
+          v.is_contiguous();
+  if (fused) {
+    float* pp = p.data_ptr<float>();
+    const float* pg = g.data_ptr<float>();
+    float *pm = m.data_ptr<float>(), *pv = v.data_ptr<float>();
+    const float dec = decay ? float(1 - s.lr * s.weight_decay) : 1.0f;
+    const float step = float(-s.lr / s.bc1);
+    at::parallel_for(0, p.numel(), 1 << 15, [&](int64_t b, int64_t e) {
+      kernels::cpu::adamw_update(pp + b, pg + b, pm + b, pv + b, e - b, dec, float(s.beta1),
+                                 float(1 - s.beta1), float(s.beta2), float(1 - s.beta2), float(s.bc2),
+                                 float(s.eps), step);
+    });
+    return;
+  }
+  if (decay) p.mul_(1 - s.lr * s.weight_decay);
+  m.mul_(s.beta1).add_(g, 1 - s.beta1);
+  v.mul_(s.beta2).addcmul_(g, g, 1 - s.beta2);
+  auto denom = (v / s.bc2).sqrt_().add_(s.eps);
+  p.addcdiv_(m, denom, -s.lr / s.bc1);
+}
+
 void AdamW::step(double lr) {
   torch::NoGradGuard ng;
   ++t_;
-  const double bc1 = 1 - std::pow(cfg_.beta1, double(t_));
-  const double bc2 = 1 - std::pow(cfg_.beta2, double(t_));
-  for (size_t i = 0; i < params_.size(); ++i) {
-    auto& p = params_[i].second;
-    const auto& g = p.grad();
-    if (!g.defined()) continue;
-    // Decoupled decay on matrices only (nanoGPT's rule): norms and vectors are not shrunk.
-    if (p.dim() >= 2 && cfg_.weight_decay > 0) p.mul_(1 - lr * cfg_.weight_decay);
-    m_[i].mul_(cfg_.beta1).add_(g, 1 - cfg_.beta1);
-    v_[i].mul_(cfg_.beta2).addcmul_(g, g, 1 - cfg_.beta2);
-    auto denom = (v_[i] / bc2).sqrt_().add_(cfg_.adam_eps);
-    p.addcdiv_(m_[i], denom, -lr / bc1);
-  }
+  const AdamWScalars s{lr,
+                       cfg_.beta1,
+                       cfg_.beta2,
+                       cfg_.adam_eps,
+                       cfg_.weight_decay,
+                       1 - std::pow(cfg_.beta1, double(t_)),
+                       1 - std::pow(cfg_.beta2, double(t_))};
+  for (size_t i = 0; i < params_.size(); ++i)
+    adamw_update(params_[i].second, m_[i], v_[i], s, /*fused=*/true);
 }
 
 void AdamW::zero_grad() {

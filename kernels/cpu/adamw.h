@@ -1,0 +1,13 @@
+// One AdamW update of a flat float buffer in a single pass (docs/performance.md, "Fused AdamW").
+#pragma once
+
+#include <cstdint>
+
+namespace moeforge::kernels::cpu {
+
+// p <- p * decay; m <- b1 m + a1 g; v <- b2 v + a2 g^2 (a = 1 - b, rounded once by the caller);
+// p <- p + step * m / (sqrt(v / bc2) + eps), for n elements (step = -lr / bc1).
+void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float decay, float b1, float a1,
+                  float b2, float a2, float bc2, float eps, float step);
+
+}  // namespace moeforge::kernels::cpu
