@@ -51,4 +51,50 @@ hf=("$tmp/hf/config.json" "$tmp/hf/tokenizer.model" "$tmp/hf/model.safetensors")
 join "$c/hf/mixtral" "${hf[@]}"
 printf '{"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model.safetensors"}}\n' >"$tmp/index.json"
 join "$c/hf/mixtral-with-index" "${hf[@]}" "$tmp/index.json"
+# A Qwen2-MoE folder (the reader's qwen2_moe path) made from the same export: experts renamed, zero q/k/v
+# biases, a shared expert and its gate added, in the config and the weights.
+/usr/bin/python3 - "$tmp/hf" "$tmp/qwen" <<'PY'
+import json, os, shutil, struct, sys
+import torch
+src, dst = sys.argv[1:3]
+os.makedirs(dst, exist_ok=True)
+shutil.copy(os.path.join(src, "tokenizer.model"), dst)
+cfg = json.load(open(os.path.join(src, "config.json")))
+blob = open(os.path.join(src, "model.safetensors"), "rb").read()
+n = struct.unpack("<Q", blob[:8])[0]
+head = json.loads(blob[8:8 + n])
+t = {}
+for k, e in head.items():
+    if k == "__metadata__":
+        continue
+    a, b = e["data_offsets"]
+    t[k] = torch.frombuffer(bytearray(blob[8 + n + a:8 + n + b]), dtype=torch.float32).reshape(e["shape"])
+out = {}
+F, C = cfg["intermediate_size"], cfg["hidden_size"]
+for k, v in t.items():
+    k2 = k.replace("block_sparse_moe.", "mlp.").replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.")
+    out[k2.replace(".w2.", ".down_proj.")] = v
+for i in range(cfg["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    for x in "qkv":
+        out[p + f"self_attn.{x}_proj.bias"] = torch.zeros(out[p + f"self_attn.{x}_proj.weight"].shape[0])
+    out[p + "mlp.shared_expert.gate_proj.weight"] = torch.zeros(F, C)
+    out[p + "mlp.shared_expert.up_proj.weight"] = torch.zeros(F, C)
+    out[p + "mlp.shared_expert.down_proj.weight"] = torch.zeros(C, F)
+    out[p + "mlp.shared_expert_gate.weight"] = torch.zeros(1, C)
+cfg.update({"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "num_experts": cfg.pop("num_local_experts"),
+            "moe_intermediate_size": F, "shared_expert_intermediate_size": F, "norm_topk_prob": cfg["num_experts_per_tok"] > 1,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False})
+json.dump(cfg, open(os.path.join(dst, "config.json"), "w"), indent=1)
+header, off, data = {}, 0, b""
+for k, v in out.items():
+    b = v.contiguous().numpy().tobytes()
+    header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+    off += len(b)
+    data += b
+h = json.dumps(header).encode()
+h += b" " * ((8 - len(h) % 8) % 8)
+open(os.path.join(dst, "model.safetensors"), "wb").write(struct.pack("<Q", len(h)) + h + data)
+PY
+join "$c/hf/qwen2-moe" "$tmp/qwen/config.json" "$tmp/qwen/tokenizer.model" "$tmp/qwen/model.safetensors"
 ls -l "$c"/*
