@@ -116,6 +116,19 @@ TEST(BlasCore, GoodOrUnknownCoreIsKept) {
   EXPECT_EQ(blas_core_to_force(CpuFeatures{}, "Katmai"), "");
 }
 
+// A user's OPENBLAS_CORETYPE is kept but, below the CPU, warned about: this session's Zen 5 machine came with
+// OPENBLAS_CORETYPE=Haswell in its environment, which halves its sgemm (docs/performance.md).
+TEST(BlasCore, UserCoreBelowTheCpuIsWarnedAbout) {
+  const std::string w = user_blas_core_warning(avx512_cpu("AuthenticAMD"), "Haswell");
+  EXPECT_NE(w.find("OPENBLAS_CORETYPE=Haswell"), std::string::npos) << w;
+  EXPECT_NE(w.find("SkylakeX"), std::string::npos) << w;
+  EXPECT_NE(user_blas_core_warning(avx2_cpu("GenuineIntel"), "Prescott"), "");
+  EXPECT_EQ(user_blas_core_warning(avx512_cpu("GenuineIntel"), "SkylakeX"), "");
+  EXPECT_EQ(user_blas_core_warning(avx2_cpu("AuthenticAMD"), "Zen"), "");
+  EXPECT_EQ(user_blas_core_warning(avx512_cpu("GenuineIntel"), "Zen4"), "") << "unknown: no opinion";
+  EXPECT_EQ(user_blas_core_warning(CpuFeatures{}, "Prescott"), "") << "nothing better to run";
+}
+
 TEST(BlasCore, CpuidAgreesWithProcCpuinfo) {
   std::ifstream cpuinfo("/proc/cpuinfo");
   std::set<std::string> flags;

@@ -66,7 +66,11 @@ std::string env_or(const char* name, const std::string& fallback) {
 bool choose_blas_core() {
   const std::string choice = env_or(kChoiceVar, "");
   if (choice.empty()) {
-    if (std::getenv("OPENBLAS_CORETYPE") != nullptr) {
+    if (const char* user = std::getenv("OPENBLAS_CORETYPE")) {
+      // Kept (a user's setting wins), but a core below the CPU can halve every matrix product: say so once,
+      // before the restart (docs/performance.md, "BLAS kernel choice").
+      if (const std::string w = user_blas_core_warning(read_cpu_features(), user); !w.empty())
+        std::cerr << "moeforge: warning: " << w << "\n";
       setenv(kChoiceVar, "user", 1);
       return false;
     }
@@ -180,6 +184,17 @@ int blas_core_level(const std::string& core) {
   for (const auto& [name, level] : kCores)
     if (lower == name) return level;
   return -1;
+}
+
+std::string user_blas_core_warning(const CpuFeatures& f, const std::string& user_core) {
+  const int cpu = cpu_vector_level(f), core = blas_core_level(user_core);
+  if (cpu < 2 || core < 0 || core >= cpu) return "";
+  const std::string better = blas_core_to_force(f, user_core);
+  return "OPENBLAS_CORETYPE=" + user_core + " (vector level " + std::to_string(core) +
+         ") is below what this CPU supports (level " + std::to_string(cpu) +
+         "); kept because it was set, but matrix products may run at half speed or less: unset it (OpenBLAS "
+         "and moeforge then choose" +
+         (better.empty() ? std::string() : ", e.g. " + better) + ")";
 }
 
 std::string blas_core_to_force(const CpuFeatures& f, const std::string& chosen) {

@@ -59,6 +59,11 @@ int blas_core_level(const std::string& core);
 // elsewhere.
 std::string blas_core_to_force(const CpuFeatures& f, const std::string& chosen);
 
+// The warning for a user's OPENBLAS_CORETYPE below what the CPU supports (kept, since a user's setting
+// wins, but said): "" when `user_core` is at the CPU's level or above, unknown, or the CPU has less than
+// AVX2 + FMA; otherwise one line naming the core, the one moeforge would pick, and how to get it.
+std::string user_blas_core_warning(const CpuFeatures& f, const std::string& user_core);
+
 // openblas_get_corename() of the OpenBLAS in this process (looked up at run time, so that the build does
 // not depend on which BLAS libblas.so.3 is), or "" when the process has no OpenBLAS.
 std::string openblas_core();
