@@ -77,8 +77,9 @@ TEST(CliBlas, UserCoreTypeWins) {
   const bool better = cpu_vector_level(read_cpu_features()) >= 2;
   const auto first = run.output.find("warning: OPENBLAS_CORETYPE=Prescott");
   EXPECT_EQ(first != std::string::npos, better) << run.output;
-  if (better)
+  if (better) {
     EXPECT_EQ(run.output.find("warning: OPENBLAS_CORETYPE", first + 1), std::string::npos) << run.output;
+  }
 }
 
 TEST(CliBlas, WeakCoreIsReplacedAndChecked) {

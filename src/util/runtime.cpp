@@ -192,9 +192,9 @@ std::string user_blas_core_warning(const CpuFeatures& f, const std::string& user
   const std::string better = blas_core_to_force(f, user_core);
   return "OPENBLAS_CORETYPE=" + user_core + " (vector level " + std::to_string(core) +
          ") is below what this CPU supports (level " + std::to_string(cpu) +
-         "); kept because it was set, but matrix products may run at half speed or less: unset it (OpenBLAS "
-         "and moeforge then choose" +
-         (better.empty() ? std::string() : ", e.g. " + better) + ")";
+         "); kept because it was set, but matrix products may run at half speed or less: unset it to let "
+         "OpenBLAS and moeforge choose" +
+         (better.empty() ? std::string() : ", or set " + better) + " (docs/performance.md)";
 }
 
 std::string blas_core_to_force(const CpuFeatures& f, const std::string& chosen) {
