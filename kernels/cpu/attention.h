@@ -12,9 +12,9 @@ namespace moeforge::kernels::cpu {
 void causal_attention_forward(const float* q, const float* k, const float* v, float* p, float* out, float* kt,
                               int64_t S, int64_t D, float scale);
 
-// From dout [S, D] and the forward's p: dq, dk, dv [S, D] (overwritten). Scratch: vt [D, S], row [S].
+// From dout [S, D] and the forward's p: dq, dk, dv [S, D] (overwritten). Scratch: D * S + S * S floats.
 void causal_attention_backward(const float* q, const float* k, const float* v, const float* p,
-                               const float* dout, float* dq, float* dk, float* dv, float* vt, float* row,
-                               int64_t S, int64_t D, float scale);
+                               const float* dout, float* dq, float* dk, float* dv, float* scratch, int64_t S,
+                               int64_t D, float scale);
 
 }  // namespace moeforge::kernels::cpu

@@ -46,12 +46,11 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
     const float *pp = p.data_ptr<float>(), *pg = dout.data_ptr<float>();
     float *pdq = dq.data_ptr<float>(), *pdk = dk.data_ptr<float>(), *pdv = dv.data_ptr<float>();
     at::parallel_for(0, B * H, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> vt(static_cast<size_t>(D * S));
-      std::vector<float> row(static_cast<size_t>(S));
+      std::vector<float> scratch(static_cast<size_t>(D * S + S * S));
       for (int64_t bh = b0; bh < b1; ++bh) {
         const int64_t o = bh * S * D;
         kernels::cpu::causal_attention_backward(pq + o, pk + o, pv + o, pp + bh * S * S, pg + o, pdq + o,
-                                                pdk + o, pdv + o, vt.data(), row.data(), S, D, scale);
+                                                pdk + o, pdv + o, scratch.data(), S, D, scale);
       }
     });
     return {dq, dk, dv};
