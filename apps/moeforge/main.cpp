@@ -52,11 +52,25 @@ std::string fixed(double v, int p) {
   return os.str();
 }
 
-std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g) {
+std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g,
+                        bool ignore_eos = false, bool timing = false) {
   auto ids = lm.tokenizer->encode(prompt);
   ids.insert(ids.begin(), lm.tokenizer->bos_id());
   auto opt = g;
-  opt.eos_id = lm.tokenizer->eos_id();
+  opt.eos_id = ignore_eos ? -1 : lm.tokenizer->eos_id();
+  if (timing) {
+    // Decode speed inside one process (docs/interop.md, "Decode speed"): the same prompt with 1 new token
+    // (prefill and the first token), then with all of them; the difference is the decode of the rest.
+    auto one = opt;
+    one.max_tokens = 1;
+    const double t1 = bench::time_ms([&] { generate(lm.model, ids, one); });
+    std::vector<int64_t> out;
+    const double tn = bench::time_ms([&] { out = generate(lm.model, ids, opt); });
+    const int64_t n = int64_t(out.size()) - 1;
+    std::cerr << "timing: prompt " << ids.size() << " tokens, prefill + first token " << fixed(t1, 2)
+              << " ms, decode of " << n << " more tokens " << fixed(tn - t1, 2)
+              << " ms = " << fixed(n > 0 ? n / ((tn - t1) * 1e-3) : 0.0, 1) << " tokens/s\n";
+  }
   auto out = generate(lm.model, ids, opt);
   if (!out.empty() && out.back() == opt.eos_id) out.pop_back();
   return prompt + lm.tokenizer->decode(out).insert(0, prompt.empty() || out.empty() ? "" : " ");
@@ -172,6 +186,9 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   gen->add_option("--top-p", gopt.top_p, "nucleus sampling mass")->check(CLI::Range(0.0, 1.0));
   gen->add_option("--seed", gopt.seed, "sampling seed");
+  bool gen_ignore_eos = false, gen_timing = false;
+  gen->add_flag("--ignore-eos", gen_ignore_eos, "generate --max-tokens tokens even past </s>");
+  gen->add_flag("--timing", gen_timing, "print prefill and decode speed to stderr (docs/interop.md)");
 
   // inspect
   auto* inspect = app.add_subcommand("inspect", "model summary and per-layer / per-expert utilisation");
@@ -393,7 +410,7 @@ int main(int argc, char** argv) {
       }
     } else if (gen->parsed()) {
       auto lm = load_model(ckpt_dir);
-      std::cout << sample_text(lm, prompt, gopt) << "\n";
+      std::cout << sample_text(lm, prompt, gopt, gen_ignore_eos, gen_timing) << "\n";
     } else if (inspect->parsed()) {
       auto lm = load_model(ckpt_dir);
       auto c = count_model(*lm.model);

@@ -2,8 +2,8 @@
 # Decode speed of one exported model, moeforge against llama.cpp (node-llama-cpp), interleaved, at batch 1
 # and the same number of threads (docs/interop.md). Usage:
 #   scripts/interop/decode_bench.sh MOEFORGE_BIN CHECKPOINT GGUF [THREADS] [REPS]
-# moeforge's decode time is that of `generate --max-tokens 257` minus that of `--max-tokens 1` (same
-# load and prompt), over 256 tokens; llama.cpp's is timed inside node over the tokens after the first.
+# moeforge's decode time is measured inside one process (`generate --timing --ignore-eos`: 257 new tokens
+# minus 1, the same prompt), over 256 tokens; llama.cpp's is timed inside node over the tokens after the first.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bin=$1 ckpt=$2 gguf=$3 threads=${4:-1} reps=${5:-3}
@@ -13,15 +13,10 @@ modules=$here/.cache/node-llama-cpp/node_modules
 prompt="The Fulton County Grand Jury said Friday an investigation of Atlanta's recent primary election produced no evidence that any irregularities took place. The jury further said in term-end presentments that the"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-now() { date +%s.%N; }
 for r in $(seq "$reps"); do
-  t0=$(now)
-  "$bin" --threads "$threads" generate --checkpoint "$ckpt" --prompt "$prompt" --temperature 0 --max-tokens 1 >/dev/null
-  t1=$(now)
   "$bin" --threads "$threads" generate --checkpoint "$ckpt" --prompt "$prompt" --temperature 0 --max-tokens 257 \
-    >"$tmp/gen.txt"
-  t2=$(now)
-  python3 -c "print('moeforge  rep $r: %.1f tokens/s' % (256 / (($t2 - $t1) - ($t1 - $t0))))"
+    --ignore-eos --timing 2>"$tmp/timing.txt" >"$tmp/gen.txt"
+  python3 -c "import re; t = open('$tmp/timing.txt').read(); print('moeforge  rep $r: %s tokens/s (%s)' % (re.search(r'= ([0-9.]+) tokens/s', t).group(1), t.strip()))"
   printf '{"model": "%s", "threads": %d, "bench": {"prompt": "%s", "n_predict": 257, "reps": 1}}' \
     "$gguf" "$threads" "$prompt" >"$tmp/req.json"
   "$node" "$here/scripts/interop/llamacpp_eval.mjs" "$modules" "$tmp/req.json" |
