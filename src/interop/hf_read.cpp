@@ -1,6 +1,7 @@
 // Reading a Hugging Face folder (config.json, tokenizer.model, safetensors) into the Mixtral form: the
 // part of `moeforge import` that meets the hostile input, kept free of the model so that the fuzz target
 // fuzz_hf reaches it alone (docs/reliability.md, docs/interop.md).
+#include <array>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -108,6 +109,35 @@ bool get_bool(const json& c, const char* key, const std::string& where) {
   if (!c.contains(key) || c[key].is_null()) return false;
   if (!c[key].is_boolean()) throw FileError(where, std::string("'") + key + "' is not true or false");
   return c[key].get<bool>();
+}
+
+// A SwiGLU FFN's three projections of width F under `prefix` (Llama/Qwen names gate_proj, up_proj,
+// down_proj; Mixtral's experts w1, w3, w2): [F, C], [F, C], [C, F].
+struct SwiGLUNames {
+  const char *gate, *up, *down;
+};
+constexpr SwiGLUNames kLlamaNames{"gate_proj", "up_proj", "down_proj"}, kMixtralNames{"w1", "w3", "w2"};
+
+std::array<torch::Tensor, 3> take_swiglu(HfWeights& w, const std::string& prefix, const SwiGLUNames& n,
+                                         int64_t F, int64_t C, const std::string& dir) {
+  return {w.take(prefix + n.gate + ".weight", {F, C}, dir), w.take(prefix + n.up + ".weight", {F, C}, dir),
+          w.take(prefix + n.down + ".weight", {C, F}, dir)};
+}
+
+// A router [E, C] and E experts under `prefix` + "experts.<e>.", stacked into the layer.
+void take_moe(MixtralLayer& L, HfWeights& w, const std::string& prefix, const SwiGLUNames& n, int64_t E,
+              int64_t F, int64_t C, const std::string& dir) {
+  L.router = w.take(prefix + "gate.weight", {E, C}, dir);
+  std::vector<torch::Tensor> g, u, dn;
+  for (int64_t e = 0; e < E; ++e) {
+    auto t = take_swiglu(w, prefix + "experts." + std::to_string(e) + ".", n, F, C, dir);
+    g.push_back(t[0]);
+    u.push_back(t[1]);
+    dn.push_back(t[2]);
+  }
+  L.w_gate = torch::stack(g);
+  L.w_up = torch::stack(u);
+  L.w_down = torch::stack(dn);
 }
 
 }  // namespace
@@ -221,48 +251,23 @@ HfModel read_hf(const std::string& dir) {
       L.bk = w.take(p + "self_attn.k_proj.bias", {m.n_kv_head * D}, dir);
       L.bv = w.take(p + "self_attn.v_proj.bias", {m.n_kv_head * D}, dir);
       if ((i + 1) % sparse_step != 0) {
-        const int64_t Fd = m.d_ff_dense;
         L.dense = true;
-        L.dense_gate = w.take(p + "mlp.gate_proj.weight", {Fd, C}, dir);
-        L.dense_up = w.take(p + "mlp.up_proj.weight", {Fd, C}, dir);
-        L.dense_down = w.take(p + "mlp.down_proj.weight", {C, Fd}, dir);
+        auto [g, u, dn] = take_swiglu(w, p + "mlp.", kLlamaNames, m.d_ff_dense, C, dir);
+        L.dense_gate = g, L.dense_up = u, L.dense_down = dn;
       } else {
-        L.router = w.take(p + "mlp.gate.weight", {E, C}, dir);
-        std::vector<torch::Tensor> g, u, dn;
-        for (int64_t e = 0; e < E; ++e) {
-          const std::string q = p + "mlp.experts." + std::to_string(e) + ".";
-          g.push_back(w.take(q + "gate_proj.weight", {F, C}, dir));
-          u.push_back(w.take(q + "up_proj.weight", {F, C}, dir));
-          dn.push_back(w.take(q + "down_proj.weight", {C, F}, dir));
-        }
-        L.w_gate = torch::stack(g);
-        L.w_up = torch::stack(u);
-        L.w_down = torch::stack(dn);
+        take_moe(L, w, p + "mlp.", kLlamaNames, E, F, C, dir);
         if (m.n_shared > 0) {
-          const int64_t Fs = m.n_shared * F;
-          L.sh_gate = w.take(p + "mlp.shared_expert.gate_proj.weight", {Fs, C}, dir);
-          L.sh_up = w.take(p + "mlp.shared_expert.up_proj.weight", {Fs, C}, dir);
-          L.sh_down = w.take(p + "mlp.shared_expert.down_proj.weight", {C, Fs}, dir);
+          auto [g, u, dn] = take_swiglu(w, p + "mlp.shared_expert.", kLlamaNames, m.n_shared * F, C, dir);
+          L.sh_gate = g, L.sh_up = u, L.sh_down = dn;
           L.sh_gate_w = w.take(p + "mlp.shared_expert_gate.weight", {1, C}, dir);
         }
       }
     } else if (moe) {
-      L.router = w.take(p + "block_sparse_moe.gate.weight", {E, C}, dir);
-      std::vector<torch::Tensor> g, u, dn;
-      for (int64_t e = 0; e < E; ++e) {
-        const std::string q = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
-        g.push_back(w.take(q + "w1.weight", {F, C}, dir));
-        dn.push_back(w.take(q + "w2.weight", {C, F}, dir));
-        u.push_back(w.take(q + "w3.weight", {F, C}, dir));
-      }
-      L.w_gate = torch::stack(g);
-      L.w_up = torch::stack(u);
-      L.w_down = torch::stack(dn);
+      take_moe(L, w, p + "block_sparse_moe.", kMixtralNames, E, F, C, dir);
     } else {
       L.router = torch::zeros({1, C});
-      L.w_gate = w.take(p + "mlp.gate_proj.weight", {F, C}, dir).unsqueeze(0);
-      L.w_up = w.take(p + "mlp.up_proj.weight", {F, C}, dir).unsqueeze(0);
-      L.w_down = w.take(p + "mlp.down_proj.weight", {C, F}, dir).unsqueeze(0);
+      auto [g, u, dn] = take_swiglu(w, p + "mlp.", kLlamaNames, F, C, dir);
+      L.w_gate = g.unsqueeze(0), L.w_up = u.unsqueeze(0), L.w_down = dn.unsqueeze(0);
     }
     m.layers.push_back(std::move(L));
   }
