@@ -1,5 +1,7 @@
 #include "moeforge/layer/moe_layer.h"
 
+#include "moeforge/dist/sync.h"
+
 #include "grouped_ops.h"
 #include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/fused_moe.h"
@@ -122,6 +124,9 @@ void MoELayerImpl::add_token_loss(const torch::Tensor& token_loss) {
 
 void MoELayerImpl::after_step() {
   if (feedback_.empty()) return;
+  // Data parallelism: the router learns from the global batch's feedback, the same on every rank (no-op
+  // in one process; docs/distributed.md).
+  dist::globalize_feedback(feedback_);
   router->after_step(feedback_);
   feedback_.clear();
   last_plan_ = RoutingPlan();

@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <sstream>
 
+#include "moeforge/dist/dist.h"
+#include "moeforge/dist/sync.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/train/clustering.h"
 #include "moeforge/train/optim.h"
@@ -135,6 +138,15 @@ void truncate_metrics(const std::string& path, int64_t step) {
   }
   in.close();
   write_file_atomic(path, kept);
+}
+
+// Rows [r*b, (r+1)*b) of a global batch of W*b sequences: this rank's contiguous slice (data
+// parallelism, docs/distributed.md), rank 0 first, so the ranks' slices in rank order are the batch.
+Batcher::Batch rank_slice(const Batcher::Batch& g, int rank, int world) {
+  if (world == 1) return g;
+  const int64_t b = g.tokens.size(0) / world;
+  auto cut = [&](const torch::Tensor& t) { return t.defined() ? t.narrow(0, b * rank, b) : t; };
+  return {cut(g.tokens), cut(g.domain), cut(g.cluster), cut(g.doc), cut(g.weight), cut(g.prompt_len)};
 }
 
 std::string fmt(double v, int precision = 4) {
@@ -281,13 +293,33 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   }
   cfg.validate();
   const auto& tc = cfg.train;
+  // Data parallelism (docs/distributed.md): train.batch_size is the global batch, each of the W ranks
+  // takes a contiguous slice of it; rank 0 alone writes the run folder.
+  const int W = dist::world(), rank = dist::rank();
+  const bool writer = rank == 0;
+  if (tc.batch_size % W != 0)
+    throw ConfigError("train.batch_size", std::to_string(tc.batch_size) + " sequences (the global batch) " +
+                                              "do not split evenly over the " + std::to_string(W) + " ranks");
   const int threads = init_threads(int(tc.threads));
   torch::manual_seed(uint64_t(tc.seed));
+  // The resolved configuration must be the same everywhere before anything is built from it.
+  dist::check_same("the resolved configuration (--config, --set, --resume)",
+                   cfg.to_toml() + "\nresume=" + (resume ? std::to_string(resume->step) : "-") +
+                       "\ninit=" + opt.init_from);
 
   const std::string* tokenizer_model = resume ? &resume->tokenizer_model
                                        : init ? &init->tokenizer_model
                                               : nullptr;
-  DataBundle data = prepare_data(cfg.data, tokenizer_model, log);
+  // Rank 0 trains (or loads) the tokenizer and fills the data cache first; the others then read the cache
+  // rather than all writing it at once.
+  std::optional<DataBundle> data_slot;
+  if (writer) data_slot = prepare_data(cfg.data, tokenizer_model, log);
+  dist::barrier("data preparation on rank 0");
+  if (!writer) data_slot = prepare_data(cfg.data, tokenizer_model, log);
+  DataBundle data = std::move(*data_slot);
+  dist::check_same("the tokenizer and training data",
+                   data.tokenizer->serialized() + "\n" + std::to_string(data.train.size()) + "\n" +
+                       std::to_string(data.train.tokens.defined() ? data.train.tokens.numel() : 0));
   if (resume) check_config_fits_model_file(cfg, data.tokenizer->vocab_size(), resume->model, resume_dir);
   TransformerLM model = build_model(cfg, data.tokenizer->vocab_size());
   model->train();
@@ -344,21 +376,29 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
           << fmt(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1) << " s)\n";
     }
   }
-  // Built once the training sequences have their clusters (the batches carry them).
+  // Identical initialisation: every rank starts from rank 0's parameters and router state (the same seed
+  // makes them equal already; the broadcast makes it so whatever the ranks' libraries did).
+  dist::broadcast_module(*model, 0);
+  // Built once the training sequences have their clusters (the batches carry them). Every rank draws the
+  // same global batches (same seed, same order) and trains on its slice of each (rank_slice).
   Batcher batcher(data.train, tc.batch_size, uint64_t(tc.seed), /*shuffle=*/true);
   if (resume)
     batcher.restore(trainer_counter(*resume, resume_dir, "batcher_epoch"),
                     trainer_counter(*resume, resume_dir, "batcher_position"));
 
-  fs::create_directories(opt.out_dir);
+  if (writer) fs::create_directories(opt.out_dir);
   const fs::path ckpt_root = fs::path(opt.out_dir) / "checkpoints";
   const std::string metrics_path = (fs::path(opt.out_dir) / "metrics.jsonl").string();
   TrainSummary summary;
-  if (resume) truncate_metrics(metrics_path, step);
-  std::ofstream metrics(metrics_path, resume ? std::ios::app : std::ios::trunc);
-  if (!metrics) throw FileError(metrics_path, "cannot open for writing");
+  if (resume && writer) truncate_metrics(metrics_path, step);
+  // Ranks other than 0 write their metrics nowhere (a stream without a file).
+  std::ofstream metrics;
+  if (writer) {
+    metrics.open(metrics_path, resume ? std::ios::app : std::ios::trunc);
+    if (!metrics) throw FileError(metrics_path, "cannot open for writing");
+  }
   auto check_metrics = [&] {
-    if (!metrics.flush())
+    if (writer && !metrics.flush())
       throw FileError(metrics_path,
                       "write failed (disk full or file size limit?); the last checkpoint is " +
                           (summary.checkpoint.empty() ? std::string("none") : summary.checkpoint));
@@ -367,9 +407,20 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   log << "model: " << counts.total_params << " parameters, " << counts.active_params << " active per token, "
       << fmt(counts.flops_per_token / 1e6, 2) << " MFLOP/token; router " << cfg.moe.router << ", "
       << cfg.moe.routed_experts() << " experts, top-" << cfg.moe.routed_used() << "; " << threads
-      << " threads\n";
+      << " threads";
+  if (W > 1)
+    log << "; rank " << rank << " of " << W << " (" << dist::env().launcher << "), " << tc.batch_size / W
+        << " of the " << tc.batch_size << " sequences of each global batch";
+  log << "\n";
 
   auto save = [&](int64_t at_step) {
+    const fs::path dir = ckpt_root / step_name(at_step);
+    // One checkpoint per step for the whole group: rank 0 writes it (every rank holds the same state), the
+    // others wait until it is complete, so that none goes past a step whose checkpoint might not exist.
+    if (!writer) {
+      dist::barrier("checkpoint of step " + std::to_string(at_step) + " by rank 0");
+      return dir.string();
+    }
     Checkpoint c;
     c.step = at_step;
     c.config_toml = cfg.to_toml();
@@ -381,18 +432,20 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     c.trainer_meta = {{"batcher_epoch", std::to_string(batcher.epoch())},
                       {"batcher_position", std::to_string(batcher.position())},
                       {"step", std::to_string(at_step)}};
-    const fs::path dir = ckpt_root / step_name(at_step);
     save_checkpoint(dir.string(), c);
     write_file_atomic((ckpt_root / "latest").string(), step_name(at_step) + "\n");
     prune_checkpoints(ckpt_root, tc.keep_checkpoints);
+    dist::barrier("checkpoint of step " + std::to_string(at_step) + " by rank 0");
     return dir.string();
   };
 
   auto run_eval = [&](int64_t at_step, TrainSummary& summary) {
     summary.validation = evaluate(model, data.validation, tc.batch_size, tc.eval_batches, "validation");
+    // Every rank evaluates the whole split with the same weights (so the measures are the global ones);
+    // rank 0 writes them.
     auto j = summary.validation->to_json();
     j["step"] = at_step;
-    metrics << j.dump() << "\n";
+    if (writer) metrics << j.dump() << "\n";
     std::string line = "eval @" + std::to_string(at_step) + ": validation loss " +
                        fmt(summary.validation->loss) + " (ppl " + fmt(summary.validation->perplexity, 2) +
                        ")";
@@ -400,7 +453,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       summary.heldout = evaluate(model, data.heldout, tc.batch_size, tc.eval_batches, "heldout");
       auto h = summary.heldout->to_json();
       h["step"] = at_step;
-      metrics << h.dump() << "\n";
+      if (writer) metrics << h.dump() << "\n";
       line += ", held-out loss " + fmt(summary.heldout->loss) + " (ppl " +
               fmt(summary.heldout->perplexity, 2) + ")";
     }
@@ -418,7 +471,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
 
   const int64_t last = opt.stop_after > 0 ? std::min(opt.stop_after, tc.steps) : tc.steps;
   const int64_t S = cfg.data.seq_len;
-  ProgressBar bar(opt.progress_label, tc.steps, log, opt.progress);
+  ProgressBar bar(opt.progress_label, tc.steps, log, opt.progress && writer);
   const auto t_start = std::chrono::steady_clock::now();
   int64_t tokens_done = 0;
   std::vector<std::string> eval_lines;
@@ -428,12 +481,14 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     double loss_sum = 0, aux_sum = 0;
     std::vector<RoutingPlan> plans;
     for (int64_t micro = 0; micro < tc.grad_accum; ++micro) {
-      auto batch = batcher.next();
-      const int64_t B = batch.tokens.size(0);
+      auto global_batch = batcher.next();
       if (summary.first_batch_tokens == 0) {
-        summary.first_batch_tokens = batch.tokens.numel();
-        summary.first_batch_digest = token_digest(batch.tokens);
+        summary.first_batch_tokens = global_batch.tokens.numel();
+        summary.first_batch_digest = token_digest(global_batch.tokens);
       }
+      auto batch = rank_slice(global_batch, rank, W);
+      const int64_t B = global_batch.tokens.size(0);  // tokens_done counts the global batch
+      dist::GlobalBatchScope global_stats;            // the balance loss's shares over the global batch
       auto fwd = training_forward(model, batch);
       auto& ce = fwd.token_ce;  // [B*S]
       auto& out = fwd.out;
@@ -447,6 +502,19 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       model->add_token_loss(ce.detach());
       plans = std::move(out.plans);
       tokens_done += B * S;
+    }
+    // Data parallelism: the gradients, the logged losses and the stop request become the group's (mean over
+    // ranks: every rank's slice has the same number of tokens, so the mean of the ranks' mean losses is the
+    // global batch's); the clipping norm is then the global one, and every rank takes the same decisions.
+    dist::average_gradients(params);
+    int group_signal = opt.stop_on_signal ? stop_signal() : 0;  // a signal to any rank stops them all
+    if (W > 1) {
+      std::vector<torch::Tensor> t{
+          torch::tensor({loss_sum, aux_sum, double(opt.stop_on_signal ? stop_signal() : 0)}, torch::kDouble)};
+      dist::allreduce_sum(t, "the step's losses");
+      loss_sum = t[0][0].item<double>() / double(W);
+      aux_sum = t[0][1].item<double>() / double(W);
+      if (t[0][2].item<double>() != 0 && group_signal == 0) group_signal = SIGTERM;
     }
     const double grad_norm = clip_grad_norm(params, tc.grad_clip);
     if (!std::isfinite(loss_sum) || !std::isfinite(aux_sum) || !std::isfinite(grad_norm)) {
@@ -475,6 +543,8 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     optim.zero_grad();
     ++step;
     summary.step_losses.push_back(loss_sum);
+    // The routing measures of the global batch (the last micro-batch's plans, as before).
+    for (auto& p : plans) p.stats = dist::global_stats(p.stats);
     double step_max_vio = 0;
     for (auto& p : plans) step_max_vio += p.stats.max_vio / double(plans.size());
     summary.step_max_vio.push_back(step_max_vio);
@@ -498,7 +568,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       if (!plans.empty()) j["plan_tokens"] = plans.front().stats.n_tokens;  // the tokens `load` counts
       j["max_vio_batch_layers"] = max_vio;
       j["load"] = loads;
-      metrics << j.dump() << "\n";
+      if (writer) metrics << j.dump() << "\n";
       check_metrics();
     }
     bar.update(step, "loss " + fmt(loss_sum, 3) + " | " + fmt(tok_s / 1000.0, 1) + "k tok/s" +
@@ -510,8 +580,8 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     const int64_t ckpt_every = tc.checkpoint_every < 0 ? tc.eval_every : tc.checkpoint_every;
     if (ckpt_every > 0 && step % ckpt_every == 0 && step != last) summary.checkpoint = save(step);
     // SIGINT / SIGTERM (moeforge train): the step is done; checkpoint it and stop.
-    if (opt.stop_on_signal && stop_signal() != 0 && step != last) {
-      summary.interrupted_by = stop_signal();
+    if (opt.stop_on_signal && group_signal != 0 && step != last) {
+      summary.interrupted_by = group_signal;
       if (summary.checkpoint.empty() || fs::path(summary.checkpoint).filename() != step_name(step))
         summary.checkpoint = save(step);
       break;

@@ -1,0 +1,328 @@
+// The process group of a distributed run over c10d's Gloo backend (dist.h, docs/distributed.md).
+// USE_C10D_GLOO comes with LibTorch's CMake targets (CMakeLists.txt); without it the Gloo header is empty.
+#include "moeforge/dist/dist.h"
+
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+namespace moeforge::dist {
+namespace {
+
+// How often each rank writes its heartbeat into the store, and how long a diagnosis watches the others'
+// before it calls a rank stopped: several beats, so that a loaded machine does not look dead.
+constexpr auto kBeat = std::chrono::milliseconds(500);
+constexpr auto kWatch = std::chrono::milliseconds(2500);
+
+struct State {
+  LaunchEnv env;
+  bool initialised = false;
+  c10::intrusive_ptr<c10d::Store> store;  // rendezvous (rank 0 hosts a TCPStore's server)
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  std::thread heartbeat;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stop = false;
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+thread_local bool t_global_batch = false;
+
+// A store client of its own (a c10d TCPStore client is not shared between threads here).
+c10::intrusive_ptr<c10d::Store> connect_store(const LaunchEnv& env, bool server,
+                                              std::chrono::milliseconds timeout) {
+  if (!env.store_file.empty()) return c10::make_intrusive<c10d::FileStore>(env.store_file, env.world);
+  c10d::TCPStoreOptions o;
+  o.port = uint16_t(env.master_port);
+  o.isServer = server;
+  o.numWorkers = size_t(env.world);
+  o.waitWorkers = server;
+  o.timeout = timeout;
+  return c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
+}
+
+std::string beat_key(int r) {
+  return "moeforge/heartbeat/" + std::to_string(r);
+}
+
+int64_t read_beat(c10d::Store& store, int r) {
+  const std::string key = beat_key(r);
+  if (!store.check({key})) return -1;
+  auto v = store.get(key);
+  return std::stoll(std::string(v.begin(), v.end()));
+}
+
+// Why a collective failed, naming the rank(s) to blame: a rank whose heartbeat stopped died or is hung
+// (a stopped process beats no more); when the store itself cannot be reached, rank 0, which hosts it, is
+// gone. Takes about kWatch.
+std::string diagnose() {
+  auto& s = state();
+  const auto& env = s.env;
+  std::ostringstream os;
+  try {
+    auto store = connect_store(env, false, std::chrono::milliseconds(3000));
+    std::vector<int64_t> first(size_t(env.world), -1);
+    for (int r = 0; r < env.world; ++r)
+      if (r != env.rank) first[size_t(r)] = read_beat(*store, r);
+    std::this_thread::sleep_for(kWatch);
+    std::vector<int> stopped;
+    for (int r = 0; r < env.world; ++r)
+      if (r != env.rank && read_beat(*store, r) == first[size_t(r)]) stopped.push_back(r);
+    if (stopped.empty()) {
+      os << "every other rank's process is still alive: one of them is stuck in its work or did not make "
+            "this call";
+    } else {
+      for (size_t i = 0; i < stopped.size(); ++i) os << (i ? ", " : "") << "rank " << stopped[i];
+      os << (stopped.size() == 1 ? " has" : " have") << " stopped (no heartbeat for "
+         << kWatch.count() / 1000.0 << " s): died, killed or hung";
+    }
+  } catch (const std::exception&) {
+    if (env.store_file.empty())
+      os << "rank 0 is gone: the rendezvous store it hosts at " << env.master_addr << ":" << env.master_port
+         << " does not answer";
+    else
+      os << "the rendezvous file " << env.store_file << " cannot be read";
+  }
+  return os.str();
+}
+
+[[noreturn]] void fail(const std::string& what, const std::exception& e) {
+  const auto& env = state().env;
+  std::ostringstream os;
+  os << "distributed: rank " << env.rank << " of " << env.world << ": " << what << " failed: " << diagnose()
+     << " (collective timeout " << env.timeout.count() / 1000.0
+     << " s, MOEFORGE_DIST_TIMEOUT_S; c10d: " << e.what() << ")";
+  throw DistError(os.str());
+}
+
+void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what) {
+  try {
+    work->wait(state().env.timeout);
+  } catch (const std::exception& e) {
+    fail(what, e);
+  }
+}
+
+int env_int(const char* name, int fallback, int lo, int hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long x = std::strtol(v, &end, 10);
+  if (errno != 0 || *end != 0 || x < lo || x > hi)
+    throw DistError(std::string("distributed: environment variable ") + name + " = '" + v +
+                    "' is not an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return int(x);
+}
+
+bool has_env(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != 0;
+}
+
+void heartbeat_loop() {
+  auto& s = state();
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    store = connect_store(s.env, false, s.env.timeout);
+  } catch (const std::exception&) {
+    return;  // no heartbeat: a diagnosis then calls this rank stopped, which the failure will bear out
+  }
+  int64_t n = 0;
+  std::unique_lock<std::mutex> lock(s.mu);
+  while (!s.stop) {
+    lock.unlock();
+    try {
+      const std::string v = std::to_string(n++);
+      store->set(beat_key(s.env.rank), std::vector<uint8_t>(v.begin(), v.end()));
+    } catch (const std::exception&) {
+      return;  // the store (rank 0) is gone; the main thread's next collective says so
+    }
+    lock.lock();
+    s.cv.wait_for(lock, kBeat, [&] { return s.stop; });
+  }
+}
+
+}  // namespace
+
+LaunchEnv launch_env_from_environment() {
+  LaunchEnv e;
+  const bool mpi = has_env("OMPI_COMM_WORLD_SIZE");
+  const bool torchrun = has_env("WORLD_SIZE");
+  if (mpi) {
+    e.launcher = "mpirun";
+    e.world = env_int("OMPI_COMM_WORLD_SIZE", 1, 1, 1 << 20);
+    e.rank = env_int("OMPI_COMM_WORLD_RANK", -1, 0, e.world - 1);
+    if (e.rank < 0)
+      throw DistError("distributed: OMPI_COMM_WORLD_SIZE is set but OMPI_COMM_WORLD_RANK is not");
+    e.local_rank = env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0, 0, e.world - 1);
+  } else if (torchrun) {
+    e.launcher = "env";
+    e.world = env_int("WORLD_SIZE", 1, 1, 1 << 20);
+    e.rank = env_int("RANK", -1, 0, e.world - 1);
+    if (e.rank < 0) throw DistError("distributed: WORLD_SIZE is set but RANK is not");
+    e.local_rank = env_int("LOCAL_RANK", 0, 0, e.world - 1);
+  }
+  if (has_env("MASTER_ADDR")) e.master_addr = std::getenv("MASTER_ADDR");
+  e.master_port = env_int("MASTER_PORT", 29500, 1, 65535);
+  if (has_env("MOEFORGE_DIST_STORE_FILE")) e.store_file = std::getenv("MOEFORGE_DIST_STORE_FILE");
+  e.timeout = std::chrono::seconds(env_int("MOEFORGE_DIST_TIMEOUT_S", 300, 1, 86400));
+  if (e.world == 1) e.launcher = e.launcher == "single" ? "single" : e.launcher;
+  return e;
+}
+
+void init(const LaunchEnv& env) {
+  auto& s = state();
+  if (s.initialised) throw DistError("distributed: init() called twice");
+  s.env = env;
+  s.initialised = true;
+  if (env.world <= 1) return;
+  try {
+    s.store = connect_store(env, env.rank == 0, env.timeout);
+    auto opts = c10d::ProcessGroupGloo::Options::create(env.timeout);
+    // Loopback when the rendezvous is on this host; otherwise the interface GLOO_SOCKET_IFNAME names, or
+    // the one this host's name resolves to (docs/distributed.md, "Several hosts").
+    if (has_env("GLOO_SOCKET_IFNAME"))
+      opts->devices.push_back(
+          c10d::ProcessGroupGloo::createDeviceForInterface(std::getenv("GLOO_SOCKET_IFNAME")));
+    else if (env.master_addr == "127.0.0.1" || env.master_addr == "localhost")
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    else
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    opts->threads = 1;  // one collective at a time; the ranks' compute threads are train.threads
+    s.pg = c10::make_intrusive<c10d::ProcessGroupGloo>(c10::make_intrusive<c10d::PrefixStore>("pg", s.store),
+                                                       env.rank, env.world, opts);
+  } catch (const std::exception& e) {
+    std::ostringstream os;
+    os << "distributed: rank " << env.rank << " of " << env.world << " could not join the group at "
+       << (env.store_file.empty() ? env.master_addr + ":" + std::to_string(env.master_port)
+                                  : "file " + env.store_file)
+       << " within " << env.timeout.count() / 1000.0
+       << " s (MASTER_ADDR, MASTER_PORT, MOEFORGE_DIST_TIMEOUT_S): " << e.what();
+    s.pg.reset();
+    s.store.reset();
+    throw DistError(os.str());
+  }
+  s.heartbeat = std::thread(heartbeat_loop);
+}
+
+bool active() {
+  return state().pg.defined();
+}
+int rank() {
+  return active() ? state().env.rank : 0;
+}
+int world() {
+  return active() ? state().env.world : 1;
+}
+const LaunchEnv& env() {
+  return state().env;
+}
+
+void shutdown() {
+  auto& s = state();
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.stop = true;
+  }
+  s.cv.notify_all();
+  if (s.heartbeat.joinable()) s.heartbeat.join();
+  s.pg.reset();
+  s.store.reset();
+}
+
+void allreduce_sum(std::vector<torch::Tensor>& tensors, const std::string& what) {
+  if (!active()) return;
+  for (auto& t : tensors) {
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "dist::allreduce_sum: ", what,
+                ": tensors must be contiguous CPU tensors");
+    std::vector<torch::Tensor> one{t};
+    wait(state().pg->allreduce(one, c10d::AllreduceOptions()), "all-reduce of " + what);
+  }
+}
+
+void broadcast(std::vector<torch::Tensor>& tensors, int root, const std::string& what) {
+  if (!active()) return;
+  c10d::BroadcastOptions o;
+  o.rootRank = root;
+  for (auto& t : tensors) {
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "dist::broadcast: ", what,
+                ": tensors must be contiguous CPU tensors");
+    std::vector<torch::Tensor> one{t};
+    wait(state().pg->broadcast(one, o), "broadcast of " + what);
+  }
+}
+
+torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what) {
+  if (!active()) return t;
+  const int W = world();
+  auto x = t.contiguous().cpu();
+  // Rows first (they may differ between ranks), then the rows padded to the longest.
+  std::vector<torch::Tensor> in{torch::tensor({x.size(0)}, torch::kLong)};
+  std::vector<std::vector<torch::Tensor>> out(1);
+  for (int r = 0; r < W; ++r) out[0].push_back(torch::empty({1}, torch::kLong));
+  wait(state().pg->allgather(out, in), "all-gather of the row counts of " + what);
+  std::vector<int64_t> rows;
+  int64_t most = 0;
+  for (auto& n : out[0]) rows.push_back(n.item<int64_t>()), most = std::max(most, rows.back());
+  auto shape = x.sizes().vec();
+  shape[0] = most;
+  auto padded = torch::zeros(shape, x.options());
+  if (x.size(0) > 0) padded.narrow(0, 0, x.size(0)).copy_(x);
+  std::vector<torch::Tensor> pin{padded};
+  std::vector<std::vector<torch::Tensor>> pout(1);
+  for (int r = 0; r < W; ++r) pout[0].push_back(torch::empty(shape, x.options()));
+  wait(state().pg->allgather(pout, pin), "all-gather of " + what);
+  std::vector<torch::Tensor> parts;
+  for (int r = 0; r < W; ++r) parts.push_back(pout[0][size_t(r)].narrow(0, 0, rows[size_t(r)]));
+  return torch::cat(parts, 0).to(t.device());
+}
+
+void barrier(const std::string& what) {
+  if (!active()) return;
+  // An all-reduce of one number rather than c10d's barrier, whose Gloo form does not take our timeout
+  // per call; the effect is the same: nobody passes until everybody has arrived.
+  std::vector<torch::Tensor> one{torch::zeros({1}, torch::kLong)};
+  wait(state().pg->allreduce(one, c10d::AllreduceOptions()), "barrier (" + what + ")");
+}
+
+void check_same(const std::string& what, const std::string& fingerprint) {
+  if (!active()) return;
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : fingerprint) h = (h ^ c) * 1099511628211ull;
+  auto all = allgather_cat(torch::tensor({int64_t(h)}, torch::kLong), what);
+  std::vector<int> differ;
+  for (int r = 1; r < world(); ++r)
+    if (all[r].item<int64_t>() != all[0].item<int64_t>()) differ.push_back(r);
+  if (differ.empty()) return;
+  std::ostringstream os;
+  os << "distributed: " << what << " of ";
+  for (size_t i = 0; i < differ.size(); ++i) os << (i ? ", " : "") << "rank " << differ[i];
+  os << " differs from rank 0's: every rank must be started with the same command line (--config, --set, "
+        "--resume) on the same data";
+  throw DistError(os.str());
+}
+
+GlobalBatchScope::GlobalBatchScope() : prev_(t_global_batch) {
+  t_global_batch = true;
+}
+GlobalBatchScope::~GlobalBatchScope() {
+  t_global_batch = prev_;
+}
+bool global_batch() {
+  return t_global_batch && active();
+}
+
+}  // namespace moeforge::dist
