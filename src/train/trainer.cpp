@@ -415,6 +415,17 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
 
   auto save = [&](int64_t at_step) {
     const fs::path dir = ckpt_root / step_name(at_step);
+    if (W > 1) {
+      // The ranks must hold the same state, bit for bit (the same averaged gradients, the same global
+      // router feedback); a checkpoint of rank 0's state is then the group's. Checked at every checkpoint.
+      const uint64_t digest = dist::module_digest(*model);
+      dist::check_same("the model's parameters and router state at step " + std::to_string(at_step),
+                       std::to_string(digest));
+      std::ostringstream hex;
+      hex << std::hex << std::setw(16) << std::setfill('0') << digest;
+      log << "\ndist: rank " << rank << " state digest at step " << at_step << ": " << hex.str()
+          << " (the same on every rank)\n";
+    }
     // One checkpoint per step for the whole group: rank 0 writes it (every rank holds the same state), the
     // others wait until it is complete, so that none goes past a step whose checkpoint might not exist.
     if (!writer) {

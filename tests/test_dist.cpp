@@ -1,0 +1,371 @@
+// Past one process (docs/distributed.md): `moeforge train` launched as 2 ranks the way a user launches it
+// (torchrun-style RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), against one process on the same data.
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <thread>
+
+#include "moeforge/config/run_config.h"
+#include "moeforge/dist/dist.h"
+#include "moeforge/model/checkpoint.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+namespace {
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// A port nobody listens on now (the kernel's pick for port 0).
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t n = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+struct Proc {
+  pid_t pid = -1;
+  fs::path log;  // stdout and stderr go to log/stdout, log/stderr
+};
+
+// Starts the built CLI with `args` and the variables `env` added to this process's environment.
+Proc spawn(const std::vector<std::string>& args, const fs::path& log,
+           const std::vector<std::pair<std::string, std::string>>& env) {
+  fs::create_directories(log);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int out = ::open((log / "stdout").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int err = ::open((log / "stderr").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(out, 1);
+    ::dup2(err, 2);
+    for (auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+    std::vector<char*> argv;
+    static std::string cli = MOEFORGE_CLI;
+    argv.push_back(cli.data());
+    for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(cli.c_str(), argv.data());
+    _exit(127);
+  }
+  return {pid, log};
+}
+
+struct Result {
+  int code = -1;  // exit code, or 128 + signal
+  std::string out, err;
+};
+
+Result wait_for(const Proc& p) {
+  int status = 0;
+  ::waitpid(p.pid, &status, 0);
+  Result r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = slurp(p.log / "stdout");
+  r.err = slurp(p.log / "stderr");
+  return r;
+}
+
+// A temporary folder of this test binary's own (other tests use other names under TempDir).
+fs::path scratch(const std::string& name) {
+  const fs::path d = fs::path(::testing::TempDir()) / ("moeforge_dist_test_" + name);
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+// The tests' tiny model as a config file; `name` picks the data cache, shared by the runs of one test.
+fs::path tiny_config_file(const fs::path& dir, const std::string& name,
+                          const std::vector<std::string>& extra) {
+  std::vector<std::string> o = {"train.log_every=1", "train.checkpoint_every=0"};
+  o.insert(o.end(), extra.begin(), extra.end());
+  const auto cfg = load_run_config_text("", "test", test::tiny_run_overrides("dist_" + name, o));
+  const auto path = dir / "tiny.toml";
+  std::ofstream(path) << cfg.to_toml();
+  return path;
+}
+
+std::vector<std::string> train_args(const fs::path& config, const fs::path& out,
+                                    const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> a = {"train", "--config", config.string(), "--out", out.string(), "--no-report"};
+  a.insert(a.end(), extra.begin(), extra.end());
+  return a;
+}
+
+using Env = std::vector<std::pair<std::string, std::string>>;
+
+Env rank_env(int rank, int world, int port, const std::string& timeout_s = "60") {
+  return {{"RANK", std::to_string(rank)},        {"WORLD_SIZE", std::to_string(world)},
+          {"LOCAL_RANK", std::to_string(rank)},  {"MASTER_ADDR", "127.0.0.1"},
+          {"MASTER_PORT", std::to_string(port)}, {"MOEFORGE_DIST_TIMEOUT_S", timeout_s}};
+}
+
+// Runs `args` as ranks 0 and 1 of a group; logs under dir/rank0, dir/rank1.
+std::vector<Result> run_two_ranks(const std::vector<std::string>& args, const fs::path& dir,
+                                  const std::vector<std::string>& rank1_extra = {}) {
+  const int port = free_port();
+  auto a1 = args;
+  a1.insert(a1.end(), rank1_extra.begin(), rank1_extra.end());
+  auto p0 = spawn(args, dir / "rank0", rank_env(0, 2, port));
+  auto p1 = spawn(a1, dir / "rank1", rank_env(1, 2, port));
+  return {wait_for(p0), wait_for(p1)};
+}
+
+// step -> training loss of a run's metrics.jsonl.
+std::map<int64_t, double> train_losses(const fs::path& run) {
+  std::map<int64_t, double> out;
+  std::ifstream in(run / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.at("split") == "train") out[j.at("step").get<int64_t>()] = j.at("loss").get<double>();
+  }
+  return out;
+}
+
+// The "state digest" lines a rank printed, in order.
+std::vector<std::string> digests(const std::string& out) {
+  std::vector<std::string> d;
+  std::regex re("state digest at step ([0-9]+): ([0-9a-f]+)");
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), re); it != std::sregex_iterator(); ++it)
+    d.push_back((*it)[1].str() + ":" + (*it)[2].str());
+  return d;
+}
+
+// Largest |a - b| over the tensors of two checkpoints' models, and the name where it is.
+std::pair<double, std::string> max_param_diff(const fs::path& a, const fs::path& b) {
+  auto ca = load_checkpoint(resolve_checkpoint_dir(a.string()));
+  auto cb = load_checkpoint(resolve_checkpoint_dir(b.string()));
+  std::map<std::string, torch::Tensor> mb(cb.model.begin(), cb.model.end());
+  double worst = 0;
+  std::string where;
+  for (auto& [name, t] : ca.model) {
+    EXPECT_TRUE(mb.count(name)) << name;
+    if (!mb.count(name)) continue;
+    const double d = (t.to(torch::kDouble) - mb[name].to(torch::kDouble)).abs().max().item<double>();
+    if (d > worst) worst = d, where = name;
+  }
+  return {worst, where};
+}
+
+TEST(DistEnv, ReadsTorchrunAndMpirunVariables) {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "RANK",
+                        "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MOEFORGE_DIST_TIMEOUT_S"})
+    ::unsetenv(v);
+  auto e = dist::launch_env_from_environment();
+  EXPECT_EQ(e.launcher, "single");
+  EXPECT_EQ(e.world, 1);
+  ::setenv("WORLD_SIZE", "4", 1);
+  ::setenv("RANK", "3", 1);
+  ::setenv("MASTER_PORT", "1234", 1);
+  e = dist::launch_env_from_environment();
+  EXPECT_EQ(e.launcher, "env");
+  EXPECT_EQ(e.world, 4);
+  EXPECT_EQ(e.rank, 3);
+  EXPECT_EQ(e.master_port, 1234);
+  ::setenv("OMPI_COMM_WORLD_SIZE", "2", 1);  // mpirun's variables win over torchrun's
+  ::setenv("OMPI_COMM_WORLD_RANK", "1", 1);
+  e = dist::launch_env_from_environment();
+  EXPECT_EQ(e.launcher, "mpirun");
+  EXPECT_EQ(e.world, 2);
+  EXPECT_EQ(e.rank, 1);
+  ::setenv("OMPI_COMM_WORLD_RANK", "2", 1);
+  try {
+    dist::launch_env_from_environment();
+    ADD_FAILURE() << "a rank >= the world size was accepted";
+  } catch (const dist::DistError& err) {
+    EXPECT_NE(std::string(err.what()).find("OMPI_COMM_WORLD_RANK"), std::string::npos) << err.what();
+  }
+  ::setenv("OMPI_COMM_WORLD_RANK", "0", 1);
+  ::setenv("MOEFORGE_DIST_TIMEOUT_S", "soon", 1);
+  try {
+    dist::launch_env_from_environment();
+    ADD_FAILURE() << "a malformed timeout was accepted";
+  } catch (const dist::DistError& err) {
+    EXPECT_NE(std::string(err.what()).find("MOEFORGE_DIST_TIMEOUT_S"), std::string::npos) << err.what();
+  }
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT",
+                        "MOEFORGE_DIST_TIMEOUT_S"})
+    ::unsetenv(v);
+}
+
+// Data parallelism: 2 ranks with the global batch of 4 sequences (2 each) against one process with all 4,
+// 5 steps of the tiny top-2 model with its Switch balance loss and z-loss (the balance loss's expert shares
+// are the global batch's, docs/distributed.md).
+//
+// Tolerance: the two runs do the same arithmetic but for the order of float32 sums: each rank's gradient
+// is the mean over its 32 tokens and the ranks' are averaged, against one mean over 64; the rows of the
+// global batch meet in different GEMM blockings. Those differ by a few float32 ulps (~1e-7 relative) per
+// step; Adam's normalised update can grow them to ~lr * 1e-4 for weights whose gradient is near zero, and
+// 5 steps at lr 1e-2 compound that. So losses agree to 1e-4 relative and parameters to 1e-4 absolute
+// (weights are O(0.1); a real mismatch, e.g. a rank training on the wrong rows, moves them by >1e-2 and
+// the losses by >1e-2).
+TEST(DistTrain, DataParallelTwoRanksEqualOneProcessWithTheGlobalBatch) {
+  const auto dir = scratch("dp");
+  const auto cfg = tiny_config_file(dir, "dp", {"train.steps=5", "train.batch_size=4"});
+  auto one = wait_for(spawn(train_args(cfg, dir / "one"), dir / "one_log", {}));
+  ASSERT_EQ(one.code, 0) << one.err;
+  auto two = run_two_ranks(train_args(cfg, dir / "two"), dir / "two_log");
+  ASSERT_EQ(two[0].code, 0) << two[0].err << two[0].out;
+  ASSERT_EQ(two[1].code, 0) << two[1].err << two[1].out;
+  EXPECT_NE(two[1].out.find("rank 1 of 2"), std::string::npos) << two[1].out;
+  const auto l1 = train_losses(dir / "one"), l2 = train_losses(dir / "two");
+  ASSERT_EQ(l1.size(), 5u);
+  ASSERT_EQ(l2.size(), 5u);
+  for (auto& [step, loss] : l1) EXPECT_NEAR(l2.at(step), loss, 1e-4 * std::abs(loss)) << "step " << step;
+  auto [diff, where] = max_param_diff(dir / "one" / "checkpoints", dir / "two" / "checkpoints");
+  EXPECT_LT(diff, 1e-4) << where;
+  std::cout << "data parallel: max |loss diff| / loss over 5 steps and max |param diff| " << diff << " ("
+            << where << ")\n";
+  // Only rank 0 wrote the run folder; both ranks held the same state.
+  EXPECT_EQ(digests(two[0].out), digests(two[1].out));
+  EXPECT_FALSE(digests(two[0].out).empty());
+}
+
+// Every router trains 3 steps at 2 ranks with its state (loss-free bias, BIP dual, EC thresholds,
+// reliability EMAs, MoCE centroids, utilisation counters) the same bit for bit on both ranks: the trainer
+// checks it at every checkpoint and prints the digest.
+TEST(DistTrain, EveryRouterKeepsOneStateOnEveryRank) {
+  const std::vector<std::vector<std::string>> routers = {{"moe.router=\"topk\""},
+                                                         {"moe.router=\"loss_free\""},
+                                                         {"moe.router=\"bip\""},
+                                                         {"moe.router=\"expert_choice\""},
+                                                         {"moe.router=\"hierarchical\"", "moe.n_cluster=2"},
+                                                         {"moe.router=\"moce\"", "moe.n_cluster=2"}};
+  for (const auto& r : routers) {
+    const std::string name =
+        r.front().substr(r.front().find('"') + 1, r.front().rfind('"') - r.front().find('"') - 1);
+    SCOPED_TRACE(name);
+    const auto dir = scratch("router_" + name);
+    std::vector<std::string> o = {"train.steps=3", "train.batch_size=4", "train.checkpoint_every=1"};
+    o.insert(o.end(), r.begin(), r.end());
+    const auto cfg = tiny_config_file(dir, "routers", o);
+    auto two = run_two_ranks(train_args(cfg, dir / "run"), dir / "log");
+    ASSERT_EQ(two[0].code, 0) << two[0].err;
+    ASSERT_EQ(two[1].code, 0) << two[1].err;
+    const auto d0 = digests(two[0].out), d1 = digests(two[1].out);
+    EXPECT_EQ(d0.size(), 3u) << two[0].out;  // steps 1 and 2, and the final checkpoint at 3
+    EXPECT_EQ(d0, d1);
+  }
+}
+
+// A configuration that differs between ranks is an error at start on every rank, naming the rank.
+TEST(DistTrain, MismatchedConfigIsAClearErrorNamingTheRank) {
+  const auto dir = scratch("mismatch");
+  const auto cfg = tiny_config_file(dir, "mismatch", {"train.steps=2"});
+  auto two = run_two_ranks(train_args(cfg, dir / "run"), dir / "log", {"--set", "train.lr=0.02"});
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NE(two[size_t(r)].code, 0) << two[size_t(r)].out;
+    EXPECT_NE(two[size_t(r)].err.find("configuration"), std::string::npos) << two[size_t(r)].err;
+    EXPECT_NE(two[size_t(r)].err.find("of rank 1 differs from rank 0"), std::string::npos)
+        << two[size_t(r)].err;
+  }
+}
+
+// Resume on another world size: 2 ranks train 3 of 6 steps and checkpoint; one process continues from
+// that checkpoint to step 6, against 2 ranks that ran all 6 without stopping. The global batch, the data
+// order and the state are the world size's business no more than the LR schedule is, so the continuation
+// matches within the data-parallel tolerance (see above: float32 sums in another order).
+TEST(DistTrain, TwoRanksCheckpointResumeInOneProcess) {
+  const auto dir = scratch("resume");
+  const auto cfg = tiny_config_file(dir, "resume", {"train.steps=6", "train.batch_size=4"});
+  auto straight = run_two_ranks(train_args(cfg, dir / "straight"), dir / "straight_log");
+  ASSERT_EQ(straight[0].code, 0) << straight[0].err;
+  auto first = run_two_ranks(train_args(cfg, dir / "run", {"--stop-after", "3"}), dir / "first_log");
+  ASSERT_EQ(first[0].code, 0) << first[0].err;
+  ASSERT_EQ(first[1].code, 0) << first[1].err;
+  auto rest = wait_for(spawn({"train", "--resume", (dir / "run" / "checkpoints").string(), "--out",
+                              (dir / "run").string(), "--no-report"},
+                             dir / "rest_log", {}));
+  ASSERT_EQ(rest.code, 0) << rest.err;
+  const auto expect = train_losses(dir / "straight"), got = train_losses(dir / "run");
+  ASSERT_EQ(expect.size(), 6u);
+  ASSERT_EQ(got.size(), 6u);
+  for (auto& [step, loss] : expect) {
+    if (step <= 3)
+      EXPECT_EQ(got.at(step), loss) << "step " << step;  // the same 2-rank run up to the checkpoint
+    else
+      EXPECT_NEAR(got.at(step), loss, 1e-4 * std::abs(loss)) << "step " << step;
+  }
+  // The resumed process's checkpoint and the 2-rank one also load and evaluate in one process.
+  auto ev =
+      wait_for(spawn({"eval", "--checkpoint", (dir / "straight" / "checkpoints").string(), "--batches", "1"},
+                     dir / "eval_log", {}));
+  EXPECT_EQ(ev.code, 0) << ev.err;
+}
+
+// A rank that dies (SIGKILL) or hangs (SIGSTOP) mid-training: the other exits non-zero naming it, within
+// the bound docs/distributed.md states (the collective timeout, here 10 s, plus the ~2.5 s diagnosis; a
+// dead peer's socket closes at once, so that case is much faster), and the last checkpoint loads.
+void kill_one_rank(int sig, int victim) {
+  const auto dir = scratch("kill_" + std::to_string(sig) + "_" + std::to_string(victim));
+  const auto cfg = tiny_config_file(
+      dir, "kill",
+      {"train.steps=100000", "train.batch_size=4", "train.checkpoint_every=5", "train.keep_checkpoints=2"});
+  const int port = free_port();
+  const auto args = train_args(cfg, dir / "run");
+  Proc p[2] = {spawn(args, dir / "rank0", rank_env(0, 2, port, "10")),
+               spawn(args, dir / "rank1", rank_env(1, 2, port, "10"))};
+  // Until a checkpoint exists and training goes on (ctest's TIMEOUT guards a hang).
+  auto logged = [&] {
+    try {
+      return train_losses(dir / "run").size();
+    } catch (const nlohmann::json::exception&) {  // a line being written
+      return size_t(0);
+    }
+  };
+  while (!fs::exists(dir / "run" / "checkpoints" / "latest") || logged() < 12) {
+    for (auto& q : p) {
+      int status = 0;
+      ASSERT_EQ(::waitpid(q.pid, &status, WNOHANG), 0) << "a rank exited early:\n" << slurp(q.log / "stderr");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  ::kill(p[victim].pid, sig);
+  auto r = wait_for(p[1 - victim]);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (sig == SIGSTOP) ::kill(p[victim].pid, SIGKILL);
+  wait_for(p[victim]);
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.err.find("rank " + std::to_string(victim)), std::string::npos) << r.err;
+  EXPECT_LT(took, 10.0 + 2.5 + 5.0) << r.err;  // timeout + diagnosis + process start-up slack
+  std::cout << "rank " << 1 - victim << " exited " << took << " s after signal " << sig << " to rank "
+            << victim << ": " << r.err;
+  EXPECT_NO_THROW(load_checkpoint(resolve_checkpoint_dir((dir / "run" / "checkpoints").string())));
+}
+
+TEST(DistFailure, KilledRankIsNamedByTheOther) {
+  kill_one_rank(SIGKILL, 1);
+}
+
+TEST(DistFailure, KilledRankZeroIsNamedByTheOther) {
+  kill_one_rank(SIGKILL, 0);
+}
+
+TEST(DistFailure, HungRankIsNamedWithinTheTimeout) {
+  kill_one_rank(SIGSTOP, 1);
+}
+
+}  // namespace
+}  // namespace moeforge
