@@ -18,7 +18,11 @@
 
 #include "moeforge/config/run_config.h"
 #include "moeforge/dist/dist.h"
+#include "moeforge/dist/expert_parallel.h"
+#include "moeforge/layer/dispatch.h"
+#include "moeforge/layer/experts.h"
 #include "moeforge/model/checkpoint.h"
+#include "moeforge/routing/router.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -365,6 +369,106 @@ TEST(DistFailure, KilledRankZeroIsNamedByTheOther) {
 
 TEST(DistFailure, HungRankIsNamedWithinTheTimeout) {
   kill_one_rank(SIGSTOP, 1);
+}
+
+// Expert parallelism's exchanges at 2 ranks (the test binary runs itself twice as the ranks): each rank
+// routes its own tokens over E = 4 experts, ranks own 2 each; dispatch, counts and rows all-to-all, local
+// experts, reverse all-to-all, combine. The output and the input gradient must equal the one-process
+// layer on the same rank's tokens with all experts, and each owned expert's weight gradient the sum over
+// both ranks' tokens of the one-process gradients.
+//
+// Tolerance 1e-5 absolute on O(1) values: the exchanges move rows bit for bit; what differs is only the
+// order in which an expert's rows from both ranks meet in its GEMMs and gradient sums (float32, a few
+// ulps), and the all-reduce that sums the reference's weight gradients.
+TEST(DistWorker, ExpertParallelExchange) {
+  if (std::getenv("MOEFORGE_DIST_TEST_WORKER") == nullptr) GTEST_SKIP() << "run by DistExpertParallel";
+  dist::init(dist::launch_env_from_environment());
+  ASSERT_TRUE(dist::active());
+  const int r = dist::rank();
+  const int64_t E = 4, C = 16, F = 24, T = 10, K = 2;
+  torch::manual_seed(1);
+  Experts experts(E, C, F, ExpertAct::kSwiGLU, ExpertsImplKind::kReference);
+  auto w = experts->weights();
+  torch::manual_seed(100 + r);  // each rank its own tokens and choices
+  auto x = torch::randn({T, C}, torch::requires_grad());
+  auto expert = torch::empty({T, K}, torch::kLong);
+  for (int64_t t = 0; t < T; ++t) expert[t] = torch::randperm(E).narrow(0, 0, K);  // K distinct experts
+  auto gate = torch::rand({T, K});
+  auto plan = build_plan_from_choices(expert, torch::ones({T, K}, torch::kBool), torch::Tensor(), gate, E, 0);
+  auto probe = torch::randn({T, C});  // loss = sum(y * probe)
+
+  // Expert-parallel: this rank's experts only.
+  auto ex = dist::plan_exchange(plan.offsets(), E);
+  const auto sh = ex.shard;
+  EXPECT_EQ(sh.first, 2 * r);
+  ExpertWeights local{w.act, w.w_gate.narrow(0, sh.first, sh.count), w.w_up.narrow(0, sh.first, sh.count),
+                      w.w_down.narrow(0, sh.first, sh.count)};
+  auto y_local = experts_reference(dist::dispatch_exchange(dispatch(x, plan), ex), ex.local_offsets, local);
+  auto y = combine(dist::combine_exchange(y_local, ex), plan, T);
+  (y * probe).sum().backward();
+
+  // One process's layer on the same tokens with every expert.
+  auto x1 = x.detach().clone().requires_grad_(true);
+  auto g1 = w.w_gate.detach().clone().requires_grad_(true), u1 = w.w_up.detach().clone().requires_grad_(true),
+       d1 = w.w_down.detach().clone().requires_grad_(true);
+  auto y1 = combine(experts_reference(dispatch(x1, plan), plan.offsets(), {w.act, g1, u1, d1}), plan, T);
+  (y1 * probe).sum().backward();
+  EXPECT_LT((y - y1).abs().max().item<double>(), 1e-5);
+  EXPECT_LT((x.grad() - x1.grad()).abs().max().item<double>(), 1e-5);
+  std::vector<torch::Tensor> ref = {g1.grad().contiguous(), u1.grad().contiguous(), d1.grad().contiguous()};
+  dist::allreduce_sum(ref, "the reference weight gradients");
+  const torch::Tensor got[3] = {experts->w_gate.grad(), experts->w_up.grad(), experts->w_down.grad()};
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(got[i].defined());
+    EXPECT_LT((got[i].narrow(0, sh.first, sh.count) - ref[size_t(i)].narrow(0, sh.first, sh.count))
+                  .abs()
+                  .max()
+                  .item<double>(),
+              1e-5)
+        << "weight " << i;
+    // The experts this rank does not own got nothing from it.
+    const int64_t other = sh.first == 0 ? sh.count : 0;
+    EXPECT_EQ(got[i].narrow(0, other, E - sh.count).abs().max().item<double>(), 0.0) << "weight " << i;
+  }
+  int64_t sent = 0;
+  for (int64_t n : ex.send_rows) sent += n;
+  EXPECT_EQ(sent, plan.n_assign());
+  std::cout << "rank " << r << ": sent " << sent << " rows, received " << ex.regroup.numel() << "; "
+            << dist::comm_stats().bytes << " bytes in " << dist::comm_stats().calls << " collectives\n";
+  dist::barrier("end of the worker");
+  dist::shutdown();
+}
+
+TEST(DistExpertParallel, TwoRanksMatchOneProcess) {
+  const auto dir = scratch("ep");
+  const int port = free_port();
+  Proc p[2];
+  for (int r = 0; r < 2; ++r) {
+    auto env = rank_env(r, 2, port);
+    env.push_back({"MOEFORGE_DIST_TEST_WORKER", "1"});
+    fs::create_directories(dir / std::to_string(r));
+    const pid_t pid = fork();
+    if (pid == 0) {
+      const int out =
+          ::open((dir / std::to_string(r) / "stdout").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      ::dup2(out, 1);
+      ::dup2(out, 2);
+      for (auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+      const char* argv[] = {"/proc/self/exe", "--gtest_filter=DistWorker.ExpertParallelExchange", nullptr};
+      ::execv(argv[0], const_cast<char**>(argv));
+      _exit(127);
+    }
+    p[r] = {pid, dir / std::to_string(r)};
+  }
+  for (int r = 0; r < 2; ++r) {
+    int status = 0;
+    ::waitpid(p[r].pid, &status, 0);
+    const auto out = slurp(p[r].log / "stdout");
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "rank " << r << ":\n" << out;
+    EXPECT_NE(out.find("[  PASSED  ] 1 test"), std::string::npos) << "rank " << r << ":\n" << out;
+    const auto at = out.find("rank " + std::to_string(r) + ": sent");
+    if (at != std::string::npos) std::cout << out.substr(at, out.find('\n', at) - at) << "\n";
+  }
 }
 
 }  // namespace

@@ -31,6 +31,7 @@ struct State {
   std::mutex mu;
   std::condition_variable cv;
   bool stop = false;
+  CommStats comm;
 };
 
 State& state() {
@@ -107,12 +108,24 @@ std::string diagnose() {
   throw DistError(os.str());
 }
 
-void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what) {
+// Waits for `work` (a collective of `bytes` payload bytes), counting it in CommStats.
+void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what, int64_t bytes,
+          std::chrono::steady_clock::time_point started) {
   try {
     work->wait(state().env.timeout);
   } catch (const std::exception& e) {
     fail(what, e);
   }
+  auto& c = state().comm;
+  ++c.calls;
+  c.bytes += bytes;
+  c.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+}
+
+int64_t nbytes(const std::vector<torch::Tensor>& ts) {
+  int64_t n = 0;
+  for (auto& t : ts) n += int64_t(t.nbytes());
+  return n;
 }
 
 int env_int(const char* name, int fallback, int lo, int hi) {
@@ -249,7 +262,8 @@ void allreduce_sum(std::vector<torch::Tensor>& tensors, const std::string& what)
     TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "dist::allreduce_sum: ", what,
                 ": tensors must be contiguous CPU tensors");
     std::vector<torch::Tensor> one{t};
-    wait(state().pg->allreduce(one, c10d::AllreduceOptions()), "all-reduce of " + what);
+    const auto t0 = std::chrono::steady_clock::now();
+    wait(state().pg->allreduce(one, c10d::AllreduceOptions()), "all-reduce of " + what, nbytes(one), t0);
   }
 }
 
@@ -261,7 +275,8 @@ void broadcast(std::vector<torch::Tensor>& tensors, int root, const std::string&
     TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "dist::broadcast: ", what,
                 ": tensors must be contiguous CPU tensors");
     std::vector<torch::Tensor> one{t};
-    wait(state().pg->broadcast(one, o), "broadcast of " + what);
+    const auto t0 = std::chrono::steady_clock::now();
+    wait(state().pg->broadcast(one, o), "broadcast of " + what, nbytes(one), t0);
   }
 }
 
@@ -273,7 +288,8 @@ torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what) {
   std::vector<torch::Tensor> in{torch::tensor({x.size(0)}, torch::kLong)};
   std::vector<std::vector<torch::Tensor>> out(1);
   for (int r = 0; r < W; ++r) out[0].push_back(torch::empty({1}, torch::kLong));
-  wait(state().pg->allgather(out, in), "all-gather of the row counts of " + what);
+  auto t0 = std::chrono::steady_clock::now();
+  wait(state().pg->allgather(out, in), "all-gather of the row counts of " + what, nbytes(in), t0);
   std::vector<int64_t> rows;
   int64_t most = 0;
   for (auto& n : out[0]) rows.push_back(n.item<int64_t>()), most = std::max(most, rows.back());
@@ -284,10 +300,30 @@ torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what) {
   std::vector<torch::Tensor> pin{padded};
   std::vector<std::vector<torch::Tensor>> pout(1);
   for (int r = 0; r < W; ++r) pout[0].push_back(torch::empty(shape, x.options()));
-  wait(state().pg->allgather(pout, pin), "all-gather of " + what);
+  t0 = std::chrono::steady_clock::now();
+  wait(state().pg->allgather(pout, pin), "all-gather of " + what, nbytes(pin), t0);
   std::vector<torch::Tensor> parts;
   for (int r = 0; r < W; ++r) parts.push_back(pout[0][size_t(r)].narrow(0, 0, rows[size_t(r)]));
   return torch::cat(parts, 0).to(t.device());
+}
+
+torch::Tensor all_to_all_rows(const torch::Tensor& x, const std::vector<int64_t>& send_rows,
+                              const std::vector<int64_t>& recv_rows, const std::string& what) {
+  if (!active()) return x;
+  TORCH_CHECK(int(send_rows.size()) == world() && int(recv_rows.size()) == world(),
+              "dist::all_to_all_rows: ", what, ": ", send_rows.size(), " send and ", recv_rows.size(),
+              " receive counts for ", world(), " ranks");
+  auto in = x.contiguous().cpu();
+  int64_t total = 0;
+  for (int64_t n : recv_rows) total += n;
+  auto shape = in.sizes().vec();
+  shape[0] = total;
+  auto out = torch::empty(shape, in.options());
+  auto send = send_rows, recv = recv_rows;  // c10d takes them by non-const reference
+  const auto t0 = std::chrono::steady_clock::now();
+  wait(state().pg->alltoall_base(out, in, recv, send, c10d::AllToAllOptions()), "all-to-all of " + what,
+       int64_t(in.nbytes()), t0);
+  return out.to(x.device());
 }
 
 void barrier(const std::string& what) {
@@ -295,7 +331,8 @@ void barrier(const std::string& what) {
   // An all-reduce of one number rather than c10d's barrier, whose Gloo form does not take our timeout
   // per call; the effect is the same: nobody passes until everybody has arrived.
   std::vector<torch::Tensor> one{torch::zeros({1}, torch::kLong)};
-  wait(state().pg->allreduce(one, c10d::AllreduceOptions()), "barrier (" + what + ")");
+  const auto t0 = std::chrono::steady_clock::now();
+  wait(state().pg->allreduce(one, c10d::AllreduceOptions()), "barrier (" + what + ")", nbytes(one), t0);
 }
 
 void check_same(const std::string& what, const std::string& fingerprint) {
@@ -313,6 +350,10 @@ void check_same(const std::string& what, const std::string& fingerprint) {
   os << " differs from rank 0's: every rank must be started with the same command line (--config, --set, "
         "--resume) on the same data";
   throw DistError(os.str());
+}
+
+CommStats comm_stats() {
+  return state().comm;
 }
 
 GlobalBatchScope::GlobalBatchScope() : prev_(t_global_batch) {

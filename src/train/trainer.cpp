@@ -485,6 +485,8 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   ProgressBar bar(opt.progress_label, tc.steps, log, opt.progress && writer);
   const auto t_start = std::chrono::steady_clock::now();
   int64_t tokens_done = 0;
+  double grad_sync_seconds = 0;  // waiting on the gradient all-reduce (data parallelism)
+  const auto comm_start = dist::comm_stats();
   std::vector<std::string> eval_lines;
   while (step < last) {
     if (opt.before_step) opt.before_step(step, model);
@@ -517,7 +519,9 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     // Data parallelism: the gradients, the logged losses and the stop request become the group's (mean over
     // ranks: every rank's slice has the same number of tokens, so the mean of the ranks' mean losses is the
     // global batch's); the clipping norm is then the global one, and every rank takes the same decisions.
+    const auto t_sync = std::chrono::steady_clock::now();
     dist::average_gradients(params);
+    grad_sync_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_sync).count();
     int group_signal = opt.stop_on_signal ? stop_signal() : 0;  // a signal to any rank stops them all
     if (W > 1) {
       std::vector<torch::Tensor> t{
@@ -602,6 +606,19 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   summary.tokens_per_s = double(tokens_done) / std::max(summary.seconds, 1e-9);
   bar.finish(summary.step_losses.empty() ? "" : "loss " + fmt(summary.step_losses.back(), 3));
   for (auto& l : eval_lines) log << l << "\n";
+  if (W > 1) {
+    // What data parallelism cost this rank (docs/distributed.md, "Measured"): payload of its collectives
+    // and the time it waited on them, the gradient all-reduce apart.
+    const auto c = dist::comm_stats();
+    const double steps_run = std::max<double>(1, double(summary.step_losses.size() + summary.skipped_steps));
+    log << "dist: rank " << rank << ": " << fmt(double(c.bytes - comm_start.bytes) / 1e6 / steps_run, 3)
+        << " MB sent per step in " << fmt(double(c.calls - comm_start.calls) / steps_run, 1)
+        << " collectives; gradient all-reduce " << fmt(1e3 * grad_sync_seconds / steps_run, 2)
+        << " ms per step, all collectives " << fmt(1e3 * (c.seconds - comm_start.seconds) / steps_run, 2)
+        << " ms per step ("
+        << fmt(100.0 * (c.seconds - comm_start.seconds) / std::max(summary.seconds, 1e-9), 1)
+        << "% of the training time)\n";
+  }
   summary.step = step;
   if (summary.interrupted_by) return summary;
   if (step == tc.steps || tc.eval_every > 0) log << run_eval(step, summary) << "\n";

@@ -63,9 +63,24 @@ void broadcast(std::vector<torch::Tensor>& tensors, int root, const std::string&
 // dims may not.
 torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what);
 void barrier(const std::string& what);
+// c10d's all-to-all with split sizes (alltoall_base): rows [sum send_rows, ...] go out, rows
+// send_rows[0] first to rank 0 and so on; returns [sum recv_rows, ...] with recv_rows[s] rows from rank s,
+// in rank order. No autograd (expert_parallel.h wraps it). In one process: `x` itself.
+torch::Tensor all_to_all_rows(const torch::Tensor& x, const std::vector<int64_t>& send_rows,
+                              const std::vector<int64_t>& recv_rows, const std::string& what);
 // Every rank passes its own `fingerprint` of something that must agree (the resolved configuration, the
 // tokenizer, the data); a rank whose value differs from rank 0's is a DistError naming it and `what`.
 void check_same(const std::string& what, const std::string& fingerprint);
+
+// What this process's collectives moved since init: payload bytes it sent into all-reduces, broadcasts
+// and all-gathers, their count and the wall time spent waiting on them (compute of other ranks included:
+// a rank that arrives first waits for the last one).
+struct CommStats {
+  int64_t calls = 0;
+  int64_t bytes = 0;
+  double seconds = 0;
+};
+CommStats comm_stats();
 
 // While one is alive in this thread, the forwards of the trainer's training steps compute the statistics
 // that must be global (the balance loss's expert shares) over the global batch: the routers' losses call
