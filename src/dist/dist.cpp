@@ -42,16 +42,26 @@ State& state() {
 thread_local bool t_global_batch = false;
 
 // A store client of its own (a c10d TCPStore client is not shared between threads here).
-c10::intrusive_ptr<c10d::Store> connect_store(const LaunchEnv& env, bool server,
+// `member`: one of the W connections the rendezvous counts (rank 0's server waits for all W); the
+// heartbeat's and the diagnosis's extra clients are not.
+c10::intrusive_ptr<c10d::Store> connect_store(const LaunchEnv& env, bool server, bool member,
                                               std::chrono::milliseconds timeout) {
-  if (!env.store_file.empty()) return c10::make_intrusive<c10d::FileStore>(env.store_file, env.world);
+  // A FileStore removes its file once `numWorkers` instances have closed it; extra clients do not count.
+  if (!env.store_file.empty())
+    return c10::make_intrusive<c10d::FileStore>(env.store_file, member ? env.world : -1);
   c10d::TCPStoreOptions o;
   o.port = uint16_t(env.master_port);
   o.isServer = server;
-  o.numWorkers = size_t(env.world);
-  o.waitWorkers = server;
+  o.numWorkers = member ? c10::optional<size_t>(size_t(env.world)) : c10::nullopt;
+  o.waitWorkers = member;
   o.timeout = timeout;
   return c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
+}
+
+// c10d's own message without the C++ backtrace c10::Error appends to what().
+std::string message_of(const std::exception& e) {
+  if (const auto* c = dynamic_cast<const c10::Error*>(&e)) return c->what_without_backtrace();
+  return e.what();
 }
 
 std::string beat_key(int r) {
@@ -73,7 +83,7 @@ std::string diagnose() {
   const auto& env = s.env;
   std::ostringstream os;
   try {
-    auto store = connect_store(env, false, std::chrono::milliseconds(3000));
+    auto store = connect_store(env, false, false, std::chrono::milliseconds(3000));
     std::vector<int64_t> first(size_t(env.world), -1);
     for (int r = 0; r < env.world; ++r)
       if (r != env.rank) first[size_t(r)] = read_beat(*store, r);
@@ -104,7 +114,7 @@ std::string diagnose() {
   std::ostringstream os;
   os << "distributed: rank " << env.rank << " of " << env.world << ": " << what << " failed: " << diagnose()
      << " (collective timeout " << env.timeout.count() / 1000.0
-     << " s, MOEFORGE_DIST_TIMEOUT_S; c10d: " << e.what() << ")";
+     << " s, MOEFORGE_DIST_TIMEOUT_S; c10d: " << message_of(e) << ")";
   throw DistError(os.str());
 }
 
@@ -149,7 +159,7 @@ void heartbeat_loop() {
   auto& s = state();
   c10::intrusive_ptr<c10d::Store> store;
   try {
-    store = connect_store(s.env, false, s.env.timeout);
+    store = connect_store(s.env, false, false, s.env.timeout);
   } catch (const std::exception&) {
     return;  // no heartbeat: a diagnosis then calls this rank stopped, which the failure will bear out
   }
@@ -203,7 +213,7 @@ void init(const LaunchEnv& env) {
   s.initialised = true;
   if (env.world <= 1) return;
   try {
-    s.store = connect_store(env, env.rank == 0, env.timeout);
+    s.store = connect_store(env, env.rank == 0, true, env.timeout);
     auto opts = c10d::ProcessGroupGloo::Options::create(env.timeout);
     // Loopback when the rendezvous is on this host; otherwise the interface GLOO_SOCKET_IFNAME names, or
     // the one this host's name resolves to (docs/distributed.md, "Several hosts").
@@ -223,7 +233,7 @@ void init(const LaunchEnv& env) {
        << (env.store_file.empty() ? env.master_addr + ":" + std::to_string(env.master_port)
                                   : "file " + env.store_file)
        << " within " << env.timeout.count() / 1000.0
-       << " s (MASTER_ADDR, MASTER_PORT, MOEFORGE_DIST_TIMEOUT_S): " << e.what();
+       << " s (MASTER_ADDR, MASTER_PORT, MOEFORGE_DIST_TIMEOUT_S): " << message_of(e);
     s.pg.reset();
     s.store.reset();
     throw DistError(os.str());
