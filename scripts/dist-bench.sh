@@ -15,7 +15,7 @@ common=(--set train.steps="$steps" --set train.eval_every=0 --set train.eval_bat
         --set train.warmup=10 --set "data.dir=\"$data_dir\"")
 wide=(--set model.d_model=256 --set model.d_ff=688 --set moe.d_expert=344)
 
-last_tok_s() { tail -n 1 "$1/metrics.jsonl" | sed -E 's/.*"tokens_per_s":([0-9.]+).*/\1/'; }
+last_tok_s() { grep "\"split\":\"train\"" "$1/metrics.jsonl" | tail -n 1 | sed -E 's/.*"tokens_per_s":([0-9.]+).*/\1/'; }
 
 run() {  # name world threads extra...
   local name=$1 world=$2 threads=$3
