@@ -246,6 +246,65 @@ TEST(DistTrain, DataParallelTwoRanksEqualOneProcessWithTheGlobalBatch) {
   EXPECT_FALSE(digests(two[0].out).empty());
 }
 
+// Launched by OpenMPI's mpirun (its OMPI_COMM_WORLD_* variables; the rendezvous port passed with -x so
+// that it does not collide with another run's), and with a FileStore rendezvous instead of the TCPStore:
+// both reach the same state as the torchrun-style launch (the same digest, bit for bit).
+TEST(DistLaunch, MpirunAndFileStoreReachTheSameStateAsTorchrunStyle) {
+  const auto dir = scratch("launch");
+  const auto cfg = tiny_config_file(dir, "launch", {"train.steps=3", "train.batch_size=4"});
+  auto env_run = run_two_ranks(train_args(cfg, dir / "env"), dir / "env_log");
+  ASSERT_EQ(env_run[0].code, 0) << env_run[0].err;
+  const auto expect = digests(env_run[0].out);
+  ASSERT_EQ(expect.size(), 1u);
+
+  const std::string port = std::to_string(free_port());
+  std::vector<std::string> mpi = {"/usr/bin/mpirun",
+                                  "-np",
+                                  "2",
+                                  "--allow-run-as-root",
+                                  "--oversubscribe",
+                                  "-x",
+                                  "MASTER_ADDR=127.0.0.1",
+                                  "-x",
+                                  "MASTER_PORT=" + port,
+                                  MOEFORGE_CLI};
+  const auto targs = train_args(cfg, dir / "mpi");
+  mpi.insert(mpi.end(), targs.begin(), targs.end());
+  ASSERT_TRUE(fs::exists(mpi[0]))
+      << "mpirun (Debian's openmpi-bin, scripts/install-deps.sh) is not installed";
+  fs::create_directories(dir / "mpi_log");
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int out = ::open((dir / "mpi_log" / "stdout").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(out, 1);
+    ::dup2(out, 2);
+    std::vector<char*> argv;
+    for (auto& a : mpi) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(argv[0], argv.data());
+    _exit(127);
+  }
+  auto r = wait_for({pid, dir / "mpi_log"});
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("rank 1 of 2 (mpirun)"), std::string::npos) << r.out;
+  EXPECT_EQ(digests(r.out), (std::vector<std::string>{expect[0], expect[0]})) << r.out;  // both ranks'
+
+  const auto store = dir / "store";
+  Proc p[2];
+  for (int k = 0; k < 2; ++k) {
+    Env e = {{"RANK", std::to_string(k)},
+             {"WORLD_SIZE", "2"},
+             {"MOEFORGE_DIST_STORE_FILE", store.string()},
+             {"MOEFORGE_DIST_TIMEOUT_S", "60"}};
+    p[k] = spawn(train_args(cfg, dir / "file"), dir / ("file_log" + std::to_string(k)), e);
+  }
+  for (int k = 0; k < 2; ++k) {
+    auto f = wait_for(p[k]);
+    ASSERT_EQ(f.code, 0) << f.err;
+    EXPECT_EQ(digests(f.out), expect);
+  }
+}
+
 // Every router trains 3 steps at 2 ranks with its state (loss-free bias, BIP dual, EC thresholds,
 // reliability EMAs, MoCE centroids, utilisation counters) the same bit for bit on both ranks: the trainer
 // checks it at every checkpoint and prints the digest.
