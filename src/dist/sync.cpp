@@ -1,6 +1,8 @@
 // Data parallelism's synchronisation points (sync.h, docs/distributed.md).
 #include "moeforge/dist/sync.h"
 
+#include <cmath>
+
 #include "moeforge/dist/dist.h"
 
 namespace moeforge::dist {
@@ -121,10 +123,11 @@ void average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_
   }
 }
 
-void broadcast_module(torch::nn::Module& module, int root) {
+void broadcast_module(torch::nn::Module& module, int root, const std::set<std::string>* skip) {
   if (!active()) return;
   torch::NoGradGuard ng;
   for (auto& p : module.named_parameters()) {
+    if (skip && skip->count(p.key())) continue;
     auto t = p.value().detach();
     std::vector<torch::Tensor> one{t.contiguous()};
     broadcast(one, root, "parameter " + p.key());
@@ -139,7 +142,7 @@ void broadcast_module(torch::nn::Module& module, int root) {
   }
 }
 
-uint64_t module_digest(const torch::nn::Module& module) {
+uint64_t module_digest(const torch::nn::Module& module, const std::set<std::string>* skip) {
   uint64_t h = 1469598103934665603ull;
   auto mix = [&](const torch::Tensor& t) {
     if (!t.defined()) return;
@@ -147,9 +150,32 @@ uint64_t module_digest(const torch::nn::Module& module) {
     const auto* p = static_cast<const unsigned char*>(c.data_ptr());
     for (size_t i = 0; i < c.nbytes(); ++i) h = (h ^ p[i]) * 1099511628211ull;
   };
-  for (auto& p : module.named_parameters()) mix(p.value());
+  for (auto& p : module.named_parameters())
+    if (!skip || !skip->count(p.key())) mix(p.value());
   for (auto& b : module.named_buffers()) mix(b.value());
   return h;
+}
+
+double clip_grad_norm_sharded(const std::vector<torch::Tensor>& replicated,
+                              const std::vector<torch::Tensor>& sharded, double max_norm) {
+  torch::NoGradGuard ng;
+  auto sq = [](const std::vector<torch::Tensor>& ps) {
+    double s = 0;
+    for (auto& p : ps)
+      if (p.grad().defined()) s += p.grad().to(torch::kDouble).pow(2).sum().item<double>();
+    return s;
+  };
+  std::vector<torch::Tensor> t{torch::tensor({sq(sharded)}, torch::kDouble)};
+  allreduce_sum(t, "the expert shards' squared gradient norms");
+  const double norm = std::sqrt(sq(replicated) + t[0].item<double>());
+  // The same rule as clip_grad_norm (src/train/optim.cpp).
+  if (max_norm > 0 && norm > max_norm && std::isfinite(norm)) {
+    const double scale = max_norm / (norm + 1e-6);
+    for (const auto* ps : {&replicated, &sharded})
+      for (auto& p : *ps)
+        if (p.grad().defined()) p.mutable_grad().mul_(scale);
+  }
+  return norm;
 }
 
 }  // namespace moeforge::dist

@@ -7,10 +7,13 @@
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <set>
 #include <sstream>
 
 #include "moeforge/dist/dist.h"
+#include "moeforge/dist/expert_parallel.h"
 #include "moeforge/dist/sync.h"
+#include "moeforge/layer/moe_layer.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/train/clustering.h"
 #include "moeforge/train/optim.h"
@@ -70,9 +73,12 @@ uint64_t token_digest(const torch::Tensor& tokens) {
 // --set keys a resumed run may change (docs/reliability.md): how long it runs and how often it logs,
 // evaluates and checkpoints; everything else would make the checkpoint's state mean something else.
 const std::vector<std::string>& resumable_keys() {
-  static const std::vector<std::string> k = {
-      "train.steps",     "train.eval_every",       "train.eval_batches",
-      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"};
+  static const std::vector<std::string> k = {"train.steps", "train.eval_every", "train.eval_batches",
+                                             "train.log_every", "train.checkpoint_every",
+                                             "train.keep_checkpoints",
+                                             // How the experts are laid out over ranks; checkpoints hold
+                                             // every expert whatever it was (docs/distributed.md).
+                                             "dist.expert_parallel"};
   return k;
 }
 
@@ -147,6 +153,61 @@ Batcher::Batch rank_slice(const Batcher::Batch& g, int rank, int world) {
   const int64_t b = g.tokens.size(0) / world;
   auto cut = [&](const torch::Tensor& t) { return t.defined() ? t.narrow(0, b * rank, b) : t; };
   return {cut(g.tokens), cut(g.domain), cut(g.cluster), cut(g.doc), cut(g.weight), cut(g.prompt_len)};
+}
+
+// Expert parallelism (docs/distributed.md): the names of the parameters this rank holds a shard of (its
+// experts of every MoE layer), and the shard.
+struct ExpertSharding {
+  std::set<std::string> names;
+  dist::ExpertShard shard;
+  int64_t n_expert = 0;
+  bool on() const { return !names.empty(); }
+  // A parameter name, or an optimiser entry "adam.m.<name>" / "adam.v.<name>" of one.
+  bool covers(const std::string& key) const {
+    if (names.count(key)) return true;
+    for (const char* pre : {"adam.m.", "adam.v."})
+      if (key.rfind(pre, 0) == 0 && names.count(key.substr(std::string(pre).size()))) return true;
+    return false;
+  }
+};
+
+ExpertSharding expert_sharding(TransformerLM& model, int64_t n_expert) {
+  ExpertSharding s;
+  s.n_expert = n_expert;
+  for (auto& m : model->named_modules()) {
+    auto* layer = dynamic_cast<MoELayerImpl*>(m.value().get());
+    if (layer == nullptr || !layer->experts_sharded()) continue;
+    s.shard = layer->expert_shard();
+    for (auto& p : layer->experts->named_parameters())
+      s.names.insert((m.key().empty() ? "" : m.key() + ".") + "experts." + p.key());
+  }
+  return s;
+}
+
+// A checkpoint's full tensors [E, ...] of the sharded names cut to this rank's experts (load).
+NamedTensors shard_state(const NamedTensors& full, const ExpertSharding& s, const std::string& where) {
+  if (!s.on()) return full;
+  NamedTensors out;
+  for (const auto& [name, t] : full) {
+    if (!s.covers(name)) {
+      out.push_back({name, t});
+      continue;
+    }
+    if (t.dim() < 1 || t.size(0) != s.n_expert)
+      throw FileError(where, "'" + name + "' has " + std::to_string(t.dim() ? t.size(0) : 0) +
+                                 " experts, not " + std::to_string(s.n_expert));
+    out.push_back({name, t.narrow(0, s.shard.first, s.shard.count).clone()});
+  }
+  return out;
+}
+
+// The ranks' shards of the sharded names put back together [E, ...], on every rank (save; a collective).
+NamedTensors gather_state(const NamedTensors& local, const ExpertSharding& s) {
+  if (!s.on()) return local;
+  NamedTensors out;
+  for (const auto& [name, t] : local)
+    out.push_back({name, s.covers(name) ? dist::allgather_cat(t, "the expert shard " + name) : t});
+  return out;
 }
 
 std::string fmt(double v, int precision = 4) {
@@ -321,25 +382,38 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
                    data.tokenizer->serialized() + "\n" + std::to_string(data.train.size()) + "\n" +
                        std::to_string(data.train.tokens.defined() ? data.train.tokens.numel() : 0));
   if (resume) check_config_fits_model_file(cfg, data.tokenizer->vocab_size(), resume->model, resume_dir);
+  // Expert parallelism: all W ranks share the experts (the MoE layers build only their shard), the rest
+  // is data parallel. In one process the key is ignored: every expert is local (eval, generate, resume).
+  if (cfg.moe.expert_parallel > 1 && W > 1 && cfg.moe.expert_parallel != W)
+    throw ConfigError("dist.expert_parallel", std::to_string(cfg.moe.expert_parallel) +
+                                                  " ranks per expert group with " + std::to_string(W) +
+                                                  " ranks: only 1 (data parallel) or all " +
+                                                  std::to_string(W) + " ranks are supported");
   TransformerLM model = build_model(cfg, data.tokenizer->vocab_size());
   model->train();
+  const ExpertSharding sharding = expert_sharding(model, cfg.moe.routed_experts());
   std::vector<std::pair<std::string, torch::Tensor>> named;
   std::vector<torch::Tensor> params;
+  std::vector<torch::Tensor> replicated, sharded;  // data parallel / this rank's experts
   for (auto& p : model->named_parameters()) {
     if (!p.value().requires_grad()) continue;  // frozen parts (upcycled dense FFN) are not optimised
     named.push_back({p.key(), p.value()});
     params.push_back(p.value());
+    (sharding.names.count(p.key()) ? sharded : replicated).push_back(p.value());
   }
   AdamW optim(named, tc);
 
   int64_t step = 0;
   if (init) {
-    load_module_state(*model, init->model, opt.init_from + "/model.safetensors");
+    load_module_state(*model, shard_state(init->model, sharding, opt.init_from),
+                      opt.init_from + "/model.safetensors");
     log << "initialised from " << opt.init_from << "\n";
   }
   if (resume) {
-    load_module_state(*model, resume->model, resume_dir + "/model.safetensors");
-    optim.load_state(resume->optimizer, resume_dir + "/optimizer.safetensors");
+    load_module_state(*model, shard_state(resume->model, sharding, resume_dir),
+                      resume_dir + "/model.safetensors");
+    optim.load_state(shard_state(resume->optimizer, sharding, resume_dir),
+                     resume_dir + "/optimizer.safetensors");
     step = resume->step;
     for (auto& t : resume->trainer)
       if (t.first == "rng.cpu") set_rng_state(t.second);
@@ -378,7 +452,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   }
   // Identical initialisation: every rank starts from rank 0's parameters and router state (the same seed
   // makes them equal already; the broadcast makes it so whatever the ranks' libraries did).
-  dist::broadcast_module(*model, 0);
+  dist::broadcast_module(*model, 0, &sharding.names);  // an expert shard is its rank's own
   // Built once the training sequences have their clusters (the batches carry them). Every rank draws the
   // same global batches (same seed, same order) and trains on its slice of each (rank_slice).
   Batcher batcher(data.train, tc.batch_size, uint64_t(tc.seed), /*shuffle=*/true);
@@ -411,14 +485,21 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   if (W > 1)
     log << "; rank " << rank << " of " << W << " (" << dist::env().launcher << "), " << tc.batch_size / W
         << " of the " << tc.batch_size << " sequences of each global batch";
+  if (sharding.on())
+    log << ", experts [" << sharding.shard.first << ", " << sharding.shard.first + sharding.shard.count
+        << ") of " << sharding.n_expert << " on this rank (dist.expert_parallel)";
   log << "\n";
 
   auto save = [&](int64_t at_step) {
     const fs::path dir = ckpt_root / step_name(at_step);
+    // Expert parallelism: every rank's shards to every rank (a collective, before rank 0 writes), so the
+    // checkpoint holds all experts whatever the world size that reads it.
+    NamedTensors model_state = gather_state(module_state(*model), sharding);
+    NamedTensors optim_state = gather_state(optim.state(), sharding);
     if (W > 1) {
       // The ranks must hold the same state, bit for bit (the same averaged gradients, the same global
       // router feedback); a checkpoint of rank 0's state is then the group's. Checked at every checkpoint.
-      const uint64_t digest = dist::module_digest(*model);
+      const uint64_t digest = dist::module_digest(*model, &sharding.names);
       dist::check_same("the model's parameters and router state at step " + std::to_string(at_step),
                        std::to_string(digest));
       std::ostringstream hex;
@@ -436,8 +517,8 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     c.step = at_step;
     c.config_toml = cfg.to_toml();
     c.tokenizer_model = data.tokenizer->serialized();
-    c.model = module_state(*model);
-    c.optimizer = optim.state();
+    c.model = std::move(model_state);
+    c.optimizer = std::move(optim_state);
     c.trainer = {{"rng.cpu", rng_state()}};
     if (data.train.cluster.defined()) c.trainer.push_back({"cluster.train", data.train.cluster});
     c.trainer_meta = {{"batcher_epoch", std::to_string(batcher.epoch())},
@@ -520,7 +601,11 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     // ranks: every rank's slice has the same number of tokens, so the mean of the ranks' mean losses is the
     // global batch's); the clipping norm is then the global one, and every rank takes the same decisions.
     const auto t_sync = std::chrono::steady_clock::now();
-    dist::average_gradients(params);
+    dist::average_gradients(replicated);
+    // An expert shard's gradient already sums every rank's tokens (the reverse all-to-all brought them):
+    // the global batch's mean loss is the mean of the ranks' mean losses.
+    for (auto& p : sharded)
+      if (p.grad().defined()) p.mutable_grad().mul_(1.0 / double(W));
     grad_sync_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_sync).count();
     int group_signal = opt.stop_on_signal ? stop_signal() : 0;  // a signal to any rank stops them all
     if (W > 1) {
@@ -531,7 +616,8 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       aux_sum = t[0][1].item<double>() / double(W);
       if (t[0][2].item<double>() != 0 && group_signal == 0) group_signal = SIGTERM;
     }
-    const double grad_norm = clip_grad_norm(params, tc.grad_clip);
+    const double grad_norm = sharding.on() ? dist::clip_grad_norm_sharded(replicated, sharded, tc.grad_clip)
+                                           : clip_grad_norm(params, tc.grad_clip);
     if (!std::isfinite(loss_sum) || !std::isfinite(aux_sum) || !std::isfinite(grad_norm)) {
       std::ostringstream why;
       why << "non-finite training "

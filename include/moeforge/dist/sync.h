@@ -4,6 +4,8 @@
 
 #include <torch/torch.h>
 
+#include <set>
+#include <string>
 #include <vector>
 
 #include "moeforge/routing/feedback.h"
@@ -27,10 +29,18 @@ RoutingStats global_stats(const RoutingStats& stats);
 // on some rank only gets zeros from the others, as it would in one process holding the whole batch.
 void average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes = 16 << 20);
 
-// Copies rank `root`'s parameters and buffers of `module` into every rank's (identical initialisation).
-void broadcast_module(torch::nn::Module& module, int root = 0);
+// Copies rank `root`'s parameters and buffers of `module` into every rank's (identical initialisation),
+// but for the parameters named in `skip` (expert shards, which are each rank's own).
+void broadcast_module(torch::nn::Module& module, int root = 0, const std::set<std::string>* skip = nullptr);
 
-// FNV-1a of every parameter and buffer's bytes, in name order: equal on ranks that hold the same state.
-uint64_t module_digest(const torch::nn::Module& module);
+// FNV-1a of every parameter and buffer's bytes, in name order, but for those named in `skip`: equal on
+// ranks that hold the same state.
+uint64_t module_digest(const torch::nn::Module& module, const std::set<std::string>* skip = nullptr);
+
+// clip_grad_norm (train/optim.h) with expert parallelism: the norm is over the replicated parameters
+// (the same on every rank) and every rank's shard (summed over ranks), so it is the norm of all the
+// model's gradients, the same on every rank; both lists are then scaled by the same factor.
+double clip_grad_norm_sharded(const std::vector<torch::Tensor>& replicated,
+                              const std::vector<torch::Tensor>& sharded, double max_norm);
 
 }  // namespace moeforge::dist
