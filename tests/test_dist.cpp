@@ -346,7 +346,8 @@ TEST(DistTrain, ExpertParallelTwoRanksEqualOneProcess) {
 
 // Every router trains 3 steps at 2 ranks with its state (loss-free bias, BIP dual, EC thresholds,
 // reliability EMAs, MoCE centroids, utilisation counters) the same bit for bit on both ranks: the trainer
-// checks it at every checkpoint and prints the digest.
+// checks it at every checkpoint and prints the digest (of everything but the expert shards, which are each
+// rank's own under expert parallelism).
 TEST(DistTrain, EveryRouterKeepsOneStateOnEveryRank) {
   const std::vector<std::vector<std::string>> routers = {{"moe.router=\"topk\""},
                                                          {"moe.router=\"loss_free\""},
@@ -358,16 +359,20 @@ TEST(DistTrain, EveryRouterKeepsOneStateOnEveryRank) {
     const std::string name =
         r.front().substr(r.front().find('"') + 1, r.front().rfind('"') - r.front().find('"') - 1);
     SCOPED_TRACE(name);
-    const auto dir = scratch("router_" + name);
-    std::vector<std::string> o = {"train.steps=3", "train.batch_size=4", "train.checkpoint_every=1"};
-    o.insert(o.end(), r.begin(), r.end());
-    const auto cfg = tiny_config_file(dir, "routers", o);
-    auto two = run_two_ranks(train_args(cfg, dir / "run"), dir / "log");
-    ASSERT_EQ(two[0].code, 0) << two[0].err;
-    ASSERT_EQ(two[1].code, 0) << two[1].err;
-    const auto d0 = digests(two[0].out), d1 = digests(two[1].out);
-    EXPECT_EQ(d0.size(), 3u) << two[0].out;  // steps 1 and 2, and the final checkpoint at 3
-    EXPECT_EQ(d0, d1);
+    for (const std::string ep : {"1", "2"}) {  // data parallel, then with the experts sharded too
+      SCOPED_TRACE("dist.expert_parallel=" + ep);
+      const auto dir = scratch("router_" + name + "_ep" + ep);
+      std::vector<std::string> o = {"train.steps=3", "train.batch_size=4", "train.checkpoint_every=1",
+                                    "dist.expert_parallel=" + ep};
+      o.insert(o.end(), r.begin(), r.end());
+      const auto cfg = tiny_config_file(dir, "routers", o);
+      auto two = run_two_ranks(train_args(cfg, dir / "run"), dir / "log");
+      ASSERT_EQ(two[0].code, 0) << two[0].err;
+      ASSERT_EQ(two[1].code, 0) << two[1].err;
+      const auto d0 = digests(two[0].out), d1 = digests(two[1].out);
+      EXPECT_EQ(d0.size(), 3u) << two[0].out;  // steps 1 and 2, and the final checkpoint at 3
+      EXPECT_EQ(d0, d1);
+    }
   }
 }
 
