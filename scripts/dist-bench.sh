@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Data parallelism's cost on this machine (docs/distributed.md, "Measured"): the same training steps at
 # 1 rank x 2 threads and at 2 ranks x 1 thread (the fair comparison on 2 cores), for the default model and
-# a wider one. Prints tokens/s and what rank 0's collectives moved and cost per step.
+# a wider one, data parallel and with the experts sharded (dist.expert_parallel=2). Prints tokens/s and
+# what rank 0's collectives (and the all-to-alls among them) moved and cost per step.
 #
 #   scripts/dist-bench.sh [STEPS]        # default 40
 #   MOEFORGE=build/moeforge DATA_DIR=data scripts/dist-bench.sh 40
@@ -42,3 +43,5 @@ run default-1x2 1 2
 run default-2x1 2 1
 run wide-1x2 1 2 "${wide[@]}"
 run wide-2x1 2 1 "${wide[@]}"
+run default-2x1-ep 2 1 --set dist.expert_parallel=2
+run wide-2x1-ep 2 1 "${wide[@]}" --set dist.expert_parallel=2

@@ -120,7 +120,7 @@ std::string diagnose() {
 
 // Waits for `work` (a collective of `bytes` payload bytes), counting it in CommStats.
 void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what, int64_t bytes,
-          std::chrono::steady_clock::time_point started) {
+          std::chrono::steady_clock::time_point started, bool all_to_all = false) {
   try {
     work->wait(state().env.timeout);
   } catch (const std::exception& e) {
@@ -129,7 +129,13 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what, i
   auto& c = state().comm;
   ++c.calls;
   c.bytes += bytes;
-  c.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  c.seconds += took;
+  if (all_to_all) {
+    ++c.a2a_calls;
+    c.a2a_bytes += bytes;
+    c.a2a_seconds += took;
+  }
 }
 
 int64_t nbytes(const std::vector<torch::Tensor>& ts) {
@@ -330,9 +336,12 @@ torch::Tensor all_to_all_rows(const torch::Tensor& x, const std::vector<int64_t>
   shape[0] = total;
   auto out = torch::empty(shape, in.options());
   auto send = send_rows, recv = recv_rows;  // c10d takes them by non-const reference
+  // Bytes that leave this rank (its rows for itself stay in memory).
+  const int64_t row_bytes = in.size(0) > 0 ? int64_t(in.nbytes()) / in.size(0) : 0;
+  const int64_t leaving = int64_t(in.nbytes()) - send_rows[size_t(rank())] * row_bytes;
   const auto t0 = std::chrono::steady_clock::now();
   wait(state().pg->alltoall_base(out, in, recv, send, c10d::AllToAllOptions()), "all-to-all of " + what,
-       int64_t(in.nbytes()), t0);
+       leaving, t0, /*all_to_all=*/true);
   return out.to(x.device());
 }
 

@@ -703,7 +703,15 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
         << " ms per step, all collectives " << fmt(1e3 * (c.seconds - comm_start.seconds) / steps_run, 2)
         << " ms per step ("
         << fmt(100.0 * (c.seconds - comm_start.seconds) / std::max(summary.seconds, 1e-9), 1)
-        << "% of the training time)\n";
+        << "% of the training time)";
+    if (c.a2a_calls > comm_start.a2a_calls)
+      log << "; of which expert-parallel all-to-all "
+          << fmt(double(c.a2a_bytes - comm_start.a2a_bytes) / 1e6 / steps_run, 3) << " MB in "
+          << fmt(double(c.a2a_calls - comm_start.a2a_calls) / steps_run, 1) << " calls, "
+          << fmt(1e3 * (c.a2a_seconds - comm_start.a2a_seconds) / steps_run, 2) << " ms per step ("
+          << fmt(100.0 * (c.a2a_seconds - comm_start.a2a_seconds) / std::max(summary.seconds, 1e-9), 1)
+          << "% of the training time)";
+    log << "\n";
   }
   summary.step = step;
   if (summary.interrupted_by) return summary;

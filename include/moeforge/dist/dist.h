@@ -79,6 +79,10 @@ struct CommStats {
   int64_t calls = 0;
   int64_t bytes = 0;
   double seconds = 0;
+  // The all-to-alls of expert parallelism alone (included in the totals above).
+  int64_t a2a_calls = 0;
+  int64_t a2a_bytes = 0;
+  double a2a_seconds = 0;
 };
 CommStats comm_stats();
 
