@@ -456,7 +456,8 @@ void kill_one_rank(int sig, int victim) {
   wait_for(p[victim]);
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.err.find("rank " + std::to_string(victim)), std::string::npos) << r.err;
-  EXPECT_LT(took, 10.0 + 2.5 + 5.0) << r.err;  // timeout + diagnosis + process start-up slack
+  // The stated bound (timeout + diagnosis) plus slack for a machine loaded by other tests (ctest -j).
+  EXPECT_LT(took, 10.0 + 2.5 + 7.5) << r.err;
   std::cout << "rank " << 1 - victim << " exited " << took << " s after signal " << sig << " to rank "
             << victim << ": " << r.err;
   EXPECT_NO_THROW(load_checkpoint(resolve_checkpoint_dir((dir / "run" / "checkpoints").string())));

@@ -9,7 +9,9 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -32,6 +34,16 @@ struct State {
   std::condition_variable cv;
   bool stop = false;
   CommStats comm;
+  // A process that never called shutdown() (an exception past the CLI, a failed test) must not end in
+  // std::terminate for a joinable heartbeat thread.
+  ~State() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stop = true;
+    }
+    cv.notify_all();
+    if (heartbeat.joinable()) heartbeat.join();
+  }
 };
 
 State& state() {
@@ -184,6 +196,36 @@ void heartbeat_loop() {
   }
 }
 
+// c10d's own threads (the TCPStore client's listener, Gloo's workers) do not catch what they throw: when
+// rank 0 dies, the listener of another rank may see its store connection reset before the main thread's
+// collective fails, and end the process in std::terminate. This handler says what that means and exits
+// like any failed rank (docs/distributed.md, "Failure").
+[[noreturn]] void on_terminate() {
+  const auto& env = state().env;
+  std::string what = "an unknown exception";
+  if (auto e = std::current_exception()) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      what = message_of(x);
+    } catch (...) {
+    }
+  }
+  std::ostringstream os;
+  os << "moeforge: error: distributed: rank " << env.rank << " of " << env.world
+     << ": a c10d background thread stopped on '" << what << "': ";
+  if (env.rank != 0 && env.store_file.empty())
+    os << "rank 0 is gone: the rendezvous store it hosts at " << env.master_addr << ":" << env.master_port
+       << " dropped the connection";
+  else
+    os << "another rank has died or its host is unreachable";
+  os << "\n";
+  const std::string m = os.str();
+  std::fwrite(m.data(), 1, m.size(), stderr);
+  std::fflush(stderr);
+  std::_Exit(1);
+}
+
 }  // namespace
 
 LaunchEnv launch_env_from_environment() {
@@ -244,6 +286,7 @@ void init(const LaunchEnv& env) {
     s.store.reset();
     throw DistError(os.str());
   }
+  std::set_terminate(on_terminate);
   s.heartbeat = std::thread(heartbeat_loop);
 }
 
@@ -262,6 +305,15 @@ const LaunchEnv& env() {
 
 void shutdown() {
   auto& s = state();
+  const bool was_active = active();
+  if (was_active) {
+    // Everyone has finished before anyone leaves (a rank that leaves early looks dead to the others).
+    try {
+      barrier("leaving the group");
+    } catch (const DistError&) {
+      // A rank that died after the last checkpoint changes nothing about this one's finished work.
+    }
+  }
   {
     std::lock_guard<std::mutex> lock(s.mu);
     s.stop = true;
@@ -269,7 +321,24 @@ void shutdown() {
   s.cv.notify_all();
   if (s.heartbeat.joinable()) s.heartbeat.join();
   s.pg.reset();
+  if (was_active && s.store) {
+    // Rank 0 hosts the store: it closes it only after the others have closed their connections to it
+    // (a client that sees its server vanish would end its process in c10d's listener thread).
+    const std::string key = "moeforge/left";
+    try {
+      if (s.env.rank != 0) {
+        s.store->add(key, 1);
+      } else {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (s.store->add(key, 0) < s.env.world - 1 && std::chrono::steady_clock::now() < until)
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));  // their close after the count
+      }
+    } catch (const std::exception&) {
+    }
+  }
   s.store.reset();
+  if (was_active) std::set_terminate(nullptr);
 }
 
 void allreduce_sum(std::vector<torch::Tensor>& tensors, const std::string& what) {
