@@ -463,6 +463,40 @@ void kill_one_rank(int sig, int victim) {
   EXPECT_NO_THROW(load_checkpoint(resolve_checkpoint_dir((dir / "run" / "checkpoints").string())));
 }
 
+// SIGINT to one rank stops the group after the same step: both ranks checkpoint it (rank 0 writes) and
+// exit 130 reporting SIGINT, and the checkpoint is at the last step logged.
+TEST(DistSignals, SigintToOneRankStopsTheGroupWithOneCheckpoint) {
+  const auto dir = scratch("sigint");
+  const auto cfg = tiny_config_file(dir, "sigint", {"train.steps=100000", "train.batch_size=4"});
+  const int port = free_port();
+  const auto args = train_args(cfg, dir / "run");
+  Proc p[2] = {spawn(args, dir / "rank0", rank_env(0, 2, port)),
+               spawn(args, dir / "rank1", rank_env(1, 2, port))};
+  auto logged = [&] {
+    try {
+      return train_losses(dir / "run").size();
+    } catch (const nlohmann::json::exception&) {  // a line being written
+      return size_t(0);
+    }
+  };
+  while (logged() < 3) {
+    for (auto& q : p) {
+      int status = 0;
+      ASSERT_EQ(::waitpid(q.pid, &status, WNOHANG), 0) << "a rank exited early:\n" << slurp(q.log / "stderr");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ::kill(p[1].pid, SIGINT);
+  auto r0 = wait_for(p[0]), r1 = wait_for(p[1]);
+  EXPECT_EQ(r0.code, 128 + SIGINT) << r0.err;
+  EXPECT_EQ(r1.code, 128 + SIGINT) << r1.err;
+  EXPECT_NE(r0.err.find("interrupted by SIGINT"), std::string::npos) << r0.err;
+  const int64_t stopped = train_losses(dir / "run").rbegin()->first;
+  EXPECT_EQ(slurp(dir / "run" / "checkpoints" / "latest"),
+            "step-" + std::string(6 - std::to_string(stopped).size(), '0') + std::to_string(stopped) + "\n");
+  EXPECT_NO_THROW(load_checkpoint(resolve_checkpoint_dir((dir / "run" / "checkpoints").string())));
+}
+
 TEST(DistFailure, KilledRankIsNamedByTheOther) {
   kill_one_rank(SIGKILL, 1);
 }

@@ -609,12 +609,17 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     grad_sync_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_sync).count();
     int group_signal = opt.stop_on_signal ? stop_signal() : 0;  // a signal to any rank stops them all
     if (W > 1) {
-      std::vector<torch::Tensor> t{
-          torch::tensor({loss_sum, aux_sum, double(opt.stop_on_signal ? stop_signal() : 0)}, torch::kDouble)};
+      std::vector<torch::Tensor> t{torch::tensor({loss_sum, aux_sum,
+                                                  group_signal == SIGTERM ? 1000.0
+                                                  : group_signal != 0     ? 1.0
+                                                                          : 0.0},
+                                                 torch::kDouble)};
       dist::allreduce_sum(t, "the step's losses");
       loss_sum = t[0][0].item<double>() / double(W);
       aux_sum = t[0][1].item<double>() / double(W);
-      if (t[0][2].item<double>() != 0 && group_signal == 0) group_signal = SIGTERM;
+      // Summed over ranks: 1000 per SIGTERM, 1 per SIGINT; every rank then reports the same signal.
+      const double sig = t[0][2].item<double>();
+      group_signal = sig >= 1000 ? SIGTERM : sig >= 1 ? SIGINT : 0;
     }
     const double grad_norm = sharding.on() ? dist::clip_grad_norm_sharded(replicated, sharded, tc.grad_clip)
                                            : clip_grad_norm(params, tc.grad_clip);
