@@ -386,6 +386,8 @@ TEST(DistTrain, MismatchedConfigIsAClearErrorNamingTheRank) {
     EXPECT_NE(two[size_t(r)].err.find("configuration"), std::string::npos) << two[size_t(r)].err;
     EXPECT_NE(two[size_t(r)].err.find("of rank 1 differs from rank 0"), std::string::npos)
         << two[size_t(r)].err;
+    EXPECT_NE(two[size_t(r)].err.find("rank 1 has 'train.lr = 0.02"), std::string::npos)
+        << two[size_t(r)].err;
   }
 }
 

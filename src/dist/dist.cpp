@@ -432,11 +432,43 @@ void check_same(const std::string& what, const std::string& fingerprint) {
   for (int r = 1; r < world(); ++r)
     if (all[r].item<int64_t>() != all[0].item<int64_t>()) differ.push_back(r);
   if (differ.empty()) return;
+  // Every rank's text to every rank (all of them take this branch), to show the first line that differs.
+  std::vector<std::string> texts;
+  {
+    auto bytes =
+        torch::from_blob(const_cast<char*>(fingerprint.data()), {int64_t(fingerprint.size())}, torch::kUInt8)
+            .clone();
+    auto sizes = allgather_cat(torch::tensor({int64_t(fingerprint.size())}, torch::kLong), what);
+    auto joined = allgather_cat(bytes, what).contiguous();
+    int64_t off = 0;
+    for (int r = 0; r < world(); ++r) {
+      const int64_t n = sizes[r].item<int64_t>();
+      texts.emplace_back(reinterpret_cast<const char*>(joined.data_ptr<uint8_t>()) + off, size_t(n));
+      off += n;
+    }
+  }
+  auto first_difference = [](const std::string& a, const std::string& b) {
+    std::istringstream x(a), y(b);
+    std::string la, lb, section;  // the TOML section of the lines read, so a key is named in full
+    while (true) {
+      const bool ga = bool(std::getline(x, la)), gb = bool(std::getline(y, lb));
+      if (!ga && !gb) return std::string();
+      if (!ga || !gb || la != lb)
+        return "'" + (gb ? section + lb : std::string("(end)")) + "' where rank 0 has '" +
+               (ga ? section + la : std::string("(end)")) + "'";
+      if (la.size() > 2 && la.front() == '[' && la.back() == ']') section = la.substr(1, la.size() - 2) + ".";
+    }
+  };
   std::ostringstream os;
   os << "distributed: " << what << " of ";
   for (size_t i = 0; i < differ.size(); ++i) os << (i ? ", " : "") << "rank " << differ[i];
-  os << " differs from rank 0's: every rank must be started with the same command line (--config, --set, "
-        "--resume) on the same data";
+  os << " differs from rank 0's";
+  for (int r : differ) {
+    const auto d = first_difference(texts[0], texts[size_t(r)]);
+    if (!d.empty() && d.size() < 400) os << "; rank " << r << " has " << d;
+  }
+  os << ": every rank must be started with the same command line (--config, --set, --resume) on the same "
+        "data";
   throw DistError(os.str());
 }
 
