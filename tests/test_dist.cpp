@@ -423,6 +423,33 @@ TEST(DistTrain, TwoRanksCheckpointResumeInOneProcess) {
   EXPECT_EQ(ev.code, 0) << ev.err;
 }
 
+// The other way: one process trains 3 of 6 steps and checkpoints; 2 ranks continue from it to step 6,
+// data parallel and, with the resumable key dist.expert_parallel, with the experts sharded; both against
+// one process straight to 6 (the data-parallel tolerance above).
+TEST(DistTrain, OneProcessCheckpointResumesOnTwoRanks) {
+  const auto dir = scratch("resume_up");
+  const auto cfg = tiny_config_file(dir, "resume_up", {"train.steps=6", "train.batch_size=4"});
+  auto straight = wait_for(spawn(train_args(cfg, dir / "straight"), dir / "straight_log", {}));
+  ASSERT_EQ(straight.code, 0) << straight.err;
+  const auto expect = train_losses(dir / "straight");
+  ASSERT_EQ(expect.size(), 6u);
+  for (const std::string ep : {"1", "2"}) {
+    SCOPED_TRACE("dist.expert_parallel=" + ep);
+    const auto run = dir / ("run_ep" + ep);
+    auto first = wait_for(spawn(train_args(cfg, run, {"--stop-after", "3"}), dir / ("first_log" + ep), {}));
+    ASSERT_EQ(first.code, 0) << first.err;
+    auto rest = run_two_ranks({"train", "--resume", (run / "checkpoints").string(), "--out", run.string(),
+                               "--no-report", "--set", "dist.expert_parallel=" + ep},
+                              dir / ("rest_log" + ep));
+    ASSERT_EQ(rest[0].code, 0) << rest[0].err;
+    ASSERT_EQ(rest[1].code, 0) << rest[1].err;
+    const auto got = train_losses(run);
+    ASSERT_EQ(got.size(), 6u);
+    for (auto& [step, loss] : expect)
+      EXPECT_NEAR(got.at(step), loss, 1e-4 * std::abs(loss)) << "step " << step;
+  }
+}
+
 // A rank that dies (SIGKILL) or hangs (SIGSTOP) mid-training: the other exits non-zero naming it, within
 // the bound docs/distributed.md states (the collective timeout, here 10 s, plus the ~2.5 s diagnosis; a
 // dead peer's socket closes at once, so that case is much faster), and the last checkpoint loads.
