@@ -24,6 +24,8 @@ packages=(
   gnuplot-nox                        # PNG plots in reports
   clang-format
   zlib1g-dev                         # checkpoint checksums (CRC-32)
+  libgloo-dev                        # c10d's Gloo process group: distributed training (docs/distributed.md)
+  openmpi-bin                        # mpirun, one way to launch distributed training and its tests
   wordnet-base                       # WordNet 3.0 data files for data.corpus = "instruct" (docs/instruct-data.md)
   clang-14 libclang-rt-14-dev llvm-14 # make fuzz (libFuzzer), make test-sanitize (docs/reliability.md)
 )

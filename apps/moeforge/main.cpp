@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -13,6 +14,7 @@
 #include "../../bench/timing.h"
 #include "../../bench/train_bench.h"
 #include "moeforge/data/tokenizer_module.h"
+#include "moeforge/dist/dist.h"
 #include "moeforge/interop/export.h"
 #include "moeforge/interop/hf.h"
 #include "moeforge/model/checkpoint.h"
@@ -340,7 +342,12 @@ int main(int argc, char** argv) {
       // SIGINT / SIGTERM: finish the step, checkpoint it, exit 128 + signal (docs/reliability.md).
       install_stop_handlers();
       opt.stop_on_signal = true;
+      // Past one process (docs/distributed.md): mpirun's or torchrun-style variables make this process
+      // one rank of a group; without them it trains alone.
+      dist::init(dist::launch_env_from_environment());
+      if (dist::rank() != 0) no_report = true;  // rank 0 writes the run folder
       auto summary = train_model(cfg, opt, std::cout);
+      dist::shutdown();
       if (summary.interrupted_by) {
         std::cerr << "moeforge: interrupted by " << (summary.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM")
                   << " after step " << summary.step << "; checkpoint " << summary.checkpoint
@@ -585,6 +592,13 @@ int main(int argc, char** argv) {
     }
   } catch (const std::exception& e) {
     std::cerr << "moeforge: error: " << e.what() << "\n";
+    if (dist::active()) {
+      // A rank of a failed group leaves at once: c10d's threads may still wait on a peer that is gone,
+      // and the exit must come within the bound docs/distributed.md states. Checkpoints are atomic.
+      std::cout.flush();
+      std::cerr.flush();
+      std::_Exit(1);
+    }
     return 1;
   }
   return 0;

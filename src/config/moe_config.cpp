@@ -21,6 +21,14 @@ void MoEConfig::validate() const {
   if (shared_gate && n_shared_expert == 0)
     throw ConfigError("moe.shared_gate", "gates the shared experts, but moe.n_shared_expert is 0");
   if (d_expert < 1) throw ConfigError("moe.d_expert", "must be >= 1, got " + std::to_string(d_expert));
+  if (expert_parallel < 1)
+    throw ConfigError("dist.expert_parallel", "must be >= 1, got " + std::to_string(expert_parallel));
+  if (expert_parallel > 1 && (n_expert * expert_split) % expert_parallel != 0)
+    throw ConfigError("dist.expert_parallel", std::to_string(n_expert * expert_split) +
+                                                  " routed experts do not split evenly over " +
+                                                  std::to_string(expert_parallel) + " ranks");
+  if (expert_parallel > 1 && expert_form != ExpertForm::kFFN)
+    throw ConfigError("dist.expert_parallel", "shards FFN experts only (moe.expert_form = \"ffn\")");
   if (expert_split < 1)
     throw ConfigError("moe.expert_split", "must be >= 1, got " + std::to_string(expert_split));
   if (d_expert % expert_split != 0)

@@ -36,6 +36,7 @@ void bind_run_config(ConfigBinder& b, RunConfig* c) {
   b.bind("train.nan_policy", &c->train.nan_policy);
   b.bind("train.threads", &c->train.threads);
   bind_data_config(b, &c->data);
+  b.bind("dist.expert_parallel", &c->moe.expert_parallel);  // docs/distributed.md
 }
 
 void RunConfig::validate() const {

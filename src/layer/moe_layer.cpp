@@ -1,5 +1,8 @@
 #include "moeforge/layer/moe_layer.h"
 
+#include "moeforge/dist/dist.h"
+#include "moeforge/dist/sync.h"
+
 #include "grouped_ops.h"
 #include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/fused_moe.h"
@@ -51,6 +54,15 @@ MoELayerImpl::MoELayerImpl(const MoEConfig& cfg, int64_t d_model) : cfg_(cfg) {
   } else {
     experts = register_module("experts", Experts(cfg_.routed_experts(), d_model, cfg_.routed_width(),
                                                  cfg_.expert_act, cfg_.experts_impl));
+    if (cfg_.expert_parallel > 1 && dist::world() > 1) {
+      // Expert parallelism: all experts are initialised as in one process (the same random numbers, so
+      // the rest of the model too), then this rank keeps its shard.
+      sharded_ = true;
+      shard_ = dist::expert_shard(cfg_.routed_experts(), dist::rank(), dist::world());
+      torch::NoGradGuard ng;
+      for (auto* w : {&experts->w_gate, &experts->w_up, &experts->w_down})
+        if (w->defined()) w->set_data(w->narrow(0, shard_.first, shard_.count).clone());
+    }
   }
   if (cfg_.n_shared_expert > 0)
     shared =
@@ -88,6 +100,17 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouteContext ctx) {
     if (fault_expert_ >= 0) a_sorted = apply_fault(a_sorted, plan, fault_expert_, fault_factor_);
     if (want_health) health = measure_expert_health(a_sorted, plan);
     y = z + combine(a_sorted, plan, T);
+  } else if (sharded_) {
+    // Expert parallelism (docs/distributed.md): the rows travel to the ranks that own their experts and
+    // back between the local stages; the fused path, which needs every expert here, is not used.
+    auto x_sorted = dispatch(x2, plan);  // [N, C] this rank's assignments
+    auto ex = dist::plan_exchange(plan.offsets(), cfg_.routed_experts());
+    auto x_local = dist::dispatch_exchange(x_sorted, ex);        // [M, C] rows for this rank's experts
+    auto y_local = experts->forward(x_local, ex.local_offsets);  // [M, C]
+    auto y_sorted = dist::combine_exchange(y_local, ex);         // [N, C] back in plan order
+    if (fault_expert_ >= 0) y_sorted = apply_fault(y_sorted, plan, fault_expert_, fault_factor_);
+    if (want_health) health = measure_expert_health(y_sorted, plan);
+    y = combine(y_sorted, plan, T);
   } else if (fault_expert_ < 0 && experts->impl() == ExpertsImplKind::kGrouped &&
              fused_moe_supported(x2, experts->weights())) {
     // The fast path: dispatch, experts and combine in one function (fused_moe.h).
@@ -127,6 +150,9 @@ void MoELayerImpl::add_token_loss(const torch::Tensor& token_loss) {
 
 void MoELayerImpl::after_step() {
   if (feedback_.empty()) return;
+  // Data parallelism: the router learns from the global batch's feedback, the same on every rank (no-op
+  // in one process; docs/distributed.md).
+  dist::globalize_feedback(feedback_);
   router->after_step(feedback_);
   feedback_.clear();
   last_plan_ = RoutingPlan();

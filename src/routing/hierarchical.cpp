@@ -130,7 +130,9 @@ RoutingPlan HierarchicalRouterImpl::route(const torch::Tensor& x, const RouteCon
       ++used;
     }
     if (used > 0) within = within / double(used);
-    loss = loss + cfg_.balance_coef * (switch_balance_loss(pc, c_sel) + within);
+    // The cluster-level loss over the global batch (docs/distributed.md); the within-cluster ones stay each
+    // rank's, since a rank may have no pair in a cluster.
+    loss = loss + cfg_.balance_coef * (switch_balance_loss_global(pc, c_sel) + within);
   }
   if (cfg_.z_loss_coef > 0) loss = loss + cfg_.z_loss_coef * (router_z_loss(zc) + router_z_loss(ze));
   if (cfg_.diversity_coef > 0 && Eg >= 2) loss = loss + cfg_.diversity_coef * diversity_loss();

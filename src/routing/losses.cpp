@@ -1,5 +1,7 @@
 #include "moeforge/routing/losses.h"
 
+#include "moeforge/dist/dist.h"
+
 namespace moeforge {
 
 namespace {
@@ -19,6 +21,21 @@ torch::Tensor switch_balance_loss(const torch::Tensor& probs, const torch::Tenso
   const int64_t E = probs.size(1);
   auto f = choice_share(choices.to(probs.device()), 1, E, probs.scalar_type()).squeeze(0);  // [E]
   auto P = probs.mean(0);                                                                   // [E]
+  return double(E) * (f * P).sum();
+}
+
+torch::Tensor switch_balance_loss_global(const torch::Tensor& probs, const torch::Tensor& choices) {
+  if (!dist::global_batch()) return switch_balance_loss(probs, choices);
+  const int64_t E = probs.size(1), T = choices.size(0), K = choices.size(1);
+  auto idx = choices.to(torch::kCPU, torch::kLong).reshape({-1});
+  auto counts = torch::zeros({E + 1}, torch::kDouble);  // [E] choices per expert, then T
+  counts.narrow(0, 0, E).index_add_(0, idx, torch::ones({T * K}, torch::kDouble));
+  counts[E] = double(T);
+  std::vector<torch::Tensor> c{counts};
+  dist::allreduce_sum(c, "the balance loss's expert counts");
+  const double T_global = c[0][E].item<double>();
+  auto f = (c[0].narrow(0, 0, E) / (T_global * double(K))).to(probs.device(), probs.scalar_type());  // [E]
+  auto P = probs.mean(0);  // [E] this rank's
   return double(E) * (f * P).sum();
 }
 

@@ -105,7 +105,7 @@ torch::Tensor TopKRouterImpl::assignment_scores(const torch::Tensor& x, const Ro
 torch::Tensor token_choice_aux_loss(const MoEConfig& cfg, const TokenScores& s, const torch::Tensor& choices,
                                     const RouteContext& ctx) {
   auto loss = torch::zeros({}, s.logits.options());
-  if (cfg.balance_coef > 0) loss = loss + cfg.balance_coef * switch_balance_loss(s.probs, choices);
+  if (cfg.balance_coef > 0) loss = loss + cfg.balance_coef * switch_balance_loss_global(s.probs, choices);
   if (cfg.seq_balance_coef > 0) {
     const int64_t B = ctx.seq_len > 0 ? s.probs.size(0) / ctx.seq_len : 1;
     loss = loss + cfg.seq_balance_coef * seq_balance_loss(s.probs, choices, B);

@@ -3,11 +3,17 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <set>
 #include <sstream>
 
+#include "moeforge/dist/dist.h"
+#include "moeforge/dist/expert_parallel.h"
+#include "moeforge/dist/sync.h"
+#include "moeforge/layer/moe_layer.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/train/clustering.h"
 #include "moeforge/train/optim.h"
@@ -67,9 +73,12 @@ uint64_t token_digest(const torch::Tensor& tokens) {
 // --set keys a resumed run may change (docs/reliability.md): how long it runs and how often it logs,
 // evaluates and checkpoints; everything else would make the checkpoint's state mean something else.
 const std::vector<std::string>& resumable_keys() {
-  static const std::vector<std::string> k = {
-      "train.steps",     "train.eval_every",       "train.eval_batches",
-      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"};
+  static const std::vector<std::string> k = {"train.steps", "train.eval_every", "train.eval_batches",
+                                             "train.log_every", "train.checkpoint_every",
+                                             "train.keep_checkpoints",
+                                             // How the experts are laid out over ranks; checkpoints hold
+                                             // every expert whatever it was (docs/distributed.md).
+                                             "dist.expert_parallel"};
   return k;
 }
 
@@ -135,6 +144,70 @@ void truncate_metrics(const std::string& path, int64_t step) {
   }
   in.close();
   write_file_atomic(path, kept);
+}
+
+// Rows [r*b, (r+1)*b) of a global batch of W*b sequences: this rank's contiguous slice (data
+// parallelism, docs/distributed.md), rank 0 first, so the ranks' slices in rank order are the batch.
+Batcher::Batch rank_slice(const Batcher::Batch& g, int rank, int world) {
+  if (world == 1) return g;
+  const int64_t b = g.tokens.size(0) / world;
+  auto cut = [&](const torch::Tensor& t) { return t.defined() ? t.narrow(0, b * rank, b) : t; };
+  return {cut(g.tokens), cut(g.domain), cut(g.cluster), cut(g.doc), cut(g.weight), cut(g.prompt_len)};
+}
+
+// Expert parallelism (docs/distributed.md): the names of the parameters this rank holds a shard of (its
+// experts of every MoE layer), and the shard.
+struct ExpertSharding {
+  std::set<std::string> names;
+  dist::ExpertShard shard;
+  int64_t n_expert = 0;
+  bool on() const { return !names.empty(); }
+  // A parameter name, or an optimiser entry "adam.m.<name>" / "adam.v.<name>" of one.
+  bool covers(const std::string& key) const {
+    if (names.count(key)) return true;
+    for (const char* pre : {"adam.m.", "adam.v."})
+      if (key.rfind(pre, 0) == 0 && names.count(key.substr(std::string(pre).size()))) return true;
+    return false;
+  }
+};
+
+ExpertSharding expert_sharding(TransformerLM& model, int64_t n_expert) {
+  ExpertSharding s;
+  s.n_expert = n_expert;
+  for (auto& m : model->named_modules()) {
+    auto* layer = dynamic_cast<MoELayerImpl*>(m.value().get());
+    if (layer == nullptr || !layer->experts_sharded()) continue;
+    s.shard = layer->expert_shard();
+    for (auto& p : layer->experts->named_parameters())
+      s.names.insert((m.key().empty() ? "" : m.key() + ".") + "experts." + p.key());
+  }
+  return s;
+}
+
+// A checkpoint's full tensors [E, ...] of the sharded names cut to this rank's experts (load).
+NamedTensors shard_state(const NamedTensors& full, const ExpertSharding& s, const std::string& where) {
+  if (!s.on()) return full;
+  NamedTensors out;
+  for (const auto& [name, t] : full) {
+    if (!s.covers(name)) {
+      out.push_back({name, t});
+      continue;
+    }
+    if (t.dim() < 1 || t.size(0) != s.n_expert)
+      throw FileError(where, "'" + name + "' has " + std::to_string(t.dim() ? t.size(0) : 0) +
+                                 " experts, not " + std::to_string(s.n_expert));
+    out.push_back({name, t.narrow(0, s.shard.first, s.shard.count).clone()});
+  }
+  return out;
+}
+
+// The ranks' shards of the sharded names put back together [E, ...], on every rank (save; a collective).
+NamedTensors gather_state(const NamedTensors& local, const ExpertSharding& s) {
+  if (!s.on()) return local;
+  NamedTensors out;
+  for (const auto& [name, t] : local)
+    out.push_back({name, s.covers(name) ? dist::allgather_cat(t, "the expert shard " + name) : t});
+  return out;
 }
 
 std::string fmt(double v, int precision = 4) {
@@ -281,33 +354,66 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   }
   cfg.validate();
   const auto& tc = cfg.train;
+  // Data parallelism (docs/distributed.md): train.batch_size is the global batch, each of the W ranks
+  // takes a contiguous slice of it; rank 0 alone writes the run folder.
+  const int W = dist::world(), rank = dist::rank();
+  const bool writer = rank == 0;
+  if (tc.batch_size % W != 0)
+    throw ConfigError("train.batch_size", std::to_string(tc.batch_size) + " sequences (the global batch) " +
+                                              "do not split evenly over the " + std::to_string(W) + " ranks");
   const int threads = init_threads(int(tc.threads));
   torch::manual_seed(uint64_t(tc.seed));
+  // The resolved configuration must be the same everywhere before anything is built from it.
+  dist::check_same("the resolved configuration (--config, --set, --resume)",
+                   cfg.to_toml() + "\nresume=" + (resume ? std::to_string(resume->step) : "-") +
+                       "\ninit=" + opt.init_from);
 
   const std::string* tokenizer_model = resume ? &resume->tokenizer_model
                                        : init ? &init->tokenizer_model
                                               : nullptr;
-  DataBundle data = prepare_data(cfg.data, tokenizer_model, log);
+  // Rank 0 trains (or loads) the tokenizer and fills the data cache first; the others then read the cache
+  // rather than all writing it at once.
+  std::optional<DataBundle> data_slot;
+  if (writer) data_slot = prepare_data(cfg.data, tokenizer_model, log);
+  dist::barrier("data preparation on rank 0");
+  if (!writer) data_slot = prepare_data(cfg.data, tokenizer_model, log);
+  DataBundle data = std::move(*data_slot);
+  dist::check_same("the tokenizer and training data",
+                   data.tokenizer->serialized() + "\n" + std::to_string(data.train.size()) + "\n" +
+                       std::to_string(data.train.tokens.defined() ? data.train.tokens.numel() : 0));
   if (resume) check_config_fits_model_file(cfg, data.tokenizer->vocab_size(), resume->model, resume_dir);
+  // Expert parallelism: all W ranks share the experts (the MoE layers build only their shard), the rest
+  // is data parallel. In one process the key is ignored: every expert is local (eval, generate, resume).
+  if (cfg.moe.expert_parallel > 1 && W > 1 && cfg.moe.expert_parallel != W)
+    throw ConfigError("dist.expert_parallel", std::to_string(cfg.moe.expert_parallel) +
+                                                  " ranks per expert group with " + std::to_string(W) +
+                                                  " ranks: only 1 (data parallel) or all " +
+                                                  std::to_string(W) + " ranks are supported");
   TransformerLM model = build_model(cfg, data.tokenizer->vocab_size());
   model->train();
+  const ExpertSharding sharding = expert_sharding(model, cfg.moe.routed_experts());
   std::vector<std::pair<std::string, torch::Tensor>> named;
   std::vector<torch::Tensor> params;
+  std::vector<torch::Tensor> replicated, sharded;  // data parallel / this rank's experts
   for (auto& p : model->named_parameters()) {
     if (!p.value().requires_grad()) continue;  // frozen parts (upcycled dense FFN) are not optimised
     named.push_back({p.key(), p.value()});
     params.push_back(p.value());
+    (sharding.names.count(p.key()) ? sharded : replicated).push_back(p.value());
   }
   AdamW optim(named, tc);
 
   int64_t step = 0;
   if (init) {
-    load_module_state(*model, init->model, opt.init_from + "/model.safetensors");
+    load_module_state(*model, shard_state(init->model, sharding, opt.init_from),
+                      opt.init_from + "/model.safetensors");
     log << "initialised from " << opt.init_from << "\n";
   }
   if (resume) {
-    load_module_state(*model, resume->model, resume_dir + "/model.safetensors");
-    optim.load_state(resume->optimizer, resume_dir + "/optimizer.safetensors");
+    load_module_state(*model, shard_state(resume->model, sharding, resume_dir),
+                      resume_dir + "/model.safetensors");
+    optim.load_state(shard_state(resume->optimizer, sharding, resume_dir),
+                     resume_dir + "/optimizer.safetensors");
     step = resume->step;
     for (auto& t : resume->trainer)
       if (t.first == "rng.cpu") set_rng_state(t.second);
@@ -344,21 +450,29 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
           << fmt(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1) << " s)\n";
     }
   }
-  // Built once the training sequences have their clusters (the batches carry them).
+  // Identical initialisation: every rank starts from rank 0's parameters and router state (the same seed
+  // makes them equal already; the broadcast makes it so whatever the ranks' libraries did).
+  dist::broadcast_module(*model, 0, &sharding.names);  // an expert shard is its rank's own
+  // Built once the training sequences have their clusters (the batches carry them). Every rank draws the
+  // same global batches (same seed, same order) and trains on its slice of each (rank_slice).
   Batcher batcher(data.train, tc.batch_size, uint64_t(tc.seed), /*shuffle=*/true);
   if (resume)
     batcher.restore(trainer_counter(*resume, resume_dir, "batcher_epoch"),
                     trainer_counter(*resume, resume_dir, "batcher_position"));
 
-  fs::create_directories(opt.out_dir);
+  if (writer) fs::create_directories(opt.out_dir);
   const fs::path ckpt_root = fs::path(opt.out_dir) / "checkpoints";
   const std::string metrics_path = (fs::path(opt.out_dir) / "metrics.jsonl").string();
   TrainSummary summary;
-  if (resume) truncate_metrics(metrics_path, step);
-  std::ofstream metrics(metrics_path, resume ? std::ios::app : std::ios::trunc);
-  if (!metrics) throw FileError(metrics_path, "cannot open for writing");
+  if (resume && writer) truncate_metrics(metrics_path, step);
+  // Ranks other than 0 write their metrics nowhere (a stream without a file).
+  std::ofstream metrics;
+  if (writer) {
+    metrics.open(metrics_path, resume ? std::ios::app : std::ios::trunc);
+    if (!metrics) throw FileError(metrics_path, "cannot open for writing");
+  }
   auto check_metrics = [&] {
-    if (!metrics.flush())
+    if (writer && !metrics.flush())
       throw FileError(metrics_path,
                       "write failed (disk full or file size limit?); the last checkpoint is " +
                           (summary.checkpoint.empty() ? std::string("none") : summary.checkpoint));
@@ -367,32 +481,63 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   log << "model: " << counts.total_params << " parameters, " << counts.active_params << " active per token, "
       << fmt(counts.flops_per_token / 1e6, 2) << " MFLOP/token; router " << cfg.moe.router << ", "
       << cfg.moe.routed_experts() << " experts, top-" << cfg.moe.routed_used() << "; " << threads
-      << " threads\n";
+      << " threads";
+  if (W > 1)
+    log << "; rank " << rank << " of " << W << " (" << dist::env().launcher << "), " << tc.batch_size / W
+        << " of the " << tc.batch_size << " sequences of each global batch";
+  if (sharding.on())
+    log << ", experts [" << sharding.shard.first << ", " << sharding.shard.first + sharding.shard.count
+        << ") of " << sharding.n_expert << " on this rank (dist.expert_parallel)";
+  log << "\n";
 
   auto save = [&](int64_t at_step) {
+    const fs::path dir = ckpt_root / step_name(at_step);
+    // Expert parallelism: every rank's shards to every rank (a collective, before rank 0 writes), so the
+    // checkpoint holds all experts whatever the world size that reads it.
+    NamedTensors model_state = gather_state(module_state(*model), sharding);
+    NamedTensors optim_state = gather_state(optim.state(), sharding);
+    if (W > 1) {
+      // The ranks must hold the same state, bit for bit (the same averaged gradients, the same global
+      // router feedback); a checkpoint of rank 0's state is then the group's. Checked at every checkpoint.
+      const uint64_t digest = dist::module_digest(*model, &sharding.names);
+      dist::check_same("the model's parameters and router state at step " + std::to_string(at_step),
+                       std::to_string(digest));
+      std::ostringstream hex;
+      hex << std::hex << std::setw(16) << std::setfill('0') << digest;
+      log << "\ndist: rank " << rank << " state digest at step " << at_step << ": " << hex.str()
+          << " (the same on every rank)\n";
+    }
+    // One checkpoint per step for the whole group: rank 0 writes it (every rank holds the same state), the
+    // others wait until it is complete, so that none goes past a step whose checkpoint might not exist.
+    if (!writer) {
+      dist::barrier("checkpoint of step " + std::to_string(at_step) + " by rank 0");
+      return dir.string();
+    }
     Checkpoint c;
     c.step = at_step;
     c.config_toml = cfg.to_toml();
     c.tokenizer_model = data.tokenizer->serialized();
-    c.model = module_state(*model);
-    c.optimizer = optim.state();
+    c.model = std::move(model_state);
+    c.optimizer = std::move(optim_state);
     c.trainer = {{"rng.cpu", rng_state()}};
     if (data.train.cluster.defined()) c.trainer.push_back({"cluster.train", data.train.cluster});
     c.trainer_meta = {{"batcher_epoch", std::to_string(batcher.epoch())},
                       {"batcher_position", std::to_string(batcher.position())},
                       {"step", std::to_string(at_step)}};
-    const fs::path dir = ckpt_root / step_name(at_step);
     save_checkpoint(dir.string(), c);
     write_file_atomic((ckpt_root / "latest").string(), step_name(at_step) + "\n");
     prune_checkpoints(ckpt_root, tc.keep_checkpoints);
+    dist::barrier("checkpoint of step " + std::to_string(at_step) + " by rank 0");
     return dir.string();
   };
 
   auto run_eval = [&](int64_t at_step, TrainSummary& summary) {
     summary.validation = evaluate(model, data.validation, tc.batch_size, tc.eval_batches, "validation");
+    // Every rank evaluates the whole split with the same weights (so the measures are the global ones);
+    // rank 0 writes them.
     auto j = summary.validation->to_json();
     j["step"] = at_step;
-    metrics << j.dump() << "\n";
+    if (writer) metrics << j.dump() << "\n";
     std::string line = "eval @" + std::to_string(at_step) + ": validation loss " +
                        fmt(summary.validation->loss) + " (ppl " + fmt(summary.validation->perplexity, 2) +
                        ")";
@@ -400,7 +545,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       summary.heldout = evaluate(model, data.heldout, tc.batch_size, tc.eval_batches, "heldout");
       auto h = summary.heldout->to_json();
       h["step"] = at_step;
-      metrics << h.dump() << "\n";
+      if (writer) metrics << h.dump() << "\n";
       line += ", held-out loss " + fmt(summary.heldout->loss) + " (ppl " +
               fmt(summary.heldout->perplexity, 2) + ")";
     }
@@ -418,9 +563,11 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
 
   const int64_t last = opt.stop_after > 0 ? std::min(opt.stop_after, tc.steps) : tc.steps;
   const int64_t S = cfg.data.seq_len;
-  ProgressBar bar(opt.progress_label, tc.steps, log, opt.progress);
+  ProgressBar bar(opt.progress_label, tc.steps, log, opt.progress && writer);
   const auto t_start = std::chrono::steady_clock::now();
   int64_t tokens_done = 0;
+  double grad_sync_seconds = 0;  // waiting on the gradient all-reduce (data parallelism)
+  const auto comm_start = dist::comm_stats();
   std::vector<std::string> eval_lines;
   while (step < last) {
     if (opt.before_step) opt.before_step(step, model);
@@ -428,12 +575,14 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     double loss_sum = 0, aux_sum = 0;
     std::vector<RoutingPlan> plans;
     for (int64_t micro = 0; micro < tc.grad_accum; ++micro) {
-      auto batch = batcher.next();
-      const int64_t B = batch.tokens.size(0);
+      auto global_batch = batcher.next();
       if (summary.first_batch_tokens == 0) {
-        summary.first_batch_tokens = batch.tokens.numel();
-        summary.first_batch_digest = token_digest(batch.tokens);
+        summary.first_batch_tokens = global_batch.tokens.numel();
+        summary.first_batch_digest = token_digest(global_batch.tokens);
       }
+      auto batch = rank_slice(global_batch, rank, W);
+      const int64_t B = global_batch.tokens.size(0);  // tokens_done counts the global batch
+      dist::GlobalBatchScope global_stats;            // the balance loss's shares over the global batch
       auto fwd = training_forward(model, batch);
       auto& ce = fwd.token_ce;  // [B*S]
       auto& out = fwd.out;
@@ -448,7 +597,32 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       plans = std::move(out.plans);
       tokens_done += B * S;
     }
-    const double grad_norm = clip_grad_norm(params, tc.grad_clip);
+    // Data parallelism: the gradients, the logged losses and the stop request become the group's (mean over
+    // ranks: every rank's slice has the same number of tokens, so the mean of the ranks' mean losses is the
+    // global batch's); the clipping norm is then the global one, and every rank takes the same decisions.
+    const auto t_sync = std::chrono::steady_clock::now();
+    dist::average_gradients(replicated);
+    // An expert shard's gradient already sums every rank's tokens (the reverse all-to-all brought them):
+    // the global batch's mean loss is the mean of the ranks' mean losses.
+    for (auto& p : sharded)
+      if (p.grad().defined()) p.mutable_grad().mul_(1.0 / double(W));
+    grad_sync_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_sync).count();
+    int group_signal = opt.stop_on_signal ? stop_signal() : 0;  // a signal to any rank stops them all
+    if (W > 1) {
+      std::vector<torch::Tensor> t{torch::tensor({loss_sum, aux_sum,
+                                                  group_signal == SIGTERM ? 1000.0
+                                                  : group_signal != 0     ? 1.0
+                                                                          : 0.0},
+                                                 torch::kDouble)};
+      dist::allreduce_sum(t, "the step's losses");
+      loss_sum = t[0][0].item<double>() / double(W);
+      aux_sum = t[0][1].item<double>() / double(W);
+      // Summed over ranks: 1000 per SIGTERM, 1 per SIGINT; every rank then reports the same signal.
+      const double sig = t[0][2].item<double>();
+      group_signal = sig >= 1000 ? SIGTERM : sig >= 1 ? SIGINT : 0;
+    }
+    const double grad_norm = sharding.on() ? dist::clip_grad_norm_sharded(replicated, sharded, tc.grad_clip)
+                                           : clip_grad_norm(params, tc.grad_clip);
     if (!std::isfinite(loss_sum) || !std::isfinite(aux_sum) || !std::isfinite(grad_norm)) {
       std::ostringstream why;
       why << "non-finite training "
@@ -475,6 +649,8 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     optim.zero_grad();
     ++step;
     summary.step_losses.push_back(loss_sum);
+    // The routing measures of the global batch (the last micro-batch's plans, as before).
+    for (auto& p : plans) p.stats = dist::global_stats(p.stats);
     double step_max_vio = 0;
     for (auto& p : plans) step_max_vio += p.stats.max_vio / double(plans.size());
     summary.step_max_vio.push_back(step_max_vio);
@@ -498,7 +674,7 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       if (!plans.empty()) j["plan_tokens"] = plans.front().stats.n_tokens;  // the tokens `load` counts
       j["max_vio_batch_layers"] = max_vio;
       j["load"] = loads;
-      metrics << j.dump() << "\n";
+      if (writer) metrics << j.dump() << "\n";
       check_metrics();
     }
     bar.update(step, "loss " + fmt(loss_sum, 3) + " | " + fmt(tok_s / 1000.0, 1) + "k tok/s" +
@@ -510,8 +686,8 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     const int64_t ckpt_every = tc.checkpoint_every < 0 ? tc.eval_every : tc.checkpoint_every;
     if (ckpt_every > 0 && step % ckpt_every == 0 && step != last) summary.checkpoint = save(step);
     // SIGINT / SIGTERM (moeforge train): the step is done; checkpoint it and stop.
-    if (opt.stop_on_signal && stop_signal() != 0 && step != last) {
-      summary.interrupted_by = stop_signal();
+    if (opt.stop_on_signal && group_signal != 0 && step != last) {
+      summary.interrupted_by = group_signal;
       if (summary.checkpoint.empty() || fs::path(summary.checkpoint).filename() != step_name(step))
         summary.checkpoint = save(step);
       break;
@@ -521,6 +697,27 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   summary.tokens_per_s = double(tokens_done) / std::max(summary.seconds, 1e-9);
   bar.finish(summary.step_losses.empty() ? "" : "loss " + fmt(summary.step_losses.back(), 3));
   for (auto& l : eval_lines) log << l << "\n";
+  if (W > 1) {
+    // What data parallelism cost this rank (docs/distributed.md, "Measured"): payload of its collectives
+    // and the time it waited on them, the gradient all-reduce apart.
+    const auto c = dist::comm_stats();
+    const double steps_run = std::max<double>(1, double(summary.step_losses.size() + summary.skipped_steps));
+    log << "dist: rank " << rank << ": " << fmt(double(c.bytes - comm_start.bytes) / 1e6 / steps_run, 3)
+        << " MB sent per step in " << fmt(double(c.calls - comm_start.calls) / steps_run, 1)
+        << " collectives; gradient all-reduce " << fmt(1e3 * grad_sync_seconds / steps_run, 2)
+        << " ms per step, all collectives " << fmt(1e3 * (c.seconds - comm_start.seconds) / steps_run, 2)
+        << " ms per step ("
+        << fmt(100.0 * (c.seconds - comm_start.seconds) / std::max(summary.seconds, 1e-9), 1)
+        << "% of the training time)";
+    if (c.a2a_calls > comm_start.a2a_calls)
+      log << "; of which expert-parallel all-to-all "
+          << fmt(double(c.a2a_bytes - comm_start.a2a_bytes) / 1e6 / steps_run, 3) << " MB in "
+          << fmt(double(c.a2a_calls - comm_start.a2a_calls) / steps_run, 1) << " calls, "
+          << fmt(1e3 * (c.a2a_seconds - comm_start.a2a_seconds) / steps_run, 2) << " ms per step ("
+          << fmt(100.0 * (c.a2a_seconds - comm_start.a2a_seconds) / std::max(summary.seconds, 1e-9), 1)
+          << "% of the training time)";
+    log << "\n";
+  }
   summary.step = step;
   if (summary.interrupted_by) return summary;
   if (step == tc.steps || tc.eval_every > 0) log << run_eval(step, summary) << "\n";

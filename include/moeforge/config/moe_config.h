@@ -35,6 +35,10 @@ struct MoEConfig {
   int64_t expert_split = 1;                   // moe.expert_split: DeepSeekMoE fine-grained factor m
   ExpertAct expert_act = ExpertAct::kSwiGLU;  // moe.expert_act: "swiglu" | "gelu"
   ExpertsImplKind experts_impl = ExpertsImplKind::kGrouped;  // moe.experts_impl: "grouped" | "reference"
+  // dist.expert_parallel: how many ranks share the routed experts of every MoE layer, each holding
+  // n_expert * expert_split / N of them (docs/distributed.md); 1 or the world size. In one process (eval,
+  // generate, a resume on one rank) every expert is local whatever it says.
+  int64_t expert_parallel = 1;
 
   // Token-choice options (docs/routing.md section 1).
   ScoreFunc score = ScoreFunc::kSoftmax;                // moe.score: "softmax" | "sigmoid"

@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "moeforge/config/moe_config.h"
+#include "moeforge/dist/expert_parallel.h"
 #include "moeforge/layer/adapter_experts.h"
 #include "moeforge/layer/experts.h"
 #include "moeforge/routing/router.h"
@@ -45,6 +46,10 @@ class MoELayerImpl : public torch::nn::Module {
   int64_t fault_expert() const { return fault_expert_; }
 
   const MoEConfig& config() const { return cfg_; }
+  // Expert parallelism (dist.expert_parallel > 1 in a group of more than one rank, docs/distributed.md):
+  // `experts` holds only this rank's shard, and forward exchanges rows with the other ranks.
+  bool experts_sharded() const { return sharded_; }
+  dist::ExpertShard expert_shard() const { return shard_; }
   std::shared_ptr<Router> router;
   Experts experts{nullptr};  // moe.expert_form = "ffn"
   // moe.expert_form = "adapter" (MoCE/PESC): a frozen dense FFN of width d_expert whose output feeds the
@@ -59,6 +64,8 @@ class MoELayerImpl : public torch::nn::Module {
   RouteFeedback feedback_;
   RoutingPlan last_plan_;  // the last training forward's, until its token loss arrives
   bool record_input_ = false;
+  bool sharded_ = false;
+  dist::ExpertShard shard_;
   torch::Tensor last_input_;
   int64_t fault_expert_ = -1;
   double fault_factor_ = 1.0;

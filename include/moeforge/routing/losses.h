@@ -12,6 +12,13 @@ namespace moeforge {
 // [T, K] int64 the experts chosen before capacity; f_e = share of the T*K choices that went to e.
 torch::Tensor switch_balance_loss(const torch::Tensor& probs, const torch::Tensor& choices);
 
+// The same with f_e over the global batch of a data-parallel training step (Megatron's global-batch
+// balance, docs/distributed.md "What is global"): inside a dist::GlobalBatchScope the choice counts and the
+// token count are summed over ranks, P_e stays this rank's, so the mean over ranks of the loss and of its
+// gradient is the Switch loss of the whole global batch. Elsewhere exactly switch_balance_loss. Every rank
+// must make the same calls (it is a collective).
+torch::Tensor switch_balance_loss_global(const torch::Tensor& probs, const torch::Tensor& choices);
+
 // Sequence-wise balance loss (DeepSeek-V3 eq. 17-20): the Switch loss per sequence, averaged over the B
 // sequences. probs [T, E], choices [T, K], T = n_seq * seq_len.
 torch::Tensor seq_balance_loss(const torch::Tensor& probs, const torch::Tensor& choices, int64_t n_seq);
