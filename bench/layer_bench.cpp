@@ -287,7 +287,8 @@ void plot_scaling_bench(const nlohmann::json& result, const std::string& png) {
   gp << "set terminal pngcairo noenhanced size 1500,520 font ',10'\nset output '" << png << "'\n"
      << "set multiplot layout 1,3 title \"MoE layer (fwd+bwd) and router (route()) time as T, E, K grow\\n"
      << result["machine"].get<std::string>() << "\"\n"
-     << "set logscale xy\nset grid\nset key top left\nset ylabel 'ms (median)'\nset offsets graph 0.05, graph 0.05\n";
+     << "set logscale xy\nset grid\nset key top left\nset ylabel 'ms (median)'\nset offsets graph 0.05, "
+        "graph 0.05\n";
   for (const std::string var : {"T", "E", "K"}) {
     if (!result["sweeps"].contains(var)) continue;
     const auto& sw = result["sweeps"][var];
