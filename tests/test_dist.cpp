@@ -19,6 +19,7 @@
 #include "moeforge/config/run_config.h"
 #include "moeforge/dist/dist.h"
 #include "moeforge/dist/expert_parallel.h"
+#include "moeforge/dist/sync.h"
 #include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/experts.h"
 #include "moeforge/model/checkpoint.h"
@@ -127,12 +128,16 @@ Env rank_env(int rank, int world, int port, const std::string& timeout_s = "60")
 
 // Runs `args` as ranks 0 and 1 of a group; logs under dir/rank0, dir/rank1.
 std::vector<Result> run_two_ranks(const std::vector<std::string>& args, const fs::path& dir,
-                                  const std::vector<std::string>& rank1_extra = {}) {
+                                  const std::vector<std::string>& rank1_extra = {},
+                                  const Env& extra_env = {}) {
   const int port = free_port();
   auto a1 = args;
   a1.insert(a1.end(), rank1_extra.begin(), rank1_extra.end());
-  auto p0 = spawn(args, dir / "rank0", rank_env(0, 2, port));
-  auto p1 = spawn(a1, dir / "rank1", rank_env(1, 2, port));
+  auto e0 = rank_env(0, 2, port), e1 = rank_env(1, 2, port);
+  e0.insert(e0.end(), extra_env.begin(), extra_env.end());
+  e1.insert(e1.end(), extra_env.begin(), extra_env.end());
+  auto p0 = spawn(args, dir / "rank0", e0);
+  auto p1 = spawn(a1, dir / "rank1", e1);
   return {wait_for(p0), wait_for(p1)};
 }
 
@@ -245,6 +250,32 @@ TEST(DistTrain, DataParallelTwoRanksEqualOneProcessWithTheGlobalBatch) {
   // Only rank 0 wrote the run folder; both ranks held the same state.
   EXPECT_EQ(digests(two[0].out), digests(two[1].out));
   EXPECT_FALSE(digests(two[0].out).empty());
+}
+
+// The gradient all-reduce overlapped with backward changes the speed, not the result: 2 ranks with two
+// micro-batches per step, with the overlap and without it (MOEFORGE_DIST_OVERLAP=0) and with another
+// bucket size, reach bit-identical states at every step (docs/distributed.md, "Gradients").
+TEST(DistTrain, GradientOverlapReachesTheSameBitsAsAveragingAfterBackward) {
+  const auto dir = scratch("overlap");
+  const auto cfg = tiny_config_file(
+      dir, "overlap",
+      {"train.steps=3", "train.batch_size=4", "train.grad_accum=2", "train.checkpoint_every=1"});
+  std::vector<std::string> d[3];
+  const Env envs[3] = {{}, {{"MOEFORGE_DIST_OVERLAP", "0"}}, {{"MOEFORGE_DIST_BUCKET_KB", "4"}}};
+  for (int k = 0; k < 3; ++k) {
+    const auto run = "run" + std::to_string(k);
+    auto two = run_two_ranks(train_args(cfg, dir / run), dir / (run + "_log"), {}, envs[k]);
+    ASSERT_EQ(two[0].code, 0) << two[0].err << two[0].out;
+    ASSERT_EQ(two[1].code, 0) << two[1].err << two[1].out;
+    d[k] = digests(two[0].out);
+    EXPECT_EQ(d[k], digests(two[1].out)) << run;
+    const auto at = two[0].out.find("after backward (");
+    ASSERT_NE(at, std::string::npos) << two[0].out;
+    std::cout << run << ": " << two[0].out.substr(at + 16, two[0].out.find(')', at) - at - 16) << "\n";
+  }
+  ASSERT_EQ(d[0].size(), 3u);
+  EXPECT_EQ(d[0], d[1]) << "overlapped against after backward";
+  EXPECT_EQ(d[0], d[2]) << "1 MiB buckets against 4 KiB buckets";
 }
 
 // Launched by OpenMPI's mpirun (its OMPI_COMM_WORLD_* variables; the rendezvous port passed with -x so
@@ -606,8 +637,10 @@ TEST(DistWorker, ExpertParallelExchange) {
   dist::shutdown();
 }
 
-TEST(DistExpertParallel, TwoRanksMatchOneProcess) {
-  const auto dir = scratch("ep");
+// Runs this test binary as ranks 0 and 1 of a group, each with --gtest_filter=`worker`, and checks that
+// both passed; prints each rank's line that starts with "rank R: " + `tag`.
+void run_worker_pair(const std::string& name, const std::string& worker, const std::string& tag) {
+  const auto dir = scratch(name);
   const int port = free_port();
   Proc p[2];
   for (int r = 0; r < 2; ++r) {
@@ -621,7 +654,8 @@ TEST(DistExpertParallel, TwoRanksMatchOneProcess) {
       ::dup2(out, 1);
       ::dup2(out, 2);
       for (auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
-      const char* argv[] = {"/proc/self/exe", "--gtest_filter=DistWorker.ExpertParallelExchange", nullptr};
+      const std::string filter = "--gtest_filter=" + worker;
+      const char* argv[] = {"/proc/self/exe", filter.c_str(), nullptr};
       ::execv(argv[0], const_cast<char**>(argv));
       _exit(127);
     }
@@ -633,9 +667,75 @@ TEST(DistExpertParallel, TwoRanksMatchOneProcess) {
     const auto out = slurp(p[r].log / "stdout");
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "rank " << r << ":\n" << out;
     EXPECT_NE(out.find("[  PASSED  ] 1 test"), std::string::npos) << "rank " << r << ":\n" << out;
-    const auto at = out.find("rank " + std::to_string(r) + ": sent");
+    const auto at = out.find("rank " + std::to_string(r) + ": " + tag);
     if (at != std::string::npos) std::cout << out.substr(at, out.find('\n', at) - at) << "\n";
   }
+}
+
+TEST(DistExpertParallel, TwoRanksMatchOneProcess) {
+  run_worker_pair("ep", "DistWorker.ExpertParallelExchange", "sent");
+}
+
+// The gradient all-reduce overlapped with backward (GradientReducer, docs/distributed.md, "Gradients"),
+// at 2 ranks: a chain of linear layers, two micro-batches per step (the reducer armed for the second),
+// one bucket per layer. Every bucket must start inside backward (the parameters no rank or only one rank
+// uses must not hold them back), and every gradient must equal, bit for bit, the mean over ranks of the
+// gradients autograd accumulates without the reducer: an all-reduce of two float32 numbers is one
+// addition, and the reducer adds a micro-batch's gradient to the earlier ones as autograd does. A
+// parameter only rank 1 uses gets rank 1's gradient / 2 on both ranks; one that no rank uses keeps an
+// undefined gradient. A second step checks that the reducer starts afresh.
+TEST(DistWorker, GradientReducerOverlapsBackward) {
+  if (std::getenv("MOEFORGE_DIST_TEST_WORKER") == nullptr) GTEST_SKIP() << "run by DistGradients";
+  dist::init(dist::launch_env_from_environment());
+  ASSERT_TRUE(dist::active());
+  const int r = dist::rank();
+  const int64_t C = 32, L = 6;
+  torch::manual_seed(3);
+  std::vector<torch::Tensor> params;  // L matrices, then the vector only rank 1 uses, then an unused one
+  for (int64_t l = 0; l < L; ++l)
+    params.push_back((torch::randn({C, C}) / std::sqrt(double(C))).requires_grad_(true));
+  params.push_back(torch::randn({C}).requires_grad_(true));
+  params.push_back(torch::randn({C}).requires_grad_(true));
+  auto loss_of = [&](const std::vector<torch::Tensor>& P, int64_t micro, int64_t step) {
+    torch::manual_seed(uint64_t(1000 + 100 * step + 10 * r + micro));  // each rank, micro-batch its data
+    auto h = torch::randn({8, C});
+    for (int64_t l = 0; l < L; ++l) h = torch::tanh(torch::matmul(h, P[size_t(l)]));
+    auto loss = h.pow(2).mean();
+    if (r == 1) loss = loss + (h * P[size_t(L)]).mean();
+    return loss;
+  };
+  dist::GradientReducer reducer(params, C * C * 4);  // one C x C float32 matrix per bucket
+  EXPECT_EQ(reducer.n_buckets(), L + 1);             // the two vectors share one
+  for (int64_t step = 0; step < 2; ++step) {
+    std::vector<torch::Tensor> copies, ref;
+    for (auto& p : params) copies.push_back(p.detach().clone().requires_grad_(true));
+    for (int64_t micro = 0; micro < 2; ++micro) loss_of(copies, micro, step).backward();
+    for (auto& c : copies) ref.push_back(c.grad().defined() ? c.grad().clone() : torch::zeros_like(c));
+    dist::allreduce_sum(ref, "the reference gradients");
+    for (auto& t : ref) t.mul_(0.5);
+
+    for (auto& p : params) p.mutable_grad() = torch::Tensor();
+    for (int64_t micro = 0; micro < 2; ++micro) {
+      auto loss = loss_of(params, micro, step);
+      if (micro == 1) reducer.arm(loss);
+      loss.backward();
+    }
+    reducer.finish();
+    EXPECT_EQ(reducer.started_in_backward(), reducer.n_buckets()) << "buckets waited for the end of backward";
+    for (size_t i = 0; i + 1 < params.size(); ++i) {
+      ASSERT_TRUE(params[i].grad().defined()) << "parameter " << i;
+      EXPECT_TRUE(torch::equal(params[i].grad(), ref[i])) << "parameter " << i << " step " << step;
+    }
+    EXPECT_FALSE(params.back().grad().defined()) << "no rank reached it";
+    std::cout << "rank " << r << ": step " << step << ": " << reducer.started_in_backward() << " of "
+              << reducer.n_buckets() << " buckets started during backward\n";
+  }
+  dist::barrier("end of the worker");
+  dist::shutdown();
+}
+
+TEST(DistGradients, ReducerOverlapsBackwardAndAveragesExactly) {
+  run_worker_pair("grad", "DistWorker.GradientReducerOverlapsBackward", "step 1");
 }
 
 }  // namespace

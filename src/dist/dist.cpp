@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -29,6 +30,14 @@ struct State {
   bool initialised = false;
   c10::intrusive_ptr<c10d::Store> store;  // rendezvous (rank 0 hosts a TCPStore's server)
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> grad_pg;  // the gradient buckets' own sequence (dist.h)
+  struct Pending {
+    c10::intrusive_ptr<c10d::Work> work;
+    std::string what;
+    int64_t bytes = 0;
+  };
+  std::map<int64_t, Pending> pending;  // started, not yet waited for
+  int64_t next_handle = 0;
   std::thread heartbeat;
   std::mutex mu;
   std::condition_variable cv;
@@ -250,6 +259,8 @@ LaunchEnv launch_env_from_environment() {
   e.master_port = env_int("MASTER_PORT", 29500, 1, 65535);
   if (has_env("MOEFORGE_DIST_STORE_FILE")) e.store_file = std::getenv("MOEFORGE_DIST_STORE_FILE");
   e.timeout = std::chrono::seconds(env_int("MOEFORGE_DIST_TIMEOUT_S", 300, 1, 86400));
+  e.bucket_bytes = int64_t(env_int("MOEFORGE_DIST_BUCKET_KB", 1024, 1, 1 << 20)) << 10;
+  e.overlap = env_int("MOEFORGE_DIST_OVERLAP", 1, 0, 1) == 1;
   if (e.world == 1) e.launcher = e.launcher == "single" ? "single" : e.launcher;
   return e;
 }
@@ -262,19 +273,23 @@ void init(const LaunchEnv& env) {
   if (env.world <= 1) return;
   try {
     s.store = connect_store(env, env.rank == 0, true, env.timeout);
-    auto opts = c10d::ProcessGroupGloo::Options::create(env.timeout);
-    // Loopback when the rendezvous is on this host; otherwise the interface GLOO_SOCKET_IFNAME names, or
-    // the one this host's name resolves to (docs/distributed.md, "Several hosts").
-    if (has_env("GLOO_SOCKET_IFNAME"))
-      opts->devices.push_back(
-          c10d::ProcessGroupGloo::createDeviceForInterface(std::getenv("GLOO_SOCKET_IFNAME")));
-    else if (env.master_addr == "127.0.0.1" || env.master_addr == "localhost")
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    else
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-    opts->threads = 1;  // one collective at a time; the ranks' compute threads are train.threads
-    s.pg = c10::make_intrusive<c10d::ProcessGroupGloo>(c10::make_intrusive<c10d::PrefixStore>("pg", s.store),
-                                                       env.rank, env.world, opts);
+    auto group = [&](const std::string& prefix) {
+      auto opts = c10d::ProcessGroupGloo::Options::create(env.timeout);
+      // Loopback when the rendezvous is on this host; otherwise the interface GLOO_SOCKET_IFNAME names, or
+      // the one this host's name resolves to (docs/distributed.md, "Several hosts").
+      if (has_env("GLOO_SOCKET_IFNAME"))
+        opts->devices.push_back(
+            c10d::ProcessGroupGloo::createDeviceForInterface(std::getenv("GLOO_SOCKET_IFNAME")));
+      else if (env.master_addr == "127.0.0.1" || env.master_addr == "localhost")
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+      else
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      opts->threads = 1;  // one collective at a time; the ranks' compute threads are train.threads
+      return c10::make_intrusive<c10d::ProcessGroupGloo>(
+          c10::make_intrusive<c10d::PrefixStore>(prefix, s.store), env.rank, env.world, opts);
+    };
+    s.pg = group("pg");
+    s.grad_pg = group("grad");
   } catch (const std::exception& e) {
     std::ostringstream os;
     os << "distributed: rank " << env.rank << " of " << env.world << " could not join the group at "
@@ -283,6 +298,7 @@ void init(const LaunchEnv& env) {
        << " within " << env.timeout.count() / 1000.0
        << " s (MASTER_ADDR, MASTER_PORT, MOEFORGE_DIST_TIMEOUT_S): " << message_of(e);
     s.pg.reset();
+    s.grad_pg.reset();
     s.store.reset();
     throw DistError(os.str());
   }
@@ -320,6 +336,8 @@ void shutdown() {
   }
   s.cv.notify_all();
   if (s.heartbeat.joinable()) s.heartbeat.join();
+  s.pending.clear();
+  s.grad_pg.reset();
   s.pg.reset();
   if (was_active && s.store) {
     // Rank 0 hosts the store: it closes it only after the others have closed their connections to it
@@ -421,6 +439,32 @@ void barrier(const std::string& what) {
   std::vector<torch::Tensor> one{torch::zeros({1}, torch::kLong)};
   const auto t0 = std::chrono::steady_clock::now();
   wait(state().pg->allreduce(one, c10d::AllreduceOptions()), "barrier (" + what + ")", nbytes(one), t0);
+}
+
+int64_t start_grad_allreduce(torch::Tensor& t, const std::string& what) {
+  if (!active()) return -1;
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "dist::start_grad_allreduce: ", what,
+              ": the tensor must be a contiguous CPU tensor");
+  auto& s = state();
+  std::vector<torch::Tensor> one{t};
+  const int64_t h = s.next_handle++;
+  try {
+    s.pending[h] = {s.grad_pg->allreduce(one, c10d::AllreduceOptions()), what, nbytes(one)};
+  } catch (const std::exception& e) {
+    fail("all-reduce of " + what, e);
+  }
+  return h;
+}
+
+void wait_grad_allreduce(int64_t handle) {
+  if (!active()) return;
+  auto& s = state();
+  auto it = s.pending.find(handle);
+  TORCH_CHECK(it != s.pending.end(), "dist::wait_grad_allreduce: no all-reduce ", handle, " in flight");
+  auto p = std::move(it->second);
+  s.pending.erase(it);
+  // What CommStats counts of it is the time this thread waited, not the time it was in flight.
+  wait(p.work, "all-reduce of " + p.what, p.bytes, std::chrono::steady_clock::now());
 }
 
 void check_same(const std::string& what, const std::string& fingerprint) {

@@ -1,7 +1,11 @@
 // Data parallelism's synchronisation points (sync.h, docs/distributed.md).
 #include "moeforge/dist/sync.h"
 
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/variable.h>
+
 #include <cmath>
+#include <unordered_set>
 
 #include "moeforge/dist/dist.h"
 
@@ -73,54 +77,142 @@ RoutingStats global_stats(const RoutingStats& stats) {
   return out;
 }
 
-void average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes) {
+GradientReducer::GradientReducer(std::vector<torch::Tensor> params, int64_t bucket_bytes)
+    : params_(std::move(params)) {
+  if (!active()) return;
+  where_.resize(params_.size());
+  in_.assign(params_.size(), false);
+  // Buckets of consecutive parameters of one dtype, last parameter first.
+  int64_t bytes = 0;
+  for (size_t k = params_.size(); k-- > 0;) {
+    const auto& p = params_[k];
+    if (buckets_.empty() || p.scalar_type() != params_[buckets_.back().params.front()].scalar_type() ||
+        bytes + int64_t(p.nbytes()) > bucket_bytes) {
+      buckets_.emplace_back();
+      bytes = 0;
+    }
+    auto& b = buckets_.back();
+    where_[k] = {buckets_.size() - 1, b.params.size()};
+    b.params.push_back(k);
+    bytes += int64_t(p.nbytes());
+  }
+  for (auto& b : buckets_) {
+    int64_t n = 0;
+    for (size_t k : b.params) b.offset.push_back(n), n += params_[k].numel();
+    b.flat = torch::empty({n + int64_t(b.params.size())},
+                          params_[b.params.front()].options().requires_grad(false));
+  }
+  for (size_t k = 0; k < params_.size(); ++k) {
+    if (!params_[k].requires_grad()) continue;
+    // The gradient itself is left as autograd computed it (a hook that returns nothing).
+    hooks_.push_back(params_[k].register_hook([this, k](const torch::Tensor& g) {
+      if (armed_) fill(k, g);
+    }));
+  }
+}
+
+GradientReducer::~GradientReducer() {
+  size_t h = 0;
+  for (size_t k = 0; k < params_.size() && h < hooks_.size(); ++k)
+    if (params_[k].requires_grad()) params_[k].remove_hook(hooks_[h++]);
+}
+
+void GradientReducer::arm(const torch::Tensor& loss) {
+  if (!active()) return;
+  armed_ = true;
+  // The nodes of the graph backward will run, from the loss down to the parameters' accumulators.
+  std::unordered_set<const torch::autograd::Node*> seen;
+  std::vector<torch::autograd::Node*> todo;
+  if (loss.grad_fn()) todo.push_back(loss.grad_fn().get());
+  while (!todo.empty()) {
+    auto* n = todo.back();
+    todo.pop_back();
+    if (!seen.insert(n).second) continue;
+    for (const auto& e : n->next_edges())
+      if (e.function && !seen.count(e.function.get())) todo.push_back(e.function.get());
+  }
+  for (size_t k = 0; k < params_.size(); ++k) {
+    auto acc = torch::autograd::impl::try_get_grad_accumulator(params_[k]);
+    if (!acc || !seen.count(acc.get())) fill(k, torch::Tensor());  // backward will not reach it
+  }
+}
+
+// Parameter `param`'s gradient of the step, i.e. what earlier micro-batches accumulated in .grad plus
+// `incoming` (undefined: nothing more), into its slot; the bucket starts when it is the next one and full.
+void GradientReducer::fill(size_t param, const torch::Tensor& incoming) {
+  torch::NoGradGuard ng;
+  const auto [bi, slot] = where_[param];
+  auto& b = buckets_[bi];
+  TORCH_CHECK(b.handle < 0 && !in_[param], "GradientReducer: a gradient of parameter ", param,
+              " arrived after its bucket had been filled (two backward passes after arm()?)");
+  const auto& p = params_[param];
+  const auto& prev = p.grad();
+  auto dst = b.flat.narrow(0, b.offset[slot], p.numel()).view(p.sizes());
+  if (prev.defined() && incoming.defined())
+    torch::add_out(dst, prev, incoming);  // what autograd's accumulation computes
+  else if (incoming.defined())
+    dst.copy_(incoming);
+  else if (prev.defined())
+    dst.copy_(prev);
+  else
+    dst.zero_();
+  b.flat[b.flat.numel() - int64_t(b.params.size()) + int64_t(slot)] =
+      (prev.defined() || incoming.defined()) ? 1.0 : 0.0;
+  in_[param] = true;
+  ++b.filled;
+  if (armed_) start_ready();
+}
+
+void GradientReducer::start(Bucket& b) {
+  b.handle = start_grad_allreduce(b.flat, "the gradients (bucket " + std::to_string(&b - buckets_.data()) +
+                                              " of " + std::to_string(buckets_.size()) + ")");
+}
+
+void GradientReducer::start_ready() {
+  while (next_ < buckets_.size() && buckets_[next_].filled == int64_t(buckets_[next_].params.size())) {
+    start(buckets_[next_++]);
+    ++started_in_backward_;
+  }
+}
+
+void GradientReducer::finish() {
   if (!active()) return;
   torch::NoGradGuard ng;
-  // Which parameters have a gradient anywhere: a parameter no token of the global batch reached keeps an
-  // undefined gradient, as in one process (the optimiser skips it).
-  auto has = torch::zeros({int64_t(params.size())}, torch::kLong);
-  for (size_t i = 0; i < params.size(); ++i) has[int64_t(i)] = params[i].grad().defined() ? 1 : 0;
-  std::vector<torch::Tensor> h{has};
-  allreduce_sum(h, "the gradient presence flags");
-  auto any = to_longs(h[0]);
+  armed_ = false;
+  for (; next_ < buckets_.size(); ++next_) {
+    auto& b = buckets_[next_];
+    for (size_t k : b.params)
+      if (!in_[k]) fill(k, torch::Tensor());  // not reached by the last backward
+    start(b);
+  }
   const double inv = 1.0 / double(world());
-  // Buckets of consecutive float parameters of one dtype, flattened into one buffer each.
-  size_t i = 0;
-  while (i < params.size()) {
-    if (any[i] == 0) {
-      ++i;
-      continue;
-    }
-    std::vector<size_t> bucket;
-    int64_t bytes = 0;
-    const auto dtype = params[i].scalar_type();
-    while (i < params.size() && (bucket.empty() || bytes + params[i].nbytes() <= size_t(bucket_bytes))) {
-      if (any[i] == 0) {
-        ++i;
+  for (auto& b : buckets_) {
+    wait_grad_allreduce(b.handle);
+    b.flat.mul_(inv);
+    const int64_t flags = b.flat.numel() - int64_t(b.params.size());
+    for (size_t slot = 0; slot < b.params.size(); ++slot) {
+      auto& p = params_[b.params[slot]];
+      if (b.flat[flags + int64_t(slot)].item<double>() == 0) {
+        p.mutable_grad() = torch::Tensor();  // no rank had a gradient for it
         continue;
       }
-      if (params[i].scalar_type() != dtype) break;
-      bucket.push_back(i);
-      bytes += int64_t(params[i].nbytes());
-      ++i;
+      auto avg = b.flat.narrow(0, b.offset[slot], p.numel()).view(p.sizes());
+      if (p.grad().defined())
+        p.mutable_grad().copy_(avg);
+      else
+        p.mutable_grad() = avg.clone();
     }
-    std::vector<torch::Tensor> grads;
-    for (size_t k : bucket) {
-      auto& p = params[k];
-      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
-      grads.push_back(p.grad().reshape({-1}));
-    }
-    std::vector<torch::Tensor> flat{torch::cat(grads).cpu().contiguous()};
-    allreduce_sum(flat, "the gradients");
-    flat[0].mul_(inv);
-    int64_t off = 0;
-    for (size_t k : bucket) {
-      auto& g = params[k].mutable_grad();
-      const int64_t n = g.numel();
-      g.copy_(flat[0].narrow(0, off, n).view_as(g));
-      off += n;
-    }
+    b.filled = 0;
+    b.handle = -1;
   }
+  in_.assign(params_.size(), false);
+  next_ = 0;
+  last_started_in_backward_ = started_in_backward_;
+  started_in_backward_ = 0;
+}
+
+void average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes) {
+  GradientReducer(params, bucket_bytes).finish();
 }
 
 void broadcast_module(torch::nn::Module& module, int root, const std::set<std::string>* skip) {

@@ -367,6 +367,9 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   dist::check_same("the resolved configuration (--config, --set, --resume)",
                    cfg.to_toml() + "\nresume=" + (resume ? std::to_string(resume->step) : "-") +
                        "\ninit=" + opt.init_from);
+  // The gradient buckets' sizes follow from it: a rank with other buckets would all-reduce other sizes.
+  dist::check_same("the gradient bucket size (MOEFORGE_DIST_BUCKET_KB)",
+                   std::to_string(dist::env().bucket_bytes));
 
   const std::string* tokenizer_model = resume ? &resume->tokenizer_model
                                        : init ? &init->tokenizer_model
@@ -401,6 +404,10 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     params.push_back(p.value());
     (sharding.names.count(p.key()) ? sharded : replicated).push_back(p.value());
   }
+  // Data parallelism's gradient all-reduce, overlapped with the step's last backward
+  // (docs/distributed.md, "Gradients").
+  dist::GradientReducer reducer(replicated, dist::env().bucket_bytes);
+  int64_t buckets_overlapped = 0;
   AdamW optim(named, tc);
 
   int64_t step = 0;
@@ -588,7 +595,9 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       auto& out = fwd.out;
       const auto ce_loss = fwd.loss();  // response tokens only for instruction data
       auto loss = ce_loss + out.aux_loss;
-      (loss / double(tc.grad_accum)).backward();
+      auto scaled = loss / double(tc.grad_accum);
+      if (micro == tc.grad_accum - 1 && dist::env().overlap) reducer.arm(scaled);
+      scaled.backward();
       loss_sum += ce_loss.item<double>() / double(tc.grad_accum);
       aux_sum += out.aux_loss.item<double>() / double(tc.grad_accum);
       // Each micro-batch's token losses join its plans in the routers' feedback (docs/routing.md, "State
@@ -601,7 +610,8 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     // ranks: every rank's slice has the same number of tokens, so the mean of the ranks' mean losses is the
     // global batch's); the clipping norm is then the global one, and every rank takes the same decisions.
     const auto t_sync = std::chrono::steady_clock::now();
-    dist::average_gradients(replicated);
+    reducer.finish();
+    buckets_overlapped += reducer.started_in_backward();
     // An expert shard's gradient already sums every rank's tokens (the reverse all-to-all brought them):
     // the global batch's mean loss is the mean of the ranks' mean losses.
     for (auto& p : sharded)
@@ -699,24 +709,45 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   for (auto& l : eval_lines) log << l << "\n";
   if (W > 1) {
     // What data parallelism cost this rank (docs/distributed.md, "Measured"): payload of its collectives
-    // and the time it waited on them, the gradient all-reduce apart.
+    // and the time it waited on them, the gradient all-reduce apart; rank 0 also writes it to dist.json
+    // (moeforge bench --dist reads it).
     const auto c = dist::comm_stats();
     const double steps_run = std::max<double>(1, double(summary.step_losses.size() + summary.skipped_steps));
-    log << "dist: rank " << rank << ": " << fmt(double(c.bytes - comm_start.bytes) / 1e6 / steps_run, 3)
-        << " MB sent per step in " << fmt(double(c.calls - comm_start.calls) / steps_run, 1)
-        << " collectives; gradient all-reduce " << fmt(1e3 * grad_sync_seconds / steps_run, 2)
-        << " ms per step, all collectives " << fmt(1e3 * (c.seconds - comm_start.seconds) / steps_run, 2)
-        << " ms per step ("
-        << fmt(100.0 * (c.seconds - comm_start.seconds) / std::max(summary.seconds, 1e-9), 1)
-        << "% of the training time)";
+    const double secs = std::max(summary.seconds, 1e-9);
+    nlohmann::json d = {{"rank", rank},
+                        {"world", W},
+                        {"expert_parallel", cfg.moe.expert_parallel},
+                        {"steps", steps_run},
+                        {"step_ms", 1e3 * summary.seconds / steps_run},
+                        {"tokens_per_s", summary.tokens_per_s},
+                        {"bytes_per_step", double(c.bytes - comm_start.bytes) / steps_run},
+                        {"collectives_per_step", double(c.calls - comm_start.calls) / steps_run},
+                        {"comm_ms_per_step", 1e3 * (c.seconds - comm_start.seconds) / steps_run},
+                        {"comm_share", (c.seconds - comm_start.seconds) / secs},
+                        {"grad_sync_ms_per_step", 1e3 * grad_sync_seconds / steps_run},
+                        {"grad_buckets", reducer.n_buckets()},
+                        {"grad_buckets_overlapped_per_step", double(buckets_overlapped) / steps_run},
+                        {"grad_overlap", dist::env().overlap},
+                        {"grad_bucket_bytes", dist::env().bucket_bytes},
+                        {"a2a_bytes_per_step", double(c.a2a_bytes - comm_start.a2a_bytes) / steps_run},
+                        {"a2a_calls_per_step", double(c.a2a_calls - comm_start.a2a_calls) / steps_run},
+                        {"a2a_ms_per_step", 1e3 * (c.a2a_seconds - comm_start.a2a_seconds) / steps_run},
+                        {"a2a_share", (c.a2a_seconds - comm_start.a2a_seconds) / secs}};
+    log << "dist: rank " << rank << ": " << fmt(d["bytes_per_step"].get<double>() / 1e6, 3)
+        << " MB sent per step in " << fmt(d["collectives_per_step"].get<double>(), 1)
+        << " collectives; gradient all-reduce " << fmt(d["grad_sync_ms_per_step"].get<double>(), 2)
+        << " ms per step after backward (" << reducer.n_buckets() << " buckets, "
+        << fmt(d["grad_buckets_overlapped_per_step"].get<double>(), 1)
+        << " per step started during backward), all collectives "
+        << fmt(d["comm_ms_per_step"].get<double>(), 2) << " ms per step ("
+        << fmt(100.0 * d["comm_share"].get<double>(), 1) << "% of the training time)";
     if (c.a2a_calls > comm_start.a2a_calls)
-      log << "; of which expert-parallel all-to-all "
-          << fmt(double(c.a2a_bytes - comm_start.a2a_bytes) / 1e6 / steps_run, 3) << " MB in "
-          << fmt(double(c.a2a_calls - comm_start.a2a_calls) / steps_run, 1) << " calls, "
-          << fmt(1e3 * (c.a2a_seconds - comm_start.a2a_seconds) / steps_run, 2) << " ms per step ("
-          << fmt(100.0 * (c.a2a_seconds - comm_start.a2a_seconds) / std::max(summary.seconds, 1e-9), 1)
-          << "% of the training time)";
+      log << "; of which expert-parallel all-to-all " << fmt(d["a2a_bytes_per_step"].get<double>() / 1e6, 3)
+          << " MB in " << fmt(d["a2a_calls_per_step"].get<double>(), 1) << " calls, "
+          << fmt(d["a2a_ms_per_step"].get<double>(), 2) << " ms per step ("
+          << fmt(100.0 * d["a2a_share"].get<double>(), 1) << "% of the training time)";
     log << "\n";
+    if (writer) write_file_atomic((fs::path(opt.out_dir) / "dist.json").string(), d.dump(2) + "\n");
   }
   summary.step = step;
   if (summary.interrupted_by) return summary;

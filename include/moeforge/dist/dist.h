@@ -38,6 +38,10 @@ struct LaunchEnv {
   std::string store_file;
   // How long a collective waits for the other ranks before it fails (MOEFORGE_DIST_TIMEOUT_S).
   std::chrono::milliseconds timeout{std::chrono::seconds(300)};
+  // The gradient all-reduce (sync.h, GradientReducer): bucket size (MOEFORGE_DIST_BUCKET_KB) and whether
+  // buckets start during backward (MOEFORGE_DIST_OVERLAP=0 turns that off; the result is the same bits).
+  int64_t bucket_bytes = int64_t(1) << 20;
+  bool overlap = true;
 };
 
 // Reads OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK (mpirun) or RANK / WORLD_SIZE / LOCAL_RANK (torchrun
@@ -63,6 +67,13 @@ void broadcast(std::vector<torch::Tensor>& tensors, int root, const std::string&
 // dims may not.
 torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what);
 void barrier(const std::string& what);
+// An all-reduce (sum, in place) that runs while this thread goes on, on the gradients' own process group:
+// a second c10d Gloo group over the same rendezvous, whose calls form a sequence of their own, so that it
+// may be in flight while the main group's collectives run (expert parallelism's all-to-alls during
+// backward). Every rank must start the same ones in the same order. `t` must stay alive, and untouched,
+// until wait_grad_allreduce(handle) has returned.
+int64_t start_grad_allreduce(torch::Tensor& t, const std::string& what);
+void wait_grad_allreduce(int64_t handle);
 // c10d's all-to-all with split sizes (alltoall_base): rows [sum send_rows, ...] go out, rows
 // send_rows[0] first to rank 0 and so on; returns [sum recv_rows, ...] with recv_rows[s] rows from rank s,
 // in rank order. No autograd (expert_parallel.h wraps it). In one process: `x` itself.
