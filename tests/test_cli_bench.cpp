@@ -1,6 +1,6 @@
 // `moeforge bench --scaling` end to end (docs/performance.md, "Scaling"): it runs, writes its JSON with the
-// three sweeps and their fitted exponents, and its PNG. No timing is asserted: speed is measured by the
-// bench itself (docs/performance.md), not by tests.
+// three sweeps and their fitted exponents, and its PNG; `moeforge bench --dist` likewise. No timing is
+// asserted: speed is measured by the bench itself (docs/performance.md), not by tests.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -47,6 +47,62 @@ TEST(CliBench, ScalingOptionsAreCheckedNamingTheFlag) {
   out = test::run_capture(std::string(MOEFORGE_CLI) + " bench --scaling --train 2>&1", &rc);
   EXPECT_NE(rc, 0);
   EXPECT_NE(out.find("--scaling"), std::string::npos) << out;
+}
+
+// `moeforge bench --dist` end to end on the tests' tiny model: every setting runs as real ranks, and the
+// figures come back from their metrics.jsonl and rank 0's dist.json. What is asserted is what the
+// settings must differ in (bytes of the all-reduce, all-to-all only with expert parallelism, buckets
+// started during backward only with the overlap), not speed.
+TEST(CliBench, DistQuickRunsEverySettingAsRanksAndReadsTheirFigures) {
+  const std::string dir = test::fresh_dir("cli_bench_dist");
+  std::string cmd = std::string(MOEFORGE_CLI) +
+                    " --threads 2 bench --dist --quick --reps 3 --rounds 1 --json " +
+                    test::quote(dir + "/d.json") + " --plot " + test::quote(dir + "/d.png");
+  for (auto& o : test::tiny_run_overrides("cli_bench_dist"))
+    if (o.rfind("train.steps", 0) != 0 && o.rfind("train.threads", 0) != 0) cmd += " --set " + test::quote(o);
+  int rc = 0;
+  const std::string out = test::run_capture(cmd + " 2>&1", &rc);
+  ASSERT_EQ(rc, 0) << out;
+  std::ifstream in(dir + "/d.json");
+  const auto j = nlohmann::json::parse(in);
+  ASSERT_EQ(j["models"].size(), 1u) << "--quick: the default model only";
+  const auto& s = j["models"]["default"]["settings"];
+  ASSERT_EQ(s.size(), 4u) << s.dump(2);
+  EXPECT_EQ(s["1 rank"]["ratio_to_one_rank"].get<double>(), 1.0);
+  EXPECT_FALSE(s["1 rank"].contains("rank0"));
+  for (const char* name : {"2 ranks DP", "2 ranks DP, no overlap", "2 ranks EP"}) {
+    ASSERT_TRUE(s.contains(name)) << name;
+    const auto& d = s[name];
+    EXPECT_EQ(d["world"].get<int>(), 2) << name;
+    EXPECT_GT(d["median_tokens_per_s"].get<double>(), 0.0) << name;
+    EXPECT_GT(d["median_bytes_per_step"].get<double>(), 0.0) << name;
+    EXPECT_EQ(d["rank0"][0]["steps"].get<double>(), 3.0) << name;
+  }
+  EXPECT_EQ(s["2 ranks DP"]["median_a2a_bytes_per_step"].get<double>(), 0.0);
+  EXPECT_GT(s["2 ranks EP"]["median_a2a_bytes_per_step"].get<double>(), 0.0);
+  // Expert parallelism takes the experts' gradients out of the all-reduce.
+  EXPECT_LT(s["2 ranks EP"]["median_bytes_per_step"].get<double>() -
+                s["2 ranks EP"]["median_a2a_bytes_per_step"].get<double>(),
+            s["2 ranks DP"]["median_bytes_per_step"].get<double>());
+  EXPECT_GT(s["2 ranks DP"]["median_grad_buckets_overlapped_per_step"].get<double>(), 0.0);
+  EXPECT_EQ(s["2 ranks DP, no overlap"]["median_grad_buckets_overlapped_per_step"].get<double>(), 0.0);
+  EXPECT_GT(std::filesystem::file_size(dir + "/d.png"), 1000u);
+}
+
+TEST(CliBench, DistOptionsAreCheckedNamingTheFlag) {
+  int rc = 0;
+  auto out = test::run_capture(std::string(MOEFORGE_CLI) + " bench --rounds 2 2>&1", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("--rounds"), std::string::npos) << out;
+  out = test::run_capture(std::string(MOEFORGE_CLI) + " bench --dist --train 2>&1", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("--dist"), std::string::npos) << out;
+  out = test::run_capture(std::string(MOEFORGE_CLI) + " bench --dist --set train.steps=3 2>&1", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("train.steps"), std::string::npos) << out;
+  out = test::run_capture(std::string(MOEFORGE_CLI) + " --threads 3 bench --dist 2>&1", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("--threads"), std::string::npos) << out;
 }
 
 }  // namespace

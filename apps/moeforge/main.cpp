@@ -10,6 +10,7 @@
 #include <iomanip>
 #include <iostream>
 
+#include "../../bench/dist_bench.h"
 #include "../../bench/layer_bench.h"
 #include "../../bench/timing.h"
 #include "../../bench/train_bench.h"
@@ -247,8 +248,19 @@ int main(int argc, char** argv) {
   bench->add_flag("--scaling", bench_scaling,
                   "time per layer step and per route() as T, E and K grow, with the fitted growth "
                   "(docs/performance.md, \"Scaling\")");
-  bench->add_option("--plot", bench_plot, "with --scaling: write the log-log plot to this PNG");
-  bench->add_flag("--quick", bench_quick, "with --scaling: only the two smallest points of each sweep");
+  bench->add_option("--plot", bench_plot, "with --scaling or --dist: write the plot to this PNG");
+  bench->add_flag("--quick", bench_quick,
+                  "with --scaling: only the two smallest points of each sweep; with --dist: the default "
+                  "model only");
+  bool bench_dist = false;
+  DistBenchOptions dist_opt;
+  bench->add_flag("--dist", bench_dist,
+                  "training steps at 1 rank x T threads against 2 ranks x T/2 (data parallel, with and "
+                  "without the gradient all-reduce overlapped, and expert parallel), for the default and a "
+                  "wider model: tokens/s, bytes and time of the collectives (docs/distributed.md); --reps "
+                  "sets the steps per run (default 30), --threads T (default: the cores available)");
+  bench->add_option("--rounds", dist_opt.rounds, "with --dist: each setting runs once per round (default 2)")
+      ->check(CLI::Range(1, 100));
 
   // info
   auto* info = app.add_subcommand(
@@ -547,7 +559,14 @@ int main(int argc, char** argv) {
             throw ConfigError("--directions",
                               "unknown direction '" + d + "' (expected forward,forward_backward)");
       }
-      if (!bench_train && bench_compare.empty() &&
+      if (bench_dist && (bench_train || !bench_compare.empty() || !bench_scale.empty() || bench_scaling ||
+                         !shapes_csv.empty() || !train_bench_opt.config.empty()))
+        throw ConfigError("--dist",
+                          "goes alone (not with --train, --compare, --routing-scale, --scaling, --shapes or "
+                          "--config; --set applies to every run)");
+      if (!bench_dist && bench->count("--rounds") > 0)
+        throw ConfigError("--rounds", "applies only with --dist");
+      if (!bench_train && bench_compare.empty() && !bench_dist &&
           (!train_bench_opt.config.empty() || !train_bench_opt.overrides.empty()))
         throw ConfigError(train_bench_opt.config.empty() ? "--set" : "--config", "applies only with --train");
       if (bench_profile && !bench_train) throw ConfigError("--profile", "applies only with --train");
@@ -558,8 +577,8 @@ int main(int argc, char** argv) {
           (bench_train || !bench_compare.empty() || !bench_scale.empty() || !shapes_csv.empty()))
         throw ConfigError("--scaling",
                           "goes alone (not with --train, --compare, --routing-scale or --shapes)");
-      if (!bench_scaling && (!bench_plot.empty() || bench_quick))
-        throw ConfigError(bench_plot.empty() ? "--quick" : "--plot", "applies only with --scaling");
+      if (!bench_scaling && !bench_dist && (!bench_plot.empty() || bench_quick))
+        throw ConfigError(bench_plot.empty() ? "--quick" : "--plot", "applies only with --scaling or --dist");
       std::cout << "moeforge bench: " << describe_machine() << "\n";
       train_bench_opt.steps = bench_opt.reps;
       nlohmann::json result;
@@ -574,6 +593,13 @@ int main(int argc, char** argv) {
       } else if (!bench_scale.empty()) {
         result =
             run_routing_scale(parse_seed_list(bench_scale, "--routing-scale"), bench_opt.reps, std::cout);
+      } else if (bench_dist) {
+        dist_opt.steps = bench->count("--reps") > 0 ? bench_opt.reps : 30;
+        dist_opt.threads = threads > 0 ? threads : std::max(2, init_threads(0) / 2 * 2);
+        dist_opt.overrides = train_bench_opt.overrides;
+        dist_opt.plot = bench_plot;
+        dist_opt.quick = bench_quick;
+        result = run_dist_bench(dist_opt, std::cout);
       } else if (bench_scaling) {
         result = run_scaling_bench(bench_opt.reps, bench_quick, std::cout);
         if (!bench_plot.empty()) {
