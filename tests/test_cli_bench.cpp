@@ -60,6 +60,7 @@ TEST(CliBench, DistQuickRunsEverySettingAsRanksAndReadsTheirFigures) {
                     test::quote(dir + "/d.json") + " --plot " + test::quote(dir + "/d.png");
   for (auto& o : test::tiny_run_overrides("cli_bench_dist"))
     if (o.rfind("train.steps", 0) != 0 && o.rfind("train.threads", 0) != 0) cmd += " --set " + test::quote(o);
+  cmd += " --set " + test::quote("moe.router=\"topk\"");  // the default MoCE needs more than 4 experts
   int rc = 0;
   const std::string out = test::run_capture(cmd + " 2>&1", &rc);
   ASSERT_EQ(rc, 0) << out;
