@@ -248,7 +248,10 @@ nlohmann::json run_dist_bench(const DistBenchOptions& opt, std::ostream& log) {
       << "\n";
   for (auto& [model, m] : result["models"].items()) {
     const double one = median(m["settings"]["1 rank"]["tokens_per_s"].get<std::vector<double>>());
-    for (auto& [name, s] : m["settings"].items()) {
+    for (auto& item : m["settings"].items()) {
+      // Not a structured binding: the lambda below takes `s`, which C++17 does not allow of a binding.
+      const std::string name = item.key();
+      auto& s = item.value();
       auto v = s["tokens_per_s"].get<std::vector<double>>();
       const double med = median(v);
       s["median_tokens_per_s"] = med;
