@@ -141,6 +141,17 @@ std::vector<Result> run_two_ranks(const std::vector<std::string>& args, const fs
   return {wait_for(p0), wait_for(p1)};
 }
 
+// Runs `args` as ranks 0 .. n-1 of a group; logs under dir/rank<R>.
+std::vector<Result> run_ranks(int n, const std::vector<std::string>& args, const fs::path& dir) {
+  const int port = free_port();
+  std::vector<Proc> p;
+  for (int r = 0; r < n; ++r)
+    p.push_back(spawn(args, dir / ("rank" + std::to_string(r)), rank_env(r, n, port)));
+  std::vector<Result> out;
+  for (auto& q : p) out.push_back(wait_for(q));
+  return out;
+}
+
 // step -> training loss of a run's metrics.jsonl.
 std::map<int64_t, double> train_losses(const fs::path& run) {
   std::map<int64_t, double> out;
@@ -276,6 +287,41 @@ TEST(DistTrain, GradientOverlapReachesTheSameBitsAsAveragingAfterBackward) {
   ASSERT_EQ(d[0].size(), 3u);
   EXPECT_EQ(d[0], d[1]) << "overlapped against after backward";
   EXPECT_EQ(d[0], d[2]) << "1 MiB buckets against 4 KiB buckets";
+}
+
+// Expert groups smaller than the world: 4 ranks with dist.expert_parallel = 2, so ranks 0-1 and 2-3 each
+// hold all experts between them and ranks 0 and 2 (1 and 3) the same shard, whose gradients are averaged
+// over them. 5 steps against one process with the same global batch, within the 2-rank tests'
+// tolerances (the same reasons: float32 sums in another order); all four ranks end in the same state.
+TEST(DistTrain, ExpertGroupsOfTwoInFourRanksEqualOneProcess) {
+  const auto dir = scratch("ep_groups");
+  const auto cfg =
+      tiny_config_file(dir, "ep_groups", {"train.steps=5", "train.batch_size=4", "dist.expert_parallel=2"});
+  auto one = wait_for(spawn(train_args(cfg, dir / "one"), dir / "one_log", {}));
+  ASSERT_EQ(one.code, 0) << one.err;
+  auto four = run_ranks(4, train_args(cfg, dir / "four"), dir / "four_log");
+  for (int r = 0; r < 4; ++r)
+    ASSERT_EQ(four[size_t(r)].code, 0) << "rank " << r << ": " << four[size_t(r)].err;
+  EXPECT_NE(four[2].out.find("experts [0, 2) of 4 on this rank"), std::string::npos) << four[2].out;
+  EXPECT_NE(four[3].out.find("experts [2, 4) of 4 on this rank"), std::string::npos) << four[3].out;
+  const auto l1 = train_losses(dir / "one"), l4 = train_losses(dir / "four");
+  ASSERT_EQ(l1.size(), 5u);
+  ASSERT_EQ(l4.size(), 5u);
+  for (auto& [step, loss] : l1) EXPECT_NEAR(l4.at(step), loss, 1e-4 * std::abs(loss)) << "step " << step;
+  auto [diff, where] = max_param_diff(dir / "one" / "checkpoints", dir / "four" / "checkpoints");
+  EXPECT_LT(diff, 5e-4) << where;
+  std::cout << "expert groups of 2 in 4 ranks: max |param diff| " << diff << " (" << where << ")\n";
+  const auto d0 = digests(four[0].out);
+  EXPECT_FALSE(d0.empty());
+  for (int r = 1; r < 4; ++r) EXPECT_EQ(digests(four[size_t(r)].out), d0) << "rank " << r;
+  // A group size that does not divide the world is refused on every rank, naming the key.
+  const auto bad =
+      tiny_config_file(dir, "ep_groups", {"train.steps=1", "train.batch_size=4", "dist.expert_parallel=4"});
+  auto two = run_two_ranks(train_args(bad, dir / "bad"), dir / "bad_log");
+  for (auto& r : two) {
+    EXPECT_NE(r.code, 0);
+    EXPECT_NE(r.err.find("dist.expert_parallel"), std::string::npos) << r.err;
+  }
 }
 
 // Launched by OpenMPI's mpirun (its OMPI_COMM_WORLD_* variables; the rendezvous port passed with -x so

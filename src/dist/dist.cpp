@@ -31,6 +31,10 @@ struct State {
   c10::intrusive_ptr<c10d::Store> store;  // rendezvous (rank 0 hosts a TCPStore's server)
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> grad_pg;  // the gradient buckets' own sequence (dist.h)
+  // Expert parallelism's groups when 1 < G < W (init_expert_groups); expert_parallel 0: not set, the
+  // expert group is the world.
+  int expert_parallel = 0;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> experts_pg, replicas_pg;
   struct Pending {
     c10::intrusive_ptr<c10d::Work> work;
     std::string what;
@@ -235,6 +239,48 @@ void heartbeat_loop() {
   std::_Exit(1);
 }
 
+// A c10d Gloo group of `size` ranks over the rendezvous store, its keys under `prefix` (blocks until all
+// its members have made theirs).
+c10::intrusive_ptr<c10d::ProcessGroupGloo> make_group(const LaunchEnv& env,
+                                                      const c10::intrusive_ptr<c10d::Store>& store,
+                                                      const std::string& prefix, int rank, int size) {
+  auto opts = c10d::ProcessGroupGloo::Options::create(env.timeout);
+  // Loopback when the rendezvous is on this host; otherwise the interface GLOO_SOCKET_IFNAME names, or
+  // the one this host's name resolves to (docs/distributed.md, "Several hosts").
+  if (has_env("GLOO_SOCKET_IFNAME"))
+    opts->devices.push_back(
+        c10d::ProcessGroupGloo::createDeviceForInterface(std::getenv("GLOO_SOCKET_IFNAME")));
+  else if (env.master_addr == "127.0.0.1" || env.master_addr == "localhost")
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  else
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  opts->threads = 1;  // one collective at a time; the ranks' compute threads are train.threads
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(c10::make_intrusive<c10d::PrefixStore>(prefix, store),
+                                                     rank, size, opts);
+}
+
+// The expert group's size G (the world until init_expert_groups).
+int experts_size() {
+  const auto& s = state();
+  return s.expert_parallel == 0 ? s.env.world : s.expert_parallel;
+}
+
+// The process group for collectives of kind g; null when this rank's group of that kind has one rank.
+c10d::ProcessGroupGloo* pg_of(Group g) {
+  auto& s = state();
+  if (!s.pg) return nullptr;
+  const int G = experts_size(), W = s.env.world;
+  switch (g) {
+    case Group::kWorld:
+      return s.pg.get();
+    case Group::kExperts:
+      return G == 1 ? nullptr : G == W ? s.pg.get() : s.experts_pg.get();
+    case Group::kReplicas:
+      return G == W ? nullptr : G == 1 ? s.pg.get() : s.replicas_pg.get();
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 LaunchEnv launch_env_from_environment() {
@@ -273,23 +319,8 @@ void init(const LaunchEnv& env) {
   if (env.world <= 1) return;
   try {
     s.store = connect_store(env, env.rank == 0, true, env.timeout);
-    auto group = [&](const std::string& prefix) {
-      auto opts = c10d::ProcessGroupGloo::Options::create(env.timeout);
-      // Loopback when the rendezvous is on this host; otherwise the interface GLOO_SOCKET_IFNAME names, or
-      // the one this host's name resolves to (docs/distributed.md, "Several hosts").
-      if (has_env("GLOO_SOCKET_IFNAME"))
-        opts->devices.push_back(
-            c10d::ProcessGroupGloo::createDeviceForInterface(std::getenv("GLOO_SOCKET_IFNAME")));
-      else if (env.master_addr == "127.0.0.1" || env.master_addr == "localhost")
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-      else
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-      opts->threads = 1;  // one collective at a time; the ranks' compute threads are train.threads
-      return c10::make_intrusive<c10d::ProcessGroupGloo>(
-          c10::make_intrusive<c10d::PrefixStore>(prefix, s.store), env.rank, env.world, opts);
-    };
-    s.pg = group("pg");
-    s.grad_pg = group("grad");
+    s.pg = make_group(env, s.store, "pg", env.rank, env.world);
+    s.grad_pg = make_group(env, s.store, "grad", env.rank, env.world);
   } catch (const std::exception& e) {
     std::ostringstream os;
     os << "distributed: rank " << env.rank << " of " << env.world << " could not join the group at "
@@ -337,6 +368,9 @@ void shutdown() {
   s.cv.notify_all();
   if (s.heartbeat.joinable()) s.heartbeat.join();
   s.pending.clear();
+  s.experts_pg.reset();
+  s.replicas_pg.reset();
+  s.expert_parallel = 0;
   s.grad_pg.reset();
   s.pg.reset();
   if (was_active && s.store) {
@@ -359,14 +393,53 @@ void shutdown() {
   if (was_active) std::set_terminate(nullptr);
 }
 
-void allreduce_sum(std::vector<torch::Tensor>& tensors, const std::string& what) {
+void init_expert_groups(int expert_parallel) {
+  auto& s = state();
   if (!active()) return;
+  const int W = s.env.world, r = s.env.rank, G = expert_parallel;
+  if (G < 1 || W % G != 0)
+    throw DistError("distributed: dist.expert_parallel = " + std::to_string(G) + " does not divide the " +
+                    std::to_string(W) + " ranks");
+  if (s.expert_parallel != 0) {
+    if (s.expert_parallel != G)
+      throw DistError("distributed: the expert groups were built for dist.expert_parallel = " +
+                      std::to_string(s.expert_parallel) + ", not " + std::to_string(G));
+    return;
+  }
+  if (G > 1 && G < W) {
+    try {
+      // Every rank builds its expert group first, then its replica group: each group's members all
+      // reach it, in that order, so no rank waits on one that is building another.
+      s.experts_pg = make_group(s.env, s.store, "experts" + std::to_string(r / G), r % G, G);
+      s.replicas_pg = make_group(s.env, s.store, "replicas" + std::to_string(r % G), r / G, W / G);
+    } catch (const std::exception& e) {
+      fail("building the expert-parallel groups (dist.expert_parallel = " + std::to_string(G) + ")", e);
+    }
+  }
+  s.expert_parallel = G;
+}
+
+int group_size(Group g) {
+  if (!active()) return 1;
+  const int G = experts_size(), W = state().env.world;
+  return g == Group::kWorld ? W : g == Group::kExperts ? G : W / G;
+}
+
+int group_rank(Group g) {
+  if (!active()) return 0;
+  const int G = experts_size(), r = state().env.rank;
+  return g == Group::kWorld ? r : g == Group::kExperts ? r % G : r / G;
+}
+
+void allreduce_sum(std::vector<torch::Tensor>& tensors, const std::string& what, Group group) {
+  auto* pg = pg_of(group);
+  if (pg == nullptr) return;
   for (auto& t : tensors) {
     TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "dist::allreduce_sum: ", what,
                 ": tensors must be contiguous CPU tensors");
     std::vector<torch::Tensor> one{t};
     const auto t0 = std::chrono::steady_clock::now();
-    wait(state().pg->allreduce(one, c10d::AllreduceOptions()), "all-reduce of " + what, nbytes(one), t0);
+    wait(pg->allreduce(one, c10d::AllreduceOptions()), "all-reduce of " + what, nbytes(one), t0);
   }
 }
 
@@ -383,16 +456,17 @@ void broadcast(std::vector<torch::Tensor>& tensors, int root, const std::string&
   }
 }
 
-torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what) {
-  if (!active()) return t;
-  const int W = world();
+torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what, Group group) {
+  auto* pg = pg_of(group);
+  if (pg == nullptr) return t;
+  const int W = group_size(group);
   auto x = t.contiguous().cpu();
   // Rows first (they may differ between ranks), then the rows padded to the longest.
   std::vector<torch::Tensor> in{torch::tensor({x.size(0)}, torch::kLong)};
   std::vector<std::vector<torch::Tensor>> out(1);
   for (int r = 0; r < W; ++r) out[0].push_back(torch::empty({1}, torch::kLong));
   auto t0 = std::chrono::steady_clock::now();
-  wait(state().pg->allgather(out, in), "all-gather of the row counts of " + what, nbytes(in), t0);
+  wait(pg->allgather(out, in), "all-gather of the row counts of " + what, nbytes(in), t0);
   std::vector<int64_t> rows;
   int64_t most = 0;
   for (auto& n : out[0]) rows.push_back(n.item<int64_t>()), most = std::max(most, rows.back());
@@ -404,18 +478,19 @@ torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what) {
   std::vector<std::vector<torch::Tensor>> pout(1);
   for (int r = 0; r < W; ++r) pout[0].push_back(torch::empty(shape, x.options()));
   t0 = std::chrono::steady_clock::now();
-  wait(state().pg->allgather(pout, pin), "all-gather of " + what, nbytes(pin), t0);
+  wait(pg->allgather(pout, pin), "all-gather of " + what, nbytes(pin), t0);
   std::vector<torch::Tensor> parts;
   for (int r = 0; r < W; ++r) parts.push_back(pout[0][size_t(r)].narrow(0, 0, rows[size_t(r)]));
   return torch::cat(parts, 0).to(t.device());
 }
 
 torch::Tensor all_to_all_rows(const torch::Tensor& x, const std::vector<int64_t>& send_rows,
-                              const std::vector<int64_t>& recv_rows, const std::string& what) {
-  if (!active()) return x;
-  TORCH_CHECK(int(send_rows.size()) == world() && int(recv_rows.size()) == world(),
-              "dist::all_to_all_rows: ", what, ": ", send_rows.size(), " send and ", recv_rows.size(),
-              " receive counts for ", world(), " ranks");
+                              const std::vector<int64_t>& recv_rows, const std::string& what, Group group) {
+  auto* pg = pg_of(group);
+  if (pg == nullptr) return x;
+  const int W = group_size(group);
+  TORCH_CHECK(int(send_rows.size()) == W && int(recv_rows.size()) == W, "dist::all_to_all_rows: ", what, ": ",
+              send_rows.size(), " send and ", recv_rows.size(), " receive counts for ", W, " ranks");
   auto in = x.contiguous().cpu();
   int64_t total = 0;
   for (int64_t n : recv_rows) total += n;
@@ -425,10 +500,10 @@ torch::Tensor all_to_all_rows(const torch::Tensor& x, const std::vector<int64_t>
   auto send = send_rows, recv = recv_rows;  // c10d takes them by non-const reference
   // Bytes that leave this rank (its rows for itself stay in memory).
   const int64_t row_bytes = in.size(0) > 0 ? int64_t(in.nbytes()) / in.size(0) : 0;
-  const int64_t leaving = int64_t(in.nbytes()) - send_rows[size_t(rank())] * row_bytes;
+  const int64_t leaving = int64_t(in.nbytes()) - send_rows[size_t(group_rank(group))] * row_bytes;
   const auto t0 = std::chrono::steady_clock::now();
-  wait(state().pg->alltoall_base(out, in, recv, send, c10d::AllToAllOptions()), "all-to-all of " + what,
-       leaving, t0, /*all_to_all=*/true);
+  wait(pg->alltoall_base(out, in, recv, send, c10d::AllToAllOptions()), "all-to-all of " + what, leaving, t0,
+       /*all_to_all=*/true);
   return out.to(x.device());
 }
 
@@ -441,15 +516,19 @@ void barrier(const std::string& what) {
   wait(state().pg->allreduce(one, c10d::AllreduceOptions()), "barrier (" + what + ")", nbytes(one), t0);
 }
 
-int64_t start_grad_allreduce(torch::Tensor& t, const std::string& what) {
-  if (!active()) return -1;
+int64_t start_grad_allreduce(torch::Tensor& t, const std::string& what, Group group) {
+  TORCH_CHECK(group != Group::kExperts, "dist::start_grad_allreduce: ", what, ": not over the expert group");
+  if (pg_of(group) == nullptr) return -1;
   TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "dist::start_grad_allreduce: ", what,
               ": the tensor must be a contiguous CPU tensor");
   auto& s = state();
   std::vector<torch::Tensor> one{t};
   const int64_t h = s.next_handle++;
   try {
-    s.pending[h] = {s.grad_pg->allreduce(one, c10d::AllreduceOptions()), what, nbytes(one)};
+    // The world's gradients on the world's second group; the replicas' on the replica group (which, when
+    // the expert group is one rank, is the world: the second group again).
+    auto& pg = group == Group::kReplicas && s.replicas_pg ? s.replicas_pg : s.grad_pg;
+    s.pending[h] = {pg->allreduce(one, c10d::AllreduceOptions()), what, nbytes(one)};
   } catch (const std::exception& e) {
     fail("all-reduce of " + what, e);
   }
@@ -457,7 +536,7 @@ int64_t start_grad_allreduce(torch::Tensor& t, const std::string& what) {
 }
 
 void wait_grad_allreduce(int64_t handle) {
-  if (!active()) return;
+  if (handle < 0) return;  // a group of one rank: nothing was started
   auto& s = state();
   auto it = s.pending.find(handle);
   TORCH_CHECK(it != s.pending.end(), "dist::wait_grad_allreduce: no all-reduce ", handle, " in flight");

@@ -20,7 +20,7 @@ struct AllToAllRows : public torch::autograd::Function<AllToAllRows> {
     ctx->saved_data["send"] = send;
     ctx->saved_data["recv"] = recv;
     ctx->saved_data["cols"] = x.size(1);
-    return all_to_all_rows(x, send, recv, "the expert rows");
+    return all_to_all_rows(x, send, recv, "the expert rows", Group::kExperts);
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grad) {
     const auto send = ctx->saved_data["send"].toIntVector();
@@ -29,8 +29,8 @@ struct AllToAllRows : public torch::autograd::Function<AllToAllRows> {
     for (int64_t n : recv) rows += n;
     // Every rank must make the exchange, even one whose rows got no gradient.
     auto g = grad[0].defined() ? grad[0] : torch::zeros({rows, ctx->saved_data["cols"].toInt()});
-    return {all_to_all_rows(g.contiguous(), recv, send, "the expert rows' gradients"), torch::Tensor(),
-            torch::Tensor()};
+    return {all_to_all_rows(g.contiguous(), recv, send, "the expert rows' gradients", Group::kExperts),
+            torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -46,7 +46,7 @@ ExpertShard expert_shard(int64_t n_expert, int rank, int world) {
 }
 
 ExchangePlan plan_exchange(const std::vector<int64_t>& off, int64_t n_expert) {
-  const int W = world(), r = rank();
+  const int W = group_size(Group::kExperts), r = group_rank(Group::kExperts);
   TORCH_CHECK(int64_t(off.size()) == n_expert + 1, "dist::plan_exchange: ", off.size(), " offsets for ",
               n_expert, " experts");
   ExchangePlan ex;
@@ -60,7 +60,8 @@ ExchangePlan plan_exchange(const std::vector<int64_t>& off, int64_t n_expert) {
   for (int d = 0; d < W; ++d) ex.send_rows[size_t(d)] = off[size_t((d + 1) * El)] - off[size_t(d * El)];
   // Counts first: rank s's counts for my experts arrive as the s-th block of E_l numbers.
   const std::vector<int64_t> blocks(size_t(W), El);
-  auto got = all_to_all_rows(counts, blocks, blocks, "the expert row counts").contiguous();  // [W * E_l]
+  auto got = all_to_all_rows(counts, blocks, blocks, "the expert row counts", Group::kExperts)
+                 .contiguous();  // [W * E_l]
   const int64_t* c = got.data_ptr<int64_t>();
   ex.recv_rows.assign(size_t(W), 0);
   for (int s = 0; s < W; ++s)

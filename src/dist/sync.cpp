@@ -77,9 +77,9 @@ RoutingStats global_stats(const RoutingStats& stats) {
   return out;
 }
 
-GradientReducer::GradientReducer(std::vector<torch::Tensor> params, int64_t bucket_bytes)
-    : params_(std::move(params)) {
-  if (!active()) return;
+GradientReducer::GradientReducer(std::vector<torch::Tensor> params, int64_t bucket_bytes, Group group)
+    : params_(std::move(params)), group_(group) {
+  if (group_size(group_) <= 1) return;
   where_.resize(params_.size());
   in_.assign(params_.size(), false);
   // Buckets of consecutive parameters of one dtype, last parameter first.
@@ -118,7 +118,7 @@ GradientReducer::~GradientReducer() {
 }
 
 void GradientReducer::arm(const torch::Tensor& loss) {
-  if (!active()) return;
+  if (where_.empty()) return;  // a group of one rank
   armed_ = true;
   // The nodes of the graph backward will run, from the loss down to the parameters' accumulators.
   std::unordered_set<const torch::autograd::Node*> seen;
@@ -164,8 +164,11 @@ void GradientReducer::fill(size_t param, const torch::Tensor& incoming) {
 }
 
 void GradientReducer::start(Bucket& b) {
-  b.handle = start_grad_allreduce(b.flat, "the gradients (bucket " + std::to_string(&b - buckets_.data()) +
-                                              " of " + std::to_string(buckets_.size()) + ")");
+  b.handle = start_grad_allreduce(
+      b.flat,
+      std::string(group_ == Group::kReplicas ? "the expert shards' gradients" : "the gradients") +
+          " (bucket " + std::to_string(&b - buckets_.data()) + " of " + std::to_string(buckets_.size()) + ")",
+      group_);
 }
 
 void GradientReducer::start_ready() {
@@ -176,7 +179,7 @@ void GradientReducer::start_ready() {
 }
 
 void GradientReducer::finish() {
-  if (!active()) return;
+  if (where_.empty()) return;
   torch::NoGradGuard ng;
   armed_ = false;
   for (; next_ < buckets_.size(); ++next_) {
@@ -185,7 +188,7 @@ void GradientReducer::finish() {
       if (!in_[k]) fill(k, torch::Tensor());  // not reached by the last backward
     start(b);
   }
-  const double inv = 1.0 / double(world());
+  const double inv = 1.0 / double(group_size(group_));
   for (auto& b : buckets_) {
     wait_grad_allreduce(b.handle);
     b.flat.mul_(inv);
@@ -258,7 +261,7 @@ double clip_grad_norm_sharded(const std::vector<torch::Tensor>& replicated,
     return s;
   };
   std::vector<torch::Tensor> t{torch::tensor({sq(sharded)}, torch::kDouble)};
-  allreduce_sum(t, "the expert shards' squared gradient norms");
+  allreduce_sum(t, "the expert shards' squared gradient norms", Group::kExperts);
   const double norm = std::sqrt(sq(replicated) + t[0].item<double>());
   // The same rule as clip_grad_norm (src/train/optim.cpp).
   if (max_norm > 0 && norm > max_norm && std::isfinite(norm)) {

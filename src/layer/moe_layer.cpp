@@ -54,11 +54,12 @@ MoELayerImpl::MoELayerImpl(const MoEConfig& cfg, int64_t d_model) : cfg_(cfg) {
   } else {
     experts = register_module("experts", Experts(cfg_.routed_experts(), d_model, cfg_.routed_width(),
                                                  cfg_.expert_act, cfg_.experts_impl));
-    if (cfg_.expert_parallel > 1 && dist::world() > 1) {
+    if (cfg_.expert_parallel > 1 && dist::group_size(dist::Group::kExperts) > 1) {
       // Expert parallelism: all experts are initialised as in one process (the same random numbers, so
       // the rest of the model too), then this rank keeps its shard.
       sharded_ = true;
-      shard_ = dist::expert_shard(cfg_.routed_experts(), dist::rank(), dist::world());
+      shard_ = dist::expert_shard(cfg_.routed_experts(), dist::group_rank(dist::Group::kExperts),
+                                  dist::group_size(dist::Group::kExperts));
       torch::NoGradGuard ng;
       for (auto* w : {&experts->w_gate, &experts->w_up, &experts->w_down})
         if (w->defined()) w->set_data(w->narrow(0, shard_.first, shard_.count).clone());

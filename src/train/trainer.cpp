@@ -201,12 +201,15 @@ NamedTensors shard_state(const NamedTensors& full, const ExpertSharding& s, cons
   return out;
 }
 
-// The ranks' shards of the sharded names put back together [E, ...], on every rank (save; a collective).
+// The shards of the sharded names of this rank's expert group put back together [E, ...], on every rank
+// (save; a collective).
 NamedTensors gather_state(const NamedTensors& local, const ExpertSharding& s) {
   if (!s.on()) return local;
   NamedTensors out;
   for (const auto& [name, t] : local)
-    out.push_back({name, s.covers(name) ? dist::allgather_cat(t, "the expert shard " + name) : t});
+    out.push_back({name, s.covers(name)
+                             ? dist::allgather_cat(t, "the expert shard " + name, dist::Group::kExperts)
+                             : t});
   return out;
 }
 
@@ -385,13 +388,14 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
                    data.tokenizer->serialized() + "\n" + std::to_string(data.train.size()) + "\n" +
                        std::to_string(data.train.tokens.defined() ? data.train.tokens.numel() : 0));
   if (resume) check_config_fits_model_file(cfg, data.tokenizer->vocab_size(), resume->model, resume_dir);
-  // Expert parallelism: all W ranks share the experts (the MoE layers build only their shard), the rest
-  // is data parallel. In one process the key is ignored: every expert is local (eval, generate, resume).
-  if (cfg.moe.expert_parallel > 1 && W > 1 && cfg.moe.expert_parallel != W)
+  // Expert parallelism: each group of dist.expert_parallel = G consecutive ranks shares the experts (the
+  // MoE layers build only their shard), the rest is data parallel, and so are the shards across the W/G
+  // groups. In one process the key is ignored: every expert is local (eval, generate, resume).
+  if (cfg.moe.expert_parallel > 1 && W > 1 && W % cfg.moe.expert_parallel != 0)
     throw ConfigError("dist.expert_parallel", std::to_string(cfg.moe.expert_parallel) +
-                                                  " ranks per expert group with " + std::to_string(W) +
-                                                  " ranks: only 1 (data parallel) or all " +
-                                                  std::to_string(W) + " ranks are supported");
+                                                  " ranks per expert group do not divide the " +
+                                                  std::to_string(W) + " ranks");
+  dist::init_expert_groups(W > 1 ? int(cfg.moe.expert_parallel) : 1);
   TransformerLM model = build_model(cfg, data.tokenizer->vocab_size());
   model->train();
   const ExpertSharding sharding = expert_sharding(model, cfg.moe.routed_experts());
@@ -407,6 +411,8 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
   // Data parallelism's gradient all-reduce, overlapped with the step's last backward
   // (docs/distributed.md, "Gradients").
   dist::GradientReducer reducer(replicated, dist::env().bucket_bytes);
+  // Expert parallelism with several expert groups: the shards' gradients averaged over the replica group.
+  dist::GradientReducer shard_reducer(sharded, dist::env().bucket_bytes, dist::Group::kReplicas);
   int64_t buckets_overlapped = 0;
   AdamW optim(named, tc);
 
@@ -596,7 +602,10 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
       const auto ce_loss = fwd.loss();  // response tokens only for instruction data
       auto loss = ce_loss + out.aux_loss;
       auto scaled = loss / double(tc.grad_accum);
-      if (micro == tc.grad_accum - 1 && dist::env().overlap) reducer.arm(scaled);
+      if (micro == tc.grad_accum - 1 && dist::env().overlap) {
+        reducer.arm(scaled);
+        shard_reducer.arm(scaled);
+      }
       scaled.backward();
       loss_sum += ce_loss.item<double>() / double(tc.grad_accum);
       aux_sum += out.aux_loss.item<double>() / double(tc.grad_accum);
@@ -612,10 +621,13 @@ TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& l
     const auto t_sync = std::chrono::steady_clock::now();
     reducer.finish();
     buckets_overlapped += reducer.started_in_backward();
-    // An expert shard's gradient already sums every rank's tokens (the reverse all-to-all brought them):
-    // the global batch's mean loss is the mean of the ranks' mean losses.
+    // An expert shard's gradient already sums the tokens of its expert group's G ranks (the reverse
+    // all-to-all brought them); averaged over the W/G replica groups it is the sum over all ranks / (W/G),
+    // and the global batch's mean loss is the mean of the W ranks' mean losses: divide by G.
+    shard_reducer.finish();
+    const double per_group = 1.0 / double(dist::group_size(dist::Group::kExperts));
     for (auto& p : sharded)
-      if (p.grad().defined()) p.mutable_grad().mul_(1.0 / double(W));
+      if (p.grad().defined()) p.mutable_grad().mul_(per_group);
     grad_sync_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_sync).count();
     int group_signal = opt.stop_on_signal ? stop_signal() : 0;  // a signal to any rank stops them all
     if (W > 1) {

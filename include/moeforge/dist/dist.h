@@ -59,26 +59,43 @@ const LaunchEnv& env();
 // Leaves the group (stops the heartbeat); the destructor of the process does it too.
 void shutdown();
 
-// Collectives; every rank must call the same ones in the same order with tensors of the same shapes (CPU).
-// `what` names the call site in the error a failure gives.
-void allreduce_sum(std::vector<torch::Tensor>& tensors, const std::string& what);        // in place
+// Expert parallelism's groups (docs/distributed.md, "Expert parallelism"). With dist.expert_parallel = G
+// dividing W, the world is cut into W/G expert groups of G consecutive ranks (ranks [g*G, (g+1)*G)), the
+// experts of every MoE layer sharded over the members of each; the ranks at the same place in their
+// groups hold the same shard and form a replica group of W/G ranks, over which the shards' gradients are
+// averaged. kWorld is every rank.
+enum class Group { kWorld, kExperts, kReplicas };
+// Builds both groups as c10d Gloo process groups of their own (when 1 < G < W; G = W needs none, the
+// expert group is the world). A collective over the world: every rank calls it with the same G, after
+// init(). Until it is called the expert group is the world. A G that does not divide W is a DistError.
+void init_expert_groups(int expert_parallel);
+int group_rank(Group g);  // this rank's place in its group of kind g (0 when not active)
+int group_size(Group g);  // how many ranks that group has (1 when not active)
+
+// Collectives; every rank of `group` must call the same ones in the same order with tensors of the same
+// shapes (CPU). `what` names the call site in the error a failure gives. In a group of one rank they do
+// nothing (all-gather and all-to-all return their input).
+void allreduce_sum(std::vector<torch::Tensor>& tensors, const std::string& what,
+                   Group group = Group::kWorld);                                         // in place
 void broadcast(std::vector<torch::Tensor>& tensors, int root, const std::string& what);  // in place
 // Concatenation along dim 0 of every rank's `t` in rank order; dim 0 may differ between ranks, the other
 // dims may not.
-torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what);
+torch::Tensor allgather_cat(const torch::Tensor& t, const std::string& what, Group group = Group::kWorld);
 void barrier(const std::string& what);
 // An all-reduce (sum, in place) that runs while this thread goes on, on the gradients' own process group:
 // a second c10d Gloo group over the same rendezvous, whose calls form a sequence of their own, so that it
 // may be in flight while the main group's collectives run (expert parallelism's all-to-alls during
 // backward). Every rank must start the same ones in the same order. `t` must stay alive, and untouched,
-// until wait_grad_allreduce(handle) has returned.
-int64_t start_grad_allreduce(torch::Tensor& t, const std::string& what);
+// until wait_grad_allreduce(handle) has returned. Group::kReplicas: over the replica group, which carries
+// nothing else either; kExperts is not offered.
+int64_t start_grad_allreduce(torch::Tensor& t, const std::string& what, Group group = Group::kWorld);
 void wait_grad_allreduce(int64_t handle);
 // c10d's all-to-all with split sizes (alltoall_base): rows [sum send_rows, ...] go out, rows
 // send_rows[0] first to rank 0 and so on; returns [sum recv_rows, ...] with recv_rows[s] rows from rank s,
-// in rank order. No autograd (expert_parallel.h wraps it). In one process: `x` itself.
+// in rank order (ranks of `group`). No autograd (expert_parallel.h wraps it). In one process: `x` itself.
 torch::Tensor all_to_all_rows(const torch::Tensor& x, const std::vector<int64_t>& send_rows,
-                              const std::vector<int64_t>& recv_rows, const std::string& what);
+                              const std::vector<int64_t>& recv_rows, const std::string& what,
+                              Group group = Group::kWorld);
 // Every rank passes its own `fingerprint` of something that must agree (the resolved configuration, the
 // tokenizer, the data); a rank whose value differs from rank 0's is a DistError naming it and `what`.
 void check_same(const std::string& what, const std::string& fingerprint);

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "moeforge/dist/dist.h"
 #include "moeforge/routing/feedback.h"
 #include "moeforge/routing/stats.h"
 
@@ -36,7 +37,9 @@ RoutingStats global_stats(const RoutingStats& stats);
 // batch (each bucket carries a presence flag per parameter). In a single process nothing happens.
 class GradientReducer {
  public:
-  GradientReducer(std::vector<torch::Tensor> params, int64_t bucket_bytes);
+  // Over the ranks of `group`: the world (data parallelism), or the replica group (expert shards, whose
+  // gradients the exchanges already summed over the expert group).
+  GradientReducer(std::vector<torch::Tensor> params, int64_t bucket_bytes, Group group = Group::kWorld);
   ~GradientReducer();  // removes the hooks
   GradientReducer(const GradientReducer&) = delete;
   GradientReducer& operator=(const GradientReducer&) = delete;
@@ -67,6 +70,7 @@ class GradientReducer {
   void start_ready();
 
   std::vector<torch::Tensor> params_;
+  Group group_;
   std::vector<Bucket> buckets_;
   std::vector<std::pair<size_t, size_t>> where_;  // parameter -> (bucket, slot)
   std::vector<bool> in_;                          // parameter's gradient copied this step
@@ -88,8 +92,8 @@ void broadcast_module(torch::nn::Module& module, int root = 0, const std::set<st
 uint64_t module_digest(const torch::nn::Module& module, const std::set<std::string>* skip = nullptr);
 
 // clip_grad_norm (train/optim.h) with expert parallelism: the norm is over the replicated parameters
-// (the same on every rank) and every rank's shard (summed over ranks), so it is the norm of all the
-// model's gradients, the same on every rank; both lists are then scaled by the same factor.
+// (the same on every rank) and every rank's shard (summed over the ranks of its expert group), so it is the
+// norm of all the model's gradients, the same on every rank; both lists are then scaled by the same factor.
 double clip_grad_norm_sharded(const std::vector<torch::Tensor>& replicated,
                               const std::vector<torch::Tensor>& sharded, double max_norm);
 
