@@ -152,13 +152,13 @@ std::vector<Result> run_ranks(int n, const std::vector<std::string>& args, const
   return out;
 }
 
-// step -> training loss of a run's metrics.jsonl.
-std::map<int64_t, double> train_losses(const fs::path& run) {
+// step -> `key` (the training loss by default) of a run's metrics.jsonl training rows.
+std::map<int64_t, double> train_losses(const fs::path& run, const std::string& key = "loss") {
   std::map<int64_t, double> out;
   std::ifstream in(run / "metrics.jsonl");
   for (std::string line; std::getline(in, line);) {
     auto j = nlohmann::json::parse(line);
-    if (j.at("split") == "train") out[j.at("step").get<int64_t>()] = j.at("loss").get<double>();
+    if (j.at("split") == "train") out[j.at("step").get<int64_t>()] = j.at(key).get<double>();
   }
   return out;
 }
@@ -308,6 +308,10 @@ TEST(DistTrain, ExpertGroupsOfTwoInFourRanksEqualOneProcess) {
   ASSERT_EQ(l1.size(), 5u);
   ASSERT_EQ(l4.size(), 5u);
   for (auto& [step, loss] : l1) EXPECT_NEAR(l4.at(step), loss, 1e-4 * std::abs(loss)) << "step " << step;
+  // The gradient norm before clipping: AdamW's steps hardly change when every expert gradient is off by
+  // one factor, the norm does (a shard averaged but not divided by G would give a larger one).
+  const auto n1 = train_losses(dir / "one", "grad_norm"), n4 = train_losses(dir / "four", "grad_norm");
+  for (auto& [step, n] : n1) EXPECT_NEAR(n4.at(step), n, 1e-3 * n) << "grad norm, step " << step;
   auto [diff, where] = max_param_diff(dir / "one" / "checkpoints", dir / "four" / "checkpoints");
   EXPECT_LT(diff, 5e-4) << where;
   std::cout << "expert groups of 2 in 4 ranks: max |param diff| " << diff << " (" << where << ")\n";
@@ -403,6 +407,8 @@ TEST(DistTrain, ExpertParallelTwoRanksEqualOneProcess) {
   ASSERT_EQ(l1.size(), 5u);
   ASSERT_EQ(l2.size(), 5u);
   for (auto& [step, loss] : l1) EXPECT_NEAR(l2.at(step), loss, 1e-4 * std::abs(loss)) << "step " << step;
+  const auto n1 = train_losses(dir / "one", "grad_norm"), n2 = train_losses(dir / "two", "grad_norm");
+  for (auto& [step, n] : n1) EXPECT_NEAR(n2.at(step), n, 1e-3 * n) << "grad norm, step " << step;
   auto [diff, where] = max_param_diff(dir / "one" / "checkpoints", dir / "two" / "checkpoints");
   EXPECT_LT(diff, 5e-4) << where;
   std::cout << "expert parallel: max |param diff| " << diff << " (" << where << ")\n";
