@@ -36,8 +36,8 @@ struct MoEConfig {
   ExpertAct expert_act = ExpertAct::kSwiGLU;  // moe.expert_act: "swiglu" | "gelu"
   ExpertsImplKind experts_impl = ExpertsImplKind::kGrouped;  // moe.experts_impl: "grouped" | "reference"
   // dist.expert_parallel: how many ranks share the routed experts of every MoE layer, each holding
-  // n_expert * expert_split / N of them (docs/distributed.md); N divides the world size. In one process (eval,
-  // generate, a resume on one rank) every expert is local whatever it says.
+  // n_expert * expert_split / N of them (docs/distributed.md); N divides the world size. In one process
+  // (eval, generate, a resume on one rank) every expert is local whatever it says.
   int64_t expert_parallel = 1;
 
   // Token-choice options (docs/routing.md section 1).
