@@ -15,9 +15,9 @@
 #include <iomanip>
 #include <sstream>
 
-#include "moeforge/train/report.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
+#include "moeforge/util/gnuplot.h"
 #include "moeforge/util/progress.h"
 #include "moeforge/util/runtime.h"
 

@@ -20,8 +20,8 @@
 #include "moeforge/layer/experts.h"
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/routing/registry.h"
-#include "moeforge/train/report.h"
 #include "moeforge/util/atomic_file.h"
+#include "moeforge/util/gnuplot.h"
 #include "moeforge/util/runtime.h"
 
 namespace moeforge {

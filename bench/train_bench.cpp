@@ -11,6 +11,8 @@
 
 #include "moeforge/config/run_config.h"
 #include "moeforge/data/batching.h"
+#include "moeforge/data/prepare.h"
+#include "moeforge/model/load.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/optim.h"
 #include "moeforge/train/trainer.h"

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "moeforge/train/compare.h"
+#include "moeforge/experiments/compare.h"
 
 namespace moeforge {
 

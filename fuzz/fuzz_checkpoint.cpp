@@ -18,6 +18,7 @@
 #include "fuzz_parts.h"
 #include "moeforge/config/run_config.h"
 #include "moeforge/model/checkpoint.h"
+#include "moeforge/model/load.h"
 
 namespace fs = std::filesystem;
 

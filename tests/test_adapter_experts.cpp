@@ -66,7 +66,8 @@ TEST_P(AdapterExpertsTest, GradientsReachAdaptersAndRouterButNotTheFrozenFFN) {
   }
   layer->train();
   RouteContext ctx;
-  if (GetParam() == "moce") ctx.seq_cluster = torch::tensor({0, 1, 1, 0}, torch::kLong);  // G = 2
+  if (GetParam() == "moce")
+    ctx.cache = test::moce_given_seq_clusters(torch::tensor({0, 1, 1, 0}, torch::kLong));  // G = 2
   auto out = layer->forward(torch::randn({4, 6, 10}), ctx);
   (out.y.pow(2).mean() + out.plan.aux_loss).backward();
   for (const auto& p : layer->dense->named_parameters()) {
@@ -104,7 +105,7 @@ TEST(AdapterExperts, BadConfigNamesTheField) {
   auto c = adapter_config("topk");
   c.adapter_dim = 0;
   try {
-    MoELayer layer(c, 8);
+    c.validate();  // validated where a config is read (docs/architecture.md, "Config sections")
     ADD_FAILURE() << "no error";
   } catch (const ConfigError& e) {
     EXPECT_EQ(e.field(), "moe.adapter_dim") << e.what();

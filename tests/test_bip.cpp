@@ -15,8 +15,8 @@ MoEConfig bip_config(BipMode mode, int64_t iters) {
   c.router = "bip";
   c.n_expert = kE;
   c.n_expert_used = kK;
-  c.bip_mode = mode;
-  c.bip_iters = iters;
+  c.bip.mode = mode;
+  c.bip.iters = iters;
   return c;
 }
 

@@ -9,9 +9,9 @@
 #include <fstream>
 #include <limits>
 
+#include "moeforge/experiments/compare.h"
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/routing/registry.h"
-#include "moeforge/train/compare.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
 
@@ -417,12 +417,13 @@ TEST(Compare, EqualComputeRule) {
   const auto cfg = tiny_config("rule");  // E = 4, K = 2, 2 clusters
   std::string how;
   auto ec = equal_compute_config(cfg, "expert_choice", &how);
-  EXPECT_EQ(ec.moe.ec_capacity_factor, 2.0) << how;
+  EXPECT_EQ(ec.moe.expert_choice.capacity_factor, 2.0) << how;
   auto h = equal_compute_config(cfg, "hierarchical", &how);
-  EXPECT_EQ(h.moe.n_cluster_used * h.moe.n_expert_used, 2) << how;
-  EXPECT_EQ(h.moe.n_cluster_used, 1) << how;  // the fewest clusters: K_e = 2 fits in a cluster of 2
+  EXPECT_EQ(h.moe.hierarchical.n_cluster_used * h.moe.n_expert_used, 2) << how;
+  EXPECT_EQ(h.moe.hierarchical.n_cluster_used, 1)
+      << how;  // the fewest clusters: K_e = 2 fits in a cluster of 2
   auto h4 = equal_compute_config(tiny_config("rule", {"moe.n_expert_used=4"}), "hierarchical", &how);
-  EXPECT_EQ(h4.moe.n_cluster_used, 2) << how;
+  EXPECT_EQ(h4.moe.hierarchical.n_cluster_used, 2) << how;
   EXPECT_EQ(h4.moe.n_expert_used, 2) << how;
   auto m = equal_compute_config(cfg, "moce", &how);
   EXPECT_EQ(m.moe.n_expert_used, 2) << how;

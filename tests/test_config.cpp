@@ -1,7 +1,8 @@
 // Bad configuration values are rejected with a message naming the field.
 #include "moeforge/config/binder.h"
-#include "moeforge/config/moe_config.h"
+#include "moeforge/config/run_config.h"
 #include "moeforge/layer/moe_layer.h"
+#include "moeforge/routing/moe_config.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
 
@@ -30,10 +31,11 @@ TEST(Config, BadValuesNameTheirField) {
   expect_config_error(with([](MoEConfig& c) { c.z_loss_coef = std::nan(""); }), "moe.z_loss_coef");
   expect_config_error(with([](MoEConfig& c) { c.n_expert_used = 1, c.gshard_random_second = true; }),
                       "moe.gshard_random_second");
-  // The layer refuses a bad config at construction.
-  MoEConfig bad;
-  bad.n_expert_used = 12;
-  expect_config_error([&] { MoELayer layer(bad, 8); }, "moe.n_expert_used");
+  // A whole run's config names the field too (the layer and the routers take a validated config:
+  // docs/architecture.md, "Config sections").
+  RunConfig bad;
+  bad.moe.n_expert_used = 12;
+  expect_config_error([&] { bad.validate(); }, "moe.n_expert_used");
 }
 
 TEST(Config, TomlFileAndOverrides) {
@@ -63,21 +65,23 @@ TEST(Config, TomlFileAndOverrides) {
   }
 }
 
-// A router's own option without a MoEConfig field (docs/routing.md, "Adding a router"): bound by its row
-// into router_options, read from files and --set, written back by to_toml.
-TEST(Config, RouterOptionsBindThroughTheBinder) {
+// A router's own options (docs/routing.md, "Adding a router"): its options struct, bound by its registry
+// row under "moe.<key>" for every config, read from files and --set, written back by to_toml, and checked
+// by its row only when it is the router picked.
+TEST(Config, RouterOptionsBindThroughTheirRegistryRow) {
   MoEConfig c;
   ConfigBinder b;
-  bind_router_option(b, &c, "my_router_alpha", 0.25);
-  EXPECT_DOUBLE_EQ(c.router_option("my_router_alpha"), 0.25);
-  b.apply_override("moe.my_router_alpha=0.5");
-  EXPECT_DOUBLE_EQ(c.router_option("my_router_alpha"), 0.5);
-  EXPECT_NE(b.to_toml().find("my_router_alpha = 0.5"), std::string::npos) << b.to_toml();
-  MoEConfig again = c;  // a copy keeps the value; binding it again does not reset it
-  ConfigBinder b2;
-  bind_router_option(b2, &again, "my_router_alpha", 0.25);
-  EXPECT_DOUBLE_EQ(again.router_option("my_router_alpha"), 0.5);
-  test::expect_config_error([&] { c.router_option("unbound_key"); }, "moe.unbound_key");
+  bind_moe_config(b, &c);
+  b.apply_override("moe.ec_capacity_factor=3.5");
+  EXPECT_DOUBLE_EQ(c.expert_choice.capacity_factor, 3.5);
+  EXPECT_NE(b.to_toml().find("ec_capacity_factor = 3.5"), std::string::npos) << b.to_toml();
+  b.apply_override("moe.bias_update_rate=-1");  // loss_free's key while topk is picked: not checked
+  EXPECT_DOUBLE_EQ(c.loss_free.bias_update_rate, -1);
+  EXPECT_NO_THROW(c.validate());
+  c.router = "loss_free";
+  test::expect_config_error([&] { c.validate(); }, "moe.bias_update_rate");
+  MoEConfig again = c;  // a copy keeps the values
+  EXPECT_DOUBLE_EQ(again.expert_choice.capacity_factor, 3.5);
 }
 
 // Fuzz finding (docs/reliability.md): an integer with no exact double for a float key threw

@@ -13,8 +13,8 @@ MoEConfig ec_config(ECMode mode, int64_t E = 8, double cf = 2.0) {
   c.n_expert = E;
   c.n_expert_used = 2;
   c.d_expert = 16;
-  c.ec_capacity_factor = cf;
-  c.ec_mode = mode;
+  c.expert_choice.capacity_factor = cf;
+  c.expert_choice.mode = mode;
   return c;
 }
 
@@ -87,7 +87,7 @@ TEST(ExpertChoice, CausalServesEveryPosition) {
         if (double(B) * CF < 1.0) continue;
         MoEConfig cfg = ec_config(ECMode::kCausal);
         cfg.n_expert = E;
-        cfg.ec_capacity_factor = CF;
+        cfg.expert_choice.capacity_factor = CF;
         const int64_t S = 24;
         ExpertChoiceRouterImpl r(cfg, 6);
         auto plan = r.route(torch::randn({B * S, 6}), train_ctx(B, S));
@@ -142,7 +142,7 @@ TEST(ExpertChoice, TokenChoiceRoutersDoNotLeak) {
 TEST(ExpertChoice, ThresholdRoutingAfterCalibrationTracksCapacities) {
   torch::manual_seed(12);
   auto cfg = ec_config(ECMode::kCausal);
-  cfg.ec_threshold_decay = 0.9;
+  cfg.expert_choice.threshold_decay = 0.9;
   ExpertChoiceRouterImpl r(cfg, 16);
   {
     torch::NoGradGuard ng;

@@ -34,7 +34,7 @@ void check_training(const std::string& router) {
   moe.d_expert = meta(g, "d_expert");
   moe.balance_coef = meta_d(g, "balance_coef");
   moe.z_loss_coef = meta_d(g, "z_loss_coef");
-  moe.bias_update_rate = meta_d(g, "bias_update_rate");
+  moe.loss_free.bias_update_rate = meta_d(g, "bias_update_rate");
   TrainConfig tc;
   tc.steps = meta(g, "steps");
   tc.lr = meta_d(g, "lr");

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <map>
 
+#include "moeforge/experiments/prune.h"
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/routing/hierarchical.h"
 #include "moeforge/util/error.h"
@@ -19,7 +20,7 @@ MoEConfig hier_config() {
   c.router = "hierarchical";
   c.n_expert = 8;
   c.n_cluster = 2;
-  c.n_cluster_used = 1;
+  c.hierarchical.n_cluster_used = 1;
   c.n_expert_used = 2;  // K_e
   c.d_expert = 32;
   return c;
@@ -73,7 +74,7 @@ TEST(Hierarchical, GateIsClusterProbTimesExpertProb) {
 TEST(Hierarchical, RenormalisedGatesSumToOnePerToken) {
   torch::manual_seed(2);
   auto cfg = hier_config();
-  cfg.n_cluster_used = 2;
+  cfg.hierarchical.n_cluster_used = 2;
   HierarchicalRouter router(cfg, 6);
   auto x = torch::randn({9, 6});
   auto plan = router->route(x, {});
@@ -92,7 +93,7 @@ TEST(Hierarchical, CapacityIsHonouredAtBothLevels) {
   auto x = torch::rand({16, 4}) + 0.1;  // positive entries
   auto make = [&](double cf_cluster, double cf_expert) {
     auto c = cfg;
-    c.cluster_capacity_factor = cf_cluster;
+    c.hierarchical.cluster_capacity_factor = cf_cluster;
     c.capacity_factor = cf_expert;
     HierarchicalRouter r(c, 4);
     torch::NoGradGuard ng;
@@ -258,7 +259,7 @@ TEST(Hierarchical, DiversityLossGradientMatchesFiniteDifferences) {
 TEST(Hierarchical, ForwardBackwardThroughLayerReachesBothRouterStages) {
   torch::manual_seed(7);
   auto cfg = hier_config();
-  cfg.adaptive_weight = true;
+  cfg.hierarchical.adaptive_weight = true;
   MoELayer layer(cfg, 16);
   layer->train();
   auto x = torch::randn({2, 32, 16}, torch::requires_grad());
@@ -273,7 +274,7 @@ TEST(Hierarchical, ForwardBackwardThroughLayerReachesBothRouterStages) {
   r->zero_grad();
   auto cfg2 = hier_config();
   cfg2.z_loss_coef = 0;
-  cfg2.diversity_coef = 0;
+  cfg2.hierarchical.diversity_coef = 0;
   HierarchicalRouter only_balance(cfg2, 16);
   only_balance->route(torch::randn({64, 16}), {}).aux_loss.backward();
   EXPECT_GT(only_balance->cluster_weight.grad().abs().sum().item<double>(), 0);
@@ -283,7 +284,7 @@ TEST(Hierarchical, ForwardBackwardThroughLayerReachesBothRouterStages) {
 TEST(Hierarchical, AdaptiveWeightScalesTheRoutedOutput) {
   torch::manual_seed(8);
   auto cfg = hier_config();
-  cfg.adaptive_weight = true;
+  cfg.hierarchical.adaptive_weight = true;
   MoELayer layer(cfg, 16);
   auto r = as_hier(layer);
   {
@@ -366,25 +367,25 @@ TEST(Hierarchical, StateRoundTripGivesSameOutputs) {
 
 TEST(Hierarchical, BadConfigNamesTheField) {
   auto expect_field = [](MoEConfig c, const std::string& field) {
-    test::expect_config_error([&] { MoELayer layer(c, 8); }, field);
+    test::expect_config_error([&] { c.validate(); }, field);  // validated where a config is read
   };
   auto c = hier_config();
   c.n_cluster = 3;  // 8 experts do not split into 3
   expect_field(c, "moe.n_cluster");
   c = hier_config();
-  c.n_cluster_used = 3;
+  c.hierarchical.n_cluster_used = 3;
   expect_field(c, "moe.n_cluster_used");
   c = hier_config();
   c.n_expert_used = 5;  // > 4 experts per cluster
   expect_field(c, "moe.n_expert_used");
   c = hier_config();
-  c.reliability_decay = 1.0;
+  c.hierarchical.reliability_decay = 1.0;
   expect_field(c, "moe.reliability_decay");
   c = hier_config();
-  c.cluster_capacity_factor = -1;
+  c.hierarchical.cluster_capacity_factor = -1;
   expect_field(c, "moe.cluster_capacity_factor");
   c = hier_config();
-  c.diversity_coef = -1;
+  c.hierarchical.diversity_coef = -1;
   expect_field(c, "moe.diversity_coef");
 }
 

@@ -13,8 +13,10 @@
 
 #include "moeforge/data/data.h"
 #include "moeforge/data/instruct.h"
+#include "moeforge/data/prepare.h"
+#include "moeforge/experiments/instruct_eval.h"
+#include "moeforge/model/load.h"
 #include "moeforge/model/transformer.h"
-#include "moeforge/train/instruct_eval.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
@@ -696,9 +698,9 @@ TEST(InstructTraining, MoceWithThePromptPoolClustersPromptsOnly) {
   auto pos = torch::arange(S + 1).view({1, S + 1});
   auto changed = torch::where(pos >= plen.view({B, 1}), torch::full_like(tokens, 7), tokens);
   RouteContext ctx;
-  ctx.pool_len = plen;
-  auto a = lm.model->forward(tokens.narrow(1, 0, S), ctx).plans.at(0).token_cluster;
-  auto b = lm.model->forward(changed.narrow(1, 0, S), ctx).plans.at(0).token_cluster;
+  ctx.prompt_len = plen;
+  auto a = test::moce_token_clusters(lm.model->forward(tokens.narrow(1, 0, S), ctx).plans.at(0));
+  auto b = test::moce_token_clusters(lm.model->forward(changed.narrow(1, 0, S), ctx).plans.at(0));
   EXPECT_TRUE(a.equal(b));
   // Without instruction rows of one sample the prompt pool is a config error naming the key.
   test::expect_config_error(

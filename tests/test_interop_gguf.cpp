@@ -14,6 +14,7 @@
 #include "moeforge/interop/gguf.h"
 #include "moeforge/interop/mixtral.h"
 #include "moeforge/model/generate.h"
+#include "moeforge/model/load.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
 

@@ -12,6 +12,7 @@
 #include "moeforge/interop/export.h"
 #include "moeforge/interop/hf.h"
 #include "moeforge/io/safetensors.h"
+#include "moeforge/model/load.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
 

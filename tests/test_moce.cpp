@@ -84,15 +84,16 @@ TEST(MoCE, TokensAreOnlyRoutedInsideTheirSequenceGroup) {
   torch::manual_seed(13);
   auto cfg = moce_config();
   cfg.n_expert = 10;
-  cfg.moce_n_general = 2;  // experts 8, 9 are general
+  cfg.moce.n_general = 2;  // experts 8, 9 are general
   cfg.n_expert_used = 2;
   MoELayer layer(cfg, 8);
   const int64_t B = 6, S = 10;
   auto x = torch::randn({B, S, 8});
   RouteContext ctx;
-  ctx.seq_cluster = torch::tensor({3, 0, 1, 3, 2, 0}, torch::kLong);
+  const auto given = torch::tensor({3, 0, 1, 3, 2, 0}, torch::kLong);
+  ctx.cache = test::moce_given_seq_clusters(given);
   auto out = layer->forward(x, ctx);
-  EXPECT_TRUE(out.plan.seq_cluster.equal(ctx.seq_cluster));
+  EXPECT_TRUE(test::moce_seq_clusters(out.plan).equal(given));
   const auto off = out.plan.offsets();
   auto tok = out.plan.token_index.cpu();
   std::vector<int64_t> group_hits(B * S, 0), general_hits(B * S, 0);
@@ -103,7 +104,7 @@ TEST(MoCE, TokensAreOnlyRoutedInsideTheirSequenceGroup) {
         ++general_hits[t];
         continue;
       }
-      EXPECT_EQ(e / 2, ctx.seq_cluster[t / S].item<int64_t>()) << "token " << t << " left its group";
+      EXPECT_EQ(e / 2, given[t / S].item<int64_t>()) << "token " << t << " left its group";
       ++group_hits[t];
     }
   for (int64_t t = 0; t < B * S; ++t) {
@@ -128,8 +129,8 @@ TEST(MoCE, UnseenSequencesGetTheirNearestCentroid) {
   ctx.n_seq = B;
   ctx.seq_len = S;
   auto plan = router->route(x.reshape({B * S, C}), ctx);  // evaluation: no ids given
-  EXPECT_TRUE(plan.seq_cluster.equal(label)) << plan.seq_cluster << " vs " << label;
-  EXPECT_TRUE(plan.seq_cluster.equal(nearest_centroid(x.mean(1), dir)));
+  EXPECT_TRUE(test::moce_seq_clusters(plan).equal(label)) << test::moce_seq_clusters(plan) << " vs " << label;
+  EXPECT_TRUE(test::moce_seq_clusters(plan).equal(nearest_centroid(x.mean(1), dir)));
   EXPECT_TRUE(router->centroids.equal(dir)) << "evaluation must not move centroids";
 }
 
@@ -141,7 +142,7 @@ TEST(MoCE, PromptPoolClusterDependsOnlyOnThePrompt) {
   torch::manual_seed(21);
   const int64_t G = 4, C = 8, B = 6, S = 10;
   auto cfg = moce_config();
-  cfg.moce_pool = MocePool::kPrompt;
+  cfg.moce.pool = MocePool::kPrompt;
   MoCERouter router(cfg, C);
   auto dir = directions(G, C);
   {
@@ -159,14 +160,15 @@ TEST(MoCE, PromptPoolClusterDependsOnlyOnThePrompt) {
   RouteContext ctx;
   ctx.n_seq = B;
   ctx.seq_len = S;
-  ctx.pool_len = prompt_len;
+  ctx.prompt_len = prompt_len;
   auto px = router->route(x.reshape({B * S, C}), ctx);
   auto py = router->route(y.reshape({B * S, C}), ctx);
-  EXPECT_TRUE(px.token_cluster.equal(py.token_cluster)) << "the response changed a cluster";
-  auto tc = px.token_cluster.view({B, S});
+  EXPECT_TRUE(test::moce_token_clusters(px).equal(test::moce_token_clusters(py)))
+      << "the response changed a cluster";
+  auto tc = test::moce_token_clusters(px).view({B, S});
   RouteContext prefix = ctx;
-  prefix.pool_len = torch::Tensor();
-  auto pp = router->route(x.reshape({B * S, C}), prefix).token_cluster.view({B, S});
+  prefix.prompt_len = torch::Tensor();
+  auto pp = test::moce_token_clusters(router->route(x.reshape({B * S, C}), prefix)).view({B, S});
   for (int64_t b = 0; b < B; ++b) {
     const int64_t P = prompt_len[b].item<int64_t>();
     EXPECT_TRUE(tc[b].narrow(0, 0, P).equal(pp[b].narrow(0, 0, P))) << "inside the prompt: the prefix pool";
@@ -181,14 +183,14 @@ TEST(MoCE, PromptPoolClusterDependsOnlyOnThePrompt) {
     RouteContext g;
     g.n_seq = 1;
     g.seq_len = P;
-    g.pool_len = prompt_len.narrow(0, b, 1);
+    g.prompt_len = prompt_len.narrow(0, b, 1);
     auto plan = router->route(y[b].narrow(0, 0, P), g);
     for (int64_t t = P; t < S; ++t) {
       g.seq_len = 1;
-      g.prefix_sum = plan.pool_sum;
-      g.prefix_len = t;
+      g.cache = plan.cache;  // what the KV cache holds between steps
       plan = router->route(y[b].narrow(0, t, 1), g);
-      EXPECT_EQ(plan.token_cluster[0].item<int64_t>(), tc[b][t].item<int64_t>()) << "row " << b << " t " << t;
+      EXPECT_EQ(test::moce_token_clusters(plan)[0].item<int64_t>(), tc[b][t].item<int64_t>())
+          << "row " << b << " t " << t;
     }
   }
 }
@@ -198,7 +200,7 @@ TEST(MoCE, OnlineCentroidsMoveTowardTheData) {
   const int64_t G = 2, C = 8, B = 16, S = 4;
   auto cfg = moce_config();
   cfg.n_cluster = G;
-  cfg.centroid_decay = 0.9;
+  cfg.moce.centroid_decay = 0.9;
   MoCERouter router(cfg, C);
   router->train();
   auto dir = directions(G + 1, C);  // two cluster directions and one off-axis direction
@@ -250,12 +252,14 @@ TEST(MoCE, OnlineClusteringSeedsCentroidsFromTheFirstBatch) {
   ctx.seq_len = S;
   auto x = sequences_around(dir, label, S).reshape({B * S, C});
   auto first = router->route(x, ctx);  // no centroid yet: every sequence in group 0
-  EXPECT_TRUE(first.seq_cluster.equal(torch::zeros({B}, torch::kLong))) << first.seq_cluster;
+  EXPECT_TRUE(test::moce_seq_clusters(first).equal(torch::zeros({B}, torch::kLong)))
+      << test::moce_seq_clusters(first);
   // after_step seeds the centroids from the step's sequences (route() changes no buffer); farthest-point
   // seeding puts one centroid in each cluster, so the two labels then get different ids.
   router->after_step(test::feedback_of(first));
   auto plan = router->route(x, ctx);
-  EXPECT_TRUE(plan.seq_cluster.equal(label) || plan.seq_cluster.equal(1 - label)) << plan.seq_cluster;
+  const auto ids = test::moce_seq_clusters(plan);
+  EXPECT_TRUE(ids.equal(label) || ids.equal(1 - label)) << ids;
 }
 
 TEST(MoCE, GatesAndBalanceLossCarryGradientEvenWithK1) {
@@ -266,7 +270,7 @@ TEST(MoCE, GatesAndBalanceLossCarryGradientEvenWithK1) {
   MoELayer layer(cfg, 8);
   layer->train();
   RouteContext ctx;
-  ctx.seq_cluster = torch::tensor({0, 1, 2, 3}, torch::kLong);
+  ctx.cache = test::moce_given_seq_clusters(torch::tensor({0, 1, 2, 3}, torch::kLong));
   auto x = torch::randn({4, 8, 8}, torch::requires_grad());
   auto out = layer->forward(x, ctx);
   out.y.pow(2).mean().backward();
@@ -280,7 +284,7 @@ TEST(MoCE, GatesAndBalanceLossCarryGradientEvenWithK1) {
     RouteContext c;
     c.n_seq = 4;
     c.seq_len = 8;
-    c.seq_cluster = torch::tensor({0, 1, 2, 3}, torch::kLong);
+    c.cache = test::moce_given_seq_clusters(torch::tensor({0, 1, 2, 3}, torch::kLong));
     return c;
   }());
   plan.aux_loss.backward();
@@ -291,7 +295,7 @@ TEST(MoCE, GatesAndBalanceLossCarryGradientEvenWithK1) {
 TEST(MoCE, StateRoundTripGivesSameOutputsAndClusters) {
   torch::manual_seed(18);
   auto cfg = moce_config();
-  cfg.moce_n_general = 0;
+  cfg.moce.n_general = 0;
   MoELayer a(cfg, 8);
   a->train();
   for (int s = 0; s < 3; ++s) {
@@ -311,13 +315,13 @@ TEST(MoCE, StateRoundTripGivesSameOutputsAndClusters) {
   torch::NoGradGuard ng;
   auto x = torch::randn({6, 5, 8});
   auto oa = a->forward(x), ob = b->forward(x);
-  EXPECT_TRUE(ob.plan.seq_cluster.equal(oa.plan.seq_cluster));
+  EXPECT_TRUE(test::moce_seq_clusters(ob.plan).equal(test::moce_seq_clusters(oa.plan)));
   EXPECT_TENSOR_NEAR(ob.y, oa.y, 0, 0);  // same weights, same ops: bit-identical
 }
 
 TEST(MoCE, BadConfigNamesTheField) {
   auto expect_field = [](MoEConfig c, const std::string& field) {
-    test::expect_config_error([&] { MoELayer layer(c, 8); }, field);
+    test::expect_config_error([&] { c.validate(); }, field);  // validated where a config is read
   };
   auto c = moce_config();
   c.n_cluster = 3;  // 8 experts do not split into 3 groups
@@ -326,14 +330,14 @@ TEST(MoCE, BadConfigNamesTheField) {
   c.n_expert_used = 3;  // > 2 experts per group
   expect_field(c, "moe.n_expert_used");
   c = moce_config();
-  c.moce_n_general = 8;
+  c.moce.n_general = 8;
   expect_field(c, "moe.moce_n_general");
   c = moce_config();
-  c.moce_n_general = 4;
-  c.moce_general_used = 5;
+  c.moce.n_general = 4;
+  c.moce.general_used = 5;
   expect_field(c, "moe.moce_general_used");
   c = moce_config();
-  c.centroid_decay = 1.5;
+  c.moce.centroid_decay = 1.5;
   expect_field(c, "moe.centroid_decay");
 }
 

@@ -25,7 +25,7 @@ MoEConfig base_config(const std::string& router, int64_t E, int64_t K) {
   c.balance_coef = 0;
   c.seq_balance_coef = 0;
   c.z_loss_coef = 0;
-  c.diversity_coef = 0;
+  c.hierarchical.diversity_coef = 0;
   return c;
 }
 
@@ -79,7 +79,7 @@ TEST(RouterDefects, TopOneGateIsTheChosenProbabilityAndTrainsTheRouter) {
 TEST(RouterDefects, HierarchicalClusterRouterIsTrainedByTheTaskLossAtOneCluster) {
   auto cfg = base_config("hierarchical", 8, 2);
   cfg.n_cluster = 2;
-  cfg.n_cluster_used = 1;
+  cfg.hierarchical.n_cluster_used = 1;
   cfg.renormalize = true;
   torch::manual_seed(5);
   MoELayer layer(cfg, 12);
@@ -104,7 +104,7 @@ TEST(RouterDefects, HierarchicalClusterRouterIsTrainedByTheTaskLossAtOneCluster)
 TEST(RouterDefects, CausalExpertChoiceServesEveryPosition) {
   for (auto [B, E] : std::vector<std::pair<int64_t, int64_t>>{{3, 8}, {4, 16}}) {
     auto cfg = base_config("expert_choice", E, 2);
-    cfg.ec_capacity_factor = 2.0;
+    cfg.expert_choice.capacity_factor = 2.0;
     torch::manual_seed(7);
     ExpertChoiceRouterImpl r(cfg, 12);
     RouteContext ctx;
@@ -124,7 +124,7 @@ TEST(RouterDefects, CausalExpertChoiceServesEveryPosition) {
 // token with the thresholds.
 TEST(RouterDefects, ExpertChoiceGenerationRoutesEveryToken) {
   auto cfg = base_config("expert_choice", 8, 2);
-  cfg.ec_eval = ECEval::kBatch;
+  cfg.expert_choice.eval = ECEval::kBatch;
   torch::manual_seed(8);
   ExpertChoiceRouterImpl r(cfg, 12);
   RouteContext ctx;
@@ -154,11 +154,11 @@ std::map<std::string, torch::Tensor> buffers_of(const MoELayer& layer) {
 MoEConfig stateful_config(const std::string& router) {
   auto c = base_config(router, 8, 2);
   c.n_cluster = 2;
-  c.bias_update_rate = 1e-2;
-  c.moce_balance_rate = 1e-2;
-  c.centroid_decay = 0.5;
-  c.reliability_decay = 0.5;
-  c.reliability_recovery = 0.5;
+  c.loss_free.bias_update_rate = 1e-2;
+  c.moce.balance_rate = 1e-2;
+  c.moce.centroid_decay = 0.5;
+  c.hierarchical.reliability_decay = 0.5;
+  c.hierarchical.reliability_recovery = 0.5;
   return c;
 }
 
@@ -168,7 +168,8 @@ TEST(RouterDefects, AccumulatedMicroBatchesUpdateStateAsOneBatch) {
   for (const auto& spec : router_registry()) {
     SCOPED_TRACE(spec.name);
     auto cfg = stateful_config(spec.name);
-    if (spec.name == "expert_choice") cfg.ec_mode = ECMode::kThreshold;  // B and 2B rows group alike
+    if (spec.name == "expert_choice")
+      cfg.expert_choice.mode = ECMode::kThreshold;  // B and 2B rows group alike
     torch::manual_seed(9);
     MoELayer split(cfg, 12), whole(cfg, 12);
     torch::NoGradGuard ng;
@@ -217,9 +218,9 @@ TEST(RouterDefects, LeakMeasureSeparatesCausalFromNonCausalSettings) {
   };
   std::vector<Case> cases;
   auto ec = base_config("expert_choice", 8, 2);
-  ec.ec_mode = ECMode::kNonCausal;
+  ec.expert_choice.mode = ECMode::kNonCausal;
   cases.push_back({"expert_choice noncausal", ec, true});
-  ec.ec_mode = ECMode::kCausal;
+  ec.expert_choice.mode = ECMode::kCausal;
   cases.push_back({"expert_choice causal", ec, false});
   auto cap = base_config("topk", 8, 2);
   cap.capacity_factor = 1.0;
@@ -232,7 +233,7 @@ TEST(RouterDefects, LeakMeasureSeparatesCausalFromNonCausalSettings) {
   auto hier = stateful_config("hierarchical");
   cases.push_back({"hierarchical", hier, false});
   auto moce_seq = stateful_config("moce");
-  moce_seq.moce_pool = MocePool::kSequence;
+  moce_seq.moce.pool = MocePool::kSequence;
   cases.push_back({"moce sequence pool", moce_seq, true});
   cases.push_back({"moce prefix pool", stateful_config("moce"), false});
   for (auto& c : cases) {
@@ -270,10 +271,10 @@ TEST(RouterDefects, MoceClusterIsCausalAndTheSameInTrainingEvaluationAndGenerati
   train_ctx.training = true;
   train_ctx.n_seq = 8;
   train_ctx.seq_len = 16;
-  auto in_training = m->route(x.reshape({-1, 12}), train_ctx).token_cluster;
+  auto in_training = test::moce_token_clusters(m->route(x.reshape({-1, 12}), train_ctx));
   RouteContext eval_ctx = train_ctx;
   eval_ctx.training = false;
-  auto in_eval = m->route(x.reshape({-1, 12}), eval_ctx).token_cluster;
+  auto in_eval = test::moce_token_clusters(m->route(x.reshape({-1, 12}), eval_ctx));
   // Generation: the first position, then one position at a time with the running prefix sum.
   std::vector<int64_t> agree(2, 0);
   int64_t total = 0;
@@ -284,9 +285,8 @@ TEST(RouterDefects, MoceClusterIsCausalAndTheSameInTrainingEvaluationAndGenerati
     g.seq_len = 1;
     for (int64_t t = 0; t < 16; ++t) {
       auto plan = m->route(x[b][t].unsqueeze(0), g);
-      g.prefix_sum = plan.pool_sum;
-      g.prefix_len = t + 1;
-      const int64_t c = plan.token_cluster[0].item<int64_t>();
+      g.cache = plan.cache;  // what the KV cache holds between steps
+      const int64_t c = test::moce_token_clusters(plan)[0].item<int64_t>();
       agree[0] += c == in_training[b * 16 + t].item<int64_t>();
       agree[1] += c == in_eval[b * 16 + t].item<int64_t>();
       ++total;
@@ -298,7 +298,7 @@ TEST(RouterDefects, MoceClusterIsCausalAndTheSameInTrainingEvaluationAndGenerati
   // Causal: replacing positions > 7 of every sequence leaves the clusters of positions <= 7 as they were.
   auto x2 = x.clone();
   x2.narrow(1, 8, 8).copy_(3 * torch::randn({8, 8, 12}));
-  auto perturbed = m->route(x2.reshape({-1, 12}), eval_ctx).token_cluster.view({8, 16});
+  auto perturbed = test::moce_token_clusters(m->route(x2.reshape({-1, 12}), eval_ctx)).view({8, 16});
   EXPECT_TRUE(torch::equal(perturbed.narrow(1, 0, 8), in_eval.view({8, 16}).narrow(1, 0, 8)));
 }
 
@@ -315,8 +315,8 @@ TEST(RouterDefects, MoceMaxVioIsOverTheGroupExperts) {
   // The router reports it that way, and caps group and general experts apart.
   auto cfg = base_config("moce", 16, 2);
   cfg.n_cluster = 2;
-  cfg.moce_n_general = 2;
-  cfg.moce_general_used = 1;
+  cfg.moce.n_general = 2;
+  cfg.moce.general_used = 1;
   cfg.n_expert_used = 1;
   cfg.capacity_factor = 1.0;
   torch::manual_seed(13);

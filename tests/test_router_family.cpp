@@ -1,7 +1,7 @@
 // Every router of the family through MoELayer: forward/backward, state round trip, bad configs.
 #include "moeforge/config/binder.h"
-#include "moeforge/config/moe_config.h"
 #include "moeforge/layer/moe_layer.h"
+#include "moeforge/routing/moe_config.h"
 #include "moeforge/routing/registry.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
@@ -27,7 +27,7 @@ std::vector<Variant> variants() {
   v.push_back({"topk", make("topk")});
   for (auto mode : {ECMode::kCausal, ECMode::kNonCausal, ECMode::kThreshold}) {
     auto c = make("expert_choice");
-    c.ec_mode = mode;
+    c.expert_choice.mode = mode;
     v.push_back({"expert_choice", c});
   }
   v.push_back({"loss_free", make("loss_free")});
@@ -36,7 +36,7 @@ std::vector<Variant> variants() {
   v.push_back({"loss_free(sigmoid)", lf_sig});
   v.push_back({"bip", make("bip")});
   auto solve = make("bip");
-  solve.bip_mode = BipMode::kSolve;
+  solve.bip.mode = BipMode::kSolve;
   v.push_back({"bip(solve)", solve});
   return v;
 }
@@ -114,19 +114,19 @@ TEST(RouterFamily, BadConfigNamesTheField) {
     MoEConfig c;
     c.router = router;
     change(c);
-    return [c] { MoELayer layer(c, 8); };
+    return [c] { c.validate(); };  // validated where a config is read (docs/architecture.md)
   };
-  expect_config_error(with("expert_choice", [](MoEConfig& c) { c.ec_capacity_factor = 0; }),
+  expect_config_error(with("expert_choice", [](MoEConfig& c) { c.expert_choice.capacity_factor = 0; }),
                       "moe.ec_capacity_factor");
-  expect_config_error(with("expert_choice", [](MoEConfig& c) { c.ec_capacity_factor = 9; }),
+  expect_config_error(with("expert_choice", [](MoEConfig& c) { c.expert_choice.capacity_factor = 9; }),
                       "moe.ec_capacity_factor");  // > E
   expect_config_error(with("expert_choice", [](MoEConfig& c) { c.score = ScoreFunc::kSigmoid; }),
                       "moe.score");
-  expect_config_error(with("expert_choice", [](MoEConfig& c) { c.ec_threshold_decay = 1.0; }),
+  expect_config_error(with("expert_choice", [](MoEConfig& c) { c.expert_choice.threshold_decay = 1.0; }),
                       "moe.ec_threshold_decay");
-  expect_config_error(with("loss_free", [](MoEConfig& c) { c.bias_update_rate = -1e-3; }),
+  expect_config_error(with("loss_free", [](MoEConfig& c) { c.loss_free.bias_update_rate = -1e-3; }),
                       "moe.bias_update_rate");
-  expect_config_error(with("bip", [](MoEConfig& c) { c.bip_iters = 0; }), "moe.bip_iters");
+  expect_config_error(with("bip", [](MoEConfig& c) { c.bip.iters = 0; }), "moe.bip_iters");
   expect_config_error(with("bip", [](MoEConfig& c) { c.n_expert_used = 9; }), "moe.n_expert_used");
   for (const char* r : {"expert_choice", "loss_free", "bip"}) {
     const auto all = router_names();
@@ -144,13 +144,13 @@ TEST(RouterFamily, KeysBindFromToml) {
       "bip_iters = 4\nbip_mode = \"solve\"\n",
       "t.toml");
   EXPECT_EQ(c.router, "expert_choice");
-  EXPECT_EQ(c.ec_mode, ECMode::kNonCausal);
-  EXPECT_EQ(c.ec_eval, ECEval::kBatch);
-  EXPECT_DOUBLE_EQ(c.ec_capacity_factor, 1.5);
-  EXPECT_DOUBLE_EQ(c.ec_threshold_decay, 0.9);
-  EXPECT_DOUBLE_EQ(c.bias_update_rate, 0.01);
-  EXPECT_EQ(c.bip_iters, 4);
-  EXPECT_EQ(c.bip_mode, BipMode::kSolve);
+  EXPECT_EQ(c.expert_choice.mode, ECMode::kNonCausal);
+  EXPECT_EQ(c.expert_choice.eval, ECEval::kBatch);
+  EXPECT_DOUBLE_EQ(c.expert_choice.capacity_factor, 1.5);
+  EXPECT_DOUBLE_EQ(c.expert_choice.threshold_decay, 0.9);
+  EXPECT_DOUBLE_EQ(c.loss_free.bias_update_rate, 0.01);
+  EXPECT_EQ(c.bip.iters, 4);
+  EXPECT_EQ(c.bip.mode, BipMode::kSolve);
   expect_config_error([&] { b.apply_override("moe.ec_mode=sideways"); }, "moe.ec_mode");
 }
 

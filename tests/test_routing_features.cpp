@@ -6,12 +6,14 @@
 #include <filesystem>
 #include <fstream>
 
+#include "moeforge/data/prepare.h"
+#include "moeforge/experiments/prune.h"
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/model/checkpoint.h"
+#include "moeforge/model/load.h"
 #include "moeforge/routing/expert_choice.h"
 #include "moeforge/routing/moce.h"
-#include "moeforge/train/clustering.h"
-#include "moeforge/train/prune.h"
+#include "moeforge/train/sequence_clustering.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
@@ -53,7 +55,8 @@ TEST(Pruning, UnusedExpertLeavesOutputUnchanged) {
   torch::manual_seed(3);
   for (const std::string router : {"topk", "loss_free", "expert_choice"}) {
     auto cfg = layer_config(router);
-    if (router == "expert_choice") cfg.ec_mode = ECMode::kThreshold;  // EC's per-token routing can idle one
+    if (router == "expert_choice")
+      cfg.expert_choice.mode = ECMode::kThreshold;  // EC's per-token routing can idle one
     MoELayer layer(cfg, 8);
     layer->eval();
     torch::NoGradGuard ng;
@@ -204,15 +207,18 @@ TEST(OfflineClustering, HiddenCentroidsReproduceTrainingClusters) {
   auto lm = load_model(base.checkpoint);
   const std::string tok = lm.tokenizer->serialized();
   auto data = prepare_data(lm.cfg.data, &tok, log);
-  auto c =
-      cluster_sequences(lm.model, data.train, SeqClustering::kHidden, 2, lm.tokenizer->vocab_size(), 1, 4);
+  Router::OfflineClustering hidden;
+  hidden.method = "hidden";
+  hidden.key = "moe.moce_clustering";
+  hidden.n_cluster = 2;
+  auto c = cluster_sequences(lm.model, data.train, hidden, lm.tokenizer->vocab_size(), 1, 4);
   ASSERT_EQ(c.assignment.numel(), data.train.size());
   EXPECT_EQ(c.sizes.sum().item<double>(), double(data.train.size()));
-  set_router_centroids(lm.model, c);
+  set_router_centroids(lm.model, c, hidden.key);
   // Generation-time assignment (nearest router centroid of the same pooled representation) gives every
   // training sequence its k-means cluster. Float32 cosine ties are the only way to differ: allow 1%.
   auto router = std::dynamic_pointer_cast<MoCERouterImpl>(lm.model->moe_layers()[0]->router);
-  auto assigned = router->assign(pooled_first_moe_inputs(lm.model, data.train, 4));
+  auto assigned = router->assign(sequence_representations(lm.model, data.train, 4));
   const double agree = (assigned == c.assignment).to(torch::kDouble).mean().item<double>();
   EXPECT_GE(agree, 0.99);
 
@@ -221,7 +227,7 @@ TEST(OfflineClustering, HiddenCentroidsReproduceTrainingClusters) {
   auto o = opts("moce_hidden");
   o.init_from = base.checkpoint;
   auto cfg = tiny_config("moce", moce);
-  cfg.moe.moce_clustering = SeqClustering::kHidden;
+  cfg.moe.moce.clustering = SeqClustering::kHidden;
   cfg.train.steps = 4;
   auto s = train_model(cfg, o, log);
   EXPECT_NE(log.str().find("clusters (hidden"), std::string::npos) << log.str();
@@ -229,12 +235,14 @@ TEST(OfflineClustering, HiddenCentroidsReproduceTrainingClusters) {
   ASSERT_EQ(s.validation->cluster_domain.size(), 2u);
   EXPECT_GE(s.validation->cluster_purity, 0.5);  // two domains: purity is at least 1/2 by definition
   EXPECT_LE(s.validation->cluster_purity, 1.0);
-  // The run's ids are saved for an exact resume.
-  auto ck = load_checkpoint(s.checkpoint);
-  bool has_ids = false;
-  for (auto& t : ck.trainer)
-    has_ids = has_ids || (t.first == "cluster.train" && t.second.numel() == data.train.size());
-  EXPECT_TRUE(has_ids);
+  // A resume continues from the centroids the checkpoint's router buffers hold: no second clustering.
+  std::ostringstream resumed_log;
+  auto r = opts("moce_hidden_resumed");
+  r.resume = s.checkpoint;
+  r.resume_overrides = {"train.steps=6"};
+  auto rs = train_model(RunConfig{}, r, resumed_log);
+  EXPECT_EQ(rs.step, 6);
+  EXPECT_EQ(resumed_log.str().find("clusters ("), std::string::npos) << resumed_log.str();
 }
 
 TEST(OfflineClustering, TfidfAndBadSettings) {
@@ -244,7 +252,7 @@ TEST(OfflineClustering, TfidfAndBadSettings) {
   auto s = train_model(cfg, opts("tfidf"), log);
   EXPECT_NE(log.str().find("clusters (tfidf"), std::string::npos) << log.str();
   // "hidden" needs a trained checkpoint; other routers have no sequence clusters.
-  cfg.moe.moce_clustering = SeqClustering::kHidden;
+  cfg.moe.moce.clustering = SeqClustering::kHidden;
   try {
     train_model(cfg, opts("hidden_noinit"), log);
     ADD_FAILURE();

@@ -6,8 +6,9 @@
 #include <fstream>
 #include <map>
 
+#include "moeforge/experiments/compare.h"
 #include "moeforge/model/checkpoint.h"
-#include "moeforge/train/compare.h"
+#include "moeforge/model/load.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"

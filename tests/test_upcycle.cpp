@@ -1,11 +1,14 @@
 // Sparse upcycling: an MoE model built from a dense checkpoint computes exactly the dense function at the
 // start (copied experts with gates summing to one; or adapters with W_up = 0 on the frozen dense FFN), and
 // trains from there.
+#include <unistd.h>
+
 #include <filesystem>
 
 #include "moeforge/model/checkpoint.h"
+#include "moeforge/model/load.h"
+#include "moeforge/model/upcycle.h"
 #include "moeforge/train/trainer.h"
-#include "moeforge/train/upcycle.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
 
@@ -27,7 +30,8 @@ std::string dense_checkpoint() {
     auto cfg = load_run_config_text(
         "", "test", test::tiny_run_overrides("upcycle", {"model.moe_every=0", "train.steps=10"}));
     TrainOptions o;
-    o.out_dir = temp("dense");
+    // Per process: ctest -j runs this suite's tests in parallel processes, each training its own.
+    o.out_dir = temp("dense_" + std::to_string(::getpid()));
     o.progress = false;
     return train_model(cfg, o, log).checkpoint;
   }();

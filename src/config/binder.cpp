@@ -1,4 +1,5 @@
 #include "moeforge/config/binder.h"
+#include "moeforge/config/toml_file.h"
 
 #include <toml++/toml.h>
 
@@ -10,11 +11,7 @@ namespace moeforge {
 namespace {
 
 std::string located(const std::string& where, const toml::node& node) {
-  std::ostringstream os;
-  os << where;
-  const auto& src = node.source();
-  if (src.begin.line > 0) os << ":" << src.begin.line << ":" << src.begin.column;
-  return os.str();
+  return toml_place(where, node);
 }
 
 std::string type_name(const toml::node& node) {
@@ -169,15 +166,7 @@ void ConfigBinder::apply_text(const std::string& text, const std::string& where)
 }
 
 void ConfigBinder::apply_file(const std::string& path) const {
-  toml::table doc;
-  try {
-    doc = toml::parse_file(path);
-  } catch (const toml::parse_error& e) {
-    std::ostringstream os;
-    os << e.description() << " at line " << e.source().begin.line << ", column " << e.source().begin.column;
-    throw FileError(path, os.str());
-  }
-  apply(doc, path);
+  apply(read_toml_file(path), path);
 }
 
 void ConfigBinder::apply_override(const std::string& assignment) const {
@@ -216,6 +205,24 @@ std::vector<std::string> ConfigBinder::keys() const {
   std::vector<std::string> out;
   for (auto& kv : setters_) out.push_back(kv.first);
   return out;
+}
+
+toml::table read_toml_file(const std::string& path) {
+  try {
+    return toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << e.description() << " at line " << e.source().begin.line << ", column " << e.source().begin.column;
+    throw FileError(path, os.str());
+  }
+}
+
+std::string toml_place(const std::string& where, const toml::node& node) {
+  std::ostringstream os;
+  os << where;
+  const auto& src = node.source();
+  if (src.begin.line > 0) os << ":" << src.begin.line << ":" << src.begin.column;
+  return os.str();
 }
 
 }  // namespace moeforge

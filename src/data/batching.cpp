@@ -137,9 +137,6 @@ Batcher::Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffl
   if (batch_size_ < 1) throw std::invalid_argument("Batcher: batch_size must be >= 1");
   if (data_.size() < 1)
     throw std::invalid_argument("Batcher: no sequences (documents shorter than seq_len?)");
-  if (data_.cluster.defined() && data_.cluster.numel() != data_.size())
-    throw std::invalid_argument("Batcher: " + std::to_string(data_.cluster.numel()) + " cluster ids for " +
-                                std::to_string(data_.size()) + " sequences");
   if (data_.weight.defined() && (data_.weight.dim() != 2 || data_.weight.size(0) != data_.size() ||
                                  data_.weight.size(1) != data_.seq_len()))
     throw std::invalid_argument("Batcher: loss weights must be [" + std::to_string(data_.size()) + ", " +
@@ -189,8 +186,7 @@ Batcher::Batch Batcher::next() {
   const int64_t take = std::min(batch_size_, n - position_);
   auto index = torch::from_blob(order_.data() + position_, {take}, torch::kLong).clone();  // [B]
   position_ += take;
-  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}, {}, {}, {}};
-  if (data_.cluster.defined()) b.cluster = data_.cluster.index_select(0, index);
+  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}, {}, {}};
   if (data_.doc.defined()) b.doc = data_.doc.index_select(0, index);
   if (data_.weight.defined()) b.weight = data_.weight.index_select(0, index);
   if (data_.prompt_len.defined()) b.prompt_len = data_.prompt_len.index_select(0, index);

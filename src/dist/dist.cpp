@@ -419,6 +419,10 @@ void init_expert_groups(int expert_parallel) {
   s.expert_parallel = G;
 }
 
+bool experts_sharded() {
+  return active() && state().expert_parallel > 1;
+}
+
 int group_size(Group g) {
   if (!active()) return 1;
   const int G = experts_size(), W = state().env.world;

@@ -3,7 +3,7 @@
 #include "moeforge/interop/gguf.h"
 #include "moeforge/interop/hf.h"
 #include "moeforge/interop/mixtral.h"
-#include "moeforge/train/trainer.h"
+#include "moeforge/model/load.h"
 #include "moeforge/util/error.h"
 
 namespace moeforge {

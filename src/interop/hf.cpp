@@ -9,7 +9,7 @@
 #include "moeforge/interop/spm_proto.h"
 #include "moeforge/io/safetensors.h"
 #include "moeforge/model/checkpoint.h"
-#include "moeforge/train/trainer.h"
+#include "moeforge/model/load.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
 

@@ -1,6 +1,6 @@
 #include "moeforge/interop/mixtral.h"
 
-#include "moeforge/train/trainer.h"
+#include "moeforge/model/load.h"
 #include "moeforge/util/error.h"
 
 namespace moeforge {

@@ -1,9 +1,7 @@
 #include "moeforge/layer/moe_layer.h"
 
-#include "moeforge/dist/dist.h"
-#include "moeforge/dist/sync.h"
-
 #include "grouped_ops.h"
+#include "moeforge/dist/dist.h"
 #include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/fused_moe.h"
 #include "moeforge/routing/factory.h"
@@ -43,7 +41,6 @@ void MoELayerImpl::set_fault(int64_t expert, double factor) {
 }
 
 MoELayerImpl::MoELayerImpl(const MoEConfig& cfg, int64_t d_model) : cfg_(cfg) {
-  cfg_.validate();
   router = register_module("router", make_router(cfg_, d_model));
   if (cfg_.expert_form == ExpertForm::kAdapter) {
     dense = register_module("dense", DenseFFN(d_model, cfg_.d_expert, cfg_.expert_act));
@@ -54,9 +51,10 @@ MoELayerImpl::MoELayerImpl(const MoEConfig& cfg, int64_t d_model) : cfg_(cfg) {
   } else {
     experts = register_module("experts", Experts(cfg_.routed_experts(), d_model, cfg_.routed_width(),
                                                  cfg_.expert_act, cfg_.experts_impl));
-    if (cfg_.expert_parallel > 1 && dist::group_size(dist::Group::kExperts) > 1) {
-      // Expert parallelism: all experts are initialised as in one process (the same random numbers, so
-      // the rest of the model too), then this rank keeps its shard.
+    if (dist::experts_sharded()) {
+      // Expert parallelism (the trainer built expert groups of dist.expert_parallel ranks): all experts are
+      // initialised as in one process (the same random numbers, so the rest of the model too), then this rank
+      // keeps its shard.
       sharded_ = true;
       shard_ = dist::expert_shard(cfg_.routed_experts(), dist::group_rank(dist::Group::kExperts),
                                   dist::group_size(dist::Group::kExperts));
@@ -153,7 +151,7 @@ void MoELayerImpl::after_step() {
   if (feedback_.empty()) return;
   // Data parallelism: the router learns from the global batch's feedback, the same on every rank (no-op
   // in one process; docs/distributed.md).
-  dist::globalize_feedback(feedback_);
+  globalize_feedback(feedback_);
   router->after_step(feedback_);
   feedback_.clear();
   last_plan_ = RoutingPlan();
@@ -176,6 +174,10 @@ torch::Tensor moe_plain_loop(const torch::Tensor& x, const RoutingPlan& plan, co
     y.index_add_(0, idx, ye);
   }
   return y;
+}
+
+LeakResult causal_leak(MoELayerImpl& layer, const torch::Tensor& x, const LeakOptions& opt) {
+  return causal_leak([&](const torch::Tensor& xx) { return layer.forward(xx).y; }, x, opt);
 }
 
 }  // namespace moeforge

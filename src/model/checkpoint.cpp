@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "moeforge/io/safetensors.h"
+#include "moeforge/routing/registry.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
 
@@ -212,22 +213,15 @@ NamedTensors module_state(const torch::nn::Module& module) {
   return out;
 }
 
-namespace {
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-}  // namespace
-
 void load_module_state(torch::nn::Module& module, const NamedTensors& state, const std::string& where) {
   std::map<std::string, const torch::Tensor*> given;
   for (auto& s : state) given[s.first] = &s.second;
   torch::NoGradGuard ng;
   for (auto& [name, target] : module_state(module)) {
     auto it = given.find(name);
-    // Checkpoints written before pruning existed have no expert mask: every expert stays routable; those
-    // written before MoCE's cluster balance bias (session 4) have none: it starts at 0.
-    if (it == given.end() && (ends_with(name, ".expert_active") || ends_with(name, ".cluster_bias")))
-      continue;
+    // A router buffer that came after the checkpoint was written keeps its initial value (the registry
+    // says which: the expert mask of pruning, routers' late additions).
+    if (it == given.end() && router_buffer_may_be_absent(name)) continue;
     if (it == given.end())
       throw FileError(where, "tensor '" + name + "' is missing (model/config mismatch?)");
     const auto& src = *it->second;

@@ -14,25 +14,17 @@ std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& 
   KVCache cache;
   RouteContext ctx;
   ctx.generating = true;
-  // MoCE's prompt pool: the prompt is all there is to pool, and generated tokens never join it.
-  if (model->moe_config().moce_pool == MocePool::kPrompt)
-    ctx.pool_len = torch::tensor({int64_t(prompt.size())}, torch::kLong);
+  // The prompt is the prompt: a router that pools prompts never lets a generated token
+  // join it; the others ignore it.
+  ctx.prompt_len = torch::tensor({int64_t(prompt.size())}, torch::kLong);
   auto input = torch::tensor(prompt, torch::kLong).unsqueeze(0);  // [1, P]
   const int64_t max_len = model->model_config().max_seq_len;
   TORCH_CHECK(int64_t(prompt.size()) < max_len, "generate: the prompt has ", prompt.size(),
               " tokens; the model's context is ", max_len);
   std::vector<int64_t> out;
   while (int64_t(out.size()) < opt.max_tokens && cache.length() + input.size(1) <= max_len) {
+    // Each router's state for the next token travels in the cache (KVCache::route).
     auto res = model->forward(input, ctx, &cache);
-    // MoCE: with the causal prefix pool every new token is assigned from the running sum the cache keeps
-    // (the same rule as a full forward). The non-causal sequence pool has only the prompt to pool: its
-    // cluster then stays for the whole generation.
-    if (!ctx.seq_cluster.defined() && !cache.route_prefix_sum.defined())
-      for (auto& p : res.plans)
-        if (p.seq_cluster.defined()) {
-          ctx.seq_cluster = p.seq_cluster;
-          break;
-        }
     auto logits = res.logits.select(1, res.logits.size(1) - 1).squeeze(0).to(torch::kDouble);  // [V]
     int64_t next;
     if (opt.temperature <= 0) {

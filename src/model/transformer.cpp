@@ -69,8 +69,6 @@ BlockImpl::BlockImpl(const ModelConfig& m, const MoEConfig& moe_cfg, bool is_moe
 }
 
 TransformerLMImpl::TransformerLMImpl(const ModelConfig& m, const MoEConfig& moe_cfg) : m_(m), moe_(moe_cfg) {
-  m_.validate();
-  moe_.validate();
   embedding = register_parameter("embedding", torch::randn({m.vocab_size, m.d_model}) * 0.02);
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < m.n_layer; ++i) blocks->push_back(Block(m_, moe_, m_.is_moe_layer(i)));
@@ -92,6 +90,7 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
   if (cache && cache->k.empty()) {
     cache->k.resize(m_.n_layer);
     cache->v.resize(m_.n_layer);
+    cache->route.resize(m_.n_layer);
   }
   // Profiling scopes (moeforge::..., RECORD_USER_SCOPE): free unless a profiler listens; `moeforge bench
   // --profile` sums a training step by them (docs/performance.md, "Where a training step goes").
@@ -107,11 +106,6 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
   ctx.n_seq = B;
   ctx.seq_len = S;
   ctx.training = is_training();
-  if (cache && cache->route_prefix_sum.defined()) {
-    ctx.prefix_sum = cache->route_prefix_sum;
-    ctx.prefix_len = past;
-  }
-  bool first_moe = true;
   for (int64_t i = 0; i < m_.n_layer; ++i) {
     auto* blk = blocks[i]->as<BlockImpl>();
     torch::Tensor a, h;
@@ -129,23 +123,12 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
       h = blk->ffn_norm->forward(x);  // [B, S, C]
     }
     if (blk->moe) {
-      if (!out.pooled_first_moe.defined()) {
-        if (ctx.pool_len.defined()) {  // the prompts' mean (MoCE's prompt pool, offline clustering)
-          auto pos =
-              torch::arange(S, torch::TensorOptions().dtype(torch::kLong).device(h.device())).view({1, S});
-          auto m =
-              (pos < ctx.pool_len.to(h.device(), torch::kLong).view({B, 1})).to(h.scalar_type());  // [B, S]
-          out.pooled_first_moe = (h.detach() * m.unsqueeze(2)).sum(1) / m.sum(1, true).clamp_min(1.0);
-        } else {
-          out.pooled_first_moe = h.detach().mean(1);  // [B, C]
-        }
-      }
+      // Router state (docs/routing.md, "Router state"): this layer's own from the last generation step, and
+      // what the previous MoE layer's router passed on; both opaque here.
+      ctx.cache = cache ? cache->route[i] : nullptr;
       auto r = blk->moe->forward(h, ctx);
-      // A token keeps the cluster the first clustering layer gave it (MoCE) in every later layer.
-      if (!ctx.token_cluster.defined() && r.plan.token_cluster.defined())
-        ctx.token_cluster = r.plan.token_cluster;
-      if (first_moe && cache && r.plan.pool_sum.defined()) cache->route_prefix_sum = r.plan.pool_sum;
-      first_moe = false;
+      ctx.carry = r.plan.carry;
+      if (cache) cache->route[i] = r.plan.cache;
       out.aux_loss = out.aux_loss + r.plan.aux_loss;
       out.plans.push_back(std::move(r.plan));
       x = x + r.y;

@@ -1,6 +1,8 @@
 #include "moeforge/routing/bip.h"
 
+#include "moeforge/config/binder.h"
 #include "moeforge/routing/loss_free.h"
+#include "option_checks.h"
 
 namespace moeforge {
 
@@ -38,7 +40,7 @@ void bip_dual_iterations(torch::Tensor& q, const torch::Tensor& s, int64_t k, in
 }
 
 BipRouterImpl::BipRouterImpl(const MoEConfig& cfg, int64_t d_model)
-    : TopKRouterImpl(without_balance_loss(cfg), d_model), mode_(cfg.bip_mode), n_iter_(cfg.bip_iters) {
+    : TopKRouterImpl(without_balance_loss(cfg), d_model), mode_(cfg.bip.mode), n_iter_(cfg.bip.iters) {
   q = register_buffer("q", torch::zeros({n_expert()}));
 }
 
@@ -85,6 +87,29 @@ nlohmann::json BipRouterImpl::describe_state() const {
   auto qc = q.to(torch::kCPU, torch::kDouble).contiguous();
   j["q"] = std::vector<double>(qc.data_ptr<double>(), qc.data_ptr<double>() + qc.numel());
   return j;
+}
+
+std::string to_string(BipMode v) {
+  return v == BipMode::kCausal ? "causal" : "solve";
+}
+
+RouterSpec bip_router_spec() {
+  RouterSpec r;
+  r.name = "bip";
+  r.summary = "BIP balancing: top-K of s - q, q the LP dual of the balanced assignment (Sun 2025; section 4)";
+  r.make = [](const MoEConfig& cfg, int64_t d_model) {
+    return std::make_shared<BipRouterImpl>(cfg, d_model);
+  };
+  r.bind = [](ConfigBinder& b, MoEConfig* c) {
+    b.bind("moe.bip_iters", &c->bip.iters);
+    b.bind_enum("moe.bip_mode", &c->bip.mode, {{"causal", BipMode::kCausal}, {"solve", BipMode::kSolve}});
+  };
+  r.validate = [](const MoEConfig& c) {
+    if (c.bip.iters < 1)
+      throw ConfigError("moe.bip_iters", "must be >= 1, got " + option_checks::str(c.bip.iters));
+  };
+  r.equal_compute = option_checks::same_k;
+  return r;
 }
 
 }  // namespace moeforge

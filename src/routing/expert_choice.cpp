@@ -5,7 +5,9 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "moeforge/config/binder.h"
 #include "moeforge/routing/losses.h"
+#include "option_checks.h"
 
 namespace moeforge {
 
@@ -45,8 +47,7 @@ int64_t ec_position_capacity(int64_t p, int64_t e, int64_t n_seq, double capacit
 }
 
 ExpertChoiceRouterImpl::ExpertChoiceRouterImpl(const MoEConfig& cfg, int64_t d_model)
-    : cfg_(cfg), n_expert_(cfg.routed_experts()), eval_routing_(cfg.ec_eval) {
-  cfg_.validate();
+    : cfg_(cfg), n_expert_(cfg.routed_experts()), eval_routing_(cfg.expert_choice.eval) {
   // nn.Linear's default initialisation, as the token-choice router.
   const double bound = 1.0 / std::sqrt(double(d_model));
   weight = register_parameter("weight", torch::empty({n_expert_, d_model}).uniform_(-bound, bound));
@@ -59,7 +60,7 @@ ExpertChoiceRouterImpl::ExpertChoiceRouterImpl(const MoEConfig& cfg, int64_t d_m
 
 std::string ExpertChoiceRouterImpl::name() const {
   // Non-causal EC says so in its name: it leaks the future of a sequence (docs/routing.md section 2).
-  switch (cfg_.ec_mode) {
+  switch (cfg_.expert_choice.mode) {
     case ECMode::kCausal:
       return "expert_choice(causal)";
     case ECMode::kNonCausal:
@@ -74,7 +75,7 @@ torch::Tensor ExpertChoiceRouterImpl::select_noncausal(const torch::Tensor& s) c
   // NON-CAUSAL: expert e takes the k_e best tokens of the whole batch, so a position's routing depends
   // on later positions of its own sequence (Zhou et al. 2022 as published).
   const int64_t T = s.size(0);
-  const int64_t k = std::min(ec_capacity(T, cfg_.ec_capacity_factor, n_expert_), T);
+  const int64_t k = std::min(ec_capacity(T, cfg_.expert_choice.capacity_factor, n_expert_), T);
   auto mask = torch::zeros(s.sizes(), s.options().dtype(torch::kBool));  // [T, E]
   if (k == 0) return mask;
   auto idx = std::get<1>(s.detach().topk(k, 0));  // [k, E] tokens chosen by each expert
@@ -96,7 +97,7 @@ torch::Tensor ExpertChoiceRouterImpl::select_causal(const torch::Tensor& s, int6
   int64_t vmax = 0;
   for (int64_t p = 0; p < S; ++p)
     for (int64_t e = 0; e < E; ++e) {
-      cp[p * E + e] = std::min(ec_position_capacity(p, e, B, cfg_.ec_capacity_factor, E), B);
+      cp[p * E + e] = std::min(ec_position_capacity(p, e, B, cfg_.expert_choice.capacity_factor, E), B);
       vmax = std::max(vmax, cp[p * E + e]);
     }
   auto mask_sbe = torch::zeros({S, B, E}, s.options().dtype(torch::kBool));  // [S, B, E]
@@ -127,11 +128,11 @@ RoutingPlan ExpertChoiceRouterImpl::route(const torch::Tensor& x, const RouteCon
   auto logits = torch::matmul(x, weight.t());  // [T, E]
   auto s = torch::softmax(logits, 1);          // [T, E]
   torch::Tensor mask;                          // [T, E] bool
-  const bool use_threshold = cfg_.ec_mode == ECMode::kThreshold || ctx.generating ||
+  const bool use_threshold = cfg_.expert_choice.mode == ECMode::kThreshold || ctx.generating ||
                              (!ctx.training && eval_routing_ == ECEval::kThreshold);
   if (use_threshold)
     mask = select_threshold(s);
-  else if (cfg_.ec_mode == ECMode::kNonCausal)
+  else if (cfg_.expert_choice.mode == ECMode::kNonCausal)
     mask = select_noncausal(s);
   else
     mask = select_causal(s, ctx.seq_len > 0 ? x.size(0) / ctx.seq_len : 1);
@@ -152,17 +153,18 @@ void ExpertChoiceRouterImpl::after_step(const RouteFeedback& fb) {
   // later cannot leak.
   auto scores = fb.all_scores();  // [sum T_i, E]
   const int64_t T = scores.size(0);
-  const int64_t k = std::min(std::max<int64_t>(ec_capacity(T, cfg_.ec_capacity_factor, n_expert_), 1), T);
+  const int64_t k =
+      std::min(std::max<int64_t>(ec_capacity(T, cfg_.expert_choice.capacity_factor, n_expert_), 1), T);
   auto kth = std::get<0>(scores.topk(k, 0)).select(0, k - 1).to(threshold.device(), threshold.dtype());
   if (threshold_steps.item<int64_t>() == 0)
     threshold.copy_(kth);  // the first step sets the thresholds (no bias towards the 1/E start)
   else
-    threshold.mul_(cfg_.ec_threshold_decay).add_(kth, 1.0 - cfg_.ec_threshold_decay);
+    threshold.mul_(cfg_.expert_choice.threshold_decay).add_(kth, 1.0 - cfg_.expert_choice.threshold_decay);
   threshold_steps.add_(1);
 }
 
 std::vector<std::string> ExpertChoiceRouterImpl::eval_routings() const {
-  if (cfg_.ec_mode == ECMode::kThreshold) return {};
+  if (cfg_.expert_choice.mode == ECMode::kThreshold) return {};
   return {to_string(ECEval::kBatch), to_string(ECEval::kThreshold)};
 }
 
@@ -184,11 +186,55 @@ torch::Tensor ExpertChoiceRouterImpl::assignment_scores(const torch::Tensor& x, 
 nlohmann::json ExpertChoiceRouterImpl::describe_state() const {
   auto j = Router::describe_state();
   auto t = threshold.to(torch::kCPU, torch::kDouble).contiguous();
-  j["mode"] = to_string(cfg_.ec_mode);
+  j["mode"] = to_string(cfg_.expert_choice.mode);
   j["eval_routing"] = to_string(eval_routing_);
   j["threshold"] = std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
   j["threshold_steps"] = threshold_steps.item<int64_t>();
   return j;
+}
+
+std::string to_string(ECMode v) {
+  return v == ECMode::kCausal ? "causal" : v == ECMode::kNonCausal ? "noncausal" : "threshold";
+}
+
+std::string to_string(ECEval v) {
+  return v == ECEval::kBatch ? "batch" : "threshold";
+}
+
+RouterSpec expert_choice_router_spec() {
+  RouterSpec r;
+  r.name = "expert_choice";
+  r.summary =
+      "expert choice: each expert takes its best tokens (Zhou et al. 2022; docs/routing.md section 2)";
+  r.make = [](const MoEConfig& cfg, int64_t d_model) {
+    return std::make_shared<ExpertChoiceRouterImpl>(cfg, d_model);
+  };
+  r.bind = [](ConfigBinder& b, MoEConfig* c) {
+    auto& o = c->expert_choice;
+    b.bind("moe.ec_capacity_factor", &o.capacity_factor);
+    b.bind_enum(
+        "moe.ec_mode", &o.mode,
+        {{"causal", ECMode::kCausal}, {"noncausal", ECMode::kNonCausal}, {"threshold", ECMode::kThreshold}});
+    b.bind_enum("moe.ec_eval", &o.eval, {{"batch", ECEval::kBatch}, {"threshold", ECEval::kThreshold}});
+    b.bind("moe.ec_threshold_decay", &o.threshold_decay);
+  };
+  r.validate = [](const MoEConfig& c) {
+    const auto& o = c.expert_choice;
+    // CF <= E keeps k_e <= T: an expert cannot take more tokens than the batch (or a position group) has.
+    if (!std::isfinite(o.capacity_factor) || o.capacity_factor <= 0 || o.capacity_factor > double(c.n_expert))
+      throw ConfigError("moe.ec_capacity_factor",
+                        "must be in (0, moe.n_expert], got " + std::to_string(o.capacity_factor));
+    if (c.score != ScoreFunc::kSoftmax)
+      throw ConfigError("moe.score", "expert_choice scores are a softmax over experts (Zhou et al. 2022)");
+    option_checks::unit_decay("moe.ec_threshold_decay", o.threshold_decay);
+  };
+  r.equal_compute = [](MoEConfig& m) {
+    // k_e = round(T * CF / E) tokens per expert, so T * CF assignments in all: CF = K per token (Zhou et
+    // al. 2022 section 3: "capacity factor 2 matches the compute of top-2").
+    m.expert_choice.capacity_factor = double(m.routed_used());
+    return "capacity factor " + option_checks::str(m.routed_used());
+  };
+  return r;
 }
 
 }  // namespace moeforge

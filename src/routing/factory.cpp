@@ -5,7 +5,6 @@
 namespace moeforge {
 
 std::shared_ptr<Router> make_router(const MoEConfig& cfg, int64_t d_model) {
-  cfg.validate();
   return router_spec(cfg.router).make(cfg, d_model);
 }
 

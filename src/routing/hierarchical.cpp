@@ -6,7 +6,9 @@
 #include <limits>
 #include <stdexcept>
 
+#include "moeforge/config/binder.h"
 #include "moeforge/routing/losses.h"
+#include "option_checks.h"
 
 namespace moeforge {
 
@@ -25,9 +27,8 @@ HierarchicalRouterImpl::HierarchicalRouterImpl(const MoEConfig& cfg, int64_t d_m
       n_expert_(cfg.routed_experts()),
       n_cluster_(cfg.n_cluster),
       n_per_cluster_(cfg.routed_experts() / std::max<int64_t>(cfg.n_cluster, 1)),
-      k_cluster_(cfg.n_cluster_used),
+      k_cluster_(cfg.hierarchical.n_cluster_used),
       k_expert_(cfg.routed_used()) {
-  cfg_.validate();
   // nn.Linear's default initialisation U(-1/sqrt(C), 1/sqrt(C)) for both stages, as the top-K router.
   const double bound = 1.0 / std::sqrt(double(d_model));
   cluster_weight =
@@ -35,7 +36,8 @@ HierarchicalRouterImpl::HierarchicalRouterImpl(const MoEConfig& cfg, int64_t d_m
   expert_weight = register_parameter(
       "expert_weight", torch::empty({n_cluster_, n_per_cluster_, d_model}).uniform_(-bound, bound));
   // Zero start: a(x) = 0.5 for every token until w is learned (the paper's form has no bias).
-  if (cfg_.adaptive_weight) adaptive_weight = register_parameter("adaptive_weight", torch::zeros({d_model}));
+  if (cfg_.hierarchical.adaptive_weight)
+    adaptive_weight = register_parameter("adaptive_weight", torch::zeros({d_model}));
   expert_reliability = register_buffer("expert_reliability", torch::ones({n_expert_}));
   cluster_reliability = register_buffer("cluster_reliability", torch::ones({n_cluster_}));
   expert_active = register_buffer("expert_active", torch::ones({n_expert_}));
@@ -97,7 +99,7 @@ RoutingPlan HierarchicalRouterImpl::route(const torch::Tensor& x, const RouteCon
   torch::Tensor priority;  // [T] Switch batch-prioritised order: a token's best assignment
   if (cfg_.overflow == OverflowOrder::kBatchPrioritized) priority = std::get<0>(raw_cpu.max(1));
   auto c_sel_cpu = c_sel.cpu();
-  const int64_t cap_c = expert_capacity(cfg_.cluster_capacity_factor, T, Kc, G);
+  const int64_t cap_c = expert_capacity(cfg_.hierarchical.cluster_capacity_factor, T, Kc, G);
   RoutingPlan cplan =
       build_plan_from_choices(c_sel_cpu, pc_sel.detach().cpu() > 0, priority, pc_sel.detach(), G, cap_c);
   auto kept_tc = torch::zeros({T, G}, torch::kBool);  // [T, G] pairs the cluster level served
@@ -135,10 +137,12 @@ RoutingPlan HierarchicalRouterImpl::route(const torch::Tensor& x, const RouteCon
     loss = loss + cfg_.balance_coef * (switch_balance_loss_global(pc, c_sel) + within);
   }
   if (cfg_.z_loss_coef > 0) loss = loss + cfg_.z_loss_coef * (router_z_loss(zc) + router_z_loss(ze));
-  if (cfg_.diversity_coef > 0 && Eg >= 2) loss = loss + cfg_.diversity_coef * diversity_loss();
+  if (cfg_.hierarchical.diversity_coef > 0 && Eg >= 2)
+    loss = loss + cfg_.hierarchical.diversity_coef * diversity_loss();
   plan.aux_loss = loss;
 
-  if (cfg_.adaptive_weight) plan.token_scale = torch::sigmoid(torch::matmul(x, adaptive_weight));  // [T]
+  if (cfg_.hierarchical.adaptive_weight)
+    plan.token_scale = torch::sigmoid(torch::matmul(x, adaptive_weight));  // [T]
   // (token, cluster) pairs the cluster level served; the utilisation counters take them in after_step.
   plan.stats.group_load = cplan.stats.load;
   return plan;
@@ -172,8 +176,7 @@ void HierarchicalRouterImpl::after_step(const RouteFeedback& fb) {
   }
   // moe.reliability = 0: no tracking (r stays at its prior 1), the fault experiment's baseline. A MoEConfig
   // built in code has no entry: tracking on.
-  const auto rel = cfg_.router_options.find("reliability");
-  if (!fb.has_health || (rel != cfg_.router_options.end() && rel->second == 0)) return;
+  if (!fb.has_health || cfg_.hierarchical.reliability == 0) return;
   const auto rms = fb.out_rms();
   const auto& rows = fb.out_rows;
   const auto& bad = fb.nonfinite;
@@ -193,8 +196,9 @@ void HierarchicalRouterImpl::after_step(const RouteFeedback& fb) {
   // the direct signal counts.
   bool direct = false;
   for (int64_t e = 0; e < E; ++e)
-    direct = direct || (rows[e] > 0 && (bad[e] > 0 || !std::isfinite(rms[e]) ||
-                                        (median > 0 && rms[e] > cfg_.reliability_explode * median)));
+    direct =
+        direct || (rows[e] > 0 && (bad[e] > 0 || !std::isfinite(rms[e]) ||
+                                   (median > 0 && rms[e] > cfg_.hierarchical.reliability_explode * median)));
   const double loss_mean = fb.has_loss && fb.loss_count > 0 && !direct
                                ? fb.loss_sum / double(fb.loss_count)
                                : std::numeric_limits<double>::quiet_NaN();
@@ -204,7 +208,8 @@ void HierarchicalRouterImpl::after_step(const RouteFeedback& fb) {
     const int64_t n = rows[e];
     if (n == 0) continue;
     double he = 1.0 - double(bad[e]) / double(n);
-    if (!std::isfinite(rms[e]) || (median > 0 && rms[e] > cfg_.reliability_explode * median)) he = 0;
+    if (!std::isfinite(rms[e]) || (median > 0 && rms[e] > cfg_.hierarchical.reliability_explode * median))
+      he = 0;
     if (std::isfinite(loss_mean) && loss_mean > 0) {
       if (fb.expert_loss_bad[e] > 0 || fb.expert_loss_count[e] == 0) {
         he = 0;
@@ -216,7 +221,7 @@ void HierarchicalRouterImpl::after_step(const RouteFeedback& fb) {
     h[e] = he;
   }
 
-  const double d = cfg_.reliability_decay, rec = cfg_.reliability_recovery;
+  const double d = cfg_.hierarchical.reliability_decay, rec = cfg_.hierarchical.reliability_recovery;
   auto r_e = expert_reliability.to(torch::kCPU, torch::kDouble).contiguous();
   auto r_c = cluster_reliability.to(torch::kCPU, torch::kDouble).contiguous();
   double* re = r_e.data_ptr<double>();
@@ -356,13 +361,67 @@ nlohmann::json HierarchicalSummary::to_json() const {
   return j;
 }
 
-std::vector<int64_t> experts_below_load_share(const std::vector<double>& load, double share_threshold) {
-  double total = 0;
-  for (double l : load) total += l;
-  std::vector<int64_t> out;
-  for (size_t e = 0; e < load.size(); ++e)
-    if ((total > 0 ? load[e] / total : 0.0) < share_threshold) out.push_back(int64_t(e));
-  return out;
+RouterSpec hierarchical_router_spec() {
+  using option_checks::str;
+  RouterSpec r;
+  r.name = "hierarchical";
+  r.summary = "cluster-then-expert routing with reliability tracking (ClusterMoE; section 5)";
+  r.make = [](const MoEConfig& cfg, int64_t d_model) {
+    return std::make_shared<HierarchicalRouterImpl>(cfg, d_model);
+  };
+  r.bind = [](ConfigBinder& b, MoEConfig* c) {
+    auto& o = c->hierarchical;
+    b.bind("moe.n_cluster_used", &o.n_cluster_used);
+    b.bind("moe.cluster_capacity_factor", &o.cluster_capacity_factor);
+    b.bind("moe.reliability_decay", &o.reliability_decay);
+    b.bind("moe.reliability_explode", &o.reliability_explode);
+    b.bind("moe.reliability_recovery", &o.reliability_recovery);
+    b.bind("moe.reliability", &o.reliability);
+    b.bind("moe.diversity_coef", &o.diversity_coef);
+    b.bind("moe.adaptive_weight", &o.adaptive_weight);
+  };
+  r.validate = [](const MoEConfig& c) {
+    const auto& o = c.hierarchical;
+    option_checks::clusters(c);
+    const int64_t E = c.routed_experts(), K = c.routed_used(), G = c.n_cluster;
+    if (E % G != 0)
+      throw ConfigError("moe.n_cluster",
+                        "the " + str(E) + " routed experts do not split into " + str(G) + " equal clusters");
+    if (o.n_cluster_used < 1 || o.n_cluster_used > G)
+      throw ConfigError("moe.n_cluster_used",
+                        "must be in [1, moe.n_cluster = " + str(G) + "], got " + str(o.n_cluster_used));
+    if (K > E / G)
+      throw ConfigError("moe.n_expert_used",
+                        "K_e = " + str(K) + " exceeds the " + str(E / G) + " experts of one cluster");
+    if (!std::isfinite(o.cluster_capacity_factor) || o.cluster_capacity_factor < 0)
+      throw ConfigError("moe.cluster_capacity_factor",
+                        "must be >= 0 (0 = none), got " + std::to_string(o.cluster_capacity_factor));
+    option_checks::unit_decay("moe.reliability_decay", o.reliability_decay);
+    option_checks::unit_decay("moe.reliability_recovery", o.reliability_recovery);
+    if (o.reliability != 0 && o.reliability != 1)
+      throw ConfigError("moe.reliability",
+                        "must be 1 (track reliability) or 0 (off), got " + std::to_string(o.reliability));
+    if (!(o.reliability_explode > 1) || !std::isfinite(o.reliability_explode))
+      throw ConfigError("moe.reliability_explode",
+                        "must be a finite number > 1, got " + std::to_string(o.reliability_explode));
+    option_checks::nonneg("moe.diversity_coef", o.diversity_coef);
+  };
+  r.equal_compute = [](MoEConfig& m) {
+    // K_c clusters x K_e experts in each: the fewest clusters that fit, so the choice inside a cluster stays
+    // as wide as possible.
+    const int64_t K = m.n_expert_used, G = m.n_cluster, Eg = m.routed_experts() / std::max<int64_t>(G, 1);
+    int64_t kc = 0;
+    for (int64_t c = 1; c <= std::min(K, G) && kc == 0; ++c)
+      if (K % c == 0 && K / c <= Eg) kc = c;
+    if (kc == 0)
+      throw ConfigError("moe.n_expert_used", "K = " + str(K) + " cannot be split as K_c * K_e with K_c <= " +
+                                                 str(G) + " clusters and K_e <= " + str(Eg) +
+                                                 " experts per cluster (hierarchical at equal compute)");
+    m.hierarchical.n_cluster_used = kc;
+    m.n_expert_used = K / kc;
+    return "K_c " + str(kc) + " x K_e " + str(K / kc);
+  };
+  return r;
 }
 
 }  // namespace moeforge

@@ -1,5 +1,8 @@
 #include "moeforge/routing/loss_free.h"
 
+#include "moeforge/config/binder.h"
+#include "option_checks.h"
+
 namespace moeforge {
 
 MoEConfig without_balance_loss(MoEConfig cfg) {
@@ -9,7 +12,7 @@ MoEConfig without_balance_loss(MoEConfig cfg) {
 }
 
 LossFreeRouterImpl::LossFreeRouterImpl(const MoEConfig& cfg, int64_t d_model)
-    : TopKRouterImpl(without_balance_loss(cfg), d_model), update_rate_(cfg.bias_update_rate) {
+    : TopKRouterImpl(without_balance_loss(cfg), d_model), update_rate_(cfg.loss_free.bias_update_rate) {
   bias = register_buffer("bias", torch::zeros({n_expert()}));
 }
 
@@ -47,6 +50,23 @@ nlohmann::json LossFreeRouterImpl::describe_state() const {
   auto b = bias.to(torch::kCPU, torch::kDouble).contiguous();
   j["bias"] = std::vector<double>(b.data_ptr<double>(), b.data_ptr<double>() + b.numel());
   return j;
+}
+
+RouterSpec loss_free_router_spec() {
+  RouterSpec r;
+  r.name = "loss_free";
+  r.summary = "loss-free balancing: top-K of s + b, b stepped against the load (Wang et al. 2024; section 3)";
+  r.make = [](const MoEConfig& cfg, int64_t d_model) {
+    return std::make_shared<LossFreeRouterImpl>(cfg, d_model);
+  };
+  r.bind = [](ConfigBinder& b, MoEConfig* c) {
+    b.bind("moe.bias_update_rate", &c->loss_free.bias_update_rate);
+  };
+  r.validate = [](const MoEConfig& c) {
+    option_checks::nonneg("moe.bias_update_rate", c.loss_free.bias_update_rate);
+  };
+  r.equal_compute = option_checks::same_k;
+  return r;
 }
 
 }  // namespace moeforge

@@ -6,7 +6,6 @@
 #include <memory>
 #include <stdexcept>
 
-#include "moeforge/layer/moe_layer.h"
 #include "moeforge/routing/stats.h"
 
 namespace moeforge {
@@ -167,10 +166,6 @@ LeakResult causal_leak(const std::function<torch::Tensor(const torch::Tensor&)>&
         }
     }
   return r;
-}
-
-LeakResult causal_leak(MoELayerImpl& layer, const torch::Tensor& x, const LeakOptions& opt) {
-  return causal_leak([&](const torch::Tensor& xx) { return layer.forward(xx).y; }, x, opt);
 }
 
 }  // namespace moeforge

@@ -5,8 +5,10 @@
 #include <limits>
 #include <stdexcept>
 
+#include "moeforge/config/binder.h"
 #include "moeforge/routing/losses.h"
 #include "moeforge/util/error.h"
+#include "option_checks.h"
 
 namespace moeforge {
 
@@ -37,11 +39,10 @@ MoCERouterImpl::MoCERouterImpl(const MoEConfig& cfg, int64_t d_model)
     : cfg_(cfg),
       n_expert_(cfg.routed_experts()),
       n_cluster_(cfg.n_cluster),
-      n_per_group_((cfg.routed_experts() - cfg.moce_n_general) / std::max<int64_t>(cfg.n_cluster, 1)),
-      n_general_(cfg.moce_n_general),
+      n_per_group_((cfg.routed_experts() - cfg.moce.n_general) / std::max<int64_t>(cfg.n_cluster, 1)),
+      n_general_(cfg.moce.n_general),
       k_(cfg.routed_used()),
-      k_general_(cfg.moce_n_general > 0 ? cfg.moce_general_used : 0) {
-  cfg_.validate();
+      k_general_(cfg.moce.n_general > 0 ? cfg.moce.general_used : 0) {
   // nn.Linear's default initialisation, as the top-K router.
   const double bound = 1.0 / std::sqrt(double(d_model));
   group_weight = register_parameter(
@@ -85,13 +86,9 @@ void MoCERouterImpl::set_centroids(const torch::Tensor& c, const torch::Tensor& 
   }
 }
 
-void set_sequence_centroids(Router& router, const torch::Tensor& c, const torch::Tensor& sizes,
-                            const torch::Tensor& mean) {
-  auto* m = dynamic_cast<MoCERouterImpl*>(&router);
-  if (!m)
-    throw ConfigError("moe.moce_clustering", "router '" + router.name() +
-                                                 "' of the first MoE layer has no sequence centroids to set");
-  m->set_centroids(c, sizes, mean);
+void MoCERouterImpl::set_sequence_centroids(const torch::Tensor& c, const torch::Tensor& sizes,
+                                            const torch::Tensor& mean, const std::string& /*key*/) {
+  set_centroids(c, sizes, mean);
 }
 
 void MoCERouterImpl::set_expert_mask(const torch::Tensor& active) {
@@ -127,34 +124,33 @@ torch::Tensor MoCERouterImpl::assign(const torch::Tensor& pooled) const {
 }
 
 torch::Tensor MoCERouterImpl::prefix_pool(const torch::Tensor& x, int64_t B, int64_t S,
-                                          const RouteContext& ctx) const {
+                                          const torch::Tensor& before_sum, int64_t before,
+                                          const torch::Tensor& prompt_len) const {
   torch::NoGradGuard ng;
   const int64_t C = x.size(1);
   auto sum = x.detach().view({B, S, C}).cumsum(1);  // [B, S, C] sums over this chunk up to each position
-  double before = 0;
-  if (ctx.prefix_sum.defined()) {
-    TORCH_CHECK(ctx.prefix_sum.dim() == 2 && ctx.prefix_sum.size(0) == B && ctx.prefix_sum.size(1) == C,
-                "moce: ctx.prefix_sum must be [", B, ", ", C, "]");
-    sum = sum + ctx.prefix_sum.to(sum.device(), sum.scalar_type()).unsqueeze(1);
-    before = double(ctx.prefix_len);
+  if (before_sum.defined()) {
+    TORCH_CHECK(before_sum.dim() == 2 && before_sum.size(0) == B && before_sum.size(1) == C,
+                "moce: the cached pool sum must be [", B, ", ", C, "]");
+    sum = sum + before_sum.to(sum.device(), sum.scalar_type()).unsqueeze(1);
   }
-  auto n = torch::arange(1, S + 1, sum.options()).add_(before).view({1, S, 1});  // [1, S, 1]
-  if (!ctx.pool_len.defined()) return sum / n;                                   // [B, S, C]
-  // Prompt pool: only positions before pool_len[b] (absolute) are summed; the count stops there too.
-  auto x_in = x.detach().view({B, S, C}) * prompt_mask(B, S, ctx, x.options()).unsqueeze(2);  // [B, S, C]
-  auto psum = x_in.cumsum(1);
-  if (ctx.prefix_sum.defined())
-    psum = psum + ctx.prefix_sum.to(psum.device(), psum.scalar_type()).unsqueeze(1);
-  auto len = ctx.pool_len.to(x.device(), x.scalar_type()).view({B, 1, 1}).clamp_min(1.0);  // [B, 1, 1]
-  return psum / torch::minimum(n, len);                                                    // [B, S, C]
+  auto n = torch::arange(1, S + 1, sum.options()).add_(double(before)).view({1, S, 1});  // [1, S, 1]
+  if (!prompt_len.defined()) return sum / n;                                             // [B, S, C]
+  // Prompt pool: only positions before prompt_len[b] (absolute) are summed; the count stops there too.
+  auto x_in = x.detach().view({B, S, C}) * prompt_mask(B, S, before, prompt_len, x.options()).unsqueeze(2);
+  auto psum = x_in.cumsum(1);  // [B, S, C]
+  if (before_sum.defined()) psum = psum + before_sum.to(psum.device(), psum.scalar_type()).unsqueeze(1);
+  auto len = prompt_len.to(x.device(), x.scalar_type()).view({B, 1, 1}).clamp_min(1.0);  // [B, 1, 1]
+  return psum / torch::minimum(n, len);                                                  // [B, S, C]
 }
 
-torch::Tensor MoCERouterImpl::prompt_mask(int64_t B, int64_t S, const RouteContext& ctx,
+torch::Tensor MoCERouterImpl::prompt_mask(int64_t B, int64_t S, int64_t before,
+                                          const torch::Tensor& prompt_len,
                                           const torch::TensorOptions& opt) const {
-  TORCH_CHECK(ctx.pool_len.numel() == B, "moce: ctx.pool_len has ", ctx.pool_len.numel(), " lengths for ", B,
+  TORCH_CHECK(prompt_len.numel() == B, "moce: the prompt lengths are ", prompt_len.numel(), " for ", B,
               " sequences");
-  auto pos = torch::arange(S, opt.dtype(torch::kLong)).add_(ctx.prefix_len).view({1, S});   // absolute
-  return (pos < ctx.pool_len.to(opt.device(), torch::kLong).view({B, 1})).to(opt.dtype());  // [B, S]
+  auto pos = torch::arange(S, opt.dtype(torch::kLong)).add_(before).view({1, S});         // absolute
+  return (pos < prompt_len.to(opt.device(), torch::kLong).view({B, 1})).to(opt.dtype());  // [B, S]
 }
 
 void MoCERouterImpl::seed_centroids(const torch::Tensor& unit) {
@@ -182,44 +178,54 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
   TORCH_CHECK(B * S == T, "moce: T = ", T, " is not a multiple of seq_len = ", ctx.seq_len);
   const auto dev = x.device();
 
-  // Stage 1: a cluster id per token. Given by the caller (an earlier MoCE layer's token clusters, or
-  // explicit sequence ids), or assigned here: nearest centroid (cosine) plus the balancing bias, of the
-  // running prefix pool (causal, the default) or of the whole sequence's pool (non-causal). The same rule
-  // runs in training, evaluation and generation, and route() changes no buffer.
-  torch::Tensor tok_cluster;  // [T] int64 CPU
-  torch::Tensor pool_sum;     // [B, C] sum of the inputs of every position seen so far (prefix pool)
-  torch::Tensor seq_pool;     // [B, C] this chunk's mean (what the centroids learn from)
+  // Stage 1: a cluster id per token. Passed on by an earlier MoCE layer (MoceCarry), kept from the prompt of
+  // a generation (MoceCache::seq_cluster), or assigned here: nearest centroid (cosine) plus the balancing
+  // bias, of the running prefix pool (causal, the default) or of the whole sequence's pool (non-causal).
+  // The same rule runs in training, evaluation and generation, and route() changes no buffer.
+  const auto* carry = dynamic_cast<const MoceCarry*>(ctx.carry.get());
+  const auto* cache = dynamic_cast<const MoceCache*>(ctx.cache.get());
+  torch::Tensor tok_cluster;                  // [T] int64 CPU
+  torch::Tensor seq_pool;                     // [B, C] this chunk's mean (what the centroids learn from)
+  auto next = std::make_shared<MoceCache>();  // what the next generation step starts from
   {
     torch::NoGradGuard ng;
     seq_pool = x.detach().view({B, S, C}).mean(1);
     const bool initialised = (centroid_count > 0).any().item<bool>();
-    if (ctx.token_cluster.defined()) {
-      tok_cluster = ctx.token_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
-      TORCH_CHECK(tok_cluster.numel() == T, "moce: ctx.token_cluster has ", tok_cluster.numel(), " ids for ",
-                  T, " tokens");
-    } else if (ctx.seq_cluster.defined()) {
-      auto ids = ctx.seq_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
-      TORCH_CHECK(ids.numel() == B, "moce: ctx.seq_cluster has ", ids.numel(), " ids for ", B, " sequences");
+    if (carry) {
+      tok_cluster = carry->token_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
+      TORCH_CHECK(tok_cluster.numel() == T, "moce: the earlier layer's token clusters are ",
+                  tok_cluster.numel(), " ids for ", T, " tokens");
+      next.reset();
+    } else if (cache && cache->seq_cluster.defined()) {
+      auto ids = cache->seq_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
+      TORCH_CHECK(ids.numel() == B, "moce: the sequence clusters are ", ids.numel(), " ids for ", B,
+                  " sequences");
       tok_cluster = ids.unsqueeze(1).expand({B, S}).reshape({T}).clone();
-    } else if (cfg_.moce_pool == MocePool::kPrefix || cfg_.moce_pool == MocePool::kPrompt) {
+      next->seq_cluster = ids;
+    } else if (cfg_.moce.pool == MocePool::kPrefix || cfg_.moce.pool == MocePool::kPrompt) {
       // The prompt pool needs the prompts' lengths; without them (plain text) it is the prefix pool.
-      const bool prompt = cfg_.moce_pool == MocePool::kPrompt && ctx.pool_len.defined();
-      RouteContext pctx = ctx;
-      if (!prompt) pctx.pool_len = torch::Tensor();
-      tok_cluster = initialised ? assign(prefix_pool(x, B, S, pctx).reshape({T, C}))
+      const bool prompt = cfg_.moce.pool == MocePool::kPrompt && ctx.prompt_len.defined();
+      const torch::Tensor before_sum = cache ? cache->pool_sum : torch::Tensor();
+      const int64_t before = cache && cache->pool_sum.defined() ? cache->len : 0;
+      const torch::Tensor prompt_len = prompt ? ctx.prompt_len : torch::Tensor();
+      tok_cluster = initialised ? assign(prefix_pool(x, B, S, before_sum, before, prompt_len).reshape({T, C}))
                                 : torch::zeros({T}, torch::kLong);  // before any centroid: group 0
       auto xs = x.detach().view({B, S, C});
       if (prompt) {
-        xs = xs * prompt_mask(B, S, ctx, x.options()).unsqueeze(2);
+        xs = xs * prompt_mask(B, S, before, prompt_len, x.options()).unsqueeze(2);
         // What the centroids learn from: the prompt's mean (the cluster's own definition).
-        seq_pool = xs.sum(1) / ctx.pool_len.to(dev, x.scalar_type()).view({B, 1}).clamp_min(1.0);
+        seq_pool = xs.sum(1) / ctx.prompt_len.to(dev, x.scalar_type()).view({B, 1}).clamp_min(1.0);
       }
-      pool_sum = xs.sum(1);
-      if (ctx.prefix_sum.defined()) pool_sum = pool_sum + ctx.prefix_sum.to(dev, pool_sum.scalar_type());
+      next->pool_sum = xs.sum(1);
+      if (before_sum.defined())
+        next->pool_sum = next->pool_sum + before_sum.to(dev, next->pool_sum.scalar_type());
+      next->len = before + S;
     } else {
-      // NON-CAUSAL: the whole sequence's mean decides every position's cluster.
+      // NON-CAUSAL: the whole sequence's mean decides every position's cluster; a generation keeps the
+      // cluster its prompt gave it.
       auto ids = initialised ? assign(seq_pool) : torch::zeros({B}, torch::kLong);  // [B]
       tok_cluster = ids.unsqueeze(1).expand({B, S}).reshape({T}).clone();
+      next->seq_cluster = ids;
     }
     TORCH_CHECK(tok_cluster.min().item<int64_t>() >= 0 && tok_cluster.max().item<int64_t>() < G,
                 "moce: cluster ids must be in [0, ", G, ")");
@@ -297,10 +303,12 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
   }
   plan.stats.group_load = std::move(group_load);
   plan.aux_loss = loss;
-  plan.token_cluster = tok_cluster;
-  plan.seq_cluster = tok_cluster.view({B, S}).select(1, S - 1).contiguous();  // each last position's
-  plan.seq_repr = seq_pool;
-  plan.pool_sum = pool_sum;
+  // For after_step: each sequence's representation and the cluster its last position took.
+  plan.sequence_rows = {seq_pool, tok_cluster.view({B, S}).select(1, S - 1).contiguous()};
+  auto carried = std::make_shared<MoceCarry>();
+  carried->token_cluster = tok_cluster;
+  plan.carry = carried;
+  plan.cache = next;
   return plan;
 }
 
@@ -311,12 +319,11 @@ void MoCERouterImpl::after_step(const RouteFeedback& fb) {
     auto le = torch::tensor(std::vector<double>(fb.load.begin(), fb.load.end()), torch::kDouble);
     expert_count.add_(le.to(expert_count.device()));
   }
-  if (fb.seq_repr.empty()) return;
-  auto pooled = torch::cat(fb.seq_repr, 0).to(centroids.device(), centroids.scalar_type());  // [B, C]
-  std::vector<torch::Tensor> id_parts;
-  for (auto& c : fb.seq_cluster) id_parts.push_back(c.to(torch::kCPU, torch::kLong));
-  auto ids = torch::cat(id_parts, 0);  // [B] the cluster each sequence's last position took
-  const double d = cfg_.centroid_decay;
+  if (fb.sequence_rows.empty()) return;
+  // route()'s sequence rows: each sequence's representation [B, C] and its last position's cluster [B].
+  auto pooled = fb.all_sequence_rows(0).to(centroids.device(), centroids.scalar_type());  // [B, C]
+  auto ids = fb.all_sequence_rows(1).to(torch::kCPU, torch::kLong);                       // [B]
+  const double d = cfg_.moce.centroid_decay;
   const int64_t G = n_cluster_, B = pooled.size(0);
   auto batch_mean = pooled.mean(0).to(pooled_mean.dtype());
   if (pooled_mean_count.item<double>() == 0) {
@@ -352,7 +359,7 @@ void MoCERouterImpl::after_step(const RouteFeedback& fb) {
 
   // Cluster balance: a loss-free-style bias on the centroid scores (docs/routing.md, MoCE), stepped from
   // the tokens each cluster took this step. Every routing (training, evaluation, generation) adds it.
-  if (!fb.group_load.empty() && cfg_.moce_balance_rate > 0) {
+  if (!fb.group_load.empty() && cfg_.moce.balance_rate > 0) {
     double mean = 0;
     for (int64_t v : fb.group_load) mean += double(v);
     mean /= double(fb.group_load.size());
@@ -361,7 +368,7 @@ void MoCERouterImpl::after_step(const RouteFeedback& fb) {
       const double diff = mean - double(fb.group_load[g]);
       step[g] = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
     }
-    cluster_bias.add_(step.to(cluster_bias.device(), cluster_bias.scalar_type()), cfg_.moce_balance_rate);
+    cluster_bias.add_(step.to(cluster_bias.device(), cluster_bias.scalar_type()), cfg_.moce.balance_rate);
   }
 }
 
@@ -369,10 +376,10 @@ torch::Tensor MoCERouterImpl::assignment_scores(const torch::Tensor& x, const Ro
   // Softmax inside the token's group, 0 for other groups' experts (a token may only use its group);
   // general experts, if any, get their own router's softmax.
   torch::NoGradGuard ng;
-  TORCH_CHECK(plan.token_cluster.defined(), "moce: the plan carries no token clusters");
+  const auto tok_cluster = token_clusters(plan);
+  TORCH_CHECK(tok_cluster.defined(), "moce: the plan carries no token clusters");
   const int64_t T = x.size(0), E = n_expert_, Eg = n_per_group_, G = n_cluster_;
   auto s = torch::zeros({T, E}, x.options());
-  auto tok_cluster = plan.token_cluster.to(torch::kCPU);
   for (int64_t g = 0; g < G; ++g) {
     auto rows = (tok_cluster == g).nonzero().squeeze(1).to(x.device());  // [n_g]
     if (rows.numel() == 0) continue;
@@ -390,7 +397,7 @@ nlohmann::json MoCERouterImpl::describe_state() const {
     auto c = t.to(torch::kCPU, torch::kDouble).contiguous();
     return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
   };
-  j["pool"] = to_string(cfg_.moce_pool);
+  j["pool"] = to_string(cfg_.moce.pool);
   j["centroid_sequences"] = vec(centroid_count);
   j["cluster_bias"] = vec(cluster_bias);
   j["expert_count"] = vec(expert_count);
@@ -400,6 +407,102 @@ nlohmann::json MoCERouterImpl::describe_state() const {
 void MoCERouterImpl::reset_counters() {
   torch::NoGradGuard ng;
   expert_count.zero_();
+}
+
+torch::Tensor MoCERouterImpl::token_clusters(const RoutingPlan& plan) const {
+  const auto* carry = dynamic_cast<const MoceCarry*>(plan.carry.get());
+  return carry ? carry->token_cluster : torch::Tensor();
+}
+
+std::optional<Router::OfflineClustering> MoCERouterImpl::offline_clustering() const {
+  if (cfg_.moce.clustering == SeqClustering::kOnline) return std::nullopt;
+  OfflineClustering c;
+  c.method = to_string(cfg_.moce.clustering);
+  c.key = "moe.moce_clustering";
+  c.n_cluster = n_cluster_;
+  c.prompt_only = cfg_.moce.pool == MocePool::kPrompt;
+  return c;
+}
+
+torch::Tensor MoCERouterImpl::sequence_representation(const RoutingPlan& plan) const {
+  return plan.sequence_rows.empty() ? torch::Tensor() : plan.sequence_rows.front();
+}
+
+std::string to_string(MocePool v) {
+  return v == MocePool::kPrefix ? "prefix" : v == MocePool::kPrompt ? "prompt" : "sequence";
+}
+
+std::string to_string(SeqClustering v) {
+  return v == SeqClustering::kOnline ? "online" : v == SeqClustering::kHidden ? "hidden" : "tfidf";
+}
+
+RouterSpec moce_router_spec() {
+  using option_checks::str;
+  RouterSpec r;
+  r.name = "moce";
+  r.summary =
+      "MoCE dual-stage routing: sequence clusters, then top-K in the cluster's group (Eo et al. 2025; "
+      "section 6)";
+  r.make = [](const MoEConfig& cfg, int64_t d_model) {
+    return std::make_shared<MoCERouterImpl>(cfg, d_model);
+  };
+  r.bind = [](ConfigBinder& b, MoEConfig* c) {
+    auto& o = c->moce;
+    b.bind("moe.moce_n_general", &o.n_general);
+    b.bind("moe.moce_general_used", &o.general_used);
+    b.bind("moe.centroid_decay", &o.centroid_decay);
+    b.bind_enum(
+        "moe.moce_pool", &o.pool,
+        {{"prefix", MocePool::kPrefix}, {"sequence", MocePool::kSequence}, {"prompt", MocePool::kPrompt}});
+    b.bind("moe.moce_balance_rate", &o.balance_rate);
+    b.bind_enum("moe.moce_clustering", &o.clustering,
+                {{"online", SeqClustering::kOnline},
+                 {"hidden", SeqClustering::kHidden},
+                 {"tfidf", SeqClustering::kTfidf}});
+  };
+  r.validate = [](const MoEConfig& c) {
+    const auto& o = c.moce;
+    option_checks::clusters(c);
+    const int64_t E = c.routed_experts(), K = c.routed_used();
+    if (o.n_general < 0 || o.n_general >= E)
+      throw ConfigError("moe.moce_n_general", "must be in [0, " + str(E) + "), got " + str(o.n_general));
+    const int64_t grouped = E - o.n_general;
+    if (grouped % c.n_cluster != 0)
+      throw ConfigError("moe.n_cluster", "the " + str(grouped) + " cluster experts do not split into " +
+                                             str(c.n_cluster) + " equal groups");
+    if (K > grouped / c.n_cluster)
+      throw ConfigError("moe.n_expert_used", "K = " + str(K) + " exceeds the " + str(grouped / c.n_cluster) +
+                                                 " experts of one cluster group");
+    if (o.n_general > 0 && (o.general_used < 1 || o.general_used > o.n_general))
+      throw ConfigError("moe.moce_general_used", "must be in [1, moe.moce_n_general = " + str(o.n_general) +
+                                                     "], got " + str(o.general_used));
+    option_checks::unit_decay("moe.centroid_decay", o.centroid_decay);
+    option_checks::nonneg("moe.moce_balance_rate", o.balance_rate);
+  };
+  r.validate_unpicked = [](const MoEConfig& c) {
+    // Offline sequence clustering only means something to a router that routes by sequence cluster.
+    if (c.moce.clustering != SeqClustering::kOnline)
+      throw ConfigError("moe.moce_clustering",
+                        "\"" + to_string(c.moce.clustering) +
+                            "\" needs moe.router = \"moce\" (only MoCE routes by sequence cluster), got \"" +
+                            c.router + "\"");
+  };
+  r.late_buffers = {"cluster_bias"};  // the cluster balance bias came after the first MoCE checkpoints
+  r.prompt_rows = [](const MoEConfig& c) -> std::pair<std::string, std::string> {
+    if (c.moce.pool != MocePool::kPrompt) return {};
+    return {"moe.moce_pool", "\"prompt\" pools each sequence's prompt"};
+  };
+  r.equal_compute = [](MoEConfig& m) {
+    // General experts add moce_general_used assignments to every token: take them out of the group's K.
+    const int64_t K = m.n_expert_used, general = m.moce.n_general > 0 ? m.moce.general_used : 0;
+    if (K - general < 1)
+      throw ConfigError("moe.moce_general_used",
+                        "leaves no group expert within K = " + str(K) + " (moce at equal compute)");
+    m.n_expert_used = K - general;
+    return "top-" + str(K - general) + " in group" +
+           (general ? " + " + str(general) + " general" : std::string());
+  };
+  return r;
 }
 
 }  // namespace moeforge

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "moeforge/routing/router.h"
+#include "moeforge/util/error.h"
 
 namespace moeforge {
 
@@ -150,6 +151,11 @@ nlohmann::json Router::describe_state() const {
   nlohmann::json j = {{"router", name()}, {"experts", n_expert()}, {"causal", causal()}};
   if (expert_active_.defined()) j["pruned"] = pruned_experts();
   return j;
+}
+
+void Router::set_sequence_centroids(const torch::Tensor& /*centroids*/, const torch::Tensor& /*sizes*/,
+                                    const torch::Tensor& /*mean*/, const std::string& key) {
+  throw ConfigError(key, "router '" + name() + "' of the first MoE layer has no sequence centroids to set");
 }
 
 bool Router::has_pruned() const {

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "moeforge/dist/dist.h"
+
 namespace moeforge {
 
 double max_violation(const std::vector<double>& load) {
@@ -41,6 +43,22 @@ RoutingStats make_routing_stats(std::vector<int64_t> load, int64_t n_tokens, int
   s.load_cv = mean > 0 ? std::sqrt(var / double(E)) / mean : 0.0;
   s.load_entropy = E > 1 ? ent / std::log(double(E)) : 1.0;
   return s;
+}
+
+RoutingStats global_routing_stats(const RoutingStats& stats) {
+  if (!dist::active()) return stats;
+  std::vector<int64_t> ints = {stats.n_tokens, stats.n_requested};
+  ints.insert(ints.end(), stats.load.begin(), stats.load.end());
+  ints.insert(ints.end(), stats.group_load.begin(), stats.group_load.end());
+  std::vector<torch::Tensor> t = {torch::tensor(ints, torch::kLong)};
+  dist::allreduce_sum(t, "the routing stats");
+  auto c = t[0].contiguous();
+  const std::vector<int64_t> g(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  const size_t E = stats.load.size();
+  std::vector<int64_t> load(g.begin() + 2, g.begin() + 2 + long(E));
+  auto out = make_routing_stats(load, g[0], g[1], stats.n_balanced);
+  out.group_load.assign(g.begin() + 2 + long(E), g.end());
+  return out;
 }
 
 }  // namespace moeforge

@@ -3,12 +3,12 @@
 #include <cmath>
 
 #include "moeforge/routing/losses.h"
+#include "option_checks.h"
 
 namespace moeforge {
 
 TopKRouterImpl::TopKRouterImpl(const MoEConfig& cfg, int64_t d_model)
     : cfg_(cfg), n_expert_(cfg.routed_experts()), k_(cfg.routed_used()) {
-  cfg_.validate();
   // nn.Linear's default initialisation, U(-1/sqrt(C), 1/sqrt(C)), as in the Mixtral reference.
   const double bound = 1.0 / std::sqrt(double(d_model));
   weight = register_parameter("weight", torch::empty({n_expert_, d_model}).uniform_(-bound, bound));
@@ -112,6 +112,18 @@ torch::Tensor token_choice_aux_loss(const MoEConfig& cfg, const TokenScores& s, 
   }
   if (cfg.z_loss_coef > 0) loss = loss + cfg.z_loss_coef * router_z_loss(s.logits);
   return loss;
+}
+
+RouterSpec topk_router_spec() {
+  RouterSpec r;
+  r.name = "topk";
+  r.summary =
+      "token-choice top-K: Switch (K=1), GShard (K=2), Mixtral, noisy, sigmoid (docs/routing.md section 1)";
+  r.make = [](const MoEConfig& cfg, int64_t d_model) {
+    return std::make_shared<TopKRouterImpl>(cfg, d_model);
+  };
+  r.equal_compute = option_checks::same_k;
+  return r;
 }
 
 }  // namespace moeforge

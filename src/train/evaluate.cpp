@@ -29,7 +29,7 @@ void accumulate_routing(LayerRouting& layer, const RoutingPlan& plan,
 }
 
 void finish_routing(LayerRouting& layer) {
-  // MaxVio over the experts the router balances (MoCE's group experts, without its general ones).
+  // MaxVio over the experts the router balances (RoutingStats::n_balanced: without experts every token uses).
   const size_t n_bal = layer.n_balanced > 0 ? size_t(layer.n_balanced) : layer.load.size();
   std::vector<double> load(layer.load.begin(),
                            layer.load.begin() + int64_t(std::min(n_bal, layer.load.size())));
@@ -77,10 +77,7 @@ void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch
     auto inputs = batch.tokens.narrow(1, 0, S);
     auto targets = batch.tokens.narrow(1, 1, S);
     RouteContext ctx;
-    ctx.seq_domain = batch.domain;
-    ctx.pool_len = batch.prompt_len;  // instruction rows of one sample: MoCE's prompt pool
-    // No ctx.seq_cluster even when training had offline clusters: evaluation assigns each sequence to its
-    // nearest centroid, as generation must (docs/routing.md section 6).
+    ctx.prompt_len = batch.prompt_len;  // instruction rows of one sample: a router may pool the prompt
     auto out = model->forward(inputs, ctx);
     if (batch.weight.defined()) {
       // Instruction data: the loss and perplexity of the response tokens only (docs/instruct-data.md).
@@ -114,11 +111,15 @@ void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch
     if (r.layers.size() < out.plans.size()) r.layers.resize(out.plans.size());
     for (size_t l = 0; l < out.plans.size(); ++l)
       accumulate_routing(r.layers[l], out.plans[l], token_domain, n_domain);
-    // Routers with clusters (MoCE): tokens by (cluster the first MoE layer assigned, domain label).
-    if (!out.plans.empty() && out.plans[0].token_cluster.defined()) {
+    // Routers that put every token in a cluster (Router::token_clusters): tokens by (cluster the first MoE
+    // layer assigned, domain label).
+    const auto clusters = out.plans.empty()
+                              ? torch::Tensor()
+                              : model->moe_layers().front()->router->token_clusters(out.plans[0]);
+    if (clusters.defined()) {
       if (r.cluster_domain.empty())
         r.cluster_domain.assign(size_t(model->moe_config().n_cluster), std::vector<int64_t>(n_domain, 0));
-      auto c = out.plans[0].token_cluster.to(torch::kCPU, torch::kLong).contiguous();  // [T]
+      auto c = clusters.to(torch::kCPU, torch::kLong).contiguous();  // [T]
       const int64_t* cp = c.data_ptr<int64_t>();
       for (int64_t t = 0; t < B * S; ++t) {
         const int64_t dt = token_domain[t];

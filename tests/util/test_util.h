@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "moeforge/io/safetensors.h"
+#include "moeforge/routing/moce.h"
 #include "moeforge/routing/router.h"
 #include "moeforge/util/error.h"
 
@@ -64,6 +65,22 @@ inline RouteFeedback feedback_of(const RoutingPlan& plan) {
   RouteFeedback fb;
   fb.add_plan(plan);
   return fb;
+}
+
+// MoCE's routing state as tests read and set it (routing/moce.h; docs/routing.md, "Router state"): every
+// token's cluster (the plan's carry), each sequence's cluster (its last position's: the second of the
+// plan's sequence rows), and a context state that hands a router given sequence clusters.
+inline torch::Tensor moce_token_clusters(const RoutingPlan& plan) {
+  const auto* carry = dynamic_cast<const MoceCarry*>(plan.carry.get());
+  return carry ? carry->token_cluster : torch::Tensor();
+}
+inline torch::Tensor moce_seq_clusters(const RoutingPlan& plan) {
+  return plan.sequence_rows.size() > 1 ? plan.sequence_rows[1] : torch::Tensor();
+}
+inline RouterStatePtr moce_given_seq_clusters(const torch::Tensor& ids) {
+  auto s = std::make_shared<MoceCache>();
+  s->seq_cluster = ids;
+  return s;
 }
 
 }  // namespace moeforge::test

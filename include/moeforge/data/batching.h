@@ -19,15 +19,15 @@ struct PackedData {
   torch::Tensor tokens;              // [N, S + 1] int64: inputs are [:, :-1], targets [:, 1:]
   torch::Tensor domain;              // [N] int64: domain id (index in `domains`) of each sequence
   std::vector<std::string> domains;  // sorted domain names
-  torch::Tensor cluster;             // [N] int64: offline sequence cluster (MoCE), undefined when none
   // [N] int64: the document each sequence was cut from, and its window's index in that document
   // (pack_documents sets both; undefined for data made otherwise).
   torch::Tensor doc, window;
   // [N, S] float32: the loss weight of each target (tokens[:, 1:]). Undefined = 1 everywhere, as for the
   // corpora pack_documents packs; pack_samples gives prompt and padding targets 0, response targets 1.
   torch::Tensor weight;
-  // [N] int64: the tokens of each row's prompt (<s> included), for MoCE's prompt pool; pack_samples sets
-  // it when every row holds one sample (pack = false), else undefined.
+  // [N] int64: the tokens of each row's prompt (<s> included), for routers that pool prompts
+  // (RouteContext::prompt_len); pack_samples sets it when every row holds one sample (pack = false), else
+  // undefined.
   torch::Tensor prompt_len;
   int64_t dropped = 0;  // samples pack_samples left out because they are longer than S + 1 tokens
   int64_t seq_len() const { return tokens.size(1) - 1; }
@@ -72,7 +72,6 @@ class Batcher {
   struct Batch {
     torch::Tensor tokens;      // [B, S + 1] int64
     torch::Tensor domain;      // [B] int64
-    torch::Tensor cluster;     // [B] int64, defined when the data has clusters
     torch::Tensor doc;         // [B] int64, defined when the data has document ids
     torch::Tensor weight;      // [B, S] float32 target loss weights, defined when the data has them
     torch::Tensor prompt_len;  // [B] int64, defined when the data has it

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "moeforge/config/data_config.h"
+#include "moeforge/data/data_config.h"
 
 namespace moeforge {
 

@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "moeforge/config/data_config.h"
 #include "moeforge/data/corpus.h"
+#include "moeforge/data/data_config.h"
 
 namespace moeforge {
 

@@ -1,6 +1,7 @@
-// Spherical k-means (docs/routing.md section 6): MoCE's offline clustering of sequence embeddings
-// (mean-pooled hidden states of a checkpoint, or TF-IDF vectors). Vectors are L2-normalised, similarity is
-// cosine, centroids are unit vectors; 25 iterations and 3 seeded restarts by default, as the MoCE reference.
+// Spherical k-means (docs/routing.md section 6): the offline clustering of sequence embeddings (mean-pooled
+// hidden states of a checkpoint, or TF-IDF vectors). Vectors are L2-normalised, similarity is cosine,
+// centroids are unit vectors; 25 iterations and 3 seeded restarts by default, as the reference code of the
+// paper section 6 cites.
 //
 // Legend: M vectors of dimension D, G clusters.
 #pragma once

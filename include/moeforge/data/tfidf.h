@@ -1,4 +1,5 @@
-// TF-IDF bag-of-words vectors of token sequences, for offline sequence clustering (MoCE).
+// TF-IDF bag-of-words vectors of token sequences, for offline sequence clustering (docs/routing.md section
+// 6).
 #pragma once
 
 #include <torch/torch.h>

@@ -69,6 +69,9 @@ enum class Group { kWorld, kExperts, kReplicas };
 // expert group is the world). A collective over the world: every rank calls it with the same G, after
 // init(). Until it is called the expert group is the world. A G that does not divide W is a DistError.
 void init_expert_groups(int expert_parallel);
+// Whether init_expert_groups made expert groups of more than one rank: an MoE layer built now holds only
+// its rank's shard of the experts (docs/distributed.md). False in one process and after shutdown().
+bool experts_sharded();
 int group_rank(Group g);  // this rank's place in its group of kind g (0 when not active)
 int group_size(Group g);  // how many ranks that group has (1 when not active)
 

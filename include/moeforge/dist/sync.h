@@ -9,21 +9,8 @@
 #include <vector>
 
 #include "moeforge/dist/dist.h"
-#include "moeforge/routing/feedback.h"
-#include "moeforge/routing/stats.h"
 
 namespace moeforge::dist {
-
-// Makes one step's router feedback that of the global batch, on every rank: per-expert loads, health and
-// loss sums are summed over ranks; each micro-batch's scores, sequence representations and clusters are
-// the concatenation of every rank's rows in rank order, i.e. the rows of that micro-batch of the global
-// batch (each rank holds a contiguous slice of it, rank 0 first). A stateful router's after_step then
-// updates loss-free bias, BIP's dual, EC thresholds, reliability EMAs and MoCE centroids exactly as one
-// process with the whole global batch would, and identically on every rank.
-void globalize_feedback(RouteFeedback& fb);
-
-// The routing stats of the global batch from each rank's `stats` (loads and counts summed over ranks).
-RoutingStats global_stats(const RoutingStats& stats);
 
 // Averages the gradients of `params` over ranks (data parallelism's gradient all-reduce), in buckets of
 // at most `bucket_bytes`, one all-reduce each on the gradients' own group (dist.h), and, when `arm()` was

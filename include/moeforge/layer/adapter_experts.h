@@ -1,4 +1,4 @@
-// Stage 3, adapter form (MoCE / PESC / Camelidae sparse upcycling, docs/routing.md section 6): every expert
+// Stage 3, adapter form (PESC / Camelidae sparse upcycling, docs/routing.md section 6): every expert
 // is a bottleneck adapter A_e(z) = lambda * W_up,e gelu(W_down,e z) applied to the output z = FFN(x) of one
 // frozen dense FFN. MoELayer computes z once per token, dispatches z (not x) to the adapters and adds z back:
 //   y_t = FFN(x_t) + sum_{(t,e,g)} g * A_e(FFN(x_t)).

@@ -11,8 +11,8 @@
 #include <memory>
 #include <vector>
 
-#include "moeforge/config/moe_config.h"
 #include "moeforge/layer/workspace.h"
+#include "moeforge/routing/moe_config.h"
 
 namespace moeforge {
 

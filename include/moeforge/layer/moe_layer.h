@@ -8,10 +8,11 @@
 
 #include <memory>
 
-#include "moeforge/config/moe_config.h"
 #include "moeforge/dist/expert_parallel.h"
 #include "moeforge/layer/adapter_experts.h"
 #include "moeforge/layer/experts.h"
+#include "moeforge/routing/measures.h"
+#include "moeforge/routing/moe_config.h"
 #include "moeforge/routing/router.h"
 
 namespace moeforge {
@@ -46,13 +47,14 @@ class MoELayerImpl : public torch::nn::Module {
   int64_t fault_expert() const { return fault_expert_; }
 
   const MoEConfig& config() const { return cfg_; }
-  // Expert parallelism (dist.expert_parallel > 1 in a group of more than one rank, docs/distributed.md):
-  // `experts` holds only this rank's shard, and forward exchanges rows with the other ranks.
+  // Expert parallelism (expert groups of more than one rank when the layer was built, dist.h
+  // experts_sharded(); docs/distributed.md): `experts` holds only this rank's shard, and forward exchanges
+  // rows with the other ranks.
   bool experts_sharded() const { return sharded_; }
   dist::ExpertShard expert_shard() const { return shard_; }
   std::shared_ptr<Router> router;
   Experts experts{nullptr};  // moe.expert_form = "ffn"
-  // moe.expert_form = "adapter" (MoCE/PESC): a frozen dense FFN of width d_expert whose output feeds the
+  // moe.expert_form = "adapter" (PESC adapters): a frozen dense FFN of width d_expert whose output feeds the
   // adapter experts and is added to their combined output (adapter_experts.h).
   DenseFFN dense{nullptr};
   AdapterExperts adapters{nullptr};
@@ -75,5 +77,9 @@ TORCH_MODULE(MoELayer);
 // The whole layer the way most PyTorch MoE code writes it (the bench's "plain loop"): per expert,
 // index_select its tokens, run the FFN, index_add the gated result. Same result as MoELayer's experts.
 torch::Tensor moe_plain_loop(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w);
+
+// The causal leak measure (routing/measures.h, docs/routing.md section 9) of an MoE layer's output y, in the
+// layer's current train/eval mode.
+LeakResult causal_leak(MoELayerImpl& layer, const torch::Tensor& x, const LeakOptions& opt = {});
 
 }  // namespace moeforge

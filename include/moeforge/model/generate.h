@@ -15,8 +15,9 @@ struct GenerateOptions {
   int64_t eos_id = -1;  // stop at this token (-1: never)
 };
 
-// Returns the new tokens (not the prompt). The prompt is routed once; routers that assign a sequence to a
-// cluster (MoCE: nearest centroid) keep that cluster for every generated token.
+// Returns the new tokens (not the prompt). The prompt is routed once, then each new token alone; what a
+// router carries from one token to the next (a running pool, a sequence's cluster) travels in the KV cache
+// (KVCache::route), so a token is routed as a full forward would route it.
 std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& prompt,
                               const GenerateOptions& opt);
 

@@ -9,9 +9,9 @@
 
 #include <vector>
 
-#include "moeforge/config/model_config.h"
-#include "moeforge/config/moe_config.h"
 #include "moeforge/layer/moe_layer.h"
+#include "moeforge/model/model_config.h"
+#include "moeforge/routing/moe_config.h"
 
 namespace moeforge {
 
@@ -29,9 +29,9 @@ TORCH_MODULE(RMSNorm);
 // Per-layer key/value cache for generation.
 struct KVCache {
   std::vector<torch::Tensor> k, v;  // per layer [B, H, S_past, D]
-  // Routing state that, like K and V, summarises the positions already processed: the sum [B, C] of the
-  // first MoE layer's inputs (MoCE's causal prefix pool, RouteContext::prefix_sum).
-  torch::Tensor route_prefix_sum;
+  // Per layer: what its router passed on for the next step (RoutingPlan::cache), which, like K and V,
+  // summarises the positions already processed. Held, never read: the router defined it.
+  std::vector<RouterStatePtr> route;
   int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(2); }
 };
 
@@ -65,15 +65,15 @@ struct LMOutput {
   torch::Tensor logits;            // [B, S, V]
   torch::Tensor aux_loss;          // scalar: sum of the MoE layers' aux losses
   std::vector<RoutingPlan> plans;  // one per MoE layer, in layer order
-  torch::Tensor pooled_first_moe;  // [B, C] mean-pooled input of the first MoE layer (sequence embedding)
 };
 
 class TransformerLMImpl : public torch::nn::Module {
  public:
   TransformerLMImpl(const ModelConfig& m, const MoEConfig& moe);
 
-  // tokens [B, S] int64. ctx carries sequence clusters / domains for routers; training follows is_training().
-  // cache: for generation, positions continue after cache->length() and the cache is extended.
+  // tokens [B, S] int64. ctx carries what routers need beyond the tokens (prompt lengths); training follows
+  // is_training(). cache: for generation, positions continue after cache->length() and the cache is
+  // extended (K, V and each router's state).
   LMOutput forward(const torch::Tensor& tokens, RouteContext ctx = {}, KVCache* cache = nullptr);
 
   // The per-token training loss [B*S] of the last training forward, for every MoE layer's feedback

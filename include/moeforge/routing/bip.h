@@ -44,4 +44,7 @@ class BipRouterImpl : public TopKRouterImpl {
 };
 TORCH_MODULE(BipRouter);
 
+// Its registry row: "bip", moe.bip_iters and moe.bip_mode (bip_options.h).
+RouterSpec bip_router_spec();
+
 }  // namespace moeforge

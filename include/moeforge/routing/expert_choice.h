@@ -4,7 +4,8 @@
 // Legend: B sequences, S positions, T = B*S tokens, C model width, E experts.
 #pragma once
 
-#include "moeforge/config/moe_config.h"
+#include "moeforge/routing/moe_config.h"
+#include "moeforge/routing/registry.h"
 #include "moeforge/routing/router.h"
 
 namespace moeforge {
@@ -40,7 +41,7 @@ class ExpertChoiceRouterImpl : public Router {
   std::string name() const override;
   // Causal-safe and threshold routing are causal; non-causal batch routing is not, and neither is
   // evaluation with ec_eval = batch unless its rows are independent sequences (docs/routing.md).
-  bool causal() const override { return cfg_.ec_mode != ECMode::kNonCausal; }
+  bool causal() const override { return cfg_.expert_choice.mode != ECMode::kNonCausal; }
   torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
   nlohmann::json describe_state() const override;
 
@@ -50,7 +51,7 @@ class ExpertChoiceRouterImpl : public Router {
   std::string eval_routing() const override { return to_string(eval_routing_); }
   void set_eval_routing(const std::string& routing) override;
   void set_eval_routing(ECEval v) { eval_routing_ = v; }
-  ECMode config_mode() const { return cfg_.ec_mode; }  // moe.ec_mode: how it routes in training
+  ECMode config_mode() const { return cfg_.expert_choice.mode; }  // moe.ec_mode: how it routes in training
 
   // The three routings from scores s [T, E] (softmax), usable directly by tests and analysis.
   torch::Tensor select_noncausal(const torch::Tensor& s) const;              // [T, E] bool
@@ -67,5 +68,8 @@ class ExpertChoiceRouterImpl : public Router {
   ECEval eval_routing_;
 };
 TORCH_MODULE(ExpertChoiceRouter);
+
+// Its registry row: "expert_choice", the moe.ec_* keys (expert_choice_options.h).
+RouterSpec expert_choice_router_spec();
 
 }  // namespace moeforge

@@ -1,9 +1,10 @@
-// One config value picks the router: moe.router.
+// One config value picks the router: moe.router. `cfg` is a validated config (MoEConfig::validate, which
+// RunConfig::validate runs once per run).
 #pragma once
 
 #include <memory>
 
-#include "moeforge/config/moe_config.h"
+#include "moeforge/routing/moe_config.h"
 #include "moeforge/routing/router.h"
 
 namespace moeforge {

@@ -12,7 +12,8 @@
 
 #include <vector>
 
-#include "moeforge/config/moe_config.h"
+#include "moeforge/routing/moe_config.h"
+#include "moeforge/routing/registry.h"
 #include "moeforge/routing/router.h"
 
 namespace moeforge {
@@ -47,7 +48,9 @@ class HierarchicalRouterImpl : public Router {
   int64_t n_expert() const override { return n_expert_; }
   std::string name() const override { return "hierarchical"; }
   // Capacity at either level makes a token's assignment depend on other tokens' choices (section 1).
-  bool causal() const override { return cfg_.capacity_factor <= 0 && cfg_.cluster_capacity_factor <= 0; }
+  bool causal() const override {
+    return cfg_.capacity_factor <= 0 && cfg_.hierarchical.cluster_capacity_factor <= 0;
+  }
   torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
   nlohmann::json describe_state() const override;  // {"summary": summary().to_json(), ...}
   int64_t n_cluster() const { return n_cluster_; }
@@ -83,8 +86,8 @@ class HierarchicalRouterImpl : public Router {
 };
 TORCH_MODULE(HierarchicalRouter);
 
-// Experts whose share of `load` (measured on an evaluation set) is below `share_threshold`, ascending ids;
-// feed them to HierarchicalRouterImpl::set_pruned (and the prune CLI reports the perplexity change).
-std::vector<int64_t> experts_below_load_share(const std::vector<double>& load, double share_threshold);
+// Its registry row: "hierarchical", moe.n_cluster_used, moe.reliability* and the rest of
+// hierarchical_options.h.
+RouterSpec hierarchical_router_spec();
 
 }  // namespace moeforge

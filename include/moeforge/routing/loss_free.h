@@ -32,4 +32,7 @@ TORCH_MODULE(LossFreeRouter);
 // cfg without the balance-loss terms (loss-free and BIP balance through their selection bias instead).
 MoEConfig without_balance_loss(MoEConfig cfg);
 
+// Its registry row: "loss_free", moe.bias_update_rate (loss_free_options.h).
+RouterSpec loss_free_router_spec();
+
 }  // namespace moeforge

@@ -17,8 +17,6 @@
 
 namespace moeforge {
 
-class MoELayerImpl;
-
 // MaxVio_batch (each batch's MaxVio, averaged over batches) and MaxVio_global (the MaxVio of the loads
 // summed over every batch added, e.g. a whole evaluation set), per layer and averaged over layers.
 class MaxVioAccumulator {
@@ -88,7 +86,6 @@ struct LeakResult {
 };
 LeakResult causal_leak(const std::function<torch::Tensor(const torch::Tensor&)>& forward,
                        const torch::Tensor& x, const LeakOptions& opt = {});
-// The same for an MoE layer (its output y), in the layer's current train/eval mode.
-LeakResult causal_leak(MoELayerImpl& layer, const torch::Tensor& x, const LeakOptions& opt = {});
+// (The same for an MoE layer: causal_leak(MoELayerImpl&, ...) in layer/moe_layer.h.)
 
 }  // namespace moeforge

@@ -1,19 +1,35 @@
 // MoCE dual-stage routing (Eo et al., EMNLP 2025, arXiv 2509.10513; docs/routing.md, MoCE).
 // Stage 1, per token: a cluster id c in {0..G-1}, the nearest centroid (cosine, plus a balancing bias) of the
 // mean-pooled, stop-gradient input of the positions up to and including it (moe.moce_pool = "prefix", the
-// causal default), or of the whole sequence (moe.moce_pool = "sequence", NON-CAUSAL). The same rule runs in
-// training, evaluation and generation. Stage 2, per token: top-K inside cluster c's group of Eg experts
-// with cluster c's own router. Optional general experts (the last moce_n_general of the E experts) with a
-// cluster-independent router are added to every token.
+// causal default), of the prompt (moe.moce_pool = "prompt"), or of the whole sequence (moe.moce_pool =
+// "sequence", NON-CAUSAL). The same rule runs in training, evaluation and generation. Stage 2, per token:
+// top-K inside cluster c's group of Eg experts with cluster c's own router. Optional general experts (the
+// last moce_n_general of the E experts) with a cluster-independent router are added to every token.
 //
 // Legend: B sequences of S positions, T = B*S tokens, C model width, E experts, G clusters,
 // Eg = (E - n_general) / G experts per group, K experts per token inside the group.
 #pragma once
 
-#include "moeforge/config/moe_config.h"
+#include "moeforge/routing/moe_config.h"
+#include "moeforge/routing/registry.h"
 #include "moeforge/routing/router.h"
 
 namespace moeforge {
+
+// What MoCE passes on (docs/routing.md, "Router state"). To the next MoE layer in the same forward: every
+// token's cluster, which later layers keep (RoutingPlan::carry).
+struct MoceCarry : RouterState {
+  torch::Tensor token_cluster;  // [T] int64 on CPU
+};
+// To its own next step of a KV-cached generation (RoutingPlan::cache): what the positions already
+// processed contribute to the pool (prefix and prompt pools), or, with the non-causal sequence pool, the
+// cluster the prompt gave each sequence, kept for the whole generation. A test may also hand a router the
+// clusters of whole sequences this way.
+struct MoceCache : RouterState {
+  torch::Tensor pool_sum;     // [B, C] sum of the pooled inputs of every position seen so far
+  int64_t len = 0;            // positions seen so far
+  torch::Tensor seq_cluster;  // [B] int64 on CPU, or undefined
+};
 
 class MoCERouterImpl : public Router {
  public:
@@ -26,9 +42,9 @@ class MoCERouterImpl : public Router {
   void after_step(const RouteFeedback& feedback) override;
   int64_t n_expert() const override { return n_expert_; }
   std::string name() const override {
-    return cfg_.moce_pool == MocePool::kPrefix ? "moce" : "moce(sequence pool: non-causal)";
+    return cfg_.moce.pool == MocePool::kPrefix ? "moce" : "moce(sequence pool: non-causal)";
   }
-  bool causal() const override { return cfg_.moce_pool == MocePool::kPrefix; }
+  bool causal() const override { return cfg_.moce.pool == MocePool::kPrefix; }
   torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
   nlohmann::json describe_state() const override;
   void reset_counters() override;
@@ -40,21 +56,32 @@ class MoCERouterImpl : public Router {
   torch::Tensor embed(const torch::Tensor& pooled) const;
   // Cosine of unit rows [M, C] to each centroid plus the cluster bias; -inf for uninitialised ones.
   torch::Tensor cluster_scores(const torch::Tensor& unit) const;  // -> [M, G]
-  // The running prefix mean of x [B*S, C] (with ctx.prefix_sum / prefix_len of earlier positions, when
-  // generating with a KV cache): row (b, t) is the mean of positions 0..t of sequence b.
-  torch::Tensor prefix_pool(const torch::Tensor& x, int64_t B, int64_t S, const RouteContext& ctx) const;
-  // [B, S] 1 where a position is inside its sequence's prompt (ctx.pool_len, absolute positions), else 0.
-  torch::Tensor prompt_mask(int64_t B, int64_t S, const RouteContext& ctx,
+  // The running prefix mean of x [B*S, C], after the `before` positions whose pooled inputs sum to
+  // `before_sum` [B, C] (undefined: none; a KV-cached generation): row (b, t) is the mean of positions
+  // 0..t of sequence b. With `prompt_len` [B] defined, only positions inside the prompt are pooled, and
+  // from the prompt's end on every row is the prompt's mean.
+  torch::Tensor prefix_pool(const torch::Tensor& x, int64_t B, int64_t S, const torch::Tensor& before_sum,
+                            int64_t before, const torch::Tensor& prompt_len) const;
+  // [B, S] 1 where a position (absolute: `before` + its index) is inside its sequence's prompt, else 0.
+  torch::Tensor prompt_mask(int64_t B, int64_t S, int64_t before, const torch::Tensor& prompt_len,
                             const torch::TensorOptions& opt) const;
   // Global id of local expert j of group g.
   int64_t group_expert(int64_t g, int64_t j) const { return g * n_per_group_ + j; }
   int64_t n_per_group() const { return n_per_group_; }
   int64_t n_cluster() const { return n_cluster_; }
 
-  // Offline clustering (docs/routing.md section 6): centroids [G, C] from spherical k-means on this router's
-  // own representation (the mean-pooled input of the first MoE layer), and the sequences behind each, so that
-  // an unseen sequence's nearest centroid is the cluster its training neighbours had. Rows are normalised.
-  // `mean` [C], when given, is the vector the clustering space was centred on (embed() uses it from now on).
+  // The cluster of every token of a plan this router made (MoceCarry).
+  torch::Tensor token_clusters(const RoutingPlan& plan) const override;
+  // Offline clustering (docs/routing.md section 6), when moe.moce_clustering is not "online": centroids
+  // [G, C] from spherical k-means on this router's own representation (the mean-pooled input of each
+  // sequence, or of its prompt with the prompt pool: the plan's first sequence row), and the sequences
+  // behind each, so that an unseen sequence's nearest centroid is the cluster its training neighbours had.
+  // Rows are normalised. `mean` [C], when defined, is the vector the clustering space was centred on
+  // (embed() uses it from now on).
+  std::optional<OfflineClustering> offline_clustering() const override;
+  torch::Tensor sequence_representation(const RoutingPlan& plan) const override;
+  void set_sequence_centroids(const torch::Tensor& centroids, const torch::Tensor& sizes,
+                              const torch::Tensor& mean, const std::string& key) override;
   void set_centroids(const torch::Tensor& centroids, const torch::Tensor& sizes,
                      const torch::Tensor& mean = {});  // [G, C], [G], [C]
   // Each group needs K routable experts, the general experts K_general (set_expert_mask checks both).
@@ -79,9 +106,7 @@ class MoCERouterImpl : public Router {
 };
 TORCH_MODULE(MoCERouter);
 
-// Offline clustering's result handed to a layer's router: MoCERouterImpl::set_centroids when `router` is a
-// MoCE router, else ConfigError("moe.moce_clustering").
-void set_sequence_centroids(Router& router, const torch::Tensor& centroids, const torch::Tensor& sizes,
-                            const torch::Tensor& mean = {});
+// Its registry row: "moce", moe.moce_* and moe.centroid_decay (moce_options.h).
+RouterSpec moce_router_spec();
 
 }  // namespace moeforge

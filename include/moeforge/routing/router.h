@@ -6,6 +6,8 @@
 
 #include <torch/torch.h>
 
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,27 +18,29 @@
 
 namespace moeforge {
 
-// What some routers need beyond x.
+// What a router passes on (docs/routing.md, "Router state"): to the next MoE layer's router in the same
+// forward (RoutingPlan::carry -> RouteContext::carry), and to the same layer's router at the next step of a
+// KV-cached generation (RoutingPlan::cache -> KVCache -> RouteContext::cache). The router that makes one
+// defines its type; the layer, the model and the KV cache hold it without reading it.
+struct RouterState {
+  virtual ~RouterState() = default;
+};
+using RouterStatePtr = std::shared_ptr<const RouterState>;
+
+// What a router may need beyond x.
 struct RouteContext {
-  int64_t n_seq = 1;          // B
-  int64_t seq_len = 0;        // S (0: the whole batch is one sequence, S = T)
-  torch::Tensor seq_cluster;  // [B] int64 cluster id per sequence (MoCE), optional: given by the caller
-  torch::Tensor
-      token_cluster;  // [T] int64 cluster id per token (MoCE): the first MoCE layer's, for later ones
-  // Generation with a KV cache (MoCE's causal prefix pool): the sum [B, C] of the first MoE layer's inputs
-  // over the prefix_len positions already processed; the plan returns the new sum (RoutingPlan::pool_sum).
-  torch::Tensor prefix_sum;
-  int64_t prefix_len = 0;
-  // MoCE's prompt pool (moe.moce_pool = "prompt", instruction data): [B] int64, the number of leading
-  // positions of each sequence (counted from its start, prefix_len included) whose inputs make its pool, the
-  // prompt's; later positions keep the prompt's pool, so a response never changes its cluster.
-  torch::Tensor pool_len;
-  torch::Tensor seq_domain;  // [B] int64 domain label per sequence (measures only), optional
+  int64_t n_seq = 1;    // B
+  int64_t seq_len = 0;  // S (0: the whole batch is one sequence, S = T)
+  // [B] int64, optional: how many leading positions of each sequence (counted from its start, positions
+  // already in a KV cache included) are its prompt (instruction data: <s>, instruction and input; the
+  // prompt of a generation). Undefined for plain text.
+  torch::Tensor prompt_len;
   bool training = false;
   // Token-by-token generation: a router must route each token alone (expert choice uses its thresholds,
   // whatever ec_eval says: a batch of one position would give it no experts).
   bool generating = false;
-  int64_t step = 0;
+  RouterStatePtr carry;  // what the previous MoE layer's router passed on in this forward (null: first)
+  RouterStatePtr cache;  // what this layer's router passed on at the previous generation step (null: none)
 };
 
 // The result of routing one batch: assignments grouped by expert. The router is its only writer.
@@ -48,18 +52,17 @@ struct RoutingPlan {
                            // token-choice routers in inference: not training, grad mode off), differentiable
   RoutingStats stats;
 
-  // Optional, router-specific.
+  // Optional.
   torch::Tensor scores;  // [T, E] detached router scores, for state updates that need them (BIP, EC)
-  // MoCE: the cluster of every token [T] (int64, CPU; a token's cluster may change along its sequence when
-  // it is assigned from a running prefix), the cluster of each whole sequence [B] (the cluster of its last
-  // position), and the sequence representation its centroids learn from [B, C] (detached).
-  torch::Tensor token_cluster;
-  torch::Tensor seq_cluster;
-  torch::Tensor seq_repr;
-  torch::Tensor pool_sum;  // [B, C] MoCE prefix pool: sum of the inputs of every position seen so far
   // [T] float, differentiable: a per-token scale of the routed output that MoELayer's combine step applies
   // (ClusterMoE's adaptive routing weight a(x) = sigmoid(w.x)); undefined = 1.
   torch::Tensor token_scale;
+  // Per-sequence rows ([B, ...] each, detached) the router wants back in after_step, in an order it
+  // defines: RouteFeedback keeps them per micro-batch, and in data parallelism every rank's rows
+  // (feedback.h). MoCE: its sequence representations and their clusters.
+  std::vector<torch::Tensor> sequence_rows;
+  RouterStatePtr carry;  // for the next MoE layer's router in this forward (RouteContext::carry)
+  RouterStatePtr cache;  // for this layer's router at the next generation step (RouteContext::cache)
 
   int64_t n_expert() const { return expert_offsets.numel() - 1; }
   int64_t n_assign() const { return token_index.numel(); }
@@ -108,6 +111,27 @@ class Router : public torch::nn::Module {
   virtual nlohmann::json describe_state() const;
   // Zeroes the utilisation counters (not the routing state: bias, dual, reliabilities stay).
   virtual void reset_counters() {}
+
+  // The cluster (expert group) each token of `plan` was routed in, [T] int64 on CPU, for routers whose
+  // first stage puts every token in one cluster (MoCE); undefined for the others. Evaluation's cluster x
+  // domain table and the instruction report read it.
+  virtual torch::Tensor token_clusters(const RoutingPlan& /*plan*/) const { return {}; }
+
+  // Offline sequence clustering before training (docs/routing.md section 6), for routers that assign
+  // sequences to clusters by centroids. offline_clustering() says whether the config asks for it and how;
+  // sequence_representation() is the [B, C] vector per sequence that the router assigns by, read from
+  // the plan it made; set_sequence_centroids() hands it the clustering's centroids [G, C], their sizes [G]
+  // and the mean [C] the space was centred on. The default throws ConfigError naming `key`.
+  struct OfflineClustering {
+    std::string method;        // "hidden": k-means on sequence_representation(); "tfidf": on the words
+    std::string key;           // the config key that asks for it, for errors
+    int64_t n_cluster = 0;     // G
+    bool prompt_only = false;  // instruction data: only the prompt's words and positions make the cluster
+  };
+  virtual std::optional<OfflineClustering> offline_clustering() const { return std::nullopt; }
+  virtual torch::Tensor sequence_representation(const RoutingPlan& /*plan*/) const { return {}; }
+  virtual void set_sequence_centroids(const torch::Tensor& centroids, const torch::Tensor& sizes,
+                                      const torch::Tensor& mean, const std::string& key);
 
   // Pruning (docs/routing.md section 5): active [E], 1 = routable, 0 = removed from routing. A pruned expert
   // gets no assignment; only the *selection* is masked, the scores are not, so the gates of the other experts

@@ -29,4 +29,8 @@ RoutingStats make_routing_stats(std::vector<int64_t> load, int64_t n_tokens, int
 // MaxVio of any load vector (0 for an empty or all-zero load).
 double max_violation(const std::vector<double>& load);
 
+// Data parallelism (docs/distributed.md): the routing stats of the global batch from each rank's `stats`
+// (loads and counts summed over ranks). `stats` itself in one process.
+RoutingStats global_routing_stats(const RoutingStats& stats);
+
 }  // namespace moeforge

@@ -2,7 +2,8 @@
 // Mixtral (softmax, renormalised), noisy top-K (Shazeer 2017), sigmoid scores (DeepSeek-V3).
 #pragma once
 
-#include "moeforge/config/moe_config.h"
+#include "moeforge/routing/moe_config.h"
+#include "moeforge/routing/registry.h"
 #include "moeforge/routing/router.h"
 
 namespace moeforge {
@@ -47,6 +48,9 @@ class TopKRouterImpl : public Router {
   int64_t n_expert_, k_;
 };
 TORCH_MODULE(TopKRouter);
+
+// Its registry row: "topk" (the common token-choice keys of moe_config.h; no keys of its own).
+RouterSpec topk_router_spec();
 
 // The aux loss of a token-choice router: balance (Switch), sequence-wise balance and z-loss terms with
 // their coefficients from cfg. choices: [T, K] experts chosen before capacity.

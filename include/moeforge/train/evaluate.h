@@ -45,8 +45,9 @@ struct EvalResult {
     return row_pairs > 0 ? double(same_document_row_pairs) / double(row_pairs) : 0.0;
   }
   double ec_gap() const { return ec_threshold_loss - ec_batch_loss; }
-  // MoCE (docs/routing.md section 6): tokens by (cluster the router assigned, domain label), from the first
-  // MoE layer's assignment (the rule generation uses too), and the clusters' purity: sum_c max_d n(c, d) / n.
+  // Routers that put every token in a cluster (Router::token_clusters): tokens by (cluster the router
+  // assigned, domain label), from the first MoE layer's assignment (the rule generation uses too), and the
+  // clusters' purity: sum_c max_d n(c, d) / n.
   std::vector<std::vector<int64_t>> cluster_domain;  // [G][D], empty when the router has no clusters
   double cluster_purity = 0;
   nlohmann::json to_json() const;

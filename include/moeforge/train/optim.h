@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "moeforge/config/model_config.h"
+#include "moeforge/train/train_config.h"
 
 namespace moeforge {
 

@@ -11,9 +11,6 @@
 
 #include "moeforge/config/run_config.h"
 #include "moeforge/data/batching.h"
-#include "moeforge/data/data.h"
-#include "moeforge/data/instruct.h"
-#include "moeforge/model/checkpoint.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/evaluate.h"
 
@@ -56,36 +53,6 @@ struct TrainSummary {
   double seconds = 0;
 };
 
-// Everything derived from [data]: the split, the tokenizer (trained, cached, or from a checkpoint) and the
-// packed splits.
-struct DataBundle {
-  CorpusSplit split;
-  std::optional<InstructData> instruct;  // data.corpus = "instruct": the samples the splits were packed from
-  std::optional<Tokenizer> tokenizer;
-  PackedData train, validation, heldout;
-};
-DataBundle prepare_data(const DataConfig& cfg, const std::string* tokenizer_model, std::ostream& log);
-
-// A trained model restored from a checkpoint (for eval, generate, inspect, prune, upcycle).
-struct LoadedModel {
-  RunConfig cfg;
-  std::optional<Tokenizer> tokenizer;
-  TransformerLM model{nullptr};
-  int64_t step = 0;
-  std::string dir;
-};
-LoadedModel load_model(const std::string& checkpoint_dir);
-
-// Builds the model of `cfg` for a vocabulary of `vocab_size` tokens.
-TransformerLM build_model(RunConfig& cfg, int64_t vocab_size);
-
-// Before a checkpoint's model is built from its config.toml: a lower bound of the parameters that config
-// describes must be held by the checkpoint's model file (whose size the safetensors reader has already
-// bounded by the file's), so that a hostile config cannot make the constructor allocate more than the file
-// holds. Throws FileError naming `where` (docs/reliability.md, "Checkpoints").
-void check_config_fits_model_file(const RunConfig& cfg, int64_t vocab_size, const NamedTensors& model,
-                                  const std::string& where);
-
 // The training forward pass of one batch ([B, S + 1] tokens, next-token targets): the per-token
 // cross-entropy [B*S], the batch's loss weights [B*S] (undefined when the batch has none: weight 1
 // everywhere) and the model's output (aux loss, routing plans). train_model and `moeforge bench --train`
@@ -100,6 +67,9 @@ struct BatchLoss {
 };
 BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch);
 
+// Trains the model of `cfg` (a validated config: load_run_config*, or RunConfig::validate) as `opt` says,
+// logging to `log`: the phases are src/train/trainer.cpp's Trainer (docs/architecture.md, "One training
+// step"). With opt.resume the checkpoint's own config is used instead, with opt.resume_overrides.
 TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& log);
 
 }  // namespace moeforge

@@ -17,6 +17,11 @@ class ConfigError : public std::runtime_error {
   std::string field_;
 };
 
+// Throws ConfigError(field, message) unless `ok`: the checks of a config section's validate().
+inline void require_config(bool ok, const char* field, const std::string& message) {
+  if (!ok) throw ConfigError(field, message);
+}
+
 // A file that cannot be read or has the wrong content (checkpoint, corpus, golden data).
 class FileError : public std::runtime_error {
  public:

@@ -1,17 +1,17 @@
-// MoCE offline clustering, docs/routing.md section 6. See the header for the legend.
-#include "moeforge/train/clustering.h"
+// Offline sequence clustering, docs/routing.md section 6. See the header for the legend.
+#include "moeforge/train/sequence_clustering.h"
 
 #include <stdexcept>
 
 #include "moeforge/data/kmeans.h"
 #include "moeforge/data/tfidf.h"
-#include "moeforge/routing/moce.h"
 #include "moeforge/util/error.h"
 
 namespace moeforge {
 
-torch::Tensor pooled_first_moe_inputs(TransformerLM& model, const PackedData& data, int64_t batch_size) {
-  if (model->moe_layers().empty())
+torch::Tensor sequence_representations(TransformerLM& model, const PackedData& data, int64_t batch_size) {
+  auto layers = model->moe_layers();
+  if (layers.empty())
     throw std::invalid_argument("offline clustering: the model has no MoE layer to pool the input of");
   const bool was_training = model->is_training();
   model->eval();
@@ -21,32 +21,38 @@ torch::Tensor pooled_first_moe_inputs(TransformerLM& model, const PackedData& da
   for (int64_t start = 0; start < N; start += batch_size) {
     const int64_t B = std::min(batch_size, N - start);
     auto inputs = data.tokens.narrow(0, start, B).narrow(1, 0, S);  // [B, S]
-    // The router sees exactly this pooled vector when it assigns the sequence: the whole sequence's mean,
-    // or with MoCE's prompt pool the prompt's.
+    // The router sees exactly this representation when it assigns the sequence: its own, from its plan.
     RouteContext ctx;
-    if (data.prompt_len.defined() && model->moe_config().moce_pool == MocePool::kPrompt)
-      ctx.pool_len = data.prompt_len.narrow(0, start, B);
-    parts.push_back(model->forward(inputs, ctx).pooled_first_moe.to(torch::kCPU, torch::kFloat));  // [B, C]
+    if (data.prompt_len.defined()) ctx.prompt_len = data.prompt_len.narrow(0, start, B);
+    auto out = model->forward(inputs, ctx);
+    auto repr = layers.front()->router->sequence_representation(out.plans.front());
+    if (!repr.defined())
+      throw std::invalid_argument("offline clustering: router '" + layers.front()->router->name() +
+                                  "' has no sequence representation");
+    parts.push_back(repr.to(torch::kCPU, torch::kFloat));  // [B, C]
   }
   if (was_training) model->train();
   return torch::cat(parts, 0);  // [N, C]
 }
 
-SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data, SeqClustering how,
-                                   int64_t n_cluster, int64_t vocab_size, uint64_t seed, int64_t batch_size) {
-  if (how == SeqClustering::kOnline)
-    throw ConfigError("moe.moce_clustering", "\"online\" has no offline clustering step");
+SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data,
+                                   const Router::OfflineClustering& how, int64_t vocab_size, uint64_t seed,
+                                   int64_t batch_size) {
+  if (how.method != "hidden" && how.method != "tfidf")
+    throw ConfigError(how.key, "\"" + how.method + "\" has no offline clustering step");
+  const int64_t n_cluster = how.n_cluster;
   if (n_cluster < 1 || n_cluster > data.size())
     throw ConfigError("moe.n_cluster", "offline clustering needs 1 <= G <= " + std::to_string(data.size()) +
                                            " training sequences, got " + std::to_string(n_cluster));
-  KMeansOptions opt;  // 25 iterations, 3 restarts: the MoCE reference's setting
+  KMeansOptions opt;  // 25 iterations, 3 restarts (kmeans.h)
   opt.seed = seed;
-  auto raw = pooled_first_moe_inputs(model, data, batch_size);  // [N, C]
+  auto raw = sequence_representations(model, data, batch_size);  // [N, C]
   SequenceClusters out;
-  // The router clusters in a centred space (MoCERouterImpl::embed): cluster there too, and hand it the mean.
+  // The router clusters in a space centred on a running mean: cluster in a centred space too, and hand it
+  // the mean.
   out.mean = raw.mean(0);  // [C]
   auto pooled = raw - out.mean;
-  if (how == SeqClustering::kHidden) {
+  if (how.method == "hidden") {
     auto km = spherical_kmeans(pooled, n_cluster, opt);
     out.assignment = km.assignment;
     out.centroids = km.centroids;  // [G, C]
@@ -55,7 +61,7 @@ SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data,
     const int64_t N = data.size(), S = data.seq_len();
     auto inputs = data.tokens.narrow(1, 0, S).contiguous();  // [N, S]
     std::vector<std::vector<int64_t>> rows(N);
-    const bool prompt = data.prompt_len.defined() && model->moe_config().moce_pool == MocePool::kPrompt;
+    const bool prompt = data.prompt_len.defined() && how.prompt_only;
     for (int64_t i = 0; i < N; ++i) {
       const int64_t* p = inputs.data_ptr<int64_t>() + i * S;
       // With the prompt pool the words of the prompt only: the response must not choose the cluster.
@@ -84,12 +90,11 @@ SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data,
   return out;
 }
 
-void set_router_centroids(TransformerLM& model, const SequenceClusters& clusters) {
-  // Only the first MoE layer assigns clusters; later layers keep its ids (TransformerLM::forward).
+void set_router_centroids(TransformerLM& model, const SequenceClusters& clusters, const std::string& key) {
+  // Only the first MoE layer assigns clusters; later layers keep its ids (the router's carry).
   auto layers = model->moe_layers();
-  if (layers.empty())
-    throw ConfigError("moe.moce_clustering", "the model has no MoE layer to give centroids");
-  set_sequence_centroids(*layers.front()->router, clusters.centroids, clusters.sizes, clusters.mean);
+  if (layers.empty()) throw ConfigError(key, "the model has no MoE layer to give centroids");
+  layers.front()->router->set_sequence_centroids(clusters.centroids, clusters.sizes, clusters.mean, key);
 }
 
 }  // namespace moeforge

@@ -1,6 +1,6 @@
 // Task evaluation on instruction data: exact match of greedy generations, response perplexity and the
 // routing tables by task (docs/instruct-data.md, "Evaluation").
-#include "moeforge/train/instruct_eval.h"
+#include "moeforge/experiments/instruct_eval.h"
 
 #include <algorithm>
 #include <cctype>
@@ -63,8 +63,7 @@ void teacher_forced(TransformerLM& model, const Tokenizer& tok, const std::vecto
     auto tokens = packed.tokens.narrow(0, r0, B);
     auto weight = packed.weight.narrow(0, r0, B).reshape(-1).contiguous();  // [B*S]
     RouteContext ctx;
-    ctx.seq_domain = torch::zeros({B}, torch::kLong);
-    ctx.pool_len = packed.prompt_len.narrow(0, r0, B);  // MoCE's prompt pool (unused by other routers)
+    ctx.prompt_len = packed.prompt_len.narrow(0, r0, B);  // a router may pool the prompt
     auto out = model->forward(tokens.narrow(1, 0, S), ctx);
     auto ce = torch::nn::functional::cross_entropy(
         out.logits.reshape({B * S, -1}), tokens.narrow(1, 1, S).reshape(-1),
@@ -83,9 +82,10 @@ void teacher_forced(TransformerLM& model, const Tokenizer& tok, const std::vecto
     for (int64_t e = 0; e < E; ++e)
       for (int64_t i = op[e]; i < op[e + 1]; ++i)
         if (ip[i] >= 0 && ip[i] < B * S && w[ip[i]] > 0) ++s.expert[size_t(e)];
-    if (plan.token_cluster.defined()) {
+    const auto clusters = model->moe_layers().front()->router->token_clusters(plan);
+    if (clusters.defined()) {
       if (s.cluster.empty()) s.cluster.assign(size_t(moe.n_cluster), 0);
-      auto c = plan.token_cluster.to(torch::kCPU, torch::kLong).contiguous();
+      auto c = clusters.to(torch::kCPU, torch::kLong).contiguous();
       const int64_t* cp = c.data_ptr<int64_t>();
       for (int64_t t = 0; t < std::min<int64_t>(c.numel(), B * S); ++t)
         if (w[t] > 0 && cp[t] >= 0 && cp[t] < int64_t(s.cluster.size())) ++s.cluster[size_t(cp[t])];

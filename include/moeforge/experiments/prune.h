@@ -30,4 +30,8 @@ struct PruneResult {
 // would leave a layer with too few experts, FileError for an unreadable checkpoint.
 PruneResult prune_checkpoint(const PruneOptions& opt, std::ostream& log);
 
+// Experts whose share of `load` (measured on an evaluation set) is below `share_threshold`, ascending ids;
+// the experts prune_checkpoint masks.
+std::vector<int64_t> experts_below_load_share(const std::vector<double>& load, double share_threshold);
+
 }  // namespace moeforge

@@ -17,9 +17,6 @@ struct ReportInputs {
   std::string sample;                                      // a generated text sample
 };
 
-// Runs gnuplot on a script (its stderr to <script>.log); throws FileError naming the script if it fails.
-void run_gnuplot(const std::string& script);
-
 // Writes report.md and plots/*.png; returns the path of report.md. Throws if gnuplot fails.
 std::string write_report(const ReportInputs& in);
 

@@ -1,4 +1,4 @@
-#include "moeforge/config/data_config.h"
+#include "moeforge/data/data_config.h"
 
 #include <cmath>
 #include <set>

@@ -1,9 +1,9 @@
-#include "moeforge/train/upcycle.h"
+#include "moeforge/model/upcycle.h"
 
 #include <sstream>
 
 #include "moeforge/model/checkpoint.h"
-#include "moeforge/train/trainer.h"
+#include "moeforge/model/load.h"
 #include "moeforge/util/error.h"
 
 namespace moeforge {
@@ -37,7 +37,7 @@ std::string upcycle(const UpcycleOptions& opt) {
       continue;
     }
     // FFN experts: blocks.<i>.moe.experts.<w> <- blocks.<i>.ffn.<w>, broadcast over experts (plus noise).
-    // Adapter form (MoCE/PESC): blocks.<i>.moe.dense.<w> <- blocks.<i>.ffn.<w>, frozen; the adapters keep
+    // Adapter form (PESC adapters): blocks.<i>.moe.dense.<w> <- blocks.<i>.ffn.<w>, frozen; the adapters keep
     // their initialisation (W_up = 0), so the upcycled model starts as the dense one.
     for (const std::string part : {".moe.experts.", ".moe.dense."}) {
       const auto pos = name.find(part);

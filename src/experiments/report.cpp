@@ -1,4 +1,4 @@
-#include "moeforge/train/report.h"
+#include "moeforge/experiments/report.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -10,6 +10,7 @@
 
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
+#include "moeforge/util/gnuplot.h"
 
 namespace fs = std::filesystem;
 
@@ -30,12 +31,6 @@ std::string quote(const std::string& s) {
 }
 
 }  // namespace
-
-void run_gnuplot(const std::string& script) {
-  const std::string cmd = "gnuplot " + quote(script) + " 2>" + quote(script + ".log");
-  if (std::system(cmd.c_str()) != 0)
-    throw FileError(script, "gnuplot failed (see " + script + ".log; is gnuplot-nox installed?)");
-}
 
 double unigram_perplexity(const torch::Tensor& train_tokens, const torch::Tensor& eval_tokens,
                           int64_t vocab_size) {

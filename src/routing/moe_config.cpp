@@ -1,4 +1,4 @@
-#include "moeforge/config/moe_config.h"
+#include "moeforge/routing/moe_config.h"
 
 #include <cmath>
 
@@ -21,14 +21,6 @@ void MoEConfig::validate() const {
   if (shared_gate && n_shared_expert == 0)
     throw ConfigError("moe.shared_gate", "gates the shared experts, but moe.n_shared_expert is 0");
   if (d_expert < 1) throw ConfigError("moe.d_expert", "must be >= 1, got " + std::to_string(d_expert));
-  if (expert_parallel < 1)
-    throw ConfigError("dist.expert_parallel", "must be >= 1, got " + std::to_string(expert_parallel));
-  if (expert_parallel > 1 && (n_expert * expert_split) % expert_parallel != 0)
-    throw ConfigError("dist.expert_parallel", std::to_string(n_expert * expert_split) +
-                                                  " routed experts do not split evenly over " +
-                                                  std::to_string(expert_parallel) + " ranks");
-  if (expert_parallel > 1 && expert_form != ExpertForm::kFFN)
-    throw ConfigError("dist.expert_parallel", "shards FFN experts only (moe.expert_form = \"ffn\")");
   if (expert_split < 1)
     throw ConfigError("moe.expert_split", "must be >= 1, got " + std::to_string(expert_split));
   if (d_expert % expert_split != 0)
@@ -47,19 +39,18 @@ void MoEConfig::validate() const {
   nonneg("moe.z_loss_coef", z_loss_coef);
   if (gshard_random_second && n_expert_used < 2)
     throw ConfigError("moe.gshard_random_second", "needs moe.n_expert_used >= 2");
-
-  validate_cluster_routing();
-}
-
-// The picked router's own keys (its registry row, routing/registry.cpp), then the expert form.
-void MoEConfig::validate_cluster_routing() const {
-  validate_router_keys(*this);
+  validate_router_keys(*this);  // the picked router's own keys, through its registry row
   if (expert_form == ExpertForm::kAdapter) {
     if (adapter_dim < 1)
       throw ConfigError("moe.adapter_dim", "must be >= 1, got " + std::to_string(adapter_dim));
     if (!std::isfinite(adapter_scale))
       throw ConfigError("moe.adapter_scale", "must be finite, got " + std::to_string(adapter_scale));
   }
+}
+
+std::pair<std::string, std::string> MoEConfig::prompt_rows() const {
+  const auto& spec = router_spec(router);
+  return spec.prompt_rows ? spec.prompt_rows(*this) : std::pair<std::string, std::string>();
 }
 
 void bind_moe_config(ConfigBinder& b, MoEConfig* c) {
@@ -95,18 +86,6 @@ void bind_moe_config(ConfigBinder& b, MoEConfig* c) {
     if (r.bind) r.bind(b, c);
 }
 
-void bind_router_option(ConfigBinder& b, MoEConfig* c, const std::string& key, double default_value) {
-  auto it = c->router_options.emplace(key, default_value).first;  // std::map: the address stays valid
-  b.bind("moe." + key, &it->second);
-}
-
-double MoEConfig::router_option(const std::string& key) const {
-  auto it = router_options.find(key);
-  if (it == router_options.end())
-    throw ConfigError("moe." + key, "no router of this build binds this option (routing/registry.cpp)");
-  return it->second;
-}
-
 std::string to_string(ScoreFunc v) {
   return v == ScoreFunc::kSoftmax ? "softmax" : "sigmoid";
 }
@@ -121,22 +100,6 @@ std::string to_string(ExpertsImplKind v) {
 }
 std::string to_string(ExpertForm v) {
   return v == ExpertForm::kFFN ? "ffn" : "adapter";
-}
-
-std::string to_string(ECMode v) {
-  return v == ECMode::kCausal ? "causal" : v == ECMode::kNonCausal ? "noncausal" : "threshold";
-}
-std::string to_string(ECEval v) {
-  return v == ECEval::kBatch ? "batch" : "threshold";
-}
-std::string to_string(SeqClustering v) {
-  return v == SeqClustering::kOnline ? "online" : v == SeqClustering::kHidden ? "hidden" : "tfidf";
-}
-std::string to_string(MocePool v) {
-  return v == MocePool::kPrefix ? "prefix" : v == MocePool::kPrompt ? "prompt" : "sequence";
-}
-std::string to_string(BipMode v) {
-  return v == BipMode::kCausal ? "causal" : "solve";
 }
 
 }  // namespace moeforge

@@ -7,12 +7,13 @@
 #include <functional>
 #include <iomanip>
 #include <map>
+#include <optional>
 #include <sstream>
 
-#include "moeforge/train/compare.h"
-#include "moeforge/train/report.h"
+#include "moeforge/experiments/compare.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
+#include "moeforge/util/gnuplot.h"
 #include "moeforge/util/progress.h"
 
 namespace fs = std::filesystem;
@@ -226,215 +227,240 @@ struct Claim {
   std::vector<std::string> evidence;
 };
 
-std::vector<Claim> answer_claims(const std::vector<Variant>& vs, const json& result) {
-  std::vector<Claim> claims;
-  const Variant* bl = by_role(vs, "balance_loss");
-  const Variant* lf = by_role(vs, "loss_free");
-  const Variant* bip = by_role(vs, "bip");
-  const Variant* ec = by_role(vs, "expert_choice");
-  const Variant* ecn = by_role(vs, "expert_choice_noncausal");
-  const Variant* moce = by_role(vs, "moce");
+// Claim 1, loss-free balancing against the balance loss.
+std::optional<Claim> claim_loss_free(const Variant* lf, const Variant* bl) {
+  if (!bl || !lf) return std::nullopt;
+  Claim c{
+      "1. Loss-free balancing (Wang et al. 2024) reaches a lower MaxVio_global than the balance loss at "
+      "equal or better perplexity (paper, 1B: 0.04 vs 0.72, perplexity 9.50 vs 9.56)",
+      "",
+      {}};
+  const auto ma = over(*lf, kMaxVioGlobal), mb = over(*bl, kMaxVioGlobal);
+  const auto pa = over(*lf, kValPpl), pb = over(*bl, kValPpl);
+  c.evidence.push_back(versus("MaxVio_global", *lf, ma, *bl, mb, 3));
+  c.evidence.push_back(versus("validation perplexity", *lf, pa, *bl, pb, 2));
+  const bool balance = ma.mean < mb.mean && ma.apart_from(mb);
+  const bool ppl_worse = pa.mean > pb.mean && pa.apart_from(pb);
+  c.verdict = balance && !ppl_worse ? "reproduced" : (ma.mean >= mb.mean ? "not reproduced" : "mixed");
+  return c;
+}
 
-  if (bl && lf) {
-    Claim c{
-        "1. Loss-free balancing (Wang et al. 2024) reaches a lower MaxVio_global than the balance loss at "
-        "equal or better perplexity (paper, 1B: 0.04 vs 0.72, perplexity 9.50 vs 9.56)",
-        "",
-        {}};
-    const auto ma = over(*lf, kMaxVioGlobal), mb = over(*bl, kMaxVioGlobal);
-    const auto pa = over(*lf, kValPpl), pb = over(*bl, kValPpl);
-    c.evidence.push_back(versus("MaxVio_global", *lf, ma, *bl, mb, 3));
-    c.evidence.push_back(versus("validation perplexity", *lf, pa, *bl, pb, 2));
-    const bool balance = ma.mean < mb.mean && ma.apart_from(mb);
-    const bool ppl_worse = pa.mean > pb.mean && pa.apart_from(pb);
-    c.verdict = balance && !ppl_worse ? "reproduced" : (ma.mean >= mb.mean ? "not reproduced" : "mixed");
-    claims.push_back(c);
-  }
-  if (bip && (lf || bl)) {
-    Claim c{
-        "2. BIP balancing (Sun et al. 2025) balances faster early in training than loss-free and the balance "
-        "loss, and reaches their perplexity with less compute (paper: at least 13% less time)",
-        "",
-        {}};
-    const auto tb = over(*bip, kTimeToBalance);
-    const auto eb = over(*bip, kEarlyVio);
-    bool faster_all = true, cheaper_all = true, any_faster = false, any_cheaper = false;
-    const auto bip_curve = validation_curve(*bip);
-    for (const Variant* o : {lf, bl}) {
-      if (!o) continue;
-      const auto to = over(*o, kTimeToBalance);
-      const auto eo = over(*o, kEarlyVio);
-      c.evidence.push_back(
-          versus("early balance (mean MaxVio_batch over the first tenth of the steps)", *bip, eb, *o, eo, 3));
-      c.evidence.push_back("time to balance (steps until MaxVio_batch, averaged over " +
-                           std::to_string(kBalanceWindow) + " steps, stays < " + fmt(kBalanced, 1) +
-                           "; 'never' = not under it at the end): " + bip->name + " " + cell(tb, 0) + " vs " +
-                           o->name + " " + cell(to, 0));
-      // Faster early: a lower early MaxVio_batch, resolved; or balanced for good sooner (a variant that never
-      // balanced counts as slower than one that did).
-      const bool faster = (eb.mean < eo.mean && eb.apart_from(eo)) ||
-                          (tb.n > 0 && ((tb.mean < to.mean && tb.apart_from(to)) ||
-                                        (tb.missing < to.missing && tb.n == int64_t(bip->runs.size()))));
-      faster_all = faster_all && faster;
-      any_faster = any_faster || faster;
-      const auto oc = validation_curve(*o);
-      if (oc.mean.empty() || bip_curve.mean.empty()) continue;
-      const double target = oc.mean.back();
-      const double tb_tok = tokens_to_reach(bip_curve, target), to_tok = tokens_to_reach(oc, target);
-      const double time_ratio =
-          (tb_tok / to_tok) * (throughput_of(result, o->name) / throughput_of(result, bip->name));
-      const double tok_ratio = tb_tok / to_tok;
-      std::string line = "tokens to reach " + o->name + "'s final mean validation loss " + fmt(target, 4) +
+// Claim 2, BIP: faster balance early, and the others' perplexity with less compute.
+std::optional<Claim> claim_bip(const Variant* bip, const Variant* lf, const Variant* bl, const json& result) {
+  if (!bip || (!lf && !bl)) return std::nullopt;
+  Claim c{
+      "2. BIP balancing (Sun et al. 2025) balances faster early in training than loss-free and the balance "
+      "loss, and reaches their perplexity with less compute (paper: at least 13% less time)",
+      "",
+      {}};
+  const auto tb = over(*bip, kTimeToBalance);
+  const auto eb = over(*bip, kEarlyVio);
+  bool faster_all = true, cheaper_all = true, any_faster = false, any_cheaper = false;
+  const auto bip_curve = validation_curve(*bip);
+  for (const Variant* o : {lf, bl}) {
+    if (!o) continue;
+    const auto to = over(*o, kTimeToBalance);
+    const auto eo = over(*o, kEarlyVio);
+    c.evidence.push_back(
+        versus("early balance (mean MaxVio_batch over the first tenth of the steps)", *bip, eb, *o, eo, 3));
+    c.evidence.push_back("time to balance (steps until MaxVio_batch, averaged over " +
+                         std::to_string(kBalanceWindow) + " steps, stays < " + fmt(kBalanced, 1) +
+                         "; 'never' = not under it at the end): " + bip->name + " " + cell(tb, 0) + " vs " +
+                         o->name + " " + cell(to, 0));
+    // Faster early: a lower early MaxVio_batch, resolved; or balanced for good sooner (a variant that never
+    // balanced counts as slower than one that did).
+    const bool faster = (eb.mean < eo.mean && eb.apart_from(eo)) ||
+                        (tb.n > 0 && ((tb.mean < to.mean && tb.apart_from(to)) ||
+                                      (tb.missing < to.missing && tb.n == int64_t(bip->runs.size()))));
+    faster_all = faster_all && faster;
+    any_faster = any_faster || faster;
+    const auto oc = validation_curve(*o);
+    if (oc.mean.empty() || bip_curve.mean.empty()) continue;
+    const double target = oc.mean.back();
+    const double tb_tok = tokens_to_reach(bip_curve, target), to_tok = tokens_to_reach(oc, target);
+    const double time_ratio =
+        (tb_tok / to_tok) * (throughput_of(result, o->name) / throughput_of(result, bip->name));
+    const double tok_ratio = tb_tok / to_tok;
+    c.evidence.push_back("tokens to reach " + o->name + "'s final mean validation loss " + fmt(target, 4) +
                          ": " + bip->name + " " +
                          (std::isfinite(tb_tok) ? fmt(tb_tok / 1e6, 3) + "M" : "never") + " vs " + o->name +
                          " " + fmt(to_tok / 1e6, 3) + "M (ratio " + fmt(tok_ratio, 3) +
-                         "; time ratio at the measured tokens/s " + fmt(time_ratio, 3) + ")";
-      c.evidence.push_back(line);
-      const bool cheaper =
-          std::isfinite(time_ratio) ? time_ratio <= 0.87 : (std::isfinite(tok_ratio) && tok_ratio <= 0.87);
-      cheaper_all = cheaper_all && cheaper;
-      any_cheaper = any_cheaper || cheaper;
-    }
+                         "; time ratio at the measured tokens/s " + fmt(time_ratio, 3) + ")");
+    const bool cheaper =
+        std::isfinite(time_ratio) ? time_ratio <= 0.87 : (std::isfinite(tok_ratio) && tok_ratio <= 0.87);
+    cheaper_all = cheaper_all && cheaper;
+    any_cheaper = any_cheaper || cheaper;
+  }
+  c.evidence.push_back(
+      "the validation curves are means over seeds at the evaluation steps; 0.87 = the paper's "
+      "13% saving");
+  c.verdict =
+      faster_all && cheaper_all ? "reproduced" : (!any_faster && !any_cheaper ? "not reproduced" : "mixed");
+  return c;
+}
+
+// Claim 3, expert choice against top-2 at equal compute, and the leak of its non-causal form.
+std::optional<Claim> claim_expert_choice(const Variant* ec, const Variant* ecn, const Variant* bl) {
+  if (!ec || !bl) return std::nullopt;
+  Claim c{
+      "3. Expert choice (Zhou et al. 2022) converges faster than top-2 at equal compute (paper: 2x at "
+      "8B/64E); the leak of non-causal expert choice against the causal-safe variant",
+      "",
+      {}};
+  const auto le = over(*ec, kValLoss), lb = over(*bl, kValLoss);
+  c.evidence.push_back(versus("final validation loss", *ec, le, *bl, lb, 4));
+  const auto ecc = validation_curve(*ec), blc = validation_curve(*bl);
+  double ratio = NAN;
+  if (!ecc.mean.empty() && !blc.mean.empty()) {
+    const double target = blc.mean.back();
+    ratio = tokens_to_reach(ecc, target) / tokens_to_reach(blc, target);
+    c.evidence.push_back("tokens to reach " + bl->name + "'s final mean validation loss, " + ec->name +
+                         " / " + bl->name + ": " +
+                         (std::isfinite(ratio) ? fmt(ratio, 3) : std::string("never reached")) +
+                         " (0.5 = the paper's 2x)");
+  }
+  c.evidence.push_back("causal leak of " + ec->name + " (max |y' - y|, evaluation / training routing): " +
+                       cell(over(*ec, kLeakEval), 6) + " / " + cell(over(*ec, kLeakTrain), 6));
+  if (ecn)
+    c.evidence.push_back("causal leak of " + ecn->name + ": " + cell(over(*ecn, kLeakEval), 6) + " / " +
+                         cell(over(*ecn, kLeakTrain), 6) + "; its validation loss " +
+                         cell(over(*ecn, kValLoss), 4) +
+                         " (training routing sees the future; evaluation uses "
+                         "thresholds)");
+  const bool resolved_better = le.mean < lb.mean && le.apart_from(lb);
+  c.verdict = std::isfinite(ratio) && ratio <= 0.5 && resolved_better
+                  ? "reproduced"
+                  : (resolved_better ? "mixed (faster, not 2x)" : "not reproduced");
+  return c;
+}
+
+// Claim 4, MoCE's specialisation and held-out perplexity against one router.
+std::optional<Claim> claim_moce(const Variant* moce, const Variant* bl) {
+  if (!moce || !bl) return std::nullopt;
+  Claim c{
+      "4. MoCE (Eo et al. 2025): experts specialise by genre more than with one router, while "
+      "held-out-genre "
+      "perplexity is not worse",
+      "",
+      {}};
+  const auto sa = over(*moce, kSpec), sb = over(*bl, kSpec);
+  const auto ha = over(*moce, kHeldPpl), hb = over(*bl, kHeldPpl);
+  c.evidence.push_back(versus("specialisation I(genre; expert)/H(genre)", *moce, sa, *bl, sb, 3));
+  c.evidence.push_back(versus("held-out genre perplexity", *moce, ha, *bl, hb, 2));
+  const bool spec = sa.mean > sb.mean && sa.apart_from(sb);
+  const bool worse = ha.mean > hb.mean && ha.apart_from(hb);
+  c.verdict = spec && !worse ? "reproduced" : (sa.mean <= sb.mean ? "not reproduced" : "mixed");
+  return c;
+}
+
+// Claim 5, first half: route() and layer time from the smallest to the largest E, topk against
+// hierarchical. One vote per timing.
+void routing_scale_evidence(const json& result, Claim& c, int& votes_yes, int& votes_no) {
+  if (!result.contains("routing_scale") || !result["routing_scale"].contains("points")) return;
+  const auto& pts = result["routing_scale"]["points"];
+  if (pts.size() < 2) return;
+  const auto& a = pts.front();
+  const auto& b = pts.back();
+  for (const char* what : {"route_ms", "layer_ms"}) {
+    const double gt = num(b["topk"][what]) / num(a["topk"][what]);
+    const double gh = num(b["hierarchical"][what]) / num(a["hierarchical"][what]);
     c.evidence.push_back(
-        "the validation curves are means over seeds at the evaluation steps; 0.87 = the paper's "
-        "13% saving");
-    c.verdict =
-        faster_all && cheaper_all ? "reproduced" : (!any_faster && !any_cheaper ? "not reproduced" : "mixed");
-    claims.push_back(c);
+        std::string(what == std::string("route_ms") ? "route()" : "layer forward+backward") +
+        " time from E = " + std::to_string(a["E"].get<int64_t>()) +
+        " to E = " + std::to_string(b["E"].get<int64_t>()) + ": topk x" + fmt(gt, 2) + ", hierarchical x" +
+        fmt(gh, 2) + " (at E = " + std::to_string(b["E"].get<int64_t>()) + ": " +
+        fmt(num(b["topk"][what]), 2) + " vs " + fmt(num(b["hierarchical"][what]), 2) + " ms)");
+    (gh < gt ? votes_yes : votes_no) += 1;
   }
-  if (ec && bl) {
-    Claim c{
-        "3. Expert choice (Zhou et al. 2022) converges faster than top-2 at equal compute (paper: 2x at "
-        "8B/64E); the leak of non-causal expert choice against the causal-safe variant",
-        "",
-        {}};
-    const auto le = over(*ec, kValLoss), lb = over(*bl, kValLoss);
-    c.evidence.push_back(versus("final validation loss", *ec, le, *bl, lb, 4));
-    const auto ecc = validation_curve(*ec), blc = validation_curve(*bl);
-    double ratio = NAN;
-    if (!ecc.mean.empty() && !blc.mean.empty()) {
-      const double target = blc.mean.back();
-      ratio = tokens_to_reach(ecc, target) / tokens_to_reach(blc, target);
-      c.evidence.push_back("tokens to reach " + bl->name + "'s final mean validation loss, " + ec->name +
-                           " / " + bl->name + ": " +
-                           (std::isfinite(ratio) ? fmt(ratio, 3) : std::string("never reached")) +
-                           " (0.5 = the paper's 2x)");
-    }
-    c.evidence.push_back("causal leak of " + ec->name + " (max |y' - y|, evaluation / training routing): " +
-                         cell(over(*ec, kLeakEval), 6) + " / " + cell(over(*ec, kLeakTrain), 6));
-    if (ecn)
-      c.evidence.push_back("causal leak of " + ecn->name + ": " + cell(over(*ecn, kLeakEval), 6) + " / " +
-                           cell(over(*ecn, kLeakTrain), 6) + "; its validation loss " +
-                           cell(over(*ecn, kValLoss), 4) +
-                           " (training routing sees the future; evaluation uses "
-                           "thresholds)");
-    const bool resolved_better = le.mean < lb.mean && le.apart_from(lb);
-    c.verdict = std::isfinite(ratio) && ratio <= 0.5 && resolved_better
-                    ? "reproduced"
-                    : (resolved_better ? "mixed (faster, not 2x)" : "not reproduced");
-    claims.push_back(c);
-  }
-  if (moce && bl) {
-    Claim c{
-        "4. MoCE (Eo et al. 2025): experts specialise by genre more than with one router, while "
-        "held-out-genre "
-        "perplexity is not worse",
-        "",
-        {}};
-    const auto sa = over(*moce, kSpec), sb = over(*bl, kSpec);
-    const auto ha = over(*moce, kHeldPpl), hb = over(*bl, kHeldPpl);
-    c.evidence.push_back(versus("specialisation I(genre; expert)/H(genre)", *moce, sa, *bl, sb, 3));
-    c.evidence.push_back(versus("held-out genre perplexity", *moce, ha, *bl, hb, 2));
-    const bool spec = sa.mean > sb.mean && sa.apart_from(sb);
-    const bool worse = ha.mean > hb.mean && ha.apart_from(hb);
-    c.verdict = spec && !worse ? "reproduced" : (sa.mean <= sb.mean ? "not reproduced" : "mixed");
-    claims.push_back(c);
-  }
-  {
-    Claim c{
-        "5. ClusterMoE: hierarchical routing cost grows more slowly than flat top-K as E grows; reliability "
-        "tracking survives a faulty expert",
-        "",
-        {}};
-    int votes_yes = 0, votes_no = 0;
-    if (result.contains("routing_scale") && result["routing_scale"].contains("points")) {
-      const auto& pts = result["routing_scale"]["points"];
-      if (pts.size() >= 2) {
-        const auto& a = pts.front();
-        const auto& b = pts.back();
-        for (const char* what : {"route_ms", "layer_ms"}) {
-          const double gt = num(b["topk"][what]) / num(a["topk"][what]);
-          const double gh = num(b["hierarchical"][what]) / num(a["hierarchical"][what]);
-          c.evidence.push_back(
-              std::string(what == std::string("route_ms") ? "route()" : "layer forward+backward") +
-              " time from E = " + std::to_string(a["E"].get<int64_t>()) +
-              " to E = " + std::to_string(b["E"].get<int64_t>()) + ": topk x" + fmt(gt, 2) +
-              ", hierarchical x" + fmt(gh, 2) + " (at E = " + std::to_string(b["E"].get<int64_t>()) + ": " +
-              fmt(num(b["topk"][what]), 2) + " vs " + fmt(num(b["hierarchical"][what]), 2) + " ms)");
-          (gh < gt ? votes_yes : votes_no) += 1;
+}
+
+// Claim 5, second half: each fault run's faulty-expert share and loss against the fault-free reference of
+// its seed. One vote per run.
+void fault_evidence(const std::vector<Variant>& vs, Claim& c, int& votes_yes, int& votes_no) {
+  for (auto& v : vs) {
+    if (v.group != "fault" || v.role == "fault_reference") continue;
+    for (auto* r : v.runs) {
+      const auto& f = (*r)["fault"];
+      const int64_t e = f["expert"].get<int64_t>(), at = f["step"].get<int64_t>();
+      const bool rel = num((*r)["moe"]["reliability"], 1.0) != 0.0;
+      const int64_t last = (*r)["steps"].get<int64_t>();
+      const int64_t window = std::max<int64_t>(1, (last - at) / 5);
+      double share = 0;
+      int n = 0;
+      for (auto& [st, sh] : fault_share(*r, e))
+        if (st > last - window) {
+          share += sh;
+          ++n;
         }
-      }
-    }
-    for (auto& v : vs) {
-      if (v.group != "fault" || v.role == "fault_reference") continue;
-      for (auto* r : v.runs) {
-        const auto& f = (*r)["fault"];
-        const int64_t e = f["expert"].get<int64_t>(), at = f["step"].get<int64_t>();
-        const bool rel = num((*r)["moe"]["reliability"], 1.0) != 0.0;
-        const int64_t last = (*r)["steps"].get<int64_t>();
-        const int64_t window = std::max<int64_t>(1, (last - at) / 5);
-        double share = 0;
-        int n = 0;
-        for (auto& [st, sh] : fault_share(*r, e))
-          if (st > last - window) {
-            share += sh;
-            ++n;
-          }
-        share = n ? share / n : NAN;
-        const double fair = 1.0 / double(num((*r)["moe"]["n_expert"], 1));
-        // The fault-free reference (role fault_reference, else the hierarchical variant): its run of the same
-        // seed, over the same steps.
-        const json* ref = nullptr;
-        if (const Variant* rv = fault_reference(vs))
-          for (auto* h : rv->runs)
-            if ((*h)["seed"] == (*r)["seed"]) ref = h;
-        const double lf_end = mean_loss(*r, last - window, last);
-        const double ref_end = ref ? mean_loss(*ref, last - window, last) : NAN;
-        const bool cut = share < kCutOff * fair;
-        const bool recovered =
-            std::isfinite(lf_end) && std::isfinite(ref_end) && lf_end - ref_end <= kRecoveryMargin;
-        c.evidence.push_back(
-            v.name + " (" + f["describe"].get<std::string>() + ", reliability " + (rel ? "on" : "off") +
-            ", seed " + std::to_string((*r)["seed"].get<int64_t>()) +
-            "): faulty expert's share of the load over the last " + std::to_string(window) + " steps " +
-            fmt(share, 4) + " (fair share " + fmt(fair, 4) + "); training loss there " + fmt(lf_end, 3) +
-            " vs fault-free " + fmt(ref_end, 3) + " (" + (recovered ? "within" : "not within") + " " +
-            fmt(kRecoveryMargin, 2) + " nats); " + std::to_string((*r)["skipped_steps"].get<int64_t>()) +
-            " non-finite steps skipped");
-        if (rel)
-          (cut && recovered ? votes_yes : votes_no) += 1;
-        else  // the claim: without reliability the loss does not recover
-          (recovered ? votes_no : votes_yes) += 1;
-      }
-    }
-    if (!c.evidence.empty()) {
-      c.verdict = votes_no == 0 ? "reproduced" : (votes_yes == 0 ? "not reproduced" : "mixed");
-      claims.push_back(c);
+      share = n ? share / n : NAN;
+      const double fair = 1.0 / double(num((*r)["moe"]["n_expert"], 1));
+      // The fault-free reference (role fault_reference, else the hierarchical variant): its run of the same
+      // seed, over the same steps.
+      const json* ref = nullptr;
+      if (const Variant* rv = fault_reference(vs))
+        for (auto* h : rv->runs)
+          if ((*h)["seed"] == (*r)["seed"]) ref = h;
+      const double lf_end = mean_loss(*r, last - window, last);
+      const double ref_end = ref ? mean_loss(*ref, last - window, last) : NAN;
+      const bool cut = share < kCutOff * fair;
+      const bool recovered =
+          std::isfinite(lf_end) && std::isfinite(ref_end) && lf_end - ref_end <= kRecoveryMargin;
+      c.evidence.push_back(v.name + " (" + f["describe"].get<std::string>() + ", reliability " +
+                           (rel ? "on" : "off") + ", seed " + std::to_string((*r)["seed"].get<int64_t>()) +
+                           "): faulty expert's share of the load over the last " + std::to_string(window) +
+                           " steps " + fmt(share, 4) + " (fair share " + fmt(fair, 4) +
+                           "); training loss there " + fmt(lf_end, 3) + " vs fault-free " + fmt(ref_end, 3) +
+                           " (" + (recovered ? "within" : "not within") + " " + fmt(kRecoveryMargin, 2) +
+                           " nats); " + std::to_string((*r)["skipped_steps"].get<int64_t>()) +
+                           " non-finite steps skipped");
+      if (rel)
+        (cut && recovered ? votes_yes : votes_no) += 1;
+      else  // the claim: without reliability the loss does not recover
+        (recovered ? votes_no : votes_yes) += 1;
     }
   }
-  {
-    Claim c{
-        "6. The optimality gap of each router's assignments on validation batches (against the exact "
-        "balanced "
-        "optimum)",
-        "measured",
-        {}};
-    for (auto& v : vs)
-      if (v.group == "main")
-        c.evidence.push_back(v.name + ": gap " + cell(over(v, kGap), 4) + ", capacity violation " +
-                             cell(over(v, kViolation), 3));
-    claims.push_back(c);
-  }
+}
+
+// Claim 5, ClusterMoE: routing cost against E, and reliability tracking under a fault.
+std::optional<Claim> claim_cluster_moe(const std::vector<Variant>& vs, const json& result) {
+  Claim c{
+      "5. ClusterMoE: hierarchical routing cost grows more slowly than flat top-K as E grows; reliability "
+      "tracking survives a faulty expert",
+      "",
+      {}};
+  int votes_yes = 0, votes_no = 0;
+  routing_scale_evidence(result, c, votes_yes, votes_no);
+  fault_evidence(vs, c, votes_yes, votes_no);
+  if (c.evidence.empty()) return std::nullopt;
+  c.verdict = votes_no == 0 ? "reproduced" : (votes_yes == 0 ? "not reproduced" : "mixed");
+  return c;
+}
+
+// 6: the optimality gap of each main variant (a measure, no claim to judge).
+Claim optimality_gaps(const std::vector<Variant>& vs) {
+  Claim c{
+      "6. The optimality gap of each router's assignments on validation batches (against the exact "
+      "balanced "
+      "optimum)",
+      "measured",
+      {}};
+  for (auto& v : vs)
+    if (v.group == "main")
+      c.evidence.push_back(v.name + ": gap " + cell(over(v, kGap), 4) + ", capacity violation " +
+                           cell(over(v, kViolation), 3));
+  return c;
+}
+
+std::vector<Claim> answer_claims(const std::vector<Variant>& vs, const json& result) {
+  const Variant* bl = by_role(vs, "balance_loss");
+  const Variant* lf = by_role(vs, "loss_free");
+  std::vector<Claim> claims;
+  for (auto c :
+       {claim_loss_free(lf, bl), claim_bip(by_role(vs, "bip"), lf, bl, result),
+        claim_expert_choice(by_role(vs, "expert_choice"), by_role(vs, "expert_choice_noncausal"), bl),
+        claim_moce(by_role(vs, "moce"), bl), claim_cluster_moe(vs, result)})
+    if (c) claims.push_back(*c);
+  claims.push_back(optimality_gaps(vs));
   return claims;
 }
 
@@ -468,19 +494,29 @@ std::pair<std::vector<int64_t>, std::vector<double>> mean_curve(const Variant& v
   return {steps, mean};
 }
 
-void write_plots(const fs::path& dir, const json& result, const std::vector<Variant>& vs) {
-  const fs::path plots = dir / "plots";
-  fs::create_directories(plots);
-  std::vector<const Variant*> main, faults;
-  for (auto& v : vs) (v.group == "main" ? main : faults).push_back(&v);
-  auto dat = [&](const std::string& name, const std::string& text) {
+// The gnuplot script of the comparison's plots and its data files, written into plots/.
+struct PlotScript {
+  fs::path plots;
+  std::ostringstream gp;
+  // Writes plots/<name>.dat and returns its quoted path for the script.
+  std::string dat(const std::string& name, const std::string& text) const {
     const auto f = plots / (name + ".dat");
     write_file_atomic(f.string(), text);
     return quote(f.string());
-  };
-  std::ostringstream gp;
-  gp << "set grid\nset key outside right noenhanced\n";
-  // Validation loss vs tokens (mean, min-max band) and training loss (smoothed mean).
+  }
+};
+
+// The rows x cols of a grid of n panels.
+void grid(size_t n, int& rows, int& cols) {
+  cols = n > 4 ? 3 : 2;
+  rows = int((n + size_t(cols) - 1) / size_t(cols));
+}
+
+// Validation loss vs tokens (mean, min-max band) and training loss (smoothed mean).
+void plot_losses(PlotScript& ps, const std::vector<const Variant*>& main) {
+  auto& gp = ps.gp;
+  const auto& plots = ps.plots;
+  auto dat = [&](const std::string& n, const std::string& text) { return ps.dat(n, text); };
   {
     std::string band, line, train;
     for (size_t i = 0; i < main.size(); ++i) {
@@ -511,7 +547,13 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
          << "\nset title 'Training loss: mean over seeds, moving average'\nplot " << train
          << "\nunset multiplot\n";
   }
-  // MaxVio_batch vs steps.
+}
+
+// MaxVio_batch vs steps.
+void plot_max_vio(PlotScript& ps, const std::vector<const Variant*>& main) {
+  auto& gp = ps.gp;
+  const auto& plots = ps.plots;
+  auto dat = [&](const std::string& n, const std::string& text) { return ps.dat(n, text); };
   {
     std::string p;
     for (size_t i = 0; i < main.size(); ++i) {
@@ -532,11 +574,13 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
          << "plot " << p << ", " << kBalanced
          << " with lines dt 2 lc rgb 'black' notitle\nunset logscale y\n";
   }
-  // Heatmaps: per variant, first seed.
-  auto grid = [&](size_t n, int& rows, int& cols) {
-    cols = n > 4 ? 3 : 2;
-    rows = int((n + size_t(cols) - 1) / size_t(cols));
-  };
+}
+
+// Expert load during training, per variant (first seed).
+void plot_load_heatmaps(PlotScript& ps, const std::vector<const Variant*>& main) {
+  auto& gp = ps.gp;
+  const auto& plots = ps.plots;
+  auto dat = [&](const std::string& n, const std::string& text) { return ps.dat(n, text); };
   {
     int rows, cols;
     grid(main.size(), rows, cols);
@@ -574,6 +618,13 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
       gp << "unset multiplot\nunset cbrange\nset xrange [*:*]\nset yrange [*:*]\n";
     }
   }
+}
+
+// p(expert | genre) on the validation set, per variant (first seed).
+void plot_genre_expert(PlotScript& ps, const std::vector<const Variant*>& main) {
+  auto& gp = ps.gp;
+  const auto& plots = ps.plots;
+  auto dat = [&](const std::string& n, const std::string& text) { return ps.dat(n, text); };
   {
     int rows, cols;
     grid(main.size(), rows, cols);
@@ -614,7 +665,13 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
       gp << "unset multiplot\nset ytics autofreq\nunset cbrange\nset xrange [*:*]\nset yrange [*:*]\n";
     }
   }
-  // Fault injection: the faulty expert's traffic and the loss, each fault run and its fault-free reference.
+}
+
+// Fault injection: the faulty expert's traffic and the loss, each fault run and its fault-free reference.
+void plot_fault(PlotScript& ps, const std::vector<Variant>& vs, const std::vector<const Variant*>& faults) {
+  auto& gp = ps.gp;
+  const auto& plots = ps.plots;
+  auto dat = [&](const std::string& n, const std::string& text) { return ps.dat(n, text); };
   std::vector<const Variant*> faulty;
   for (auto* v : faults)
     if (v->role != "fault_reference") faulty.push_back(v);
@@ -668,7 +725,13 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
        << "\nset title 'Training loss (moving average)'\nset ylabel 'cross-entropy (nats)'\nplot " << loss
        << "\nunset multiplot\nunset arrow 1\nset xrange [*:*]\n";
   }
-  // Routing cost vs E.
+}
+
+// Routing cost vs E.
+void plot_routing_cost(PlotScript& ps, const json& result) {
+  auto& gp = ps.gp;
+  const auto& plots = ps.plots;
+  auto dat = [&](const std::string& n, const std::string& text) { return ps.dat(n, text); };
   if (result.contains("routing_scale") && result["routing_scale"].contains("points")) {
     std::ostringstream d;
     for (auto& p : result["routing_scale"]["points"])
@@ -687,7 +750,13 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
        << " using 1:5 with linespoints lw 2 pt 5 dt 2 title 'hierarchical layer fwd+bwd'\nunset logscale xy\n"
        << "set xtics autofreq\n";
   }
-  // Bars with min-max error bars.
+}
+
+// Bars with min-max error bars.
+void plot_bars(PlotScript& ps, const std::vector<const Variant*>& main) {
+  auto& gp = ps.gp;
+  const auto& plots = ps.plots;
+  auto dat = [&](const std::string& n, const std::string& text) { return ps.dat(n, text); };
   {
     struct Bar {
       std::string file, title;
@@ -723,8 +792,24 @@ void write_plots(const fs::path& dir, const json& result, const std::vector<Vari
       gp << "unset multiplot\nset yrange [*:*]\n";
     }
   }
-  const auto script = plots / "compare.gp";
-  write_file_atomic(script.string(), gp.str());
+}
+
+void write_plots(const fs::path& dir, const json& result, const std::vector<Variant>& vs) {
+  PlotScript ps;
+  ps.plots = dir / "plots";
+  fs::create_directories(ps.plots);
+  std::vector<const Variant*> main, faults;
+  for (auto& v : vs) (v.group == "main" ? main : faults).push_back(&v);
+  ps.gp << "set grid\nset key outside right noenhanced\n";
+  plot_losses(ps, main);
+  plot_max_vio(ps, main);
+  plot_load_heatmaps(ps, main);
+  plot_genre_expert(ps, main);
+  plot_fault(ps, vs, faults);
+  plot_routing_cost(ps, result);
+  plot_bars(ps, main);
+  const auto script = ps.plots / "compare.gp";
+  write_file_atomic(script.string(), ps.gp.str());
   run_gnuplot(script.string());
 }
 

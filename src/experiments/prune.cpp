@@ -1,5 +1,5 @@
 // Expert pruning, docs/routing.md section 5. See the header for the legend.
-#include "moeforge/train/prune.h"
+#include "moeforge/experiments/prune.h"
 
 #include <cmath>
 #include <filesystem>
@@ -7,8 +7,9 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "moeforge/data/prepare.h"
 #include "moeforge/model/checkpoint.h"
-#include "moeforge/routing/hierarchical.h"
+#include "moeforge/model/load.h"
 #include "moeforge/train/evaluate.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
@@ -96,6 +97,15 @@ PruneResult prune_checkpoint(const PruneOptions& opt, std::ostream& log) {
       << fixed(100 * (r.ppl_after / r.ppl_before - 1), 2) << "%)\n"
       << "pruned checkpoint: " << r.out_dir << "\n";
   return r;
+}
+
+std::vector<int64_t> experts_below_load_share(const std::vector<double>& load, double share_threshold) {
+  double total = 0;
+  for (double l : load) total += l;
+  std::vector<int64_t> out;
+  for (size_t e = 0; e < load.size(); ++e)
+    if ((total > 0 ? load[e] / total : 0.0) < share_threshold) out.push_back(int64_t(e));
+  return out;
 }
 
 }  // namespace moeforge

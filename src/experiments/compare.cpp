@@ -3,9 +3,7 @@
 // draws.
 //
 // Legend: B sequences, S positions, T = B*S tokens, C model width, E routed experts, K assignments per token.
-#include "moeforge/train/compare.h"
-
-#include <toml++/toml.h>
+#include "moeforge/experiments/compare.h"
 
 #include <algorithm>
 #include <chrono>
@@ -20,9 +18,12 @@
 #include <sstream>
 
 #include "moeforge/config/binder.h"
+#include "moeforge/config/toml_file.h"
+#include "moeforge/data/prepare.h"
+#include "moeforge/experiments/report.h"
+#include "moeforge/model/load.h"
 #include "moeforge/routing/measures.h"
 #include "moeforge/routing/registry.h"
-#include "moeforge/train/report.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
@@ -54,8 +55,8 @@ struct BatchMeasures {
 };
 
 // Optimality gap and causal leak of every MoE layer of `model` on the first `kGapSequences` sequences of
-// `data`. The model is consumed: routing in training mode may move router state (MoCE's pending centroid
-// sums), so the caller passes a copy restored from the checkpoint.
+// `data`. The model is consumed: routing in training mode may move router state (a router's pending
+// centroid sums), so the caller passes a copy restored from the checkpoint.
 BatchMeasures measure_batch(TransformerLM& model, const PackedData& data, const RunConfig& cfg) {
   BatchMeasures r;
   torch::NoGradGuard ng;
@@ -64,9 +65,7 @@ BatchMeasures measure_batch(TransformerLM& model, const PackedData& data, const 
   auto tokens = data.tokens.narrow(0, 0, B);  // [B, S+1]
   auto layers = model->moe_layers();
   for (auto& l : layers) l->set_record_input(true);
-  RouteContext ctx;
-  ctx.seq_domain = data.domain.narrow(0, 0, B);
-  auto out = model->forward(tokens.narrow(1, 0, S), ctx);
+  auto out = model->forward(tokens.narrow(1, 0, S));
   std::vector<torch::Tensor> inputs;
   for (auto& l : layers) {
     inputs.push_back(l->last_input());
@@ -204,11 +203,6 @@ bool valid_name(const std::string& s) {
                        return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
                      }) &&
          s != "." && s != ".." && s != "plots";
-}
-
-std::string toml_where(const std::string& path, const toml::node& n) {
-  const auto& src = n.source();
-  return path + ":" + std::to_string(src.begin.line) + ":" + std::to_string(src.begin.column);
 }
 
 std::vector<int64_t> toml_seeds(const toml::node& n, const std::string& key, const std::string& where) {
@@ -367,19 +361,11 @@ ComparePlan load_compare_plan(const std::string& path, const std::vector<std::st
                               const std::vector<std::string>& routers) {
   ComparePlan plan;
   toml::table doc;
-  if (!path.empty()) {
-    try {
-      doc = toml::parse_file(path);
-    } catch (const toml::parse_error& e) {
-      std::ostringstream os;
-      os << e.description() << " at line " << e.source().begin.line << ", column " << e.source().begin.column;
-      throw FileError(path, os.str());
-    }
-  }
+  if (!path.empty()) doc = read_toml_file(path);
   std::optional<toml::table> cmp;
   if (auto* c = doc.get("compare")) {
     if (!c->as_table())
-      throw ConfigError("compare", "expected a [compare] table (" + toml_where(path, *c) + ")");
+      throw ConfigError("compare", "expected a [compare] table (" + toml_place(path, *c) + ")");
     cmp = *c->as_table();
     doc.erase("compare");
   }
@@ -397,7 +383,7 @@ ComparePlan load_compare_plan(const std::string& path, const std::vector<std::st
   if (cmp) {
     for (auto&& [k, v] : *cmp) {
       const std::string key = "compare." + std::string(k.str());
-      const std::string where = toml_where(path, v);
+      const std::string where = toml_place(path, v);
       if (key == "compare.seeds") {
         plan.seeds = toml_seeds(v, key, where);
       } else if (key == "compare.variant") {
@@ -405,13 +391,13 @@ ComparePlan load_compare_plan(const std::string& path, const std::vector<std::st
         if (!arr) throw ConfigError(key, "expected [[compare.variant]] tables (" + where + ")");
         for (auto& item : *arr) {
           const auto* t = item.as_table();
-          const std::string w = toml_where(path, item);
+          const std::string w = toml_place(path, item);
           if (!t) throw ConfigError(key, "each variant is a table (" + w + ")");
           CompareVariant var;
           for (auto&& [vk, vv] : *t) {
             const std::string name(vk.str());
             const std::string vkey = key + "." + name;
-            const std::string vw = toml_where(path, vv);
+            const std::string vw = toml_place(path, vv);
             if (name == "name" || name == "router" || name == "role") {
               const auto s = vv.value<std::string>();
               if (!s) throw ConfigError(vkey, "expected a string (" + vw + ")");
@@ -638,12 +624,11 @@ nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& di
       {"moe",
        {{"n_expert", cfg.moe.n_expert},
         {"n_expert_used", cfg.moe.n_expert_used},
-        {"n_cluster_used", cfg.moe.n_cluster_used},
-        {"ec_capacity_factor", cfg.moe.ec_capacity_factor},
+        {"n_cluster_used", cfg.moe.hierarchical.n_cluster_used},
+        {"ec_capacity_factor", cfg.moe.expert_choice.capacity_factor},
         {"balance_coef", cfg.moe.balance_coef},
-        {"reliability_decay", cfg.moe.reliability_decay},
-        {"reliability",
-         cfg.moe.router_options.count("reliability") ? cfg.moe.router_options.at("reliability") : 1.0}}},
+        {"reliability_decay", cfg.moe.hierarchical.reliability_decay},
+        {"reliability", cfg.moe.hierarchical.reliability}}},
       {"active_params_per_token", counts.active_params},
       {"mflop_per_token", counts.flops_per_token / 1e6},
       {"steps", s.step},

@@ -1,0 +1,30 @@
+// Helpers several subcommands share: number formatting, comma lists, the sample a checkpoint generates and
+// the printed forms of an evaluation and of a router's state.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "moeforge/model/generate.h"
+#include "moeforge/model/load.h"
+#include "moeforge/train/evaluate.h"
+
+namespace moeforge::cli {
+
+std::vector<std::string> split_csv(const std::string& s);
+std::string fixed(double v, int precision);
+
+// `prompt` continued by the model of `lm` (the tokenizer's <s> first, </s> ends it unless ignore_eos).
+// With `timing`, prints prefill and decode speed to stderr (docs/interop.md, "Decode speed").
+std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g,
+                        bool ignore_eos = false, bool timing = false);
+
+// An evaluation's loss, perplexity and routing measures per layer, the expert-choice routings and the
+// cluster x domain table, on stdout.
+void print_eval(const EvalResult& r);
+// The cluster x domain table of routers that put tokens in clusters (nothing for the others).
+void print_cluster_table(const EvalResult& r);
+// A layer's router state (Router::describe_state), one key a line.
+void print_router_state(const Router& router, size_t layer);
+
+}  // namespace moeforge::cli

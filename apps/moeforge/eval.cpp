@@ -1,0 +1,64 @@
+// moeforge eval: a checkpoint's perplexity and routing measures on a split, and for instruction data its
+// task scores (docs/instruct.md).
+#include <iostream>
+
+#include "cli_util.h"
+#include "command.h"
+#include "moeforge/data/prepare.h"
+#include "moeforge/experiments/instruct_eval.h"
+#include "moeforge/util/atomic_file.h"
+#include "moeforge/util/error.h"
+
+namespace moeforge::cli {
+
+namespace {
+
+struct EvalArgs {
+  std::string checkpoint, split = "validation", json;
+  int64_t batches = 0;
+  InstructEvalOptions instruct;
+};
+
+int run_eval(EvalArgs& a) {
+  auto lm = load_model(a.checkpoint);
+  const std::string tok = lm.tokenizer->serialized();
+  DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
+  const PackedData& set = a.split == "heldout" ? data.heldout : data.validation;
+  if (!set.tokens.defined() || set.size() == 0)
+    throw ConfigError("data.heldout_genres", "this checkpoint's config has no held-out genres to evaluate");
+  print_eval(evaluate(lm.model, set, lm.cfg.train.batch_size, a.batches, a.split));
+  if (data.instruct) {
+    // Task scores: the validation samples (trained tasks), or with --split heldout the test samples, which
+    // hold every trained task's test samples and the held-out tasks (docs/instruct-data.md).
+    const auto& samples = a.split == "heldout" ? data.instruct->test : data.instruct->validation;
+    a.instruct.batch_size = lm.cfg.train.batch_size;
+    auto r = evaluate_instruct(lm.model, *lm.tokenizer, *data.instruct, samples, a.instruct);
+    std::cout << "\n" << format_instruct_eval(r);
+    if (!a.json.empty()) {
+      write_file_atomic(a.json, r.to_json().dump(2) + "\n");
+      std::cout << "task scores: " << a.json << "\n";
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+Command add_eval(CLI::App& app, const Globals& /*g*/) {
+  auto a = std::make_shared<EvalArgs>();
+  auto* c = app.add_subcommand("eval", "evaluate a checkpoint: perplexity and routing measures");
+  c->add_option("--checkpoint", a->checkpoint, "checkpoint folder")->required();
+  c->add_option("--split", a->split, "validation or heldout")
+      ->check(CLI::IsMember({"validation", "heldout"}));
+  c->add_option("--batches", a->batches, "batches to evaluate (0 = the whole split)");
+  c->add_option("--per-task", a->instruct.per_task,
+                "instruction data: samples scored per task (0 = all; docs/instruct-data.md)")
+      ->check(CLI::NonNegativeNumber);
+  c->add_option("--max-new-tokens", a->instruct.max_new_tokens,
+                "instruction data: greedy generation stops at </s> or after this many tokens")
+      ->check(CLI::PositiveNumber);
+  c->add_option("--json", a->json, "instruction data: write the task scores to this JSON file");
+  return {c, [a] { return run_eval(*a); }};
+}
+
+}  // namespace moeforge::cli

@@ -1,0 +1,72 @@
+// Preparing a run's data (prepare.h).
+#include "moeforge/data/prepare.h"
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <iomanip>
+#include <sstream>
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+
+namespace {
+
+std::string seconds_since(std::chrono::steady_clock::time_point t0) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(1)
+     << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return os.str();
+}
+
+}  // namespace
+
+DataBundle prepare_data(const DataConfig& cfg, const std::string* tokenizer_model, std::ostream& log) {
+  DataBundle d;
+  if (cfg.corpus == "instruct") {
+    const auto t0 = std::chrono::steady_clock::now();
+    d.instruct = generate_instruct(cfg);
+    d.split = instruct_corpus_split(*d.instruct, cfg);
+    log << "instruct: " << d.instruct->tasks.size() << " tasks (" << d.instruct->heldout.size()
+        << " held out), " << d.instruct->train.size() << "/" << d.instruct->validation.size() << "/"
+        << d.instruct->test.size() << " samples (train/validation/test) (" << seconds_since(t0) << " s)\n";
+  } else {
+    d.split = split_corpus(load_corpus(cfg), cfg);
+  }
+  if (tokenizer_model) {
+    d.tokenizer = Tokenizer::from_serialized(*tokenizer_model);
+  } else {
+    const auto t0 = std::chrono::steady_clock::now();
+    d.tokenizer = train_or_load_tokenizer(d.split, cfg, (fs::path(cfg.dir) / "cache").string());
+    log << "tokenizer: " << d.tokenizer->vocab_size() << " pieces (" << seconds_since(t0) << " s)\n";
+  }
+  if (d.instruct) {
+    // `heldout` is the test samples of the held-out tasks (instruct_corpus_split); the trained tasks' test
+    // samples are for the final evaluation only.
+    std::vector<InstructSample> heldout;
+    for (const auto& s : d.instruct->test)
+      if (std::count(d.instruct->heldout.begin(), d.instruct->heldout.end(), s.task)) heldout.push_back(s);
+    const auto& doms = d.split.domains;
+    d.train = pack_samples(d.instruct->train, *d.tokenizer, cfg.seq_len, doms, cfg.instruct_pack);
+    d.validation = pack_samples(d.instruct->validation, *d.tokenizer, cfg.seq_len, doms, cfg.instruct_pack);
+    if (!heldout.empty())
+      d.heldout = pack_samples(heldout, *d.tokenizer, cfg.seq_len, doms, cfg.instruct_pack);
+    const int64_t dropped =
+        d.train.dropped + d.validation.dropped + (heldout.empty() ? 0 : d.heldout.dropped);
+    if (dropped > 0)
+      log << "instruct: " << dropped << " samples longer than data.seq_len + 1 = " << cfg.seq_len + 1
+          << " tokens left out (" << d.train.dropped << " of them training samples)\n";
+  } else {
+    d.train = pack_documents(d.split.train, *d.tokenizer, cfg.seq_len, d.split.domains);
+    d.validation = pack_documents(d.split.validation, *d.tokenizer, cfg.seq_len, d.split.domains);
+    if (!d.split.heldout.empty())
+      d.heldout = pack_documents(d.split.heldout, *d.tokenizer, cfg.seq_len, d.split.domains);
+  }
+  log << "data: " << d.split.train.size() << "/" << d.split.validation.size() << "/" << d.split.heldout.size()
+      << " documents (train/validation/held-out), " << d.train.size() << " training sequences of "
+      << cfg.seq_len << " tokens\n";
+  return d;
+}
+
+}  // namespace moeforge
