@@ -25,8 +25,19 @@ struct TrainArgs {
   std::string config_path, out_dir = "runs/default", resume, init_from;
   std::vector<std::string> overrides;
   int64_t stop_after = 0;
-  bool no_report = false;
+  bool no_report = false, overwrite = false, out_given = false;
 };
+
+// --resume without --out continues in the run folder the checkpoint belongs to (<run>/checkpoints/step-N),
+// not in the default folder.
+void resume_into_its_run(TrainArgs& a) {
+  if (a.resume.empty() || a.out_given) return;
+  const fs::path ckpt = resolve_checkpoint_dir(a.resume);
+  if (ckpt.parent_path().filename() != "checkpoints") return;
+  a.out_dir = ckpt.parent_path().parent_path().string();
+  std::cout << "resuming into " << a.out_dir << " (the run of " << ckpt.string()
+            << "; --out says otherwise)\n";
+}
 
 // The run config: the checkpoint's for --resume (train_model reads it), the --init checkpoint's without
 // --config, else --config or the embedded default; --set on top. Validated once, here.
@@ -90,8 +101,10 @@ void write_run_report(const TrainArgs& a, const TrainSummary& summary) {
 
 int run_train(TrainArgs& a, const Globals& g) {
   RunConfig cfg = run_config_of(a, g);
+  resume_into_its_run(a);
   TrainOptions opt;
   opt.out_dir = a.out_dir;
+  opt.overwrite = a.overwrite;
   opt.resume = a.resume;
   if (!a.resume.empty()) opt.resume_overrides = a.overrides;
   opt.stop_after = a.stop_after;
@@ -112,6 +125,10 @@ int run_train(TrainArgs& a, const Globals& g) {
               << (fs::path(a.out_dir) / "checkpoints").string() << " --out " << a.out_dir << "\n";
     return 128 + summary.interrupted_by;
   }
+  if (summary.step < summary.planned_steps)
+    std::cout << "stopped after step " << summary.step << " (--stop-after " << a.stop_after
+              << "); resume with: " << g.argv0 << " train --resume "
+              << (fs::path(a.out_dir) / "checkpoints").string() << "\n";
   if (!a.no_report) write_run_report(a, summary);
   return 0;
 }
@@ -129,9 +146,14 @@ Command add_train(CLI::App& app, const Globals& g) {
   c->add_option("--stop-after", a->stop_after, "stop with a checkpoint after this many steps in total")
       ->check(CLI::NonNegativeNumber);
   c->add_flag("--no-report", a->no_report, "skip report.md and the sample");
+  c->add_flag("--overwrite", a->overwrite,
+              "replace the earlier run a fresh run finds in --out (else that is an error)");
   c->add_option("--init", a->init_from,
                 "start from this checkpoint's weights, tokenizer and config (+ --set), fresh optimiser");
-  return {c, [a, &g] { return run_train(*a, g); }};
+  return {c, [a, c, &g] {
+            a->out_given = c->count("--out") > 0;
+            return run_train(*a, g);
+          }};
 }
 
 }  // namespace moeforge::cli

@@ -99,7 +99,9 @@ void save_checkpoint(const std::string& dir, const Checkpoint& ckpt) {
     fsync_dir(tmp.string());
   } catch (const FileError& e) {
     fs::remove_all(tmp, ec);
-    throw FileError(dir, std::string("checkpoint not written, the previous one is kept: ") + e.what());
+    throw FileError(dir, std::string("checkpoint not written") +
+                             (fs::exists(final_dir) ? " (the one already in this folder is kept)" : "") +
+                             ": " + e.what());
   }
   // Replace: the old folder is moved aside only once the new one is complete and durable.
   const bool had_old = fs::exists(final_dir);
@@ -196,6 +198,8 @@ Checkpoint load_checkpoint(const std::string& dir_in) {
   c.writer = writer;
   c.config_toml = files["config.toml"];
   c.tokenizer_model = files["tokenizer.model"];
+  if (c.tokenizer_model.empty())
+    throw FileError(dir + "/tokenizer.model", "is empty (a checkpoint's SentencePiece model is never empty)");
   c.model = parse_safetensors(files["model.safetensors"], (p / "model.safetensors").string()).tensors;
   if (files.count("optimizer.safetensors"))
     c.optimizer =

@@ -30,6 +30,12 @@ const std::vector<std::string>& resumable_keys() {
   return k;
 }
 
+std::string resumable_list() {
+  std::string list;
+  for (auto& k : resumable_keys()) list += (list.empty() ? "" : ", ") + k;
+  return list;
+}
+
 }  // namespace
 
 std::string step_name(int64_t step) {
@@ -54,16 +60,22 @@ RunConfig resume_config(const Checkpoint& ckpt, const std::string& dir,
   for (auto& o : overrides) {
     const std::string key = o.substr(0, o.find('='));
     const auto& ok = resumable_keys();
-    if (std::find(ok.begin(), ok.end(), key) == ok.end()) {
-      std::string list;
-      for (auto& k : ok) list += (list.empty() ? "" : ", ") + k;
+    if (std::find(ok.begin(), ok.end(), key) == ok.end())
       throw ConfigError(key, "cannot be changed when resuming (--set " + o + "); a resumed run may change " +
-                                 list + ". Start a new run, or --init from the checkpoint");
-    }
+                                 resumable_list() + ". Start a new run, or --init from the checkpoint");
   }
   // Read, then the overrides, then validated once: a bad value the overrides set is theirs (ConfigError),
   // any other is the checkpoint's.
+  // A config this version wrote that no longer reads was changed after it was written; one another
+  // version wrote may mean what this one does not.
+  const bool same_version = ckpt.writer == std::string("moeforge ") + moeforge_version();
   auto unreadable = [&](const ConfigError& e) {
+    if (same_version)
+      return FileError(where, std::string(e.what()) +
+                                  " (this checkpoint's config.toml was changed after it was written: restore "
+                                  "it; a resumed run changes only " +
+                                  resumable_list() + ", with --set; or start a new run with --init " + dir +
+                                  ")");
     return FileError(where, "written by " + ckpt.writer + ", not readable by moeforge " + moeforge_version() +
                                 ": " + e.what());
   };

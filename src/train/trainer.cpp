@@ -20,6 +20,7 @@
 #include "moeforge/train/checkpoint_policy.h"
 #include "moeforge/train/optim.h"
 #include "moeforge/train/parallel.h"
+#include "moeforge/train/run_folder.h"
 #include "moeforge/train/sequence_clustering.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
@@ -84,6 +85,7 @@ class Trainer {
  private:
   // --- set-up and resume ---
   void set_up();
+  void claim_run_folder();
   void load_data();
   void build_model_and_optimiser();
   void restore();
@@ -110,6 +112,7 @@ class Trainer {
   int world_ = 1, rank_ = 0, threads_ = 0;
   bool writer_ = true;  // rank 0 writes the run folder
   std::optional<Checkpoint> resume_, init_;
+  std::optional<RunFolderLock> lock_;  // rank 0 owns the run folder while it trains
   std::string resume_dir_;
   std::optional<DataBundle> data_;
   TransformerLM model_{nullptr};
@@ -143,12 +146,13 @@ void Trainer::set_up() {
     if (resume_) throw ConfigError("--init", "cannot be combined with --resume");
     init_ = load_checkpoint(opt_.init_from);
   }
-  const auto& tc = cfg_.train;
-  // Data parallelism (docs/distributed.md): train.batch_size is the global batch, each of the W ranks
-  // takes a contiguous slice of it; rank 0 alone writes the run folder.
   world_ = dist::world();
   rank_ = dist::rank();
   writer_ = rank_ == 0;
+  if (writer_) claim_run_folder();
+  const auto& tc = cfg_.train;
+  // Data parallelism (docs/distributed.md): train.batch_size is the global batch, each of the W ranks
+  // takes a contiguous slice of it; rank 0 alone writes the run folder.
   if (tc.batch_size % world_ != 0)
     throw ConfigError("train.batch_size", std::to_string(tc.batch_size) + " sequences (the global batch) " +
                                               "do not split evenly over the " + std::to_string(world_) +
@@ -164,6 +168,21 @@ void Trainer::set_up() {
                    std::to_string(dist::env().bucket_bytes));
 }
 
+// Rank 0 owns the run folder from before anything is written to the end (docs/reliability.md, "Shared
+// folders and limits"): the lock; a fresh run, or a resume into another run's folder, must not find an
+// earlier run there unless told to overwrite it; half-written checkpoints of dead processes go; and the
+// checkpoint folder must be writable now, not at the first checkpoint after the training.
+void Trainer::claim_run_folder() {
+  lock_.emplace(opt_.out_dir);
+  const fs::path out = fs::weakly_canonical(opt_.out_dir);
+  const bool own_run =
+      resume_ && fs::weakly_canonical(resume_dir_).string().rfind(out.string() + "/", 0) == 0;
+  if (!own_run) claim_for_fresh_run(opt_.out_dir, opt_.overwrite, log_);
+  const std::string ckpts = (fs::path(opt_.out_dir) / "checkpoints").string();
+  remove_stale_temporaries(ckpts, log_);
+  check_writable(ckpts);
+}
+
 // Rank 0 trains (or loads) the tokenizer and fills the data cache first; the others then read the cache
 // rather than all writing it at once.
 void Trainer::load_data() {
@@ -176,8 +195,11 @@ void Trainer::load_data() {
   dist::check_same("the tokenizer and training data",
                    data_->tokenizer->serialized() + "\n" + std::to_string(data_->train.size()) + "\n" +
                        std::to_string(data_->train.tokens.defined() ? data_->train.tokens.numel() : 0));
+  // The model a checkpoint's config describes must fit the checkpoint's model file before it is built
+  // (docs/reliability.md, "Checkpoints"): a resumed one, and the one --init starts from.
   if (resume_)
     check_config_fits_model_file(cfg_, data_->tokenizer->vocab_size(), resume_->model, resume_dir_);
+  if (init_) check_config_fits_model_file(cfg_, data_->tokenizer->vocab_size(), init_->model, opt_.init_from);
 }
 
 // The model (only this rank's experts under expert parallelism), the parameters the optimiser moves, the
@@ -335,7 +357,7 @@ void Trainer::train_loop() {
   }
   summary_.seconds = seconds_since(t_start);
   summary_.tokens_per_s = double(tokens_done_) / std::max(summary_.seconds, 1e-9);
-  bar.finish(summary_.step_losses.empty() ? "" : "loss " + fmt(summary_.step_losses.back(), 3));
+  bar.finish_at(step_, summary_.step_losses.empty() ? "" : "loss " + fmt(summary_.step_losses.back(), 3));
   for (auto& l : eval_lines_) log_ << l << "\n";
 }
 
@@ -520,7 +542,14 @@ std::string Trainer::checkpoint(int64_t at_step) {
   c.trainer_meta = {{"batcher_epoch", std::to_string(batcher_->epoch())},
                     {"batcher_position", std::to_string(batcher_->position())},
                     {"step", std::to_string(at_step)}};
-  save_checkpoint(dir.string(), c);
+  try {
+    save_checkpoint(dir.string(), c);
+  } catch (const FileError& e) {
+    throw FileError(e.path(), std::string(e.what()).substr(e.path().size() + 2) +
+                                  (summary_.checkpoint.empty()
+                                       ? "; no checkpoint of this run was written before it"
+                                       : "; the last checkpoint of this run is " + summary_.checkpoint));
+  }
   write_file_atomic((ckpt_root_ / "latest").string(), step_name(at_step) + "\n");
   prune_checkpoints(ckpt_root_, cfg_.train.keep_checkpoints);
   dist::barrier("checkpoint of step " + std::to_string(at_step) + " by rank 0");
@@ -577,6 +606,7 @@ void Trainer::report_communication() {
 TrainSummary Trainer::finish() {
   if (world_ > 1) report_communication();
   summary_.step = step_;
+  summary_.planned_steps = cfg_.train.steps;
   if (summary_.interrupted_by) return summary_;
   if (step_ == cfg_.train.steps || cfg_.train.eval_every > 0) log_ << evaluate_now(step_) << "\n";
   summary_.checkpoint = checkpoint(step_);

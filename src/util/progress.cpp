@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -41,13 +42,18 @@ void ProgressBar::update(int64_t done, const std::string& fields) {
   const int decile = static_cast<int>(frac * 10);
   if (!tty_ && decile == last_decile_ && done != total_) return;
   last_decile_ = decile;
+  draw(done, fields, format_duration(elapsed) + " elapsed, ETA " + format_duration(eta));
+}
+
+void ProgressBar::draw(int64_t done, const std::string& fields, const std::string& tail) {
+  const double frac = std::min(1.0, std::max(0.0, double(done) / double(total_)));
   constexpr int kWidth = 24;
   const int filled = static_cast<int>(frac * kWidth);
   std::ostringstream os;
   os << label_ << " [" << std::string(filled, '#') << std::string(kWidth - filled, '.') << "] " << done << "/"
      << total_;
   if (!fields.empty()) os << " | " << fields;
-  os << " | " << format_duration(elapsed) << " elapsed, ETA " << format_duration(eta);
+  os << " | " << tail;
   if (tty_)
     out_ << "\r" << os.str() << "\x1b[K" << std::flush;
   else
@@ -55,9 +61,20 @@ void ProgressBar::update(int64_t done, const std::string& fields) {
 }
 
 void ProgressBar::finish(const std::string& fields) {
+  finish_at(total_, fields);
+}
+
+void ProgressBar::finish_at(int64_t done, const std::string& fields) {
   if (!enabled_) return;
   last_decile_ = -1;
-  update(total_, fields);
+  if (done >= total_) {
+    update(total_, fields);
+  } else {
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    draw(done, fields,
+         format_duration(elapsed) + " elapsed, stopped at " + std::to_string(done) + " of " +
+             std::to_string(total_));
+  }
   if (tty_) out_ << "\n";
 }
 

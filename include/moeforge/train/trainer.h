@@ -18,7 +18,9 @@ namespace moeforge {
 
 struct TrainOptions {
   std::string out_dir = "runs/default";  // metrics.jsonl, checkpoints/, report.md go here
-  std::string resume;                    // a checkpoint folder, or a run's checkpoints/ folder
+  // A fresh run into a folder that holds an earlier run replaces it (else that is an error; run_folder.h).
+  bool overwrite = false;
+  std::string resume;      // a checkpoint folder, or a run's checkpoints/ folder
   std::string init_from;   // start from this checkpoint's weights and tokenizer (fresh optimiser,
                            // step 0): fine-tuning an upcycled checkpoint
   int64_t stop_after = 0;  // stop (with a checkpoint) once this many steps are done; 0 = train.steps
@@ -39,6 +41,7 @@ struct TrainOptions {
 
 struct TrainSummary {
   int64_t step = 0;                  // steps done in total
+  int64_t planned_steps = 0;         // train.steps of the run (more than `step` when it stopped early)
   std::vector<double> step_losses;   // training loss (cross-entropy) of every step this run did
   std::vector<double> step_max_vio;  // MaxVio_batch of every step this run did, averaged over MoE layers
   // The first training batch this run drew: its token count and an FNV-1a digest of its token ids, so that

@@ -14,9 +14,14 @@ class ProgressBar {
   ProgressBar(std::string label, int64_t total, std::ostream& out, bool enabled = true);
   // `done` units finished (absolute); `fields` is shown after the bar, e.g. "loss 3.21 | 5.1k tok/s".
   void update(int64_t done, const std::string& fields = "");
+  // The last line, at the total.
   void finish(const std::string& fields = "");
+  // The last line of work that ended at `done` units: the total when it is complete, else the line says it
+  // stopped there (no ETA: nothing is coming).
+  void finish_at(int64_t done, const std::string& fields = "");
 
  private:
+  void draw(int64_t done, const std::string& fields, const std::string& tail);
   std::string label_;
   int64_t total_, start_done_ = -1, last_decile_ = -1;
   std::ostream& out_;
