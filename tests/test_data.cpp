@@ -8,6 +8,7 @@
 #include <fstream>
 #include <random>
 #include <set>
+#include <sstream>
 
 #include "moeforge/config/binder.h"
 #include "moeforge/data/data.h"
@@ -20,6 +21,13 @@ namespace {
 namespace fs = std::filesystem;
 
 using ::moeforge::test::expect_config_error;
+
+std::vector<std::string> split_lines(const std::string& s) {
+  std::vector<std::string> out;
+  std::istringstream in(s);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
 
 std::string tmp_dir(const std::string& name) {
   const auto dir =
@@ -127,6 +135,34 @@ TEST(Corpus, BrownLoadsAllDocumentsWithTagsStripped) {
   }
   EXPECT_EQ(docs.back().id, "cr09");
   EXPECT_EQ(docs.back().domain, "humor");
+}
+
+// A corpus line of any length is cut before the tokenizer (docs/reliability.md, "Shared folders and
+// limits"): at the last space before the limit, or at a UTF-8 character boundary; shorter lines are kept
+// exactly, so ordinary text is untouched.
+TEST(Corpus, LongLinesAreCutAndShortOnesKept) {
+  const std::string text = "short line\nanother one\n";
+  EXPECT_EQ(cut_long_lines(text, 16), text);
+  auto cut = cut_long_lines("aaaa bbbb cccc dddd eeee\nok\n", 10);
+  EXPECT_EQ(cut, "aaaa bbbb\ncccc dddd\neeee\nok\n");
+  // No space: cut at the limit, never inside a character (each "é" is two bytes).
+  std::string accents;
+  for (int i = 0; i < 20; ++i) accents += "\xc3\xa9";
+  for (const auto& line : split_lines(cut_long_lines(accents, 9))) {
+    EXPECT_LE(line.size(), 9u);
+    EXPECT_EQ(non_text_bytes(line).bytes, 0u) << "a character was split";
+  }
+  std::string huge(3 * kMaxLineBytes + 5, 'x');
+  for (const auto& line : split_lines(cut_long_lines(huge))) EXPECT_LE(line.size(), kMaxLineBytes);
+}
+
+TEST(Corpus, NonTextBytesAreFound) {
+  EXPECT_EQ(non_text_bytes("plain words, caf\xc3\xa9").first, std::string::npos);
+  EXPECT_EQ(non_text_bytes(std::string("ab\0c", 4)).first, 2u);
+  const auto png = non_text_bytes("ab\x89PNG");  // a continuation byte with no lead
+  EXPECT_EQ(png.first, 2u);
+  EXPECT_EQ(png.bytes, 1u);
+  EXPECT_EQ(non_text_bytes("ab\xc3").first, 2u);  // truncated
 }
 
 TEST(Corpus, DetokenizerSpacing) {

@@ -11,6 +11,33 @@
 
 namespace moeforge {
 
+namespace {
+
+// A document's ids. One that is larger than kEncodeChunkBytes is encoded a group of whole lines at a time
+// (at most that many bytes, or one line, which corpus readers cut to kMaxLineBytes), so the encoder's
+// buffers stay bounded whatever the document's size (docs/reliability.md, "Shared folders and limits");
+// smaller documents are encoded whole, as always.
+constexpr size_t kEncodeChunkBytes = 256 * 1024;
+std::vector<int64_t> encode_by_lines(const Tokenizer& tok, const std::string& text) {
+  if (text.size() <= kEncodeChunkBytes) return tok.encode(text);
+  std::vector<int64_t> ids;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = std::min(text.size(), start + kEncodeChunkBytes);
+    if (end < text.size()) {
+      const size_t nl = text.rfind('\n', end);
+      end = nl != std::string::npos && nl > start ? nl + 1 : std::min(text.size(), text.find('\n', end) + 1);
+      if (end <= start) end = text.size();
+    }
+    auto part = tok.encode(text.substr(start, end - start));
+    ids.insert(ids.end(), part.begin(), part.end());
+    start = end;
+  }
+  return ids;
+}
+
+}  // namespace
+
 PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& tok, int64_t seq_len,
                           const std::vector<std::string>& domains) {
   if (seq_len < 1) throw std::invalid_argument("pack_documents: seq_len must be >= 1");
@@ -26,7 +53,7 @@ PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& to
   std::vector<std::vector<int64_t>> ids(docs.size());
   at::parallel_for(0, n_doc, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      auto body = tok.encode(docs[i].text);
+      auto body = encode_by_lines(tok, docs[i].text);
       ids[i].reserve(body.size() + 2);
       ids[i].push_back(tok.bos_id());
       ids[i].insert(ids[i].end(), body.begin(), body.end());

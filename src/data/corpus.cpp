@@ -78,6 +78,19 @@ std::vector<Document> load_brown(const DataConfig& cfg) {
   return docs;
 }
 
+// A text file as a document's text: UTF-8 text or a FileError naming the file and the offset, lines cut to
+// kMaxLineBytes.
+std::string read_text_file(const fs::path& path) {
+  std::string text = read_file(path);
+  const NonText bad = non_text_bytes(text);
+  if (bad.share(text.size()) > kMaxNonTextShare)
+    throw FileError(path.string(), "is not UTF-8 text (" + std::to_string(int(100 * bad.share(text.size()))) +
+                                       "% of its bytes are not, the first at byte " +
+                                       std::to_string(bad.first) +
+                                       "); a text corpus holds .txt files of UTF-8 text: move this one out");
+  return cut_long_lines(std::move(text));
+}
+
 std::vector<Document> load_text_folder(const std::string& root_str) {
   const fs::path root(root_str);
   std::error_code ec;
@@ -89,7 +102,7 @@ std::vector<Document> load_text_folder(const std::string& root_str) {
     const fs::path rel = it->path().lexically_relative(root);
     // The first folder under the root names the domain; files directly in the root are domain "text".
     const std::string domain = std::distance(rel.begin(), rel.end()) > 1 ? rel.begin()->string() : "text";
-    docs.push_back(Document{rel.generic_string(), domain, read_file(it->path())});
+    docs.push_back(Document{rel.generic_string(), domain, read_text_file(it->path())});
   }
   if (docs.empty()) throw FileError(root.string(), "no .txt files in this folder or its sub-folders");
   std::sort(docs.begin(), docs.end(), [](const Document& a, const Document& b) { return a.id < b.id; });
@@ -97,6 +110,56 @@ std::vector<Document> load_text_folder(const std::string& root_str) {
 }
 
 }  // namespace
+
+std::string cut_long_lines(std::string text, size_t max_line) {
+  max_line = std::max<size_t>(max_line, 8);
+  size_t start = 0;  // of the current line
+  bool changed = false;
+  std::string out;
+  for (size_t i = 0; i <= text.size(); ++i) {
+    if (i < text.size() && text[i] != '\n') continue;
+    // [start, i) is one line.
+    size_t s = start;
+    while (i - s > max_line) {
+      size_t cut = s + max_line;
+      size_t space = cut;
+      while (space > s && text[space] != ' ') --space;
+      if (space > s) {
+        cut = space;
+      } else {
+        while (cut > s && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;  // not mid-character
+        if (cut == s) cut = s + max_line;
+      }
+      if (!changed) out.assign(text, 0, s), changed = true;
+      out.append(text, s, cut - s);
+      out.push_back('\n');
+      s = cut + (text[cut] == ' ' ? 1 : 0);
+    }
+    if (changed) out.append(text, s, i - s + (i < text.size() ? 1 : 0));
+    start = i + 1;
+  }
+  return changed ? out : text;
+}
+
+NonText non_text_bytes(const std::string& text) {
+  NonText r;
+  const auto* p = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t n = text.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    bool ok = c != 0 && len > 0 && i + len <= n;
+    for (size_t k = 1; ok && k < len; ++k) ok = (p[i + k] & 0xC0) == 0x80;
+    if (ok) {
+      i += len;
+      continue;
+    }
+    if (r.first == std::string::npos) r.first = i;
+    ++r.bytes;  // one byte at a time: the rest of a broken sequence is looked at on its own
+    ++i;
+  }
+  return r;
+}
 
 const std::vector<std::pair<char, std::string>>& brown_genres() {
   // From the corpus's CONTENTS file.

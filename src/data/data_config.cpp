@@ -14,8 +14,8 @@ void DataConfig::validate() const {
   const bool is_text = corpus.rfind("text:", 0) == 0;
   const bool is_instruct = corpus == "instruct";
   if (corpus != "brown" && !is_text && !is_instruct)
-    throw ConfigError("data.corpus",
-                      "unknown corpus '" + corpus + "' (expected \"brown\", \"text:PATH\" or \"instruct\")");
+    throw ConfigError("data.corpus", "unknown corpus '" + clipped(corpus) +
+                                         "' (expected \"brown\", \"text:PATH\" or \"instruct\")");
   if (is_text && corpus.size() == 5)
     throw ConfigError("data.corpus", "\"text:\" needs a folder path after the colon");
   if (is_instruct) {
@@ -34,9 +34,14 @@ void DataConfig::validate() const {
   }
   if ((corpus == "brown" || is_instruct) && dir.empty())
     throw ConfigError("data.dir", "must name the folder that holds brown/ (e.g. \"data\")");
-  if (!std::isfinite(validation_fraction) || validation_fraction < 0 || validation_fraction >= 1)
-    throw ConfigError("data.validation_fraction",
-                      "must be in [0, 1), got " + std::to_string(validation_fraction));
+  // 0 would leave nothing to evaluate: evaluation, the checkpoints' cadence and the report all read the
+  // validation split.
+  if (!std::isfinite(validation_fraction) || validation_fraction <= 0 || validation_fraction >= 1)
+    throw ConfigError(
+        "data.validation_fraction",
+        "must be in (0, 1): the share of each training genre's documents that evaluation measures, "
+        "got " +
+            std::to_string(validation_fraction));
   // SentencePiece needs room for its 3 special pieces plus every character of the corpus (~80 in Brown).
   if (vocab_size < 100 || vocab_size > (int64_t{1} << 20))
     throw ConfigError("data.vocab_size", "must be in [100, 1048576], got " + std::to_string(vocab_size));

@@ -6,6 +6,9 @@
 #include <filesystem>
 #include <iomanip>
 #include <sstream>
+#include <tuple>
+
+#include "moeforge/util/error.h"
 
 namespace fs = std::filesystem;
 
@@ -63,6 +66,15 @@ DataBundle prepare_data(const DataConfig& cfg, const std::string* tokenizer_mode
     if (!d.split.heldout.empty())
       d.heldout = pack_documents(d.split.heldout, *d.tokenizer, cfg.seq_len, d.split.domains);
   }
+  // A split without one window of seq_len + 1 tokens could not be batched: say which and why here, not as
+  // the batcher's "no sequences".
+  for (const auto& [name, packed, docs] : {std::tuple{"training", &d.train, d.split.train.size()},
+                                           {"validation", &d.validation, d.split.validation.size()}})
+    if (!packed->tokens.defined() || packed->size() == 0)
+      throw ConfigError("data.seq_len", std::string("the ") + name + " split (" + std::to_string(docs) +
+                                            " documents or samples) has no sequence of data.seq_len + 1 = " +
+                                            std::to_string(cfg.seq_len + 1) +
+                                            " tokens: lower data.seq_len, or use a larger corpus");
   log << "data: " << d.split.train.size() << "/" << d.split.validation.size() << "/" << d.split.heldout.size()
       << " documents (train/validation/held-out), " << d.train.size() << " training sequences of "
       << cfg.seq_len << " tokens\n";

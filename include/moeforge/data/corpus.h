@@ -18,6 +18,25 @@ struct Document {
   std::string text;    // Brown: tags stripped, tokens joined with ordinary spacing
 };
 
+// The longest line a corpus document keeps (docs/reliability.md, "Shared folders and limits"): longer
+// ones are cut, at the last space before the limit when there is one, so that no per-line buffer of the
+// tokenizer grows with the input.
+constexpr size_t kMaxLineBytes = 64 * 1024;
+// `text` with every line longer than `max_line` bytes cut into lines of at most that many (at a space, else
+// at a UTF-8 character boundary). Text whose lines are all shorter comes back unchanged.
+std::string cut_long_lines(std::string text, size_t max_line = kMaxLineBytes);
+// The bytes of `text` that are not UTF-8 text: a NUL, or a byte of an invalid or truncated sequence.
+struct NonText {
+  size_t bytes = 0;                  // how many
+  size_t first = std::string::npos;  // the offset of the first, npos when none
+  double share(size_t total) const { return total ? double(bytes) / double(total) : 0.0; }
+};
+NonText non_text_bytes(const std::string& text);
+// A text corpus file more than this share of whose bytes is not UTF-8 text is not text (an image, an
+// archive): an error naming the file. Text with a few stray bytes (a Latin-1 word) is read, the tokenizer
+// taking each as U+FFFD (docs/reliability.md, "Bad training data").
+constexpr double kMaxNonTextShare = 0.3;
+
 // The 15 Brown genres, indexed by their file letter ('a' -> "press_reportage"). Letters i, o and q are
 // unused.
 const std::vector<std::pair<char, std::string>>& brown_genres();
