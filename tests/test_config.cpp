@@ -84,6 +84,41 @@ TEST(Config, RouterOptionsBindThroughTheirRegistryRow) {
   EXPECT_DOUBLE_EQ(again.expert_choice.capacity_factor, 3.5);
 }
 
+// Every float key refuses inf and nan (train.adam_eps = inf trained to exit 0), an integer TOML cannot hold
+// is "out of range", not "a string", and an unknown or bad value is echoed cut (docs/reliability.md).
+TEST(Config, NonFiniteFloatsAndOutOfRangeIntegersAreNamed) {
+  for (const char* set :
+       {"train.lr=inf", "train.adam_eps=inf", "train.weight_decay=nan", "moe.balance_coef=-inf"}) {
+    RunConfig c;
+    ConfigBinder b;
+    bind_run_config(b, &c);
+    const std::string s = set;
+    try {
+      b.apply_override(s);
+      ADD_FAILURE() << s << ": accepted";
+    } catch (const ConfigError& e) {
+      EXPECT_EQ(e.field(), s.substr(0, s.find('=')));
+      EXPECT_NE(std::string(e.what()).find("finite"), std::string::npos) << e.what();
+    }
+  }
+  RunConfig c;
+  ConfigBinder b;
+  bind_run_config(b, &c);
+  try {
+    b.apply_override("train.steps=9223372036854775808");
+    ADD_FAILURE() << "accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.field(), "train.steps");
+    EXPECT_NE(std::string(e.what()).find("out of range"), std::string::npos) << e.what();
+  }
+  try {
+    b.apply_override("moe.score=" + std::string(100000, 'z'));
+    ADD_FAILURE() << "accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_LT(std::string(e.what()).size(), 600u) << "the value was echoed whole";
+  }
+}
+
 // Fuzz finding (docs/reliability.md): an integer with no exact double for a float key threw
 // std::bad_optional_access out of the binder.
 TEST(Config, HugeIntegerForAFloatKeyIsANumber) {

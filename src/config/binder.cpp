@@ -3,6 +3,8 @@
 
 #include <toml++/toml.h>
 
+#include <cmath>
+#include <regex>
 #include <sstream>
 
 #include "moeforge/util/error.h"
@@ -12,6 +14,10 @@ namespace {
 
 std::string located(const std::string& where, const toml::node& node) {
   return toml_place(where, node);
+}
+
+std::string shown(const std::string& s) {
+  return clipped(s);
 }
 
 std::string type_name(const toml::node& node) {
@@ -51,7 +57,12 @@ void ConfigBinder::bind(const std::string& key, double* field) {
       return;
     }
     if (n.is_floating_point()) {
-      *field = n.as_floating_point()->get();
+      const double v = n.as_floating_point()->get();
+      // inf and nan are TOML floats, and no key of moeforge's means anything by them (docs/reliability.md).
+      if (!std::isfinite(v))
+        throw ConfigError(key, "must be a finite number, got " + std::string(std::isnan(v) ? "nan" : "inf") +
+                                   " (" + located(where, n) + ")");
+      *field = v;
       return;
     }
     throw ConfigError(key, "expected a number, got " + type_name(n) + " (" + located(where, n) + ")");
@@ -133,8 +144,8 @@ void ConfigBinder::bind_choice(const std::string& key, std::vector<std::string> 
         return;
       }
     }
-    throw ConfigError(key,
-                      "unknown value '" + *v + "', expected one of " + all + " (" + located(where, n) + ")");
+    throw ConfigError(
+        key, "unknown value '" + shown(*v) + "', expected one of " + all + " (" + located(where, n) + ")");
   };
 }
 
@@ -172,18 +183,26 @@ void ConfigBinder::apply_file(const std::string& path) const {
 void ConfigBinder::apply_override(const std::string& assignment) const {
   const auto eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0)
-    throw ConfigError(assignment, "an override must look like section.key=value");
+    throw ConfigError(shown(assignment), "an override must look like section.key=value");
   const std::string key = assignment.substr(0, eq);
   const std::string value = assignment.substr(eq + 1);
-  if (!has(key)) throw ConfigError(key, "unknown key (--set " + assignment + ")");
+  const std::string where = "--set " + shown(assignment);
+  if (!has(key)) throw ConfigError(shown(key), "unknown key (" + where + ")");
   toml::table doc;
   try {
     doc = toml::parse("v = " + value);
   } catch (const toml::parse_error&) {
+    // A number TOML cannot hold is a number out of range, not a word.
+    static const std::regex number(R"re([+-]?[0-9][0-9_]*(\.[0-9_]+)?([eE][+-]?[0-9]+)?)re");
+    if (std::regex_match(value, number))
+      throw ConfigError(key, "'" + shown(value) +
+                                 "' is out of range (integers are 64-bit: -9223372036854775808 to "
+                                 "9223372036854775807) (" +
+                                 where + ")");
     doc = toml::table{};
     doc.insert("v", value);  // a bare word: take it as a string
   }
-  set(key, *doc.get("v"), "--set " + assignment);
+  set(key, *doc.get("v"), where);
 }
 
 std::string ConfigBinder::to_toml() const {

@@ -17,6 +17,13 @@ class ConfigError : public std::runtime_error {
   std::string field_;
 };
 
+// A value as an error message shows it: whole when short, else its start and its size (a 50 MB --set value
+// is not echoed whole; docs/reliability.md).
+inline std::string clipped(const std::string& s, size_t most = 120) {
+  if (s.size() <= most) return s;
+  return s.substr(0, most) + "... (" + std::to_string(s.size()) + " bytes)";
+}
+
 // Throws ConfigError(field, message) unless `ok`: the checks of a config section's validate().
 inline void require_config(bool ok, const char* field, const std::string& message) {
   if (!ok) throw ConfigError(field, message);
