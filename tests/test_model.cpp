@@ -99,9 +99,70 @@ TEST(Model, GenerationIsDeterministicWithASeed) {
   opt.seed = 43;
   auto c = generate(model, {1, 2, 3}, opt);
   EXPECT_NE(a, c);  // 12 draws over 23 tokens at temperature 1: equal sequences are vanishingly unlikely
-  // Bounded by the context: the last of at most 22 new tokens is sampled from a full 24-token context.
+  // Bounded by the context: the last of at most 22 new tokens is sampled from a full 24-token context,
+  // and the caller learns that the context, not max_tokens, ended it.
   opt.max_tokens = 100;
-  EXPECT_EQ(generate(model, {1, 2, 3}, opt).size(), 22u);
+  GenerateStop why = GenerateStop::kMaxTokens;
+  EXPECT_EQ(generate(model, {1, 2, 3}, opt, &why).size(), 22u);
+  EXPECT_EQ(why, GenerateStop::kContext);
+  opt.max_tokens = 5;
+  generate(model, {1, 2, 3}, opt, &why);
+  EXPECT_EQ(why, GenerateStop::kMaxTokens);
+}
+
+// Sampling parameters out of range are errors naming the parameter (NaN included), and so is a prompt
+// that leaves no room in the context; no LibTorch assertion reaches the user (docs/reliability.md).
+TEST(Model, GenerationRefusesBadParametersAndPrompts) {
+  MoEConfig moe;
+  moe.n_expert = 4;
+  moe.d_expert = 8;
+  TransformerLM model(tiny(), moe);
+  auto refused = [&](GenerateOptions opt, const std::vector<int64_t>& prompt, const std::string& names) {
+    try {
+      generate(model, prompt, opt);
+      ADD_FAILURE() << names << ": generated";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(names), std::string::npos) << e.what();
+    }
+  };
+  GenerateOptions ok;
+  refused(
+      [&] {
+        auto o = ok;
+        o.temperature = std::nan("");
+        return o;
+      }(),
+      {1}, "temperature");
+  refused(
+      [&] {
+        auto o = ok;
+        o.temperature = -0.5;
+        return o;
+      }(),
+      {1}, "temperature");
+  refused(
+      [&] {
+        auto o = ok;
+        o.top_p = 0;
+        return o;
+      }(),
+      {1}, "top_p");
+  refused(
+      [&] {
+        auto o = ok;
+        o.top_p = std::nan("");
+        return o;
+      }(),
+      {1}, "top_p");
+  refused(
+      [&] {
+        auto o = ok;
+        o.max_tokens = 0;
+        return o;
+      }(),
+      {1}, "max_tokens");
+  refused(ok, std::vector<int64_t>(24, 1), "context is 24");
+  refused(ok, {}, "at least one token");
 }
 
 TEST(Model, CountsActiveParameters) {

@@ -30,7 +30,7 @@ std::string fixed(double v, int p) {
 }
 
 std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g, bool ignore_eos,
-                        bool timing) {
+                        bool timing, GenerateStop* why) {
   auto ids = lm.tokenizer->encode(prompt);
   ids.insert(ids.begin(), lm.tokenizer->bos_id());
   auto opt = g;
@@ -48,9 +48,16 @@ std::string sample_text(LoadedModel& lm, const std::string& prompt, const Genera
               << " ms, decode of " << n << " more tokens " << fixed(tn - t1, 2)
               << " ms = " << fixed(n > 0 ? n / ((tn - t1) * 1e-3) : 0.0, 1) << " tokens/s\n";
   }
-  auto out = generate(lm.model, ids, opt);
+  auto out = generate(lm.model, ids, opt, why);
   if (!out.empty() && out.back() == opt.eos_id) out.pop_back();
-  return prompt + lm.tokenizer->decode(out).insert(0, prompt.empty() || out.empty() ? "" : " ");
+  // The continuation as decoded after the prompt's tokens: what decoding them together adds to the
+  // prompt's own decoding (a leading space only where the model began a new word).
+  const std::string before = lm.tokenizer->decode(ids);
+  auto all = ids;
+  all.insert(all.end(), out.begin(), out.end());
+  const std::string whole = lm.tokenizer->decode(all);
+  if (whole.compare(0, before.size(), before) == 0) return prompt + whole.substr(before.size());
+  return prompt + lm.tokenizer->decode(out);
 }
 
 void print_cluster_table(const EvalResult& r) {

@@ -14,10 +14,12 @@ namespace moeforge::cli {
 std::vector<std::string> split_csv(const std::string& s);
 std::string fixed(double v, int precision);
 
-// `prompt` continued by the model of `lm` (the tokenizer's <s> first, </s> ends it unless ignore_eos).
-// With `timing`, prints prefill and decode speed to stderr (docs/interop.md, "Decode speed").
+// `prompt` continued by the model of `lm` (the tokenizer's <s> first, </s> ends it unless ignore_eos): the
+// prompt as given, then the continuation as the tokenizer decodes it after the prompt's tokens (so a word
+// the model continues gets no inserted space). With `timing`, prints prefill and decode speed to stderr
+// (docs/interop.md, "Decode speed"). `why`, when given, says why the generation ended.
 std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g,
-                        bool ignore_eos = false, bool timing = false);
+                        bool ignore_eos = false, bool timing = false, GenerateStop* why = nullptr);
 
 // An evaluation's loss, perplexity and routing measures per layer, the expert-choice routings and the
 // cluster x domain table, on stdout.

@@ -1,18 +1,52 @@
 // moeforge generate: a checkpoint continues a prompt, with a KV cache (every router, docs/routing.md).
+#include <fstream>
 #include <iostream>
+#include <sstream>
 
 #include "cli_util.h"
 #include "command.h"
+#include "moeforge/util/error.h"
 
 namespace moeforge::cli {
 
 namespace {
 
 struct GenerateArgs {
-  std::string checkpoint, prompt;
+  std::string checkpoint, prompt, prompt_file;
   GenerateOptions options;
   bool ignore_eos = false, timing = false;
 };
+
+// The prompt of --prompt or --prompt-file (a file of any length; the model's context bounds what is used).
+std::string prompt_of(const GenerateArgs& a) {
+  if (a.prompt_file.empty()) return a.prompt;
+  std::ifstream in(a.prompt_file, std::ios::binary);
+  if (!in) throw FileError(a.prompt_file, "cannot read the prompt file");
+  std::ostringstream os;
+  os << in.rdbuf();
+  std::string p = os.str();
+  while (!p.empty() && (p.back() == '\n' || p.back() == '\r')) p.pop_back();  // the file's last newline
+  return p;
+}
+
+int run_generate(const GenerateArgs& a) {
+  try {
+    check_generate_options(a.options);
+  } catch (const std::invalid_argument& e) {
+    const std::string what = e.what();
+    const std::string flag = what.rfind("temperature", 0) == 0 ? "--temperature"
+                             : what.rfind("top_p", 0) == 0     ? "--top-p"
+                                                               : "--max-tokens";
+    throw ConfigError(flag, what.substr(what.find(' ') + 1));
+  }
+  auto lm = load_model(a.checkpoint);
+  GenerateStop why = GenerateStop::kMaxTokens;
+  std::cout << sample_text(lm, prompt_of(a), a.options, a.ignore_eos, a.timing, &why) << "\n";
+  if (why == GenerateStop::kContext)
+    std::cerr << "moeforge: stopped at the model's context of " << lm.cfg.model.max_seq_len
+              << " tokens (prompt included) before --max-tokens " << a.options.max_tokens << "\n";
+  return 0;
+}
 
 }  // namespace
 
@@ -20,18 +54,20 @@ Command add_generate(CLI::App& app, const Globals& /*g*/) {
   auto a = std::make_shared<GenerateArgs>();
   auto* c = app.add_subcommand("generate", "generate text from a checkpoint (KV cache)");
   c->add_option("--checkpoint", a->checkpoint, "checkpoint folder")->required();
-  c->add_option("--prompt", a->prompt, "the text to continue")->required();
-  c->add_option("--max-tokens", a->options.max_tokens, "new tokens at most")->check(CLI::PositiveNumber);
-  c->add_option("--temperature", a->options.temperature, "sampling temperature (0 = greedy)")
-      ->check(CLI::NonNegativeNumber);
-  c->add_option("--top-p", a->options.top_p, "nucleus sampling mass")->check(CLI::Range(0.0, 1.0));
+  auto* prompt = c->add_option("--prompt", a->prompt, "the text to continue");
+  auto* file = c->add_option("--prompt-file", a->prompt_file, "read the text to continue from this file");
+  prompt->excludes(file);
+  c->add_option("--max-tokens", a->options.max_tokens, "new tokens at most (>= 1; the context also ends it)");
+  c->add_option("--temperature", a->options.temperature, "sampling temperature (0 = greedy; finite, >= 0)");
+  c->add_option("--top-p", a->options.top_p, "nucleus sampling mass, in (0, 1]");
   c->add_option("--seed", a->options.seed, "sampling seed");
   c->add_flag("--ignore-eos", a->ignore_eos, "generate --max-tokens tokens even past </s>");
   c->add_flag("--timing", a->timing, "print prefill and decode speed to stderr (docs/interop.md)");
-  return {c, [a] {
-            auto lm = load_model(a->checkpoint);
-            std::cout << sample_text(lm, a->prompt, a->options, a->ignore_eos, a->timing) << "\n";
-            return 0;
+  return {c, [a, prompt, file] {
+            if (prompt->count() == 0 && file->count() == 0)
+              throw ConfigError("--prompt",
+                                "give the text to continue with --prompt TEXT or --prompt-file FILE");
+            return run_generate(*a);
           }};
 }
 

@@ -2,11 +2,31 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
 namespace moeforge {
 
+void check_generate_options(const GenerateOptions& opt) {
+  if (!std::isfinite(opt.temperature) || opt.temperature < 0)
+    throw std::invalid_argument("temperature must be a finite number >= 0 (0 = greedy), got " +
+                                std::to_string(opt.temperature));
+  if (!(opt.top_p > 0 && opt.top_p <= 1))  // NaN fails too
+    throw std::invalid_argument("top_p must be in (0, 1], got " + std::to_string(opt.top_p));
+  if (opt.max_tokens < 1)
+    throw std::invalid_argument("max_tokens must be >= 1, got " + std::to_string(opt.max_tokens));
+}
+
 std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& prompt,
-                              const GenerateOptions& opt) {
-  TORCH_CHECK(!prompt.empty(), "generate: the prompt must have at least one token");
+                              const GenerateOptions& opt, GenerateStop* why) {
+  check_generate_options(opt);
+  if (prompt.empty()) throw std::invalid_argument("the prompt must have at least one token");
+  const int64_t max_len = model->model_config().max_seq_len;
+  if (int64_t(prompt.size()) >= max_len)
+    throw std::invalid_argument("the prompt has " + std::to_string(prompt.size()) +
+                                " tokens (with <s>), the model's context is " + std::to_string(max_len) +
+                                ": shorten the prompt to at most " + std::to_string(max_len - 1) + " tokens");
   torch::NoGradGuard ng;
   const bool was_training = model->is_training();
   model->eval();
@@ -18,10 +38,8 @@ std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& 
   // join it; the others ignore it.
   ctx.prompt_len = torch::tensor({int64_t(prompt.size())}, torch::kLong);
   auto input = torch::tensor(prompt, torch::kLong).unsqueeze(0);  // [1, P]
-  const int64_t max_len = model->model_config().max_seq_len;
-  TORCH_CHECK(int64_t(prompt.size()) < max_len, "generate: the prompt has ", prompt.size(),
-              " tokens; the model's context is ", max_len);
   std::vector<int64_t> out;
+  GenerateStop stop = GenerateStop::kMaxTokens;
   while (int64_t(out.size()) < opt.max_tokens && cache.length() + input.size(1) <= max_len) {
     // Each router's state for the next token travels in the cache (KVCache::route).
     auto res = model->forward(input, ctx, &cache);
@@ -41,10 +59,18 @@ std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& 
       next = idx[pick.item<int64_t>()].item<int64_t>();
     }
     out.push_back(next);
-    if (next == opt.eos_id) break;
+    if (next == opt.eos_id) {
+      stop = GenerateStop::kEos;
+      break;
+    }
+    if (int64_t(out.size()) < opt.max_tokens && cache.length() + 1 > max_len) {
+      stop = GenerateStop::kContext;
+      break;
+    }
     input = torch::tensor({next}, torch::kLong).unsqueeze(0);
   }
   if (was_training) model->train();
+  if (why) *why = stop;
   return out;
 }
 
