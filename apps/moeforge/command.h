@@ -24,6 +24,10 @@ struct Command {
   std::function<int()> run;
 };
 
+// What "moeforge: error: " is followed by: the exception's message, without the C++ stack trace LibTorch
+// appends to its own, and an allocation that failed named as such (docs/reliability.md).
+std::string error_message(const std::exception& e);
+
 Command add_train(CLI::App& app, const Globals& g);
 Command add_upcycle(CLI::App& app, const Globals& g);
 Command add_eval(CLI::App& app, const Globals& g);

@@ -1,4 +1,5 @@
 // moeforge: the command line. One file per subcommand (command.h); each has --help.
+#include <torch/torch.h>
 #include <CLI/CLI.hpp>
 
 #include <cstdlib>
@@ -7,6 +8,21 @@
 #include "command.h"
 #include "moeforge/dist/dist.h"
 #include "moeforge/util/runtime.h"
+
+namespace moeforge::cli {
+
+std::string error_message(const std::exception& e) {
+  if (dynamic_cast<const std::bad_alloc*>(&e))
+    return "out of memory (an allocation failed); a smaller model, batch or input needs less";
+  const auto* c10 = dynamic_cast<const c10::Error*>(&e);
+  std::string what = c10 ? c10->what_without_backtrace() : e.what();
+  if (c10 && what.find("allocate") != std::string::npos)
+    return "out of memory: " + what.substr(0, what.find('\n')) +
+           " (the model, batch or input is larger than this machine's memory)";
+  return what;
+}
+
+}  // namespace moeforge::cli
 
 int main(int argc, char** argv) {
   using namespace moeforge;
@@ -32,7 +48,7 @@ int main(int argc, char** argv) {
     for (const auto& c : commands)
       if (c.app->parsed()) return c.run();
   } catch (const std::exception& e) {
-    std::cerr << "moeforge: error: " << e.what() << "\n";
+    std::cerr << "moeforge: error: " << cli::error_message(e) << "\n";
     if (dist::active()) {
       // A rank of a failed group leaves at once: c10d's threads may still wait on a peer that is gone, and
       // the exit must come within the bound docs/distributed.md states. Checkpoints are atomic.

@@ -45,7 +45,12 @@ LoadedModel load_model(const std::string& checkpoint_dir) {
   lm.dir = resolve_checkpoint_dir(checkpoint_dir);
   auto ckpt = load_checkpoint(lm.dir);
   lm.cfg = load_run_config_text(ckpt.config_toml, lm.dir + "/config.toml");
-  lm.tokenizer = Tokenizer::from_serialized(ckpt.tokenizer_model);
+  try {
+    lm.tokenizer = Tokenizer::from_serialized(ckpt.tokenizer_model);
+  } catch (const std::exception& e) {
+    throw FileError(lm.dir + "/tokenizer.model",
+                    std::string("not a usable SentencePiece model: ") + e.what());
+  }
   check_config_fits_model_file(lm.cfg, lm.tokenizer->vocab_size(), ckpt.model, lm.dir);
   lm.model = build_model(lm.cfg, lm.tokenizer->vocab_size());
   load_module_state(*lm.model, ckpt.model, lm.dir + "/model.safetensors");

@@ -25,15 +25,25 @@
 
 namespace moeforge {
 
+int available_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  int n = sched_getaffinity(0, sizeof(set), &set) == 0
+              ? CPU_COUNT(&set)
+              : static_cast<int>(std::thread::hardware_concurrency());
+  return n > 0 ? n : 1;
+}
+
 int init_threads(int n) {
-  if (n <= 0) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    if (sched_getaffinity(0, sizeof(set), &set) == 0)
-      n = CPU_COUNT(&set);
-    else
-      n = static_cast<int>(std::thread::hardware_concurrency());
-    if (n <= 0) n = 1;
+  const int cores = available_cores();
+  if (n <= 0) n = cores;
+  // More threads than a few per core only adds threads (10000 made ~100 a second, docs/reliability.md).
+  const int most = kMaxThreadsPerCore * cores;
+  if (n > most) {
+    std::cerr << "moeforge: " << n << " threads asked for (--threads or train.threads) is more than "
+              << kMaxThreadsPerCore << " x the " << cores << " cores this process may use; using " << most
+              << "\n";
+    n = most;
   }
   at::set_num_threads(n);
   return n;

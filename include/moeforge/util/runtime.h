@@ -8,8 +8,13 @@
 
 namespace moeforge {
 
+// The cores this process may use (its CPU affinity).
+int available_cores();
+// At most this many LibTorch threads per available core: more only adds threads.
+constexpr int kMaxThreadsPerCore = 4;
 // Sets LibTorch's intra-op threads to `n`, or to the cores this process may use when n <= 0 (LibTorch
-// defaults to 1 thread on some machines). Returns the count set.
+// defaults to 1 thread on some machines); more than kMaxThreadsPerCore x those cores is clamped to that,
+// with a warning on stderr. Returns the count set.
 int init_threads(int n = 0);
 
 // Two thread pools share the cores: LibTorch's OpenMP threads (and this library's kernels) and OpenBLAS's
