@@ -369,6 +369,15 @@ TEST_F(HfInterop, BadFoldersAreErrorsNamingFileAndTensor) {
                  std::ofstream(d / "model.safetensors.index.json") << R"({"weight_map": {"x": ".."}})";
                },
                {"model.safetensors.index.json", "outside the folder", ".."});
+  // A shard that is a link out of the folder is refused, as a checkpoint manifest refuses names outside
+  // its folder (docs/reliability.md, "Shared folders and limits").
+  expect_error("shard_link",
+               [](const fs::path& d) {
+                 const fs::path outside = d.parent_path() / "shard_link_outside.safetensors";
+                 fs::rename(d / "model.safetensors", outside);
+                 fs::create_symlink(outside, d / "model.safetensors");
+               },
+               {"model.safetensors", "outside the folder"});
   const std::string st = "model.safetensors";
   expect_error("garbled_config",
                [](const fs::path& d) { std::ofstream(d / "config.json") << "{\"model_type\": "; },

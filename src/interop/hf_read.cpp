@@ -19,7 +19,21 @@ using json = nlohmann::json;
 namespace moeforge {
 namespace {
 
+// A file of the import folder may not be a link that leads out of it (as a checkpoint's manifest may name
+// nothing outside its folder): the import reads what the folder holds, not what it points at.
+void check_inside(const fs::path& p) {
+  std::error_code ec;
+  if (!fs::is_symlink(p, ec)) return;
+  const fs::path real = fs::weakly_canonical(p, ec);
+  const fs::path root = fs::weakly_canonical(p.parent_path(), ec);
+  const std::string r = root.string() + "/";
+  if (real.string().compare(0, r.size(), r) != 0)
+    throw FileError(p.string(), "is a link to " + real.string() + ", outside the folder " + root.string() +
+                                    ": copy the file into the folder instead");
+}
+
 std::string read_all(const fs::path& p) {
+  check_inside(p);
   std::ifstream in(p, std::ios::binary);
   if (!in) throw FileError(p.string(), "missing or unreadable");
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -73,6 +87,7 @@ HfWeights read_hf_weights(const fs::path& d) {
     const fs::path p = d / f;
     if (f.empty() || f == "." || f == ".." || p.filename() != fs::path(f) || f.find('/') != std::string::npos)
       throw FileError((d / "model.safetensors.index.json").string(), "names a file outside the folder: " + f);
+    check_inside(p);
     auto st = read_safetensors(p.string());
     for (auto& [name, t] : st.tensors) {
       if (w.t.count(name))
