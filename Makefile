@@ -46,7 +46,7 @@ test-sanitize: deps
 # The main job: train the embedded default (configs/default.toml) on the Brown corpus, evaluate it, print a
 # sample, and write runs/default/ (metrics.jsonl, checkpoints/, report.md with plots).
 run: build
-	./$(BUILD)/moeforge train --out runs/default
+	./$(BUILD)/moeforge train --out runs/default --overwrite
 
 bench: build
 	mkdir -p runs
