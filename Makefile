@@ -4,7 +4,7 @@ JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build test run bench format clean fuzz test-sanitize
+.PHONY: all deps build test run bench format clean fuzz test-sanitize python
 
 all: build
 
@@ -17,7 +17,11 @@ $(BUILD)/CMakeCache.txt:
 build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j $(JOBS)
 
-test: build
+# The Python package (python/, docs/python.md), built against Debian's torch into .venv/.
+python: build
+	bash scripts/build-python.sh $(BUILD) .venv
+
+test: build python
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 # libFuzzer targets (clang 14, ASan + UBSan) for the loaders, each run FUZZ_SECONDS from fuzz/corpus/ and

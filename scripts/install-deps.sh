@@ -28,6 +28,7 @@ packages=(
   openmpi-bin                        # mpirun, one way to launch distributed training and its tests
   wordnet-base                       # WordNet 3.0 data files for data.corpus = "instruct" (docs/instruct-data.md)
   clang-14 libclang-rt-14-dev llvm-14 # make fuzz (libFuzzer), make test-sanitize (docs/reliability.md)
+  pybind11-dev python3-setuptools python3-wheel python3-venv python3-pip python3-pytest # make python (docs/python.md)
 )
 
 if [ "${MOEFORGE_SKIP_APT:-0}" != 1 ]; then

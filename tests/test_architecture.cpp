@@ -1,6 +1,6 @@
 // The architecture's include rule (docs/architecture.md, "The include rule"): the table of which room may
 // include which is read from the doc itself, and every quoted #include of src/, include/, apps/, bench/,
-// kernels/ and fuzz/ is checked against it. Also: section headers are leaves, and no MoCE name lives in
+// kernels/, fuzz/ and python/ is checked against it. Also: section headers are leaves, and no MoCE name lives in
 // model/, layer/, train/, data/, interop/ or apps/.
 #include <fnmatch.h>
 #include <unistd.h>
@@ -92,7 +92,7 @@ bool is_section_header(const IncludeRule& rule, const std::string& room_path) {
 std::vector<std::string> check_includes(const fs::path& root, const IncludeRule& rule) {
   std::vector<std::string> bad;
   static const std::regex include_re(R"re(^\s*#\s*include\s+"([^"]+)")re");
-  for (const char* top : {"src", "include", "apps", "bench", "kernels", "fuzz"}) {
+  for (const char* top : {"src", "include", "apps", "bench", "kernels", "fuzz", "python"}) {
     if (!fs::exists(root / top)) continue;
     for (const auto& entry : fs::recursive_directory_iterator(root / top)) {
       const auto ext = entry.path().extension().string();
