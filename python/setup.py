@@ -7,7 +7,7 @@ it; the SentencePiece module the tokenizer loads lies beside the extension in th
 import os
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, include_paths
 
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(here)
@@ -27,7 +27,10 @@ setup(
             include_dirs=[os.path.join(root, "include"), root],
             extra_objects=[os.path.join(build, "libmoeforge.a"), os.path.join(build, "libmoeforge_kernels_cpu.a")],
             libraries=["glpk", "z", "gloo", "tomlplusplus", "dl", "gomp"],
-            extra_compile_args=["-std=c++17", "-O2", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            # torch's headers as system headers (-isystem wins over the -I torch adds): the warnings at -Wall
+            # -Wextra are then our code's only.
+            extra_compile_args=["-std=c++17", "-O2", "-fopenmp", "-Wall", "-Wextra"]
+            + [f for p in include_paths() for f in ("-isystem", p)],
         )
     ],
     cmdclass={"build_ext": BuildExtension},
