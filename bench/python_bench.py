@@ -62,11 +62,19 @@ def layer_bench(name, C, E, F_, K, T, reps):
             y.sum().backward()
         return f
 
-    ms = interleaved({"moeforge.MoE": run(ours), "plain Mixtral block": run(plain)}, reps)
+    a, b_, c = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
+    ms = interleaved({"moeforge.MoE": run(ours), "plain Mixtral block": run(plain),
+                      "sgemm 1024^3": lambda: torch.mm(a, b_, out=c)}, reps)
+    # The experts' matmul work: 3 GEMMs of C x F per assignment, forward and twice that backward.
+    gflop = 2 * 3 * C * F_ * T * K * 3 / 1e9
+    rate = {k: gflop / (ms[k] / 1e3) for k in ("moeforge.MoE", "plain Mixtral block")}
+    sgemm = 2 * 1024 ** 3 / 1e9 / (ms["sgemm 1024^3"] / 1e3)
     out = {"shape": name, "tokens": T, "d_model": C, "experts": E, "d_expert": F_, "k": K, "ms": ms,
+           "expert_gflop": gflop, "gflop_per_s": rate, "sgemm_gflop_per_s": sgemm,
            "speedup": ms["plain Mixtral block"] / ms["moeforge.MoE"]}
-    print(f"{name}: moeforge.MoE {ms['moeforge.MoE']:.2f} ms, plain Mixtral block {ms['plain Mixtral block']:.2f} ms "
-          f"(forward+backward, {T} tokens): {out['speedup']:.2f}x", flush=True)
+    print(f"{name}: moeforge.MoE {ms['moeforge.MoE']:.2f} ms ({rate['moeforge.MoE']:.0f} GFLOP/s of expert work), "
+          f"plain Mixtral block {ms['plain Mixtral block']:.2f} ms ({rate['plain Mixtral block']:.0f} GFLOP/s); "
+          f"sgemm {sgemm:.0f} GFLOP/s (forward+backward, {T} tokens): {out['speedup']:.2f}x", flush=True)
     return out
 
 
@@ -113,6 +121,7 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+              "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")},
               "layer": [layer_bench("default", 128, 16, 172, 2, 2048, a.reps),
                         layer_bench("wide", 512, 16, 688, 2, 2048, a.reps)],
               "loop": loop_bench(a.steps)}

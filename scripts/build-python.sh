@@ -29,5 +29,11 @@ mkdir -p "$build/python-wheel"
   "$venv/bin/pip" wheel --quiet --no-deps --no-build-isolation --no-index -w "$build/python-wheel" .)
 "$venv/bin/pip" install --quiet --no-deps --no-index --force-reinstall "$build"/python-wheel/moeforge-*.whl
 rm -rf "$here/python/build" "$here/python/moeforge.egg-info"
+# moeforge's thread environment (docs/python.md, "Speed"; the CLI sets it for itself, docs/performance.md):
+# OpenMP and OpenBLAS threads that wait passively, set before torch loads (a .pth line runs at interpreter
+# start), for every Python of this venv unless the environment already says otherwise.
+site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo 'import os; os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE"); os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")' \
+  >"$site/moeforge_threads.pth"
 touch "$stamp"
 "$venv/bin/python" -c "import moeforge; print('build-python: moeforge installed in $venv')"

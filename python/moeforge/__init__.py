@@ -10,6 +10,8 @@ the same storage and the same gradients, and a module's parameter and buffer nam
 """
 import json
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -25,6 +27,12 @@ __all__ = [
 ]
 
 _C.init_threads(0)  # LibTorch defaults to one thread on some machines; moeforge uses the cores it may use
+if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    warnings.warn("moeforge: OMP_WAIT_POLICY is not PASSIVE, so LibTorch's OpenMP threads and OpenBLAS's spin "
+                  "against each other on the CPU (a plain Python training loop ran at 0.40 of the CLI's speed so, "
+                  "0.92 with it: docs/python.md, \"Speed\"). Set OMP_WAIT_POLICY=PASSIVE and "
+                  "OPENBLAS_THREAD_TIMEOUT=16 before Python starts; the .venv that make python builds does.",
+                  RuntimeWarning, stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------------------------------
