@@ -26,7 +26,7 @@ setup(
             [os.path.join(here, "src", "bindings.cpp")],
             include_dirs=[os.path.join(root, "include"), root],
             extra_objects=[os.path.join(build, "libmoeforge.a"), os.path.join(build, "libmoeforge_kernels_cpu.a")],
-            libraries=["glpk", "z", "gloo", "tomlplusplus", "dl", "gomp"],
+            libraries=["glpk", "z", "zstd", "gloo", "tomlplusplus", "dl", "gomp"],
             # torch's headers as system headers (-isystem wins over the -I torch adds): the warnings at -Wall
             # -Wextra are then our code's only.
             extra_compile_args=["-std=c++17", "-O2", "-fopenmp", "-Wall", "-Wextra"]

@@ -23,7 +23,8 @@ packages=(
   libglpk-dev                        # exact balanced-assignment oracle (routing optimality gap)
   gnuplot-nox                        # PNG plots in reports
   clang-format
-  zlib1g-dev                         # checkpoint checksums (CRC-32)
+  zlib1g-dev                         # checkpoint checksums (CRC-32), .jsonl.gz corpora
+  libzstd-dev                        # .jsonl.zst corpora (docs/data.md)
   libgloo-dev                        # c10d's Gloo process group: distributed training (docs/distributed.md)
   openmpi-bin                        # mpirun, one way to launch distributed training and its tests
   wordnet-base                       # WordNet 3.0 data files for data.corpus = "instruct" (docs/instruct-data.md)

@@ -39,5 +39,6 @@ Command add_info(CLI::App& app, const Globals& g);
 Command add_compare(CLI::App& app, const Globals& g);
 Command add_export(CLI::App& app, const Globals& g);
 Command add_import(CLI::App& app, const Globals& g);
+Command add_tokenize(CLI::App& app, const Globals& g);
 
 }  // namespace moeforge::cli

@@ -24,7 +24,7 @@ int run_eval(EvalArgs& a) {
   const std::string tok = lm.tokenizer->serialized();
   DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
   const PackedData& set = a.split == "heldout" ? data.heldout : data.validation;
-  if (!set.tokens.defined() || set.size() == 0)
+  if (set.size() == 0)
     throw ConfigError("data.heldout_genres", "this checkpoint's config has no held-out genres to evaluate");
   print_eval(evaluate(lm.model, set, lm.cfg.train.batch_size, a.batches, a.split));
   if (data.instruct) {

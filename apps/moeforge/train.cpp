@@ -65,8 +65,7 @@ void write_run_report(const TrainArgs& a, const TrainSummary& summary) {
   auto lm = load_model(summary.checkpoint);
   const std::string tok = lm.tokenizer->serialized();
   DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
-  const double unigram =
-      unigram_perplexity(data.train.tokens, data.validation.tokens, lm.tokenizer->vocab_size());
+  const double unigram = unigram_perplexity(data.train, data.validation, lm.tokenizer->vocab_size());
   GenerateOptions gen;
   gen.max_tokens = 48;
   gen.seed = 7;

@@ -382,7 +382,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         const PackedData& p = which == "train"        ? d.bundle.train
                               : which == "validation" ? d.bundle.validation
                                                       : d.bundle.heldout;
-        return py::make_tuple(p.tokens, p.domain, p.domains);
+        // Shards are read whole here: a split of a large corpus is better batched with Batcher.
+        const PackedRows all = p.row_range(0, p.size());
+        return py::make_tuple(all.tokens, all.domain, p.domains);
       });
 
   // The trainer's batch order (a seeded epoch shuffle, exact resume): the batches `moeforge train` draws.

@@ -8,17 +8,17 @@
 #include <stdexcept>
 
 #include "moeforge/data/instruct.h"
+#include "moeforge/data/shards.h"
 
 namespace moeforge {
 
 namespace {
 
-// A document's ids. One that is larger than kEncodeChunkBytes is encoded a group of whole lines at a time
-// (at most that many bytes, or one line, which corpus readers cut to kMaxLineBytes), so the encoder's
-// buffers stay bounded whatever the document's size (docs/reliability.md, "Shared folders and limits");
-// smaller documents are encoded whole, as always.
 constexpr size_t kEncodeChunkBytes = 256 * 1024;
-std::vector<int64_t> encode_by_lines(const Tokenizer& tok, const std::string& text) {
+
+}  // namespace
+
+std::vector<int64_t> encode_document(const Tokenizer& tok, const std::string& text) {
   if (text.size() <= kEncodeChunkBytes) return tok.encode(text);
   std::vector<int64_t> ids;
   size_t start = 0;
@@ -36,8 +36,6 @@ std::vector<int64_t> encode_by_lines(const Tokenizer& tok, const std::string& te
   return ids;
 }
 
-}  // namespace
-
 PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& tok, int64_t seq_len,
                           const std::vector<std::string>& domains) {
   if (seq_len < 1) throw std::invalid_argument("pack_documents: seq_len must be >= 1");
@@ -53,7 +51,7 @@ PackedData pack_documents(const std::vector<Document>& docs, const Tokenizer& to
   std::vector<std::vector<int64_t>> ids(docs.size());
   at::parallel_for(0, n_doc, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      auto body = encode_by_lines(tok, docs[i].text);
+      auto body = encode_document(tok, docs[i].text);
       ids[i].reserve(body.size() + 2);
       ids[i].push_back(tok.bos_id());
       ids[i].insert(ids[i].end(), body.begin(), body.end());
@@ -159,6 +157,48 @@ PackedData pack_samples(const std::vector<InstructSample>& samples, const Tokeni
   return out;
 }
 
+int64_t PackedData::seq_len() const {
+  return shards ? shards->seq_len() : tokens.defined() ? tokens.size(1) - 1 : 0;
+}
+
+int64_t PackedData::size() const {
+  return shards ? shards->size() : tokens.defined() ? tokens.size(0) : 0;
+}
+
+PackedRows PackedData::rows(const torch::Tensor& index) const {
+  if (!shards) {
+    PackedRows b{tokens.index_select(0, index), domain.index_select(0, index), {}, {}, {}};
+    if (doc.defined()) b.doc = doc.index_select(0, index);
+    if (weight.defined()) b.weight = weight.index_select(0, index);
+    if (prompt_len.defined()) b.prompt_len = prompt_len.index_select(0, index);
+    return b;
+  }
+  auto idx = index.to(torch::kCPU, torch::kLong).contiguous();  // [B]
+  const int64_t B = idx.size(0);
+  const int64_t* ix = idx.data_ptr<int64_t>();
+  PackedRows b;
+  b.tokens = torch::empty({B, seq_len() + 1}, torch::kLong);  // [B, S + 1]
+  shards->rows(ix, B, b.tokens.data_ptr<int64_t>());
+  b.domain = torch::empty({B}, torch::kLong);  // [B]
+  b.doc = torch::empty({B}, torch::kLong);     // [B]
+  for (int64_t i = 0; i < B; ++i) {
+    b.doc.data_ptr<int64_t>()[i] = shards->doc_of(ix[i]);
+    b.domain.data_ptr<int64_t>()[i] = shards->domain_of(ix[i]);
+  }
+  return b;
+}
+
+PackedRows PackedData::row_range(int64_t start, int64_t n) const {
+  return rows(torch::arange(start, start + n, torch::kLong));
+}
+
+torch::Tensor PackedData::all_domains() const {
+  if (!shards) return domain;
+  auto out = torch::empty({size()}, torch::kLong);  // [N]
+  for (int64_t i = 0; i < size(); ++i) out.data_ptr<int64_t>()[i] = shards->domain_of(i);
+  return out;
+}
+
 Batcher::Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffle)
     : data_(std::move(data)), batch_size_(batch_size), seed_(seed), shuffle_(shuffle) {
   if (batch_size_ < 1) throw std::invalid_argument("Batcher: batch_size must be >= 1");
@@ -177,7 +217,12 @@ Batcher::Batcher(PackedData data, int64_t batch_size, uint64_t seed, bool shuffl
 Batcher::Batcher(PackedData data, int64_t batch_size, Order order)
     : Batcher(std::move(data), batch_size, 0, false) {
   order_kind_ = order;
-  if (order != Order::kInterleaved || !data_.doc.defined() || !data_.window.defined()) return;
+  if (order != Order::kInterleaved) return;
+  if (data_.shards) {
+    order_ = data_.shards->interleaved_order();
+    return;
+  }
+  if (!data_.doc.defined() || !data_.window.defined()) return;
   auto doc_t = data_.doc.contiguous();
   auto win_t = data_.window.contiguous();
   const int64_t* doc = doc_t.data_ptr<int64_t>();
@@ -213,11 +258,7 @@ Batcher::Batch Batcher::next() {
   const int64_t take = std::min(batch_size_, n - position_);
   auto index = torch::from_blob(order_.data() + position_, {take}, torch::kLong).clone();  // [B]
   position_ += take;
-  Batch b{data_.tokens.index_select(0, index), data_.domain.index_select(0, index), {}, {}, {}};
-  if (data_.doc.defined()) b.doc = data_.doc.index_select(0, index);
-  if (data_.weight.defined()) b.weight = data_.weight.index_select(0, index);
-  if (data_.prompt_len.defined()) b.prompt_len = data_.prompt_len.index_select(0, index);
-  return b;
+  return data_.rows(index);
 }
 
 void Batcher::restore(int64_t epoch, int64_t position) {

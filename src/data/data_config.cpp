@@ -13,11 +13,23 @@ namespace moeforge {
 void DataConfig::validate() const {
   const bool is_text = corpus.rfind("text:", 0) == 0;
   const bool is_instruct = corpus == "instruct";
-  if (corpus != "brown" && !is_text && !is_instruct)
+  const bool is_jsonl = corpus.rfind("jsonl:", 0) == 0, is_shards = corpus.rfind("shards:", 0) == 0;
+  if (corpus != "brown" && !is_text && !is_instruct && !is_jsonl && !is_shards)
     throw ConfigError("data.corpus", "unknown corpus '" + clipped(corpus) +
-                                         "' (expected \"brown\", \"text:PATH\" or \"instruct\")");
-  if (is_text && corpus.size() == 5)
-    throw ConfigError("data.corpus", "\"text:\" needs a folder path after the colon");
+                                         "' (expected \"brown\", \"text:PATH\", \"jsonl:PATH\", "
+                                         "\"shards:DIR\" or \"instruct\")");
+  if ((is_text && corpus.size() == 5) || (is_jsonl && corpus.size() == 6) ||
+      (is_shards && corpus.size() == 7))
+    throw ConfigError("data.corpus", "\"" + corpus + "\" needs a path after the colon");
+  if (jsonl_text_key.empty()) throw ConfigError("data.jsonl_text_key", "must name the key of a line's text");
+  if (jsonl_domain_key.empty())
+    throw ConfigError("data.jsonl_domain_key",
+                      "must name the key of a line's domain (absent in a line: \"text\")");
+  if (bad_lines != "stop" && bad_lines != "skip")
+    throw ConfigError("data.bad_lines", "must be \"stop\" or \"skip\", got '" + clipped(bad_lines) + "'");
+  if (tokenizer_sample_mb < 1 || tokenizer_sample_mb > 65536)
+    throw ConfigError("data.tokenizer_sample_mb",
+                      "must be in [1, 65536], got " + std::to_string(tokenizer_sample_mb));
   if (is_instruct) {
     check_instruct_tasks(*this);
     if (!heldout_genres.empty())
@@ -81,6 +93,10 @@ void bind_data_config(ConfigBinder& b, DataConfig* c) {
   b.bind("data.seq_len", &c->seq_len);
   b.bind("data.seed", &c->seed);
   b.bind("data.byte_fallback", &c->byte_fallback);
+  b.bind("data.jsonl_text_key", &c->jsonl_text_key);
+  b.bind("data.jsonl_domain_key", &c->jsonl_domain_key);
+  b.bind("data.bad_lines", &c->bad_lines);
+  b.bind("data.tokenizer_sample_mb", &c->tokenizer_sample_mb);
   b.bind("data.instruct_tasks", &c->instruct_tasks);
   b.bind("data.instruct_heldout", &c->instruct_heldout);
   b.bind("data.instruct_train_per_task", &c->instruct_train_per_task);

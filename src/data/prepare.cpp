@@ -8,6 +8,7 @@
 #include <sstream>
 #include <tuple>
 
+#include "moeforge/data/shards.h"
 #include "moeforge/util/error.h"
 
 namespace fs = std::filesystem;
@@ -23,9 +24,52 @@ std::string seconds_since(std::chrono::steady_clock::time_point t0) {
   return os.str();
 }
 
+// data.corpus = "shards:DIR": the splits read memory-mapped, the tokenizer the shards were written with.
+DataBundle prepare_shards(const DataConfig& cfg, const std::string* tokenizer_model, std::ostream& log) {
+  const std::string dir = cfg.corpus.substr(7);
+  const auto t0 = std::chrono::steady_clock::now();
+  ShardSet set = open_shards(dir);
+  if (tokenizer_model && *tokenizer_model != set.tokenizer_model)
+    throw FileError(
+        dir + "/tokenizer.model",
+        "these shards were written with another tokenizer than the checkpoint's: their ids mean other "
+        "pieces (tokenize the corpus again with --tokenizer <checkpoint>)");
+  DataBundle d;
+  d.tokenizer = Tokenizer::from_serialized(set.tokenizer_model);
+  d.split.domains = set.domains;
+  // Ids past the tokenizer's vocabulary would index past the embedding: a named error instead (the checksums
+  // vouch for the bytes, not for the hand that wrote them).
+  for (const auto& split : {set.train, set.validation, set.heldout})
+    if (split && split->max_id() >= uint32_t(d.tokenizer->vocab_size()))
+      throw FileError(split->bin_path(), "holds token id " + std::to_string(split->max_id()) +
+                                             ", past the vocabulary of its tokenizer.model (" +
+                                             std::to_string(d.tokenizer->vocab_size()) + " pieces)");
+  for (const auto& [split, packed] :
+       {std::pair{set.train, &d.train}, {set.validation, &d.validation}, {set.heldout, &d.heldout}}) {
+    packed->domains = set.domains;
+    if (split) packed->shards = std::make_shared<ShardWindows>(split, cfg.seq_len);
+  }
+  auto docs = [&](const char* name) {
+    const auto& s = set.manifest["splits"];
+    return s.contains(name) ? s[name].value("documents", int64_t{0}) : int64_t{0};
+  };
+  for (const auto& [name, packed] : {std::pair{"training", &d.train}, {"validation", &d.validation}})
+    if (packed->size() == 0)
+      throw ConfigError("data.seq_len",
+                        std::string("the ") + name + " split of " + dir +
+                            " has no sequence of data.seq_len + 1 = " + std::to_string(cfg.seq_len + 1) +
+                            " tokens: lower data.seq_len, or tokenize a larger corpus");
+  log << "data: shards " << dir << ": " << docs("train") << "/" << docs("validation") << "/"
+      << docs("heldout") << " documents (train/validation/held-out), " << d.train.size()
+      << " training sequences of " << cfg.seq_len << " tokens, tokenizer of " << d.tokenizer->vocab_size()
+      << " pieces (" << seconds_since(t0) << " s)\n";
+  return d;
+}
+
 }  // namespace
 
 DataBundle prepare_data(const DataConfig& cfg, const std::string* tokenizer_model, std::ostream& log) {
+  if (cfg.corpus.rfind("shards:", 0) == 0) return prepare_shards(cfg, tokenizer_model, log);
   DataBundle d;
   if (cfg.corpus == "instruct") {
     const auto t0 = std::chrono::steady_clock::now();

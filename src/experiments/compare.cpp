@@ -62,7 +62,7 @@ BatchMeasures measure_batch(TransformerLM& model, const PackedData& data, const 
   torch::NoGradGuard ng;
   model->eval();
   const int64_t S = cfg.data.seq_len, B = std::min<int64_t>(kGapSequences, data.size());
-  auto tokens = data.tokens.narrow(0, 0, B);  // [B, S+1]
+  auto tokens = data.row_range(0, B).tokens;  // [B, S+1]
   auto layers = model->moe_layers();
   for (auto& l : layers) l->set_record_input(true);
   auto out = model->forward(tokens.narrow(1, 0, S));

@@ -60,7 +60,7 @@ void teacher_forced(TransformerLM& model, const Tokenizer& tok, const std::vecto
   s.expert.assign(size_t(moe.routed_experts()), 0);
   for (int64_t r0 = 0; r0 < rows; r0 += batch_size) {
     const int64_t B = std::min(batch_size, rows - r0);
-    auto tokens = packed.tokens.narrow(0, r0, B);
+    auto tokens = packed.row_range(r0, B).tokens;
     auto weight = packed.weight.narrow(0, r0, B).reshape(-1).contiguous();  // [B*S]
     RouteContext ctx;
     ctx.prompt_len = packed.prompt_len.narrow(0, r0, B);  // a router may pool the prompt

@@ -32,13 +32,25 @@ std::string quote(const std::string& s) {
 
 }  // namespace
 
-double unigram_perplexity(const torch::Tensor& train_tokens, const torch::Tensor& eval_tokens,
-                          int64_t vocab_size) {
-  auto tr = train_tokens.narrow(1, 1, train_tokens.size(1) - 1).reshape(-1);
-  auto counts = torch::bincount(tr, {}, vocab_size).to(torch::kDouble) + 1.0;  // add-one smoothing
+double unigram_perplexity(const PackedData& train, const PackedData& eval, int64_t vocab_size) {
+  // A chunk of rows at a time, so that shards are read, not held (docs/data.md).
+  const int64_t chunk = 4096;
+  auto targets = [&](const PackedData& d, int64_t start) {
+    auto t = d.row_range(start, std::min(chunk, d.size() - start)).tokens;  // [n, S + 1]
+    return t.narrow(1, 1, t.size(1) - 1).reshape(-1);
+  };
+  auto counts = torch::ones({vocab_size}, torch::kDouble);  // add-one smoothing
+  for (int64_t i = 0; i < train.size(); i += chunk)
+    counts += torch::bincount(targets(train, i), {}, vocab_size).to(torch::kDouble);
   auto logp = (counts / counts.sum()).log();
-  auto ev = eval_tokens.narrow(1, 1, eval_tokens.size(1) - 1).reshape(-1);
-  return std::exp(-logp.index_select(0, ev).mean().item<double>());
+  double sum = 0;
+  int64_t n = 0;
+  for (int64_t i = 0; i < eval.size(); i += chunk) {
+    auto ev = targets(eval, i);
+    sum += logp.index_select(0, ev).sum().item<double>();
+    n += ev.numel();
+  }
+  return std::exp(-sum / double(std::max<int64_t>(n, 1)));
 }
 
 std::string write_report(const ReportInputs& in) {

@@ -20,7 +20,7 @@ torch::Tensor sequence_representations(TransformerLM& model, const PackedData& d
   std::vector<torch::Tensor> parts;
   for (int64_t start = 0; start < N; start += batch_size) {
     const int64_t B = std::min(batch_size, N - start);
-    auto inputs = data.tokens.narrow(0, start, B).narrow(1, 0, S);  // [B, S]
+    auto inputs = data.row_range(start, B).tokens.narrow(1, 0, S);  // [B, S]
     // The router sees exactly this representation when it assigns the sequence: its own, from its plan.
     RouteContext ctx;
     if (data.prompt_len.defined()) ctx.prompt_len = data.prompt_len.narrow(0, start, B);
@@ -35,9 +35,31 @@ torch::Tensor sequence_representations(TransformerLM& model, const PackedData& d
   return torch::cat(parts, 0);  // [N, C]
 }
 
-SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data,
+namespace {
+
+// `data`, or a seeded sample of `cap` of its rows (in their order) read into memory.
+PackedData sample_rows(const PackedData& data, int64_t cap, uint64_t seed) {
+  if (data.size() <= cap) return data;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto index =
+      std::get<0>(torch::randperm(data.size(), gen, torch::kLong).narrow(0, 0, cap).sort());  // [cap]
+  const PackedRows r = data.rows(index);
+  PackedData s;
+  s.tokens = r.tokens;
+  s.domain = r.domain;
+  s.doc = r.doc;
+  s.weight = r.weight;
+  s.prompt_len = r.prompt_len;
+  s.domains = data.domains;
+  return s;
+}
+
+}  // namespace
+
+SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& all_rows,
                                    const Router::OfflineClustering& how, int64_t vocab_size, uint64_t seed,
                                    int64_t batch_size) {
+  const PackedData data = sample_rows(all_rows, kMaxClusterSequences, seed);
   if (how.method != "hidden" && how.method != "tfidf")
     throw ConfigError(how.key, "\"" + how.method + "\" has no offline clustering step");
   const int64_t n_cluster = how.n_cluster;
@@ -59,11 +81,14 @@ SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data,
     out.mean_similarity = km.mean_similarity;
   } else {
     const int64_t N = data.size(), S = data.seq_len();
-    auto inputs = data.tokens.narrow(1, 0, S).contiguous();  // [N, S]
     std::vector<std::vector<int64_t>> rows(N);
     const bool prompt = data.prompt_len.defined() && how.prompt_only;
+    torch::Tensor inputs;  // [chunk, S]: the rows are read a chunk at a time (shards are read on demand)
+    const int64_t chunk = 4096;
     for (int64_t i = 0; i < N; ++i) {
-      const int64_t* p = inputs.data_ptr<int64_t>() + i * S;
+      if (i % chunk == 0)
+        inputs = data.row_range(i, std::min(chunk, N - i)).tokens.narrow(1, 0, S).contiguous();
+      const int64_t* p = inputs.data_ptr<int64_t>() + (i % chunk) * S;
       // With the prompt pool the words of the prompt only: the response must not choose the cluster.
       const int64_t len = prompt ? std::min<int64_t>(S, data.prompt_len[i].item<int64_t>()) : S;
       rows[i].assign(p, p + len);
@@ -82,7 +107,7 @@ SequenceClusters cluster_sequences(TransformerLM& model, const PackedData& data,
   const int64_t D = int64_t(data.domains.size());
   out.cluster_domain.assign(n_cluster, std::vector<int64_t>(D, 0));
   auto a = out.assignment.contiguous();
-  auto d = data.domain.to(torch::kCPU).contiguous();
+  auto d = data.all_domains().to(torch::kCPU).contiguous();
   for (int64_t i = 0; i < data.size(); ++i) {
     const int64_t di = d.data_ptr<int64_t>()[i];
     if (di >= 0 && di < D) ++out.cluster_domain[a.data_ptr<int64_t>()[i]][di];

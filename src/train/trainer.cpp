@@ -194,7 +194,7 @@ void Trainer::load_data() {
   if (!writer_) data_ = prepare_data(cfg_.data, tokenizer_model, log_);
   dist::check_same("the tokenizer and training data",
                    data_->tokenizer->serialized() + "\n" + std::to_string(data_->train.size()) + "\n" +
-                       std::to_string(data_->train.tokens.defined() ? data_->train.tokens.numel() : 0));
+                       std::to_string(data_->train.size() * (data_->train.seq_len() + 1)));
   // The model a checkpoint's config describes must fit the checkpoint's model file before it is built
   // (docs/reliability.md, "Checkpoints"): a resumed one, and the one --init starts from.
   if (resume_)
@@ -490,7 +490,7 @@ std::string Trainer::evaluate_now(int64_t at_step) {
   const auto& v = *summary_.validation;
   std::string line = "eval @" + std::to_string(at_step) + ": validation loss " + fmt(v.loss) + " (ppl " +
                      fmt(v.perplexity, 2) + ")";
-  if (data_->heldout.tokens.defined() && data_->heldout.size() > 0) {
+  if (data_->heldout.size() > 0) {
     summary_.heldout = evaluate(model_, data_->heldout, tc.batch_size, tc.eval_batches, "heldout");
     auto h = summary_.heldout->to_json();
     h["step"] = at_step;

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,21 @@
 
 namespace moeforge {
 
+class ShardWindows;
+
+// Some rows of a PackedData, as a batch holds them.
+struct PackedRows {
+  torch::Tensor tokens;      // [B, S + 1] int64
+  torch::Tensor domain;      // [B] int64
+  torch::Tensor doc;         // [B] int64, defined when the data has document ids
+  torch::Tensor weight;      // [B, S] float32 target loss weights, defined when the data has them
+  torch::Tensor prompt_len;  // [B] int64, defined when the data has it
+};
+
+// The packed sequences of one split: in memory (tokens and the per-row tensors), or read from memory-mapped
+// shards (`shards` set, data.corpus = "shards:DIR"; the per-row tensors are then undefined and the rows are
+// read when a batch asks for them, so that memory does not grow with the corpus; docs/data.md). Read rows
+// through size(), seq_len(), rows() and row_range(), which serve both.
 struct PackedData {
   torch::Tensor tokens;              // [N, S + 1] int64: inputs are [:, :-1], targets [:, 1:]
   torch::Tensor domain;              // [N] int64: domain id (index in `domains`) of each sequence
@@ -30,9 +46,23 @@ struct PackedData {
   // undefined.
   torch::Tensor prompt_len;
   int64_t dropped = 0;  // samples pack_samples left out because they are longer than S + 1 tokens
-  int64_t seq_len() const { return tokens.size(1) - 1; }
-  int64_t size() const { return tokens.size(0); }
+  // The windows of a shard split (data/shards.h); null for data in memory.
+  std::shared_ptr<const ShardWindows> shards;
+  int64_t seq_len() const;
+  int64_t size() const;  // 0 for data that holds nothing
+  // Rows `index` ([B] int64), on the CPU.
+  PackedRows rows(const torch::Tensor& index) const;
+  // Rows [start, start + n).
+  PackedRows row_range(int64_t start, int64_t n) const;
+  // [N] int64: every row's domain id (for shards computed from the index, 8 bytes a row).
+  torch::Tensor all_domains() const;
 };
+
+// A document's ids (no <s>, </s>). One larger than 256 KiB is encoded a group of whole lines at a time (at
+// most that many bytes, or one line, which corpus readers cut to kMaxLineBytes), so the encoder's buffers
+// stay bounded whatever the document's size (docs/reliability.md, "Shared folders and limits"); smaller
+// documents are encoded whole.
+std::vector<int64_t> encode_document(const Tokenizer& tok, const std::string& text);
 
 // Each document becomes <s> text </s>, cut into windows of S + 1 tokens that overlap by one token (so each
 // token is a target exactly once). Sequences never mix documents, so a sequence's domain label is exact.
@@ -69,13 +99,7 @@ class Batcher {
   enum class Order { kSequential, kInterleaved };
   Batcher(PackedData data, int64_t batch_size, Order order);
 
-  struct Batch {
-    torch::Tensor tokens;      // [B, S + 1] int64
-    torch::Tensor domain;      // [B] int64
-    torch::Tensor doc;         // [B] int64, defined when the data has document ids
-    torch::Tensor weight;      // [B, S] float32 target loss weights, defined when the data has them
-    torch::Tensor prompt_len;  // [B] int64, defined when the data has it
-  };
+  using Batch = PackedRows;
   Batch next();
 
   int64_t epoch() const { return epoch_; }        // the epoch the next batch comes from

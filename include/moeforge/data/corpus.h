@@ -36,6 +36,9 @@ NonText non_text_bytes(const std::string& text);
 // archive): an error naming the file. Text with a few stray bytes (a Latin-1 word) is read, the tokenizer
 // taking each as U+FFFD (docs/reliability.md, "Bad training data").
 constexpr double kMaxNonTextShare = 0.3;
+// A .txt file of a text corpus as a document's text: UTF-8 text (else a FileError naming the file and the
+// first bad byte's offset), its lines cut to kMaxLineBytes.
+std::string read_text_document(const std::string& path);
 
 // The 15 Brown genres, indexed by their file letter ('a' -> "press_reportage"). Letters i, o and q are
 // unused.

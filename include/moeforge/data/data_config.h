@@ -9,7 +9,9 @@
 namespace moeforge {
 
 struct DataConfig {
-  // data.corpus: "brown", "text:PATH" (a folder of .txt files) or "instruct" (docs/instruct-data.md)
+  // data.corpus: "brown", "text:PATH" (a folder of .txt files), "jsonl:PATH" (JSON lines, read whole: for
+  // small files), "shards:DIR" (what `moeforge tokenize` wrote, memory-mapped; docs/data.md) or "instruct"
+  // (docs/instruct-data.md)
   std::string corpus = "brown";
   std::string dir = "data";  // data.dir: the folder holding brown/ (relative to the cwd)
   std::vector<std::string> heldout_genres =
@@ -22,6 +24,16 @@ struct DataConfig {
   // become bytes instead of <unk>. llama.cpp's SentencePiece tokenizer needs them for any character it has
   // no piece for (docs/interop.md); they take 256 of vocab_size.
   bool byte_fallback = false;
+
+  // JSON lines (data.corpus = "jsonl:PATH" and `moeforge tokenize`; docs/data.md): the keys of a line's text
+  // and of its optional domain, and what a bad line does: "stop" (an error naming its line) or "skip" (left
+  // out and counted).
+  std::string jsonl_text_key = "text";      // data.jsonl_text_key
+  std::string jsonl_domain_key = "domain";  // data.jsonl_domain_key
+  std::string bad_lines = "stop";           // data.bad_lines
+  // `moeforge tokenize` trains the tokenizer on a seeded sample of at most this many MB of training
+  // documents (data.tokenizer_sample_mb), not on the whole corpus.
+  int64_t tokenizer_sample_mb = 64;
 
   // data.corpus = "instruct" (docs/instruct-data.md): the tasks, those held out of training (test only),
   // and the samples per task in each split. WordNet is read from data.wordnet_dir (Debian's wordnet-base).

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "moeforge/data/batching.h"
 #include "moeforge/train/evaluate.h"
 
 namespace moeforge {
@@ -21,8 +22,7 @@ struct ReportInputs {
 std::string write_report(const ReportInputs& in);
 
 // Perplexity of a unigram model (add-one smoothed token frequencies of `train`) on `eval`: the baseline a
-// language model must beat. tokens: [N, S + 1] packed sequences; targets are [:, 1:].
-double unigram_perplexity(const torch::Tensor& train_tokens, const torch::Tensor& eval_tokens,
-                          int64_t vocab_size);
+// language model must beat. Targets are the rows' tokens [:, 1:].
+double unigram_perplexity(const PackedData& train, const PackedData& eval, int64_t vocab_size);
 
 }  // namespace moeforge

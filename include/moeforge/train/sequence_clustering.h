@@ -35,7 +35,14 @@ struct SequenceClusters {
 // no sequence representation.
 torch::Tensor sequence_representations(TransformerLM& model, const PackedData& data, int64_t batch_size);
 
-// Offline clustering of `data` with spherical k-means (25 iterations, 3 restarts, `seed`), as `how` asks:
+// The most training sequences an offline clustering sees: a larger split (a shard folder of a large corpus)
+// is clustered on a seeded sample of this many of its sequences, so that its time and memory (TF-IDF rows are
+// [N, V]) do not grow with the corpus. Brown's 13.5k sequences at seq_len 128 are clustered whole.
+constexpr int64_t kMaxClusterSequences = 16384;
+
+// Offline clustering of `data` (at most kMaxClusterSequences of its sequences: `assignment`, `sizes` and
+// `cluster_domain` are then of the sample) with spherical k-means (25 iterations, 3 restarts, `seed`), as
+// `how` asks:
 //   "hidden": on sequence_representations; the router centroids are the k-means centroids.
 //   "tfidf":  on TF-IDF bags of words of the sequences' inputs (the prompt's words only with
 //             how.prompt_only and prompt rows); the router centroids are the normalised mean
