@@ -25,6 +25,7 @@ packages=(
   clang-format
   zlib1g-dev                         # checkpoint checksums (CRC-32), .jsonl.gz corpora
   libzstd-dev                        # .jsonl.zst corpora (docs/data.md)
+  sentencepiece time                 # spm_encode and /usr/bin/time for scripts/shards-measure.sh (docs/data.md)
   libgloo-dev                        # c10d's Gloo process group: distributed training (docs/distributed.md)
   openmpi-bin                        # mpirun, one way to launch distributed training and its tests
   wordnet-base                       # WordNet 3.0 data files for data.corpus = "instruct" (docs/instruct-data.md)
