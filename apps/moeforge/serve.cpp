@@ -11,6 +11,7 @@
 #include <iostream>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 #include "command.h"
 #include "moeforge/model/load.h"
@@ -128,8 +129,25 @@ bool stream_step(Engine& engine, const std::shared_ptr<Job>& job, StreamState& s
   return true;
 }
 
-void handle_completion(Engine& engine, Endpoint endpoint, const httplib::Request& req,
-                       httplib::Response& res) {
+// Counts a completion request from its arrival to the end of its answer (a stream's: its last event), so
+// that a stop waits for it (docs/serve.md, "Stopping").
+struct InFlight {
+  explicit InFlight(std::atomic<int64_t>& n) : n_(&n) { n_->fetch_add(1); }
+  ~InFlight() {
+    if (n_) n_->fetch_sub(1);
+  }
+  InFlight(const InFlight&) = delete;
+  InFlight& operator=(const InFlight&) = delete;
+  // The count is now the caller's to lower (a stream's: its resource releaser).
+  std::atomic<int64_t>* release() { return std::exchange(n_, nullptr); }
+
+ private:
+  std::atomic<int64_t>* n_;
+};
+
+void handle_completion(Engine& engine, Endpoint endpoint, const httplib::Request& req, httplib::Response& res,
+                       std::atomic<int64_t>& in_flight) {
+  InFlight counted(in_flight);
   std::shared_ptr<Job> job;
   try {
     job = engine.submit(serve::parse_request(req.body, endpoint, engine.limits()));
@@ -140,14 +158,16 @@ void handle_completion(Engine& engine, Endpoint endpoint, const httplib::Request
   if (job->request.stream) {
     auto st = std::make_shared<StreamState>();
     Engine* eng = &engine;
+    std::atomic<int64_t>* n = counted.release();
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
         [eng, job, st](size_t /*offset*/, httplib::DataSink& sink) {
           return stream_step(*eng, job, *st, sink);
         },
-        [job](bool success) {
+        [job, n](bool success) {
           if (!success) job->cancel();
+          n->fetch_sub(1);
         });
     return;
   }
@@ -187,7 +207,8 @@ int run_serve(ServeArgs& a) {
   auto lm = load_model(a.checkpoint);
   Engine engine(lm, a.limits, model_name_of(a.model_name, lm.dir));
   const int64_t started = int64_t(std::time(nullptr));
-  ::signal(SIGPIPE, SIG_IGN);  // a client gone is a failed write, not the end of the server
+  ::signal(SIGPIPE, SIG_IGN);         // a client gone is a failed write, not the end of the server
+  std::atomic<int64_t> in_flight{0};  // completion requests not yet answered to their end (InFlight)
 
   httplib::Server svr;
   const int threads = a.http_threads;
@@ -261,12 +282,13 @@ int run_serve(ServeArgs& a) {
                 serve::error_body(404, "no model " + clipped(req.matches[1], 100) + " (this server has " +
                                            engine.model_id() + ")"));
   });
-  svr.Post("/v1/completions", [&engine](const httplib::Request& req, httplib::Response& res) {
-    handle_completion(engine, Endpoint::kCompletions, req, res);
+  svr.Post("/v1/completions", [&engine, &in_flight](const httplib::Request& req, httplib::Response& res) {
+    handle_completion(engine, Endpoint::kCompletions, req, res, in_flight);
   });
-  svr.Post("/v1/chat/completions", [&engine](const httplib::Request& req, httplib::Response& res) {
-    handle_completion(engine, Endpoint::kChat, req, res);
-  });
+  svr.Post("/v1/chat/completions",
+           [&engine, &in_flight](const httplib::Request& req, httplib::Response& res) {
+             handle_completion(engine, Endpoint::kChat, req, res, in_flight);
+           });
 
   int port = a.port;
   if (port == 0) {
@@ -283,13 +305,22 @@ int run_serve(ServeArgs& a) {
             << ", max_tokens " << a.limits.max_tokens << ", timeout " << a.limits.timeout_s << " s)"
             << std::endl;
 
-  // SIGTERM / SIGINT: stop accepting, finish what is in flight, exit 0 (docs/serve.md, "Stopping").
+  // SIGTERM / SIGINT: take no new requests (503), finish what is in flight, exit 0 (docs/serve.md,
+  // "Stopping").
   install_stop_handlers();
   std::atomic<bool> listening{true};
   std::thread watcher([&] {
     // Once, and only while the server listens (a stop before listen_after_bind starts would be lost).
     while (listening) {
       if (stop_signal() != 0 && svr.is_running()) {
+        // The engine refuses new jobs and finishes the accepted ones (each ends by its deadline), then the
+        // answers still being written end, streams included, before the server stops: cpp-httplib ends a
+        // chunked answer where it is once the server stops. A client that does not read is dropped by the
+        // write timeout, so the wait is bounded.
+        engine.stop();
+        const auto until = Clock::now() + std::chrono::seconds(2 * a.io_timeout_s + 5);
+        while (in_flight > 0 && Clock::now() < until)
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
         svr.stop();
         return;
       }
