@@ -553,6 +553,31 @@ TEST(Serve, RoutingStatisticsAndTraceOnRequest) {
   EXPECT_EQ(ev.last["moeforge"]["routing"]["router"], "moce");
 }
 
+// A stream sends the text as it is generated, not all at the end: a generation of some 60 tokens (well
+// under a second on this model) arrives as several text events. (The HTTP thread that writes the events
+// must be woken by each new piece of text, not only by the job's end or its one-second wait.)
+TEST(Serve, StreamSendsTextAsItIsGenerated) {
+  Server s("streaming");
+  ASSERT_GT(s.port(), 0);
+  const auto st = http(s.port(), "POST", "/v1/completions",
+                       R"({"prompt": "the", "max_tokens": 60, "temperature": 1, "seed": 1, "stream": true,)"
+                       R"( "stream_options": {"include_usage": true}})");
+  ASSERT_EQ(st.status, 200) << st.body;
+  int text_events = 0;
+  int64_t tokens = 0;
+  size_t at = 0;
+  while ((at = st.body.find("data: {", at)) != std::string::npos) {
+    const size_t end = st.body.find("\n\n", at);
+    const auto j = json_of(st.body.substr(at + 6, end - at - 6));
+    at = end;
+    if (j.contains("usage")) tokens = j["usage"]["completion_tokens"].get<int64_t>();
+    if (!j["choices"].empty() && !j["choices"][0]["text"].get<std::string>().empty()) ++text_events;
+  }
+  ASSERT_GE(tokens, 10) << "the test needs a longer generation: " << st.body;
+  EXPECT_GE(text_events, 2) << tokens << " tokens came as one piece of text: " << st.body;
+  EXPECT_EQ(s.terminate(), 0);
+}
+
 // SIGTERM: the server stops accepting, finishes the request in flight (its stream ends with [DONE]) and
 // exits 0 saying so.
 TEST(Serve, SigtermFinishesTheRequestInFlight) {

@@ -256,11 +256,17 @@ void Engine::run(Job& job) {
   auto publish = [&](size_t keep_back) {
     size_t n = text.size() > keep_back ? text.size() - keep_back : 0;
     n = utf8_complete(text.substr(0, n));
-    std::lock_guard<std::mutex> lk(job.m_);
-    // Only text that extends what was sent is sent (a decoding that changed an earlier piece waits for the
-    // final answer).
-    if (n > job.visible_.size() && text.compare(0, job.visible_.size(), job.visible_) == 0)
-      job.visible_ = text.substr(0, n);
+    bool grew = false;
+    {
+      std::lock_guard<std::mutex> lk(job.m_);
+      // Only text that extends what was sent is sent (a decoding that changed an earlier piece waits for
+      // the final answer).
+      if (n > job.visible_.size() && text.compare(0, job.visible_.size(), job.visible_) == 0) {
+        job.visible_ = text.substr(0, n);
+        grew = true;
+      }
+    }
+    if (grew) job.cv_.notify_all();  // a streaming HTTP thread waits in Job::wait for this text
   };
 
   const bool routing = r.routing || r.trace;
