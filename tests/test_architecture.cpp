@@ -1,7 +1,7 @@
 // The architecture's include rule (docs/architecture.md, "The include rule"): the table of which room may
 // include which is read from the doc itself, and every quoted #include of src/, include/, apps/, bench/,
 // kernels/, fuzz/ and python/ is checked against it. Also: section headers are leaves, and no MoCE name lives in
-// model/, layer/, train/, data/, interop/ or apps/.
+// model/, layer/, train/, data/, interop/, serve/ or apps/.
 #include <fnmatch.h>
 #include <unistd.h>
 
@@ -154,7 +154,7 @@ std::string lower(std::string s) {
 std::vector<std::string> moce_names(const fs::path& root) {
   std::vector<std::string> found;
   std::vector<fs::path> dirs = {root / "apps"};
-  for (const char* r : {"model", "layer", "train", "data", "interop"}) {
+  for (const char* r : {"model", "layer", "train", "data", "interop", "serve"}) {
     dirs.push_back(root / "src" / r);
     dirs.push_back(root / "include" / "moeforge" / r);
   }

@@ -30,7 +30,7 @@ std::string fixed(double v, int p) {
 }
 
 std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g, bool ignore_eos,
-                        bool timing, GenerateStop* why) {
+                        bool timing, GenerateStop* why, const GenerateHooks& hooks) {
   auto ids = lm.tokenizer->encode(prompt);
   ids.insert(ids.begin(), lm.tokenizer->bos_id());
   auto opt = g;
@@ -48,7 +48,7 @@ std::string sample_text(LoadedModel& lm, const std::string& prompt, const Genera
               << " ms, decode of " << n << " more tokens " << fixed(tn - t1, 2)
               << " ms = " << fixed(n > 0 ? n / ((tn - t1) * 1e-3) : 0.0, 1) << " tokens/s\n";
   }
-  auto out = generate(lm.model, ids, opt, why);
+  auto out = generate(lm.model, ids, opt, why, hooks);
   if (!out.empty() && out.back() == opt.eos_id) out.pop_back();
   // The continuation as decoded after the prompt's tokens: what decoding them together adds to the
   // prompt's own decoding (a leading space only where the model began a new word).

@@ -17,9 +17,11 @@ std::string fixed(double v, int precision);
 // `prompt` continued by the model of `lm` (the tokenizer's <s> first, </s> ends it unless ignore_eos): the
 // prompt as given, then the continuation as the tokenizer decodes it after the prompt's tokens (so a word
 // the model continues gets no inserted space). With `timing`, prints prefill and decode speed to stderr
-// (docs/interop.md, "Decode speed"). `why`, when given, says why the generation ended.
+// (docs/interop.md, "Decode speed"). `why`, when given, says why the generation ended; `hooks` watch the
+// generation whose text is returned (a routing trace, docs/serve.md).
 std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g,
-                        bool ignore_eos = false, bool timing = false, GenerateStop* why = nullptr);
+                        bool ignore_eos = false, bool timing = false, GenerateStop* why = nullptr,
+                        const GenerateHooks& hooks = {});
 
 // An evaluation's loss, perplexity and routing measures per layer, the expert-choice routings and the
 // cluster x domain table, on stdout.

@@ -40,5 +40,7 @@ Command add_compare(CLI::App& app, const Globals& g);
 Command add_export(CLI::App& app, const Globals& g);
 Command add_import(CLI::App& app, const Globals& g);
 Command add_tokenize(CLI::App& app, const Globals& g);
+Command add_trace_view(CLI::App& app, const Globals& g);
+Command add_serve(CLI::App& app, const Globals& g);
 
 }  // namespace moeforge::cli

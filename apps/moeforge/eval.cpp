@@ -6,6 +6,7 @@
 #include "command.h"
 #include "moeforge/data/prepare.h"
 #include "moeforge/experiments/instruct_eval.h"
+#include "moeforge/model/trace.h"
 #include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
 
@@ -14,7 +15,7 @@ namespace moeforge::cli {
 namespace {
 
 struct EvalArgs {
-  std::string checkpoint, split = "validation", json;
+  std::string checkpoint, split = "validation", json, trace;
   int64_t batches = 0;
   InstructEvalOptions instruct;
 };
@@ -26,7 +27,39 @@ int run_eval(EvalArgs& a) {
   const PackedData& set = a.split == "heldout" ? data.heldout : data.validation;
   if (set.size() == 0)
     throw ConfigError("data.heldout_genres", "this checkpoint's config has no held-out genres to evaluate");
-  print_eval(evaluate(lm.model, set, lm.cfg.train.batch_size, a.batches, a.split));
+  if (a.trace.empty()) {
+    print_eval(evaluate(lm.model, set, lm.cfg.train.batch_size, a.batches, a.split));
+  } else {
+    // --trace: every token of the evaluated batches with its routing, from the evaluation's own forwards
+    // (EvalObserver), each row with its document and domain (docs/serve.md, "Traces").
+    RoutingTracer tracer(*lm.model, &*lm.tokenizer);
+    int64_t rows = 0, tokens = 0;
+    write_file_atomic(a.trace, [&](std::ostream& os) {
+      auto header = trace_header(*lm.model, "eval " + a.split, set.domains);
+      header["checkpoint"] = a.checkpoint;
+      os << header.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+      auto observe = [&](const Batcher::Batch& batch, const torch::Tensor& inputs, const LMOutput& out) {
+        const int64_t B = inputs.size(0);
+        auto dom = batch.domain.to(torch::kCPU, torch::kLong).contiguous();
+        torch::Tensor doc =
+            batch.doc.defined() ? batch.doc.to(torch::kCPU, torch::kLong).contiguous() : torch::Tensor();
+        std::vector<nlohmann::json> fields;
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t d = dom.data_ptr<int64_t>()[b];
+          nlohmann::json f = {{"seq", rows + b}};
+          if (doc.defined()) f["doc"] = doc.data_ptr<int64_t>()[b];
+          if (d >= 0 && d < int64_t(set.domains.size())) f["domain"] = set.domains[d];
+          fields.push_back(std::move(f));
+        }
+        for (const auto& r : tracer.step(inputs, 0, out, fields))
+          os << r.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+        rows += B;
+        tokens += inputs.numel();
+      };
+      print_eval(evaluate(lm.model, set, lm.cfg.train.batch_size, a.batches, a.split, observe));
+    });
+    std::cout << "routing trace of " << tokens << " tokens in " << rows << " sequences: " << a.trace << "\n";
+  }
   if (data.instruct) {
     // Task scores: the validation samples (trained tasks), or with --split heldout the test samples, which
     // hold every trained task's test samples and the held-out tasks (docs/instruct-data.md).
@@ -58,6 +91,9 @@ Command add_eval(CLI::App& app, const Globals& /*g*/) {
                 "instruction data: greedy generation stops at </s> or after this many tokens")
       ->check(CLI::PositiveNumber);
   c->add_option("--json", a->json, "instruction data: write the task scores to this JSON file");
+  c->add_option("--trace", a->trace,
+                "write the routing of every evaluated token to this JSON-lines file (docs/serve.md; with "
+                "--batches N for a few batches)");
   return {c, [a] { return run_eval(*a); }};
 }
 

@@ -5,6 +5,8 @@
 
 #include "cli_util.h"
 #include "command.h"
+#include "moeforge/model/trace.h"
+#include "moeforge/util/atomic_file.h"
 #include "moeforge/util/error.h"
 
 namespace moeforge::cli {
@@ -12,7 +14,7 @@ namespace moeforge::cli {
 namespace {
 
 struct GenerateArgs {
-  std::string checkpoint, prompt, prompt_file;
+  std::string checkpoint, prompt, prompt_file, trace;
   GenerateOptions options;
   bool ignore_eos = false, timing = false;
 };
@@ -41,7 +43,38 @@ int run_generate(const GenerateArgs& a) {
   }
   auto lm = load_model(a.checkpoint);
   GenerateStop why = GenerateStop::kMaxTokens;
-  std::cout << sample_text(lm, prompt_of(a), a.options, a.ignore_eos, a.timing, &why) << "\n";
+  // --trace: the routing of every position the generation routed (the prompt's forward, then each new
+  // token's), from the plans of those very forwards (docs/serve.md, "Traces").
+  GenerateHooks hooks;
+  std::vector<nlohmann::json> records;
+  std::optional<RoutingTracer> tracer;
+  int64_t routed = 0, prompt_len = -1;
+  std::vector<int64_t> picked;
+  if (!a.trace.empty()) {
+    tracer.emplace(*lm.model, &*lm.tokenizer);
+    hooks.on_step = [&](const torch::Tensor& input, int64_t start, const LMOutput& out) {
+      if (prompt_len < 0) prompt_len = input.size(1);
+      for (auto& r : tracer->step(input, start, out, {}, prompt_len)) records.push_back(std::move(r));
+      routed = start + input.size(1);
+    };
+    hooks.on_token = [&](int64_t t) {
+      picked.push_back(t);
+      return true;
+    };
+  }
+  std::cout << sample_text(lm, prompt_of(a), a.options, a.ignore_eos, a.timing, &why, hooks) << "\n";
+  if (tracer) {
+    // The last token picked was never fed back: its record says so.
+    if (!picked.empty()) records.push_back(tracer->unrouted(picked.back(), routed));
+    auto header = trace_header(*lm.model, "generate");
+    header["checkpoint"] = a.checkpoint;
+    write_file_atomic(a.trace, [&](std::ostream& os) {
+      os << header.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+      for (const auto& r : records)
+        os << r.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    });
+    std::cerr << "moeforge: routing trace of " << records.size() << " tokens: " << a.trace << "\n";
+  }
   if (why == GenerateStop::kContext)
     std::cerr << "moeforge: stopped at the model's context of " << lm.cfg.model.max_seq_len
               << " tokens (prompt included) before --max-tokens " << a.options.max_tokens << "\n";
@@ -63,6 +96,8 @@ Command add_generate(CLI::App& app, const Globals& /*g*/) {
   c->add_option("--seed", a->options.seed, "sampling seed");
   c->add_flag("--ignore-eos", a->ignore_eos, "generate --max-tokens tokens even past </s>");
   c->add_flag("--timing", a->timing, "print prefill and decode speed to stderr (docs/interop.md)");
+  c->add_option("--trace", a->trace,
+                "write the routing of every token to this JSON-lines file (docs/serve.md; see trace-view)");
   return {c, [a, prompt, file] {
             if (prompt->count() == 0 && file->count() == 0)
               throw ConfigError("--prompt",

@@ -35,9 +35,11 @@ int main(int argc, char** argv) {
   app.add_option("--threads", g.threads, "LibTorch threads (default: the cores available)")
       ->check(CLI::NonNegativeNumber);
   const std::vector<cli::Command> commands = {
-      cli::add_train(app, g),   cli::add_upcycle(app, g), cli::add_eval(app, g),   cli::add_generate(app, g),
-      cli::add_inspect(app, g), cli::add_prune(app, g),   cli::add_bench(app, g),  cli::add_info(app, g),
-      cli::add_compare(app, g), cli::add_export(app, g),  cli::add_import(app, g), cli::add_tokenize(app, g)};
+      cli::add_train(app, g),      cli::add_upcycle(app, g), cli::add_eval(app, g),
+      cli::add_generate(app, g),   cli::add_inspect(app, g), cli::add_prune(app, g),
+      cli::add_bench(app, g),      cli::add_info(app, g),    cli::add_compare(app, g),
+      cli::add_export(app, g),     cli::add_import(app, g),  cli::add_tokenize(app, g),
+      cli::add_trace_view(app, g), cli::add_serve(app, g)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

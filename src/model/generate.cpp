@@ -19,7 +19,7 @@ void check_generate_options(const GenerateOptions& opt) {
 }
 
 std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& prompt,
-                              const GenerateOptions& opt, GenerateStop* why) {
+                              const GenerateOptions& opt, GenerateStop* why, const GenerateHooks& hooks) {
   check_generate_options(opt);
   if (prompt.empty()) throw std::invalid_argument("the prompt must have at least one token");
   const int64_t max_len = model->model_config().max_seq_len;
@@ -42,7 +42,9 @@ std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& 
   GenerateStop stop = GenerateStop::kMaxTokens;
   while (int64_t(out.size()) < opt.max_tokens && cache.length() + input.size(1) <= max_len) {
     // Each router's state for the next token travels in the cache (KVCache::route).
+    const int64_t start = cache.length();
     auto res = model->forward(input, ctx, &cache);
+    if (hooks.on_step) hooks.on_step(input, start, res);
     auto logits = res.logits.select(1, res.logits.size(1) - 1).squeeze(0).to(torch::kDouble);  // [V]
     int64_t next;
     if (opt.temperature <= 0) {
@@ -59,8 +61,13 @@ std::vector<int64_t> generate(TransformerLM& model, const std::vector<int64_t>& 
       next = idx[pick.item<int64_t>()].item<int64_t>();
     }
     out.push_back(next);
+    const bool go_on = !hooks.on_token || hooks.on_token(next);
     if (next == opt.eos_id) {
       stop = GenerateStop::kEos;
+      break;
+    }
+    if (!go_on) {
+      stop = GenerateStop::kHook;
       break;
     }
     if (int64_t(out.size()) < opt.max_tokens && cache.length() + 1 > max_len) {

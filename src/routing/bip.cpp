@@ -89,6 +89,15 @@ nlohmann::json BipRouterImpl::describe_state() const {
   return j;
 }
 
+nlohmann::json BipRouterImpl::trace_fields(const RoutingPlan& /*plan*/, int64_t /*token*/,
+                                           const std::vector<int64_t>& experts) const {
+  // The dual q each chosen expert's score had subtracted for its selection (docs/serve.md, "Traces").
+  auto qc = q.to(torch::kCPU, torch::kDouble).contiguous();
+  std::vector<double> out;
+  for (int64_t e : experts) out.push_back(qc.data_ptr<double>()[e]);
+  return {{"dual", out}};
+}
+
 std::string to_string(BipMode v) {
   return v == BipMode::kCausal ? "causal" : "solve";
 }

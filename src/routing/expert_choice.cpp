@@ -193,6 +193,22 @@ nlohmann::json ExpertChoiceRouterImpl::describe_state() const {
   return j;
 }
 
+nlohmann::json ExpertChoiceRouterImpl::trace_fields(const RoutingPlan& plan, int64_t token,
+                                                    const std::vector<int64_t>& experts) const {
+  // Each chosen expert's calibrated threshold and the token's score for it (docs/serve.md, "Traces"):
+  // threshold routing takes an expert whose score passes its threshold (generation always routes so).
+  auto t = threshold.to(torch::kCPU, torch::kDouble).contiguous();
+  std::vector<double> thresholds, scores;
+  torch::Tensor s;
+  if (plan.scores.defined()) s = plan.scores[token].to(torch::kCPU, torch::kDouble).contiguous();
+  for (int64_t e : experts) {
+    thresholds.push_back(t.data_ptr<double>()[e]);
+    if (s.defined()) scores.push_back(s.data_ptr<double>()[e]);
+  }
+  return {
+      {"thresholds", thresholds}, {"scores", scores}, {"threshold_steps", threshold_steps.item<int64_t>()}};
+}
+
 std::string to_string(ECMode v) {
   return v == ECMode::kCausal ? "causal" : v == ECMode::kNonCausal ? "noncausal" : "threshold";
 }

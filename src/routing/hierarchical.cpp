@@ -262,6 +262,29 @@ nlohmann::json HierarchicalRouterImpl::describe_state() const {
   return j;
 }
 
+nlohmann::json HierarchicalRouterImpl::trace_fields(const RoutingPlan& plan, int64_t token,
+                                                    const std::vector<int64_t>& experts) const {
+  // The clusters the token's experts belong to (the K_c the cluster router picked that kept an expert), the
+  // reliabilities that biased both stages, and the adaptive output weight a(x) when on (docs/serve.md).
+  auto rc = cluster_reliability.to(torch::kCPU, torch::kDouble).contiguous();
+  auto re = expert_reliability.to(torch::kCPU, torch::kDouble).contiguous();
+  std::vector<int64_t> clusters;
+  std::vector<double> cluster_rel, expert_rel;
+  for (int64_t e : experts) {
+    const int64_t g = e / n_per_cluster_;
+    if (g >= n_cluster_) continue;
+    if (clusters.empty() || clusters.back() != g) {  // experts ascend, so a cluster's are adjacent
+      clusters.push_back(g);
+      cluster_rel.push_back(rc.data_ptr<double>()[g]);
+    }
+    expert_rel.push_back(re.data_ptr<double>()[e]);
+  }
+  nlohmann::json j = {
+      {"clusters", clusters}, {"cluster_reliability", cluster_rel}, {"expert_reliability", expert_rel}};
+  if (plan.token_scale.defined()) j["scale"] = plan.token_scale[token].item<double>();
+  return j;
+}
+
 torch::Tensor HierarchicalRouterImpl::diversity_loss() const {
   const int64_t Eg = n_per_cluster_;
   if (Eg < 2) return torch::zeros({}, expert_weight.options());

@@ -52,6 +52,15 @@ nlohmann::json LossFreeRouterImpl::describe_state() const {
   return j;
 }
 
+nlohmann::json LossFreeRouterImpl::trace_fields(const RoutingPlan& /*plan*/, int64_t /*token*/,
+                                                const std::vector<int64_t>& experts) const {
+  // The balancing bias each chosen expert's score had added for its selection (docs/serve.md, "Traces").
+  auto b = bias.to(torch::kCPU, torch::kDouble).contiguous();
+  std::vector<double> out;
+  for (int64_t e : experts) out.push_back(b.data_ptr<double>()[e]);
+  return {{"bias", out}};
+}
+
 RouterSpec loss_free_router_spec() {
   RouterSpec r;
   r.name = "loss_free";

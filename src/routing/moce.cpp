@@ -414,6 +414,14 @@ torch::Tensor MoCERouterImpl::token_clusters(const RoutingPlan& plan) const {
   return carry ? carry->token_cluster : torch::Tensor();
 }
 
+nlohmann::json MoCERouterImpl::trace_fields(const RoutingPlan& plan, int64_t token,
+                                            const std::vector<int64_t>& /*experts*/) const {
+  // The token's cluster (stage 1; later MoE layers keep the first one's), docs/serve.md, "Traces".
+  const auto c = token_clusters(plan);
+  if (!c.defined()) return nlohmann::json::object();
+  return {{"cluster", c[token].item<int64_t>()}};
+}
+
 std::optional<Router::OfflineClustering> MoCERouterImpl::offline_clustering() const {
   if (cfg_.moce.clustering == SeqClustering::kOnline) return std::nullopt;
   OfflineClustering c;

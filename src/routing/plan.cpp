@@ -153,6 +153,11 @@ nlohmann::json Router::describe_state() const {
   return j;
 }
 
+nlohmann::json Router::trace_fields(const RoutingPlan& /*plan*/, int64_t /*token*/,
+                                    const std::vector<int64_t>& /*experts*/) const {
+  return nlohmann::json::object();
+}
+
 void Router::set_sequence_centroids(const torch::Tensor& /*centroids*/, const torch::Tensor& /*sizes*/,
                                     const torch::Tensor& /*mean*/, const std::string& key) {
   throw ConfigError(key, "router '" + name() + "' of the first MoE layer has no sequence centroids to set");

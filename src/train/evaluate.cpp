@@ -62,7 +62,7 @@ namespace {
 // One pass over the set: sums the loss into r (loss, perplexity, tokens) and, with `measure`, the routing
 // counts and the cluster x domain table.
 void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch_size, int64_t max_batches,
-                     bool measure, EvalResult& r) {
+                     bool measure, EvalResult& r, const EvalObserver& observe = {}) {
   // Rows of one batch are windows of different documents (Batcher::Order::kInterleaved), so that a
   // router that lets rows see each other (batch-routed expert choice) never sees a row's continuation.
   Batcher batcher(data, batch_size, Batcher::Order::kInterleaved);
@@ -104,6 +104,7 @@ void evaluation_pass(TransformerLM& model, const PackedData& data, int64_t batch
         }
     }
     if (!measure) continue;
+    if (observe) observe(batch, inputs, out);
     auto dom = batch.domain.to(torch::kCPU).contiguous();  // [B]
     const int64_t* d = dom.data_ptr<int64_t>();
     std::vector<int64_t> token_domain(B * S);
@@ -149,14 +150,14 @@ double table_purity(const std::vector<std::vector<int64_t>>& counts) {
 }
 
 EvalResult evaluate(TransformerLM& model, const PackedData& data, int64_t batch_size, int64_t max_batches,
-                    const std::string& split) {
+                    const std::string& split, const EvalObserver& observe) {
   EvalResult r;
   r.split = split;
   r.domains = data.domains;
   const bool was_training = model->is_training();
   model->eval();
   torch::NoGradGuard ng;
-  evaluation_pass(model, data, batch_size, max_batches, /*measure=*/true, r);
+  evaluation_pass(model, data, batch_size, max_batches, /*measure=*/true, r, observe);
   for (auto& l : r.layers) {
     finish_routing(l);
     r.max_vio_global += l.max_vio_global / double(r.layers.size());

@@ -33,6 +33,8 @@ class BipRouterImpl : public TopKRouterImpl {
   std::string name() const override { return mode_ == BipMode::kCausal ? "bip" : "bip(solve: non-causal)"; }
   bool causal() const override { return mode_ == BipMode::kCausal && TopKRouterImpl::causal(); }
   nlohmann::json describe_state() const override;
+  nlohmann::json trace_fields(const RoutingPlan& plan, int64_t token,
+                              const std::vector<int64_t>& experts) const override;  // the dual of its experts
   // Top-K only in causal mode with a zero dual q.
   std::string top_k_obstacle() const override;
 

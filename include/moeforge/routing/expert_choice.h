@@ -44,6 +44,8 @@ class ExpertChoiceRouterImpl : public Router {
   bool causal() const override { return cfg_.expert_choice.mode != ECMode::kNonCausal; }
   torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
   nlohmann::json describe_state() const override;
+  nlohmann::json trace_fields(const RoutingPlan& plan, int64_t token,
+                              const std::vector<int64_t>& experts) const override;  // thresholds, scores
 
   // The evaluation routing can be switched without rebuilding (an evaluator reports both losses): "batch"
   // (the training grouping) and "threshold", unless the router trains with thresholds (one routing).

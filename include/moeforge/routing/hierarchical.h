@@ -53,6 +53,8 @@ class HierarchicalRouterImpl : public Router {
   }
   torch::Tensor assignment_scores(const torch::Tensor& x, const RoutingPlan& plan) override;
   nlohmann::json describe_state() const override;  // {"summary": summary().to_json(), ...}
+  nlohmann::json trace_fields(const RoutingPlan& plan, int64_t token,
+                              const std::vector<int64_t>& experts) const override;  // clusters, reliabilities
   int64_t n_cluster() const { return n_cluster_; }
 
   // Mean pairwise cosine similarity of the router rows of the experts inside each cluster, averaged over

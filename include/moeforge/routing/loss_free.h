@@ -19,6 +19,8 @@ class LossFreeRouterImpl : public TopKRouterImpl {
   void after_step(const RouteFeedback& feedback) override;
   std::string name() const override { return "loss_free"; }
   nlohmann::json describe_state() const override;
+  nlohmann::json trace_fields(const RoutingPlan& plan, int64_t token,
+                              const std::vector<int64_t>& experts) const override;  // the bias of its experts
   // Top-K only while the bias is zero: a nonzero one changes the selection.
   std::string top_k_obstacle() const override;
 

@@ -72,6 +72,8 @@ class MoCERouterImpl : public Router {
 
   // The cluster of every token of a plan this router made (MoceCarry).
   torch::Tensor token_clusters(const RoutingPlan& plan) const override;
+  nlohmann::json trace_fields(const RoutingPlan& plan, int64_t token,
+                              const std::vector<int64_t>& experts) const override;  // its cluster
   // Offline clustering (docs/routing.md section 6), when moe.moce_clustering is not "online": centroids
   // [G, C] from spherical k-means on this router's own representation (the mean-pooled input of each
   // sequence, or of its prompt with the prompt pool: the plan's first sequence row), and the sequences

@@ -117,6 +117,16 @@ class Router : public torch::nn::Module {
   // domain table and the instruction report read it.
   virtual torch::Tensor token_clusters(const RoutingPlan& /*plan*/) const { return {}; }
 
+  // What this router adds to one token's entry of a routing trace (docs/serve.md, "Traces"), beyond the
+  // experts and gates every trace has: `token` indexes the tokens of `plan` (a plan this router made), and
+  // `experts` are that token's assignments in the plan, ascending. MoCE: the token's cluster; hierarchical:
+  // its clusters and their and its experts' reliabilities; expert choice: the thresholds and the token's
+  // scores of its experts; loss-free and BIP: the bias or dual of its experts. A JSON object, empty (the
+  // default) when there is nothing more. The trace (model/trace.h) asks every router, so a new router's
+  // fields need no edit outside its own files.
+  virtual nlohmann::json trace_fields(const RoutingPlan& plan, int64_t token,
+                                      const std::vector<int64_t>& experts) const;
+
   // Offline sequence clustering before training (docs/routing.md section 6), for routers that assign
   // sequences to clusters by centroids. offline_clustering() says whether the config asks for it and how;
   // sequence_representation() is the [B, C] vector per sequence that the router assigns by, read from

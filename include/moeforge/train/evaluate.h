@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -56,10 +57,15 @@ struct EvalResult {
 // Purity of a [G][D] count table: sum over rows of the row maximum, over the total (0 when empty).
 double table_purity(const std::vector<std::vector<int64_t>>& counts);
 
+// What an evaluation routed, batch by batch, for a routing trace (model/trace.h): the batch, its inputs
+// [B, S] and the forward's output (its plans). Called for the pass whose routing the measures report.
+using EvalObserver =
+    std::function<void(const Batcher::Batch& batch, const torch::Tensor& inputs, const LMOutput& out)>;
+
 // Runs the model in eval mode over `data` (in order, no shuffle) in batches of `batch_size`, at most
-// `max_batches` batches (0 = all).
+// `max_batches` batches (0 = all). `observe`, when given, sees each batch of the measured pass.
 EvalResult evaluate(TransformerLM& model, const PackedData& data, int64_t batch_size, int64_t max_batches,
-                    const std::string& split);
+                    const std::string& split, const EvalObserver& observe = {});
 
 // Adds one plan's assignments to a layer's counts; `token_domain` [T] gives each token's domain id.
 void accumulate_routing(LayerRouting& layer, const RoutingPlan& plan,
