@@ -12,6 +12,7 @@
 
 #include "moeforge/data/jsonl.h"
 #include "moeforge/data/prepare.h"
+#include "moeforge/data/random.h"
 #include "moeforge/data/shards.h"
 #include "moeforge/data/tokenize.h"
 #include "moeforge/train/parallel.h"
@@ -135,6 +136,16 @@ TEST(ShardsBrown, BatchesEqualTheInMemoryBatcherStepByStep) {
     Batcher em(mem.validation, 64, order), es(sh.validation, 64, order);
     for (int64_t i = 0; i < em.batches_per_epoch(); ++i)
       expect_same_rows(em.next(), es.next(), "validation batch " + std::to_string(i));
+  }
+}
+
+// The 32-bit epoch order a large shard split uses is the 64-bit one, entry for entry.
+TEST(Shards, EpochOrderIn32BitsIsThe64BitOne) {
+  for (int64_t n : {1, 2, 17, 1000, 100003}) {
+    const auto a = seeded_permutation(n, 99 + uint64_t(n));
+    const auto b = seeded_permutation32(n, 99 + uint64_t(n));
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], int64_t(b[i])) << "n " << n << ", entry " << i;
   }
 }
 

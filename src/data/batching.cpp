@@ -242,8 +242,15 @@ void Batcher::start_epoch(int64_t epoch) {
   position_ = 0;
   if (shuffle_) {
     // Each epoch's order depends only on (seed, epoch), so restore() can rebuild it without replaying.
-    order_ =
-        seeded_permutation(data_.size(), seed_ ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(epoch + 1)));
+    // Held in 32 bits when it fits (8 -> 4 bytes a sequence: 18 MB for 4.4M windows of a 2 GB corpus), and
+    // the previous epoch's order freed before the next is drawn, so two never coexist.
+    const uint64_t seed = seed_ ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(epoch + 1));
+    order_ = {};
+    order32_ = {};
+    if (data_.size() <= int64_t(UINT32_MAX))
+      order32_ = seeded_permutation32(data_.size(), seed);
+    else
+      order_ = seeded_permutation(data_.size(), seed);
   } else if (static_cast<int64_t>(order_.size()) != data_.size()) {
     order_.resize(static_cast<size_t>(data_.size()));
     std::iota(order_.begin(), order_.end(), int64_t{0});
@@ -256,7 +263,10 @@ Batcher::Batch Batcher::next() {
   const bool epoch_done = shuffle_ ? position_ + batch_size_ > n : position_ >= n;
   if (epoch_done) start_epoch(epoch_ + 1);
   const int64_t take = std::min(batch_size_, n - position_);
-  auto index = torch::from_blob(order_.data() + position_, {take}, torch::kLong).clone();  // [B]
+  auto index = torch::empty({take}, torch::kLong);  // [B]
+  for (int64_t i = 0; i < take; ++i)
+    index.data_ptr<int64_t>()[i] =
+        order32_.empty() ? order_[size_t(position_ + i)] : int64_t(order32_[size_t(position_ + i)]);
   position_ += take;
   return data_.rows(index);
 }

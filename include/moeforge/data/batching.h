@@ -119,7 +119,8 @@ class Batcher {
   Order order_kind_ = Order::kSequential;
   int64_t epoch_ = 0;
   int64_t position_ = 0;
-  std::vector<int64_t> order_;  // [N] the current epoch's visiting order
+  std::vector<int64_t> order_;     // [N] the current epoch's visiting order
+  std::vector<uint32_t> order32_;  // [N] instead, for shuffled data of fewer than 2^32 sequences
 };
 
 }  // namespace moeforge
