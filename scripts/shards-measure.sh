@@ -4,7 +4,8 @@
 # and the default model trained on its shards against the same model on Brown's shards (peak RSS from
 # /usr/bin/time -v, tokens/s from metrics.jsonl). Writes under WORK (default /tmp/moeforge-shards-measure);
 # needs ~5 GB there. Prints one line per figure.
-#   scripts/shards-measure.sh            (environment: WORK, GB=2.1, STEPS=300, SLICE_MB=200)
+#   scripts/shards-measure.sh  (environment: WORK, GB=2.1, STEPS=300, SLICE_MB=200, EVAL_BATCHES=50,
+#                               ONLY_TRAIN=1 to reuse WORK's shard folders and measure the training only)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 moeforge=${MOEFORGE:-$here/build/moeforge}
@@ -12,6 +13,7 @@ work=${WORK:-/tmp/moeforge-shards-measure}
 gb=${GB:-2.1}
 steps=${STEPS:-300}
 slice_mb=${SLICE_MB:-200}
+eval_batches=${EVAL_BATCHES:-50}  # the default config evaluates the whole validation split: 250k windows here
 mkdir -p "$work"
 cd "$here"  # data.dir = "data" (Brown) is relative to the repository
 
@@ -23,9 +25,10 @@ wall_s() {
   awk -F': ' '/Elapsed \(wall clock\)/ {n = split($2, p, ":"); s = 0; for (i = 1; i <= n; ++i) s = s * 60 + p[i]; printf "%.1f", s}' "$1"
 }
 
-echo "machine: $("$moeforge" info 2>/dev/null | head -n1)"
+"$moeforge" info 2>/dev/null | head -n1
 echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes')"
 
+if [ "${ONLY_TRAIN:-0}" != 1 ]; then
 # The corpus (scripts/make-big-jsonl.py: Brown sentences and WordNet glosses) and Brown's shards.
 big=$work/big.jsonl
 [ -f "$big" ] || /usr/bin/python3 scripts/make-big-jsonl.py --out "$big" --gb "$gb"
@@ -66,11 +69,13 @@ rm -rf "$work/big-shards"
 echo "tokenize $(stat -c %s "$big" | awk '{printf "%.2f GB", $1 / 1e9}'): $(wall_s "$work/time-big") s," \
   "peak RSS $(peak_mb "$work/time-big") MB; shards $(du -sm "$work/big-shards" | cut -f1) MB"
 
+fi
+
 # The default model on each: same steps, same everything but the data.
 for name in brown big; do
   rm -rf "$work/run-$name"
   /usr/bin/time -v -o "$work/time-train-$name" "$moeforge" train --set "data.corpus=\"shards:$work/$name-shards\"" \
-    --set "train.steps=$steps" --out "$work/run-$name" --no-report >"$work/train-$name.log" 2>&1
+    --set "train.steps=$steps" --set "train.eval_batches=$eval_batches" --out "$work/run-$name" --no-report >"$work/train-$name.log" 2>&1
   tps=$(/usr/bin/python3 -c '
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
