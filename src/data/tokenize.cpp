@@ -157,6 +157,14 @@ nlohmann::json counts_json(const ReadCounts& c) {
 }
 
 // Brown: split and tokenizer exactly as prepare_data makes them, documents written in the packer's order.
+// How the folder was split, for the manifest.
+nlohmann::json split_json(const DataConfig& cfg, const std::string& method) {
+  return {{"method", method},
+          {"validation_fraction", cfg.validation_fraction},
+          {"heldout_genres", cfg.heldout_genres},
+          {"seed", cfg.seed}};
+}
+
 // Every held-out domain must be one of the corpus's (a misspelt name would hold nothing out).
 void check_heldout_domains(const DataConfig& cfg, const std::set<std::string>& seen) {
   for (const auto& g : cfg.heldout_genres)
@@ -192,14 +200,11 @@ nlohmann::json tokenize_brown(const TokenizeOptions& opt, std::ostream& log) {
     }
   enc.flush();
   nlohmann::json extra = {{"corpus", cfg.corpus},
-                          {"split",
-                           {{"method", "split_corpus (per-domain seeded permutation)"},
-                            {"validation_fraction", cfg.validation_fraction},
-                            {"heldout_genres", cfg.heldout_genres},
-                            {"seed", cfg.seed}}},
+                          {"split", split_json(cfg, "split_corpus (per-domain seeded permutation)")},
                           {"tokenizer", tok_info},
                           {"read", {{"documents", docs}}}};
-  // Every genre, held-out ones included, is a domain even when a split has none of its documents.
+  // Every Brown genre has documents in some split (the held-out ones in heldout), so the folder's domains
+  // are the in-memory corpus's 15.
   return out.finish(extra);
 }
 
@@ -290,11 +295,7 @@ nlohmann::json tokenize_corpus(const TokenizeOptions& opt, std::ostream& log) {
   if (c.documents == 0) throw FileError(cfg.corpus.substr(cfg.corpus.find(':') + 1), "holds no document");
   nlohmann::json extra = {
       {"corpus", cfg.corpus},
-      {"split",
-       {{"method", "seeded hash of each document's domain and id"},
-        {"validation_fraction", cfg.validation_fraction},
-        {"heldout_genres", cfg.heldout_genres},
-        {"seed", cfg.seed}}},
+      {"split", split_json(cfg, "seeded hash of each document's domain and id")},
       {"tokenizer", tok_info},
       {"read", counts_json(c)},
       {"jsonl",
