@@ -129,6 +129,23 @@ TEST(CliBlas, ForcedCoreThatComputesWrongIsDropped) {
                   blas_core_to_force(read_cpu_features(), "Prescott"), own);
 }
 
+// `info` says which bf16 instructions run, as the CPU and the OS report them, and `--sgemm` times the bf16
+// GEMM beside the float one.
+TEST(CliBlas, InfoSaysBf16SupportAndTimesTheBf16Gemm) {
+  const std::string cmd = std::string("'") + MOEFORGE_CLI + "' info --sgemm 128 --reps 1 2>&1";
+  FILE* pipe = popen(cmd.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string out;
+  std::array<char, 4096> buf;
+  for (size_t n; (n = fread(buf.data(), 1, buf.size(), pipe)) > 0;) out.append(buf.data(), n);
+  EXPECT_EQ(pclose(pipe), 0) << out;
+  const std::string bf16 = bf16_support(read_cpu_features());
+  EXPECT_NE(out.find("bf16: " + (bf16.empty() ? std::string("none") : bf16)), std::string::npos) << out;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("bf16 gemm 128\\^3: ([0-9.]+) GFLOP/s"))) << out;
+  EXPECT_GT(std::stod(m[1]), 0.0) << out;
+}
+
 TEST(CliBlas, InfoRejectsRepsWithoutSgemm) {
   const std::string cmd = std::string("'") + MOEFORGE_CLI + "' info --reps 3 2>&1";
   FILE* pipe = popen(cmd.c_str(), "r");

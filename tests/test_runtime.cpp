@@ -40,6 +40,26 @@ CpuFeatures avx512_cpu(const std::string& vendor) {
   return f;
 }
 
+// The bf16 features read from cpuid agree with what the kernel reports in /proc/cpuinfo (which lists
+// avx512_bf16 and amx_bf16 only when the CPU has them and the kernel enabled their state).
+TEST(CpuFeatures, Bf16FlagsAgreeWithTheKernel) {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line, flags;
+  while (std::getline(in, line))
+    if (line.rfind("flags", 0) == 0) {
+      flags = line.substr(line.find(':') + 1) + " ";
+      break;
+    }
+  if (flags.empty()) GTEST_SKIP() << "no /proc/cpuinfo flags line";
+  const CpuFeatures f = read_cpu_features();
+  const bool kernel_bf16 = flags.find(" avx512_bf16 ") != std::string::npos;
+  EXPECT_EQ(f.avx512_bf16 && f.os_avx512, kernel_bf16) << flags;
+  if (flags.find(" amx_bf16 ") != std::string::npos) EXPECT_TRUE(f.amx_bf16 && f.amx_tile) << flags;
+  // bf16_support names what runs: nothing on a CPU without either.
+  EXPECT_EQ(bf16_support(f).empty(),
+            !(f.avx512_bf16 && f.os_avx512) && !(f.amx_bf16 && f.amx_tile && f.os_amx));
+}
+
 TEST(BlasCore, VectorLevelOfCpus) {
   EXPECT_EQ(cpu_vector_level(CpuFeatures{}), 0);
   CpuFeatures sandy;

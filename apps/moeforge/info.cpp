@@ -33,16 +33,30 @@ void print_cpu() {
   std::cout << " (vector level " << cpu_vector_level(f) << ")\n"
             << "openblas core: " << (core.empty() ? "none" : core) << " (vector level "
             << blas_core_level(core) << ")\n";
+  const std::string bf16 = bf16_support(f);
+  std::cout << "bf16: "
+            << (bf16.empty()
+                    ? "none (no AVX512-BF16 or AMX-BF16 the OS enables: a bf16 GEMM converts to float32)"
+                    : bf16 + " (native bf16 products with float32 accumulation)")
+            << "\n";
 }
 
+// sgemm and LibTorch's bf16 matrix product (oneDNN where the CPU has bf16 instructions) timed in one run,
+// interleaved, so that their ratio is of the same machine state (docs/performance.md, "bf16 on this CPU").
 void print_sgemm(int64_t n, int reps) {
   auto a = torch::randn({n, n}), b = torch::randn({n, n});
   auto c = torch::empty({n, n});
-  auto t = bench::interleaved({{"sgemm", [&] { at::mm_out(c, a, b); }}}, reps);
-  const double nd = double(n);
-  std::cout << "sgemm " << n << "^3: " << fixed(2.0 * nd * nd * nd / (t["sgemm"].median() * 1e-3) * 1e-9, 1)
-            << " GFLOP/s (median of " << reps << ", " << fixed(t["sgemm"].min(), 1) << "-"
-            << fixed(t["sgemm"].max(), 1) << " ms)\n";
+  auto ab = a.to(torch::kBFloat16), bb = b.to(torch::kBFloat16);
+  auto cb = torch::empty({n, n}, torch::kBFloat16);
+  auto t = bench::interleaved(
+      {{"sgemm", [&] { at::mm_out(c, a, b); }}, {"bf16", [&] { at::mm_out(cb, ab, bb); }}}, reps);
+  const double flop = 2.0 * double(n) * double(n) * double(n);
+  auto rate = [&](const char* k) { return flop / (t[k].median() * 1e-3) * 1e-9; };
+  std::cout << "sgemm " << n << "^3: " << fixed(rate("sgemm"), 1) << " GFLOP/s (median of " << reps << ", "
+            << fixed(t["sgemm"].min(), 1) << "-" << fixed(t["sgemm"].max(), 1) << " ms)\n"
+            << "bf16 gemm " << n << "^3: " << fixed(rate("bf16"), 1) << " GFLOP/s (median of " << reps << ", "
+            << fixed(t["bf16"].min(), 1) << "-" << fixed(t["bf16"].max(), 1) << " ms; "
+            << fixed(rate("bf16") / rate("sgemm"), 2) << "x sgemm)\n";
 }
 
 }  // namespace

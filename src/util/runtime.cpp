@@ -158,6 +158,7 @@ CpuFeatures read_cpu_features() {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     f.os_avx = (lo & 0x6) == 0x6;
     f.os_avx512 = f.os_avx && (lo & 0xe0) == 0xe0;
+    f.os_amx = ((lo >> 17) & 3) == 3;
   }
   if (max_leaf >= 7) {
     __cpuid_count(7, 0, a, b, c, d);
@@ -166,9 +167,21 @@ CpuFeatures read_cpu_features() {
     f.avx512dq = (b >> 17) & 1;
     f.avx512bw = (b >> 30) & 1;
     f.avx512vl = (b >> 31) & 1;
+    f.amx_bf16 = (d >> 22) & 1;
+    f.amx_tile = (d >> 24) & 1;
+    if (a >= 1) {  // leaf 7's highest sub-leaf
+      __cpuid_count(7, 1, a, b, c, d);
+      f.avx512_bf16 = (a >> 5) & 1;
+    }
   }
 #endif
   return f;
+}
+
+std::string bf16_support(const CpuFeatures& f) {
+  const bool avx512 = f.avx512_bf16 && f.avx512f && f.os_avx512;
+  if (f.amx_tile && f.amx_bf16 && f.os_amx) return avx512 ? "AMX-BF16 + AVX512-BF16" : "AMX-BF16";
+  return avx512 ? "AVX512-BF16" : "";
 }
 
 int cpu_vector_level(const CpuFeatures& f) {

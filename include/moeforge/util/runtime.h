@@ -49,8 +49,16 @@ struct CpuFeatures {
   bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false;
   bool os_avx = false;     // XCR0 has the SSE and AVX state (bits 1-2)
   bool os_avx512 = false;  // and the AVX-512 opmask and ZMM state (bits 5-7)
+  // bfloat16 instructions (docs/performance.md, "bf16 on this CPU"): AVX512-BF16's dot products (cpuid leaf 7
+  // sub-leaf 1, EAX bit 5), AMX's tiles and their bf16 products (leaf 7, EDX bits 24 and 22), and whether the
+  // OS saves the tile state (XCR0 bits 17-18).
+  bool avx512_bf16 = false, amx_tile = false, amx_bf16 = false, os_amx = false;
 };
 CpuFeatures read_cpu_features();
+
+// The CPU's native bf16 instructions that the OS lets run: "AMX-BF16 + AVX512-BF16", "AVX512-BF16", or ""
+// (none: a bf16 GEMM then converts to float32 and is no faster than sgemm).
+std::string bf16_support(const CpuFeatures& f);
 
 // Vector level of OpenBLAS kernels and of CPUs: 0 SSE only, 1 AVX, 2 AVX2 + FMA, 3 AVX-512 F/BW/DQ/VL.
 int cpu_vector_level(const CpuFeatures& f);
