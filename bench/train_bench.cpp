@@ -252,9 +252,12 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
   for (int i = 0; i < warmup + opt.steps; ++i) batches.push_back(batcher.next());
   const int64_t tokens_per_step = batches.front().tokens.size(0) * cfg.data.seq_len;
 
-  // The machine's sgemm rate, in the same run: a square float32 product as large as BLAS likes.
+  // The machine's sgemm rate, in the same run: a square float32 product as large as BLAS likes; and the bf16
+  // GEMM rate of LibTorch (oneDNN where the CPU has bf16 instructions), the ceiling a bf16 step would be held
+  // against (docs/performance.md, "bf16 on this CPU").
   const int64_t n = 2048;
   auto a = torch::randn({n, n}), b = torch::randn({n, n}), c = torch::empty({n, n});
+  auto ab = a.to(torch::kBFloat16), bb = b.to(torch::kBFloat16), cb = torch::empty({n, n}, torch::kBFloat16);
   const double sgemm_flops = 2.0 * double(n) * double(n) * double(n);
 
   size_t next_fused = 0, next_plain = 0;
@@ -267,11 +270,13 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
          bar.update(int64_t(next_plain));
        }},
       {"sgemm", [&] { at::mm_out(c, a, b); }},
+      {"bf16_gemm", [&] { at::mm_out(cb, ab, bb); }},
   };
   auto t = bench::interleaved(variants, opt.steps, warmup);
   bar.finish();
 
   const double sgemm_gflops = sgemm_flops / (t["sgemm"].median() * 1e-3) * 1e-9;
+  const double bf16_gflops = sgemm_flops / (t["bf16_gemm"].median() * 1e-3) * 1e-9;
   nlohmann::json variants_json;
   log << "\nend-to-end training, " << tokens_per_step << " tokens per step, " << std::fixed
       << std::setprecision(2) << train_flops_per_token * 1e-6 << " MFLOP per token (3 x forward matmuls), "
@@ -293,8 +298,12 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
         << std::setprecision(3) << std::setw(15) << gflops / sgemm_gflops << "\n";
   }
   const double speedup = t["plain"].median() / t["fused"].median();
-  log << "sgemm " << n << "^3: " << std::setprecision(1) << sgemm_gflops << " GFLOP/s; fused vs plain "
-      << std::setprecision(3) << speedup << "x" << std::endl;
+  log << "sgemm " << n << "^3: " << std::setprecision(1) << sgemm_gflops << " GFLOP/s; bf16 GEMM " << n
+      << "^3: " << bf16_gflops << " GFLOP/s (" << std::setprecision(2) << bf16_gflops / sgemm_gflops
+      << "x sgemm; cpu bf16: "
+      << (bf16_support(read_cpu_features()).empty() ? "none" : bf16_support(read_cpu_features()))
+      << "); fused vs plain " << std::setprecision(3) << speedup
+      << "x (both float32: shares are of the sgemm)" << std::endl;
   return {{"machine", describe_machine()},
           {"config", opt.config.empty() ? "configs/default.toml (embedded)" : opt.config},
           {"overrides", opt.overrides},
@@ -305,6 +314,9 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
           {"sgemm_n", n},
           {"sgemm_gflops", sgemm_gflops},
           {"sgemm_ms_range", {t["sgemm"].min(), t["sgemm"].max()}},
+          {"bf16_gemm_gflops", bf16_gflops},
+          {"bf16_gemm_ms_range", {t["bf16_gemm"].min(), t["bf16_gemm"].max()}},
+          {"cpu_bf16", bf16_support(read_cpu_features())},
           {"variants", variants_json},
           {"speedup", speedup}};
 }

@@ -21,7 +21,8 @@ struct TrainBenchOptions {
 };
 
 // Returns {"machine", "config", "tokens_per_step", "train_flops_per_token", "sgemm_gflops",
-// "variants": {"fused": {...}, "plain": {...}}, "speedup"}; prints a table to `log`.
+// "bf16_gemm_gflops", "cpu_bf16", "variants": {"fused": {...}, "plain": {...}}, "speedup"}; prints a table
+// to `log`. Both variants train in float32, so their shares are of the sgemm rate.
 nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log);
 
 // Where a training step of the fused model goes (docs/performance.md, "Where a training step goes"):

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "interop_util.h"
+#include "moeforge/util/runtime.h"
 
 namespace moeforge {
 namespace {
@@ -47,6 +48,26 @@ TEST(CliBench, ScalingOptionsAreCheckedNamingTheFlag) {
   out = test::run_capture(std::string(MOEFORGE_CLI) + " bench --scaling --train 2>&1", &rc);
   EXPECT_NE(rc, 0);
   EXPECT_NE(out.find("--scaling"), std::string::npos) << out;
+}
+
+// `moeforge bench --train` on the tests' tiny model: the bf16 GEMM rate is measured in the same run as the
+// sgemm and reported beside it, with the CPU's bf16 support.
+TEST(CliBench, TrainReportsTheBf16GemmRateBesideTheSgemm) {
+  const std::string dir = test::fresh_dir("cli_bench_train");
+  std::string cmd =
+      std::string(MOEFORGE_CLI) + " bench --train --reps 1 --json " + test::quote(dir + "/t.json");
+  for (auto& o : test::tiny_run_overrides("cli_bench_train"))
+    if (o.rfind("train.steps", 0) != 0) cmd += " --set " + test::quote(o);
+  cmd += " --set " + test::quote("moe.router=\"topk\"");
+  int rc = 0;
+  const std::string out = test::run_capture(cmd + " 2>&1", &rc);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("bf16 GEMM 2048^3: "), std::string::npos) << out;
+  std::ifstream in(dir + "/t.json");
+  const auto j = nlohmann::json::parse(in);
+  EXPECT_GT(j["sgemm_gflops"].get<double>(), 0.0);
+  EXPECT_GT(j["bf16_gemm_gflops"].get<double>(), 0.0);
+  EXPECT_EQ(j["cpu_bf16"].get<std::string>(), bf16_support(read_cpu_features()));
 }
 
 // `moeforge bench --dist` end to end on the tests' tiny model: every setting runs as real ranks, and the
