@@ -54,7 +54,9 @@ TEST(CpuFeatures, Bf16FlagsAgreeWithTheKernel) {
   const CpuFeatures f = read_cpu_features();
   const bool kernel_bf16 = flags.find(" avx512_bf16 ") != std::string::npos;
   EXPECT_EQ(f.avx512_bf16 && f.os_avx512, kernel_bf16) << flags;
-  if (flags.find(" amx_bf16 ") != std::string::npos) EXPECT_TRUE(f.amx_bf16 && f.amx_tile) << flags;
+  if (flags.find(" amx_bf16 ") != std::string::npos) {
+    EXPECT_TRUE(f.amx_bf16 && f.amx_tile) << flags;
+  }
   // bf16_support names what runs: nothing on a CPU without either.
   EXPECT_EQ(bf16_support(f).empty(),
             !(f.avx512_bf16 && f.os_avx512) && !(f.amx_bf16 && f.amx_tile && f.os_amx));
