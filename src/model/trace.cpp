@@ -39,8 +39,7 @@ nlohmann::json trace_header(const TransformerLMImpl& model, const std::string& s
   return j;
 }
 
-RoutingTracer::RoutingTracer(const TransformerLMImpl& model, const Tokenizer* tok)
-    : model_(model), tok_(tok) {
+RoutingTracer::RoutingTracer(const TransformerLMImpl& model, const Tokenizer* tok) : tok_(tok) {
   int64_t i = 0;
   for (const auto& b : *model.blocks) {
     const auto* blk = b->as<BlockImpl>();

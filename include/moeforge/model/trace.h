@@ -47,7 +47,6 @@ class RoutingTracer {
   std::string piece(int64_t row, int64_t pos);  // history_[row][pos]'s text in its context
   // Per MoE layer of `out`: each of its n_tokens tokens' experts and gates, from the plan.
   void index(const LMOutput& out, int64_t n_tokens);
-  const TransformerLMImpl& model_;
   const Tokenizer* tok_;
   std::vector<int64_t> blocks_;                   // block index of each MoE layer
   std::vector<std::shared_ptr<Router>> routers_;  // its router
