@@ -1,7 +1,7 @@
 // The architecture's include rule (docs/architecture.md, "The include rule"): the table of which room may
 // include which is read from the doc itself, and every quoted #include of src/, include/, apps/, bench/,
-// kernels/, fuzz/ and python/ is checked against it. Also: section headers are leaves, and no MoCE name lives in
-// model/, layer/, train/, data/, interop/, serve/ or apps/.
+// kernels/, fuzz/ and python/ is checked against it. Also: section headers are leaves, and no MoCE name lives
+// in model/, layer/, train/, data/, interop/, serve/ or apps/.
 #include <fnmatch.h>
 #include <unistd.h>
 
