@@ -117,6 +117,7 @@ TEST(FusedRMSNorm, ThreeDimensionalInputAndTheDefinition) {
 }  // namespace moeforge
 
 #include "moeforge/train/adamw_update.h"
+#include "moeforge/train/optim.h"
 
 namespace moeforge {
 namespace {
@@ -145,6 +146,26 @@ TEST(FusedAdamW, MatchesThePlainTwinOverSteps) {
   w.mutable_grad() = torch::zeros({4});
   adamw_update(w, m, v, {1.0, 0.9, 0.95, 1e-8, 0.5, 0.1, 0.05}, true);
   EXPECT_TRUE(torch::equal(w, torch::ones({4})));  // g = 0 and no decay on a vector: unchanged
+}
+
+// The clip's norm summed in float64 in chunks (src/train/optim.cpp) against float64 of the whole gradient:
+// equal to float64 rounding (~1e-16 relative; 1e-12 leaves room for the order of ~1e6 additions), over a
+// gradient of several chunks and a length no multiple of the kernel's 8 lanes, a float64 gradient (the plain
+// path) and a parameter without gradient; and the scaling applied when the norm is over the limit.
+TEST(ClipGradNorm, FusedSumEqualsTheFloat64Norm) {
+  torch::manual_seed(4);
+  auto a = torch::randn({200003}), b = torch::randn({3, 7}, torch::kDouble), c = torch::randn({5});
+  a.mutable_grad() = torch::randn({200003}) * 3.0;
+  b.mutable_grad() = torch::randn({3, 7}, torch::kDouble);
+  const double want = std::sqrt(a.grad().to(torch::kDouble).pow(2).sum().item<double>() +
+                                b.grad().pow(2).sum().item<double>());
+  const auto ga = a.grad().clone();
+  const double got = clip_grad_norm({a, b, c}, 0.0);  // 0: no clipping
+  EXPECT_NEAR(got, want, 1e-12 * want);
+  EXPECT_TRUE(torch::equal(a.grad(), ga));
+  const double norm = clip_grad_norm({a, b, c}, 1.0);
+  EXPECT_NEAR(norm, want, 1e-12 * want);
+  EXPECT_NEAR(clip_grad_norm({a, b, c}, 0.0), 1.0, 1e-5);  // scaled to the limit (1 / (norm + 1e-6))
 }
 
 }  // namespace

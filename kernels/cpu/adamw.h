@@ -10,4 +10,8 @@ namespace moeforge::kernels::cpu {
 void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float decay, float b1, float a1,
                   float b2, float a2, float bc2, float eps, float step);
 
+// The sum of x[i]^2 over n elements, each square taken and added in float64 (the gradient-norm clip's
+// sum, src/train/optim.cpp): the same sums as converting to float64 first, without the copy.
+double sum_of_squares(const float* x, int64_t n);
+
 }  // namespace moeforge::kernels::cpu

@@ -2,7 +2,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kernels/cpu/adamw.h"
 #include "moeforge/train/adamw_update.h"
@@ -106,8 +108,27 @@ double learning_rate(const TrainConfig& cfg, int64_t step) {
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
   torch::NoGradGuard ng;
   double sq = 0;
-  for (auto& p : params)
-    if (p.grad().defined()) sq += p.grad().to(torch::kDouble).pow(2).sum().item<double>();
+  for (auto& p : params) {
+    const auto& g = p.grad();
+    if (!g.defined()) continue;
+    if (g.device().is_cpu() && g.scalar_type() == torch::kFloat && g.is_contiguous()) {
+      // Squares summed in float64 in fixed chunks, the chunks' sums added in order (the same on every run
+      // and thread count), without the float64 copy of every gradient a .to(kDouble) would allocate
+      // (docs/performance.md, "The optimiser phase").
+      constexpr int64_t kChunk = int64_t{1} << 16;
+      const float* pg = g.data_ptr<float>();
+      const int64_t n = g.numel(), chunks = (n + kChunk - 1) / kChunk;
+      std::vector<double> part(static_cast<size_t>(chunks), 0.0);
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          part[static_cast<size_t>(c)] =
+              kernels::cpu::sum_of_squares(pg + c * kChunk, std::min(kChunk, n - c * kChunk));
+      });
+      for (double x : part) sq += x;
+    } else {
+      sq += g.to(torch::kDouble).pow(2).sum().item<double>();
+    }
+  }
   const double norm = std::sqrt(sq);
   if (max_norm > 0 && norm > max_norm && std::isfinite(norm)) {
     const double scale = max_norm / (norm + 1e-6);
