@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "grouped_ops.h"
+#include "moeforge/layer/precision.h"
 
 namespace moeforge {
 namespace {
@@ -143,10 +144,10 @@ torch::Tensor experts_reference(const torch::Tensor& x_sorted, const std::vector
     auto xs = x_sorted.narrow(0, off[e], n);  // [n, C]
     torch::Tensor h;                          // [n, F]
     if (w.act == ExpertAct::kSwiGLU)
-      h = torch::silu(torch::matmul(xs, w.w_gate[e].t())) * torch::matmul(xs, w.w_up[e].t());
+      h = torch::silu(linear_mp(xs, w.w_gate[e])) * linear_mp(xs, w.w_up[e]);
     else
-      h = torch::gelu(torch::matmul(xs, w.w_up[e].t()));
-    outs.push_back(torch::matmul(h, w.w_down[e].t()));  // [n, C]
+      h = torch::gelu(linear_mp(xs, w.w_up[e]));
+    outs.push_back(linear_mp(h, w.w_down[e]));  // [n, C]; products in the precision in force (precision.h)
   }
   if (outs.empty()) return torch::zeros({0, w.w_down.size(1)}, x_sorted.options());
   return torch::cat(outs, 0);
@@ -156,6 +157,10 @@ torch::Tensor experts_grouped(const torch::Tensor& x_sorted, const std::vector<i
                               const ExpertWeights& w, Workspace* ws) {
   check_shapes(x_sorted, off, w);
   auto x = x_sorted.contiguous();
+  // bf16 products (precision.h) have no grouped twin of their own here: the fused path (fused_moe.h) has
+  // them, and this unfused one takes the plain loop, whose products follow the precision.
+  if (matmul_precision() == MatmulPrecision::kBFloat16 && x.scalar_type() == torch::kFloat)
+    return experts_reference(x, off, w);
   const bool fit = kernels_fit(x);
   if (w.act == ExpertAct::kSwiGLU && fit)
     return GroupedSwiGLUFn::apply(x, w.w_gate.contiguous(), w.w_up.contiguous(), w.w_down.contiguous(), off,
@@ -191,10 +196,10 @@ DenseFFNImpl::DenseFFNImpl(int64_t d_model, int64_t d_ff, ExpertAct act) : act_(
 torch::Tensor DenseFFNImpl::forward(const torch::Tensor& x) {
   torch::Tensor h;
   if (act_ == ExpertAct::kSwiGLU)
-    h = torch::silu(torch::matmul(x, w_gate.t())) * torch::matmul(x, w_up.t());
+    h = torch::silu(linear_mp(x, w_gate)) * linear_mp(x, w_up);
   else
-    h = torch::gelu(torch::matmul(x, w_up.t()));
-  return torch::matmul(h, w_down.t());
+    h = torch::gelu(linear_mp(x, w_up));
+  return linear_mp(h, w_down);  // products in the precision in force (precision.h)
 }
 
 }  // namespace moeforge

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "grouped_ops.h"
+#include "moeforge/layer/precision.h"
 
 namespace moeforge {
 
@@ -117,6 +118,131 @@ class FusedMoEFn : public torch::autograd::Function<FusedMoEFn> {
   }
 };
 
+// --- The bf16 path (train.precision = "bf16"; docs/performance.md, "bf16 training") ---
+// Float32 activations, the expert products in bf16 (grouped_mm_bf16): the pre-activations, the activation,
+// the gate and the scatter stay float32, as do the saved a and b. The bf16 copies of the weights are made
+// once per forward and kept for backward.
+
+struct Bf16Weights {
+  torch::Tensor up, down, gate;  // bf16 [E, O, I]; gate undefined for GELU experts
+};
+
+// The forward pass: a (and b for SwiGLU) filled with the pre-activations, y [T, C] returned.
+torch::Tensor bf16_forward(const torch::Tensor& x, const torch::Tensor& gate, const Bf16Weights& w,
+                           const torch::Tensor& token_index, const std::vector<int64_t>& off, Workspace* ws,
+                           detail::HealthSums* health, torch::Tensor& a, torch::Tensor& b) {
+  const bool swiglu = w.gate.defined();
+  const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w.up.size(1);
+  const auto poff = detail::padded_offsets(off);  // the bf16 operands' layout (grouped_ops.h)
+  const int64_t Np = poff.back();
+  const auto opt = x.options(), opt16 = opt.dtype(torch::kBFloat16);
+  auto xs = scratch(ws, "rows_c1", {N, C}, opt);  // [N, C] x rows in expert order
+  detail::gather_rows<float>(xs, x, token_index);
+  const auto xs16 = detail::to_bf16_padded(ws, "rows_c1_16", xs, off, poff);  // [Np, C]
+  auto tmp_f = scratch(ws, "rows_f_16", {Np, F}, opt16);
+  a = scratch(ws, "a", {N, F}, opt);
+  auto h = scratch(ws, "rows_f2", {N, F}, opt);  // [N, F] gate * act (ungated with health)
+  const auto h_gate = health ? torch::Tensor() : gate;
+  if (swiglu) {
+    b = scratch(ws, "b", {N, F}, opt);
+    detail::grouped_mm_bf16(a, xs16, w.gate, off, poff, /*transpose_w=*/true, /*accumulate=*/false, tmp_f);
+    detail::grouped_mm_bf16(b, xs16, w.up, off, poff, true, false, tmp_f);
+    detail::swiglu_forward<float>(h, a, b, h_gate);
+  } else {
+    detail::grouped_mm_bf16(a, xs16, w.up, off, poff, true, false, tmp_f);
+    detail::gelu_forward<float>(h, a, h_gate);
+  }
+  const auto h16 = detail::to_bf16_padded(ws, "rows_f2_16", h, off, poff);
+  auto y_rows = scratch(ws, "rows_c2", {N, C}, opt);
+  auto tmp_c = scratch(ws, "rows_c2_16", {Np, C}, opt16);
+  detail::grouped_mm_bf16(y_rows, h16, w.down, off, poff, true, false, tmp_c);
+  if (health) health->add<float>(y_rows, off);
+  auto y = torch::zeros({T, C}, opt);
+  detail::scatter_add_gated<float>(y, y_rows, token_index, health ? gate : torch::Tensor());
+  return y;
+}
+
+Bf16Weights bf16_copies(at::TensorList weights) {
+  const auto b16 = torch::kBFloat16;
+  return {weights[0].to(b16), weights[1].to(b16), weights.size() == 3 ? weights[2].to(b16) : torch::Tensor()};
+}
+
+class FusedMoEBf16Fn : public torch::autograd::Function<FusedMoEBf16Fn> {
+ public:
+  // The inputs of FusedMoEFn::forward, float32 only.
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor gate,
+                               at::TensorList weights, torch::Tensor token_index, std::vector<int64_t> off,
+                               Workspace* ws, detail::HealthSums* health) {
+    const auto w16 = bf16_copies(weights);
+    torch::Tensor a, b;
+    auto y = bf16_forward(x, gate, w16, token_index, off, ws, health, a, b);
+    ctx->save_for_backward({x, gate, weights[0], weights[1],
+                            weights.size() == 3 ? weights[2] : torch::Tensor(), token_index, a, b, w16.up,
+                            w16.down, w16.gate});
+    ctx->saved_data["off"] = off;
+    ctx->saved_data["ws"] = reinterpret_cast<int64_t>(ws);
+    return y;
+  }
+
+  // FusedMoEFn::backward's steps with each product's operands in bf16 (padded layout, grouped_ops.h).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto x = s[0], gate = s[1], w_up = s[2], w_down = s[3], w_gate = s[4], token_index = s[5], a = s[6],
+         b = s[7];
+    const Bf16Weights w16{s[8], s[9], s[10]};
+    const bool swiglu = w_gate.defined();
+    const auto off = ctx->saved_data["off"].toIntVector();
+    const auto poff = detail::padded_offsets(off);
+    auto* ws = reinterpret_cast<Workspace*>(ctx->saved_data["ws"].toInt());
+    const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w_up.size(1), Np = poff.back();
+    const auto opt = x.options(), opt16 = opt.dtype(torch::kBFloat16);
+    auto gy = grads[0].contiguous();                     // [T, C]
+    auto rows_c1 = scratch(ws, "rows_c1", {N, C}, opt);  // dy rows, then x rows
+    auto dh = scratch(ws, "rows_f1", {N, F}, opt);       // [N, F] dy_row W_down, then da in place
+    auto hg = scratch(ws, "rows_f2", {N, F}, opt);       // [N, F] gate * h, then db
+    auto dxs = scratch(ws, "rows_c2", {N, C}, opt);      // [N, C]
+    auto tmp_f = scratch(ws, "rows_f_16", {Np, F}, opt16);
+    auto tmp_c = scratch(ws, "rows_c2_16", {Np, C}, opt16);
+    auto d_gate = torch::empty({N}, opt);
+    auto dx = torch::zeros({T, C}, opt);
+    torch::Tensor dw_gate, dw_up, dw_down;
+    detail::gather_rows<float>(rows_c1, gy, token_index);
+    const auto gy16 = detail::to_bf16_padded(ws, "rows_c1_16", rows_c1, off, poff);
+    detail::grouped_mm_bf16(dh, gy16, w16.down, off, poff, /*transpose_w=*/false, /*accumulate=*/false,
+                            tmp_f);
+    if (swiglu)
+      detail::swiglu_forward<float>(hg, a, b, gate);
+    else
+      detail::gelu_forward<float>(hg, a, gate);
+    if (ctx->needs_input_grad(3))
+      dw_down = detail::grouped_weight_grad_bf16(
+          gy16, detail::to_bf16_padded(ws, "rows_f2_16", hg, off, poff), poff, w_down);
+    auto& da = dh;  // in place
+    detail::gather_rows<float>(rows_c1, x, token_index);
+    const auto xs16 = detail::to_bf16_padded(ws, "rows_c3_16", rows_c1, off, poff);
+    if (swiglu) {
+      detail::swiglu_backward<float>(dh, hg, d_gate, dh, a, b, gate);
+      auto& db = hg;
+      const auto da16 = detail::to_bf16_padded(ws, "rows_f1_16", da, off, poff);
+      const auto db16 = detail::to_bf16_padded(ws, "rows_f2_16", db, off, poff);
+      if (ctx->needs_input_grad(4)) dw_gate = detail::grouped_weight_grad_bf16(da16, xs16, poff, w_gate);
+      if (ctx->needs_input_grad(2)) dw_up = detail::grouped_weight_grad_bf16(db16, xs16, poff, w_up);
+      detail::grouped_mm_bf16(dxs, da16, w16.gate, off, poff, false, false, tmp_c);
+      detail::grouped_mm_bf16(dxs, db16, w16.up, off, poff, false, true, tmp_c);
+    } else {
+      detail::gelu_backward<float>(da, d_gate, dh, a, gate);
+      const auto da16 = detail::to_bf16_padded(ws, "rows_f1_16", da, off, poff);
+      if (ctx->needs_input_grad(2)) dw_up = detail::grouped_weight_grad_bf16(da16, xs16, poff, w_up);
+      detail::grouped_mm_bf16(dxs, da16, w16.up, off, poff, false, false, tmp_c);
+    }
+    detail::scatter_add_gated<float>(dx, dxs, token_index, torch::Tensor());
+    variable_list out = {dx, d_gate, dw_up, dw_down};
+    if (swiglu) out.push_back(dw_gate);
+    out.resize(out.size() + 4);
+    return out;
+  }
+};
+
 // Forward without autograd (inference, evaluation): the same kernels over chunks of whole experts of about
 // kInferenceChunkRows rows, so the intermediates take [chunk, 2F + 2C] instead of [N, 3F + 2C] (at the top-2
 // shape 12 MiB instead of 128 MiB; the plain loop's per-expert temporaries are of the chunk's order too).
@@ -200,8 +326,18 @@ torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const E
   std::optional<detail::HealthSums> sums;
   if (health) sums.emplace(off);
   detail::HealthSums* hs = sums ? &*sums : nullptr;
-  auto y = needs_grad ? FusedMoEFn::apply(x.contiguous(), gate, at::TensorList(weights), index, off, ws, hs)
-                      : fused_moe_no_grad(x.contiguous(), gate, w_gate, w_up, w_down, index, off, ws, hs);
+  // bf16 products for float32 activations when the thread's precision asks for them (precision.h).
+  const bool bf16 = matmul_precision() == MatmulPrecision::kBFloat16 && x.scalar_type() == torch::kFloat;
+  torch::Tensor y;
+  if (bf16 && needs_grad) {
+    y = FusedMoEBf16Fn::apply(x.contiguous(), gate, at::TensorList(weights), index, off, ws, hs);
+  } else if (bf16) {
+    torch::Tensor a, b;
+    y = bf16_forward(x.contiguous(), gate, bf16_copies(weights), index, off, ws, hs, a, b);
+  } else {
+    y = needs_grad ? FusedMoEFn::apply(x.contiguous(), gate, at::TensorList(weights), index, off, ws, hs)
+                   : fused_moe_no_grad(x.contiguous(), gate, w_gate, w_up, w_down, index, off, ws, hs);
+  }
   if (health) *health = sums->result();
   return y;
 }

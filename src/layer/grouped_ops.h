@@ -307,4 +307,86 @@ void gelu_backward(torch::Tensor& da, torch::Tensor& d_gate, const torch::Tensor
   });
 }
 
+// --- bf16 products (train.precision = "bf16"; docs/performance.md, "bf16 training") ---
+// The operands are bf16 copies, the products run in LibTorch's bf16 matrix product (oneDNN on CPUs with
+// AVX512-BF16 or AMX: bf16 multiplies, float32 accumulation, the result rounded to bf16) into a bf16
+// buffer, which is then widened into the float32 output (copied, or added). Everything between the
+// products stays float32.
+//
+// The bf16 operands are laid out padded: expert e's rows start at poff[e] and take n_e rounded up to
+// kBf16RowAlign rows, the pad rows zero. oneDNN compiles a kernel for every product shape it meets and
+// keeps a bounded cache of them; with each expert's exact row count, which changes every step, it meets
+// new shapes all the time and runs at half its rate (measured with [256 +- 60, 512] x [512, 688]: 206-274
+// GFLOP/s with varying rows, 398 with rows rounded to 64). Zero pad rows add nothing to the weight
+// gradients' sums, and the pad rows of a product's output are never read.
+constexpr int64_t kBf16RowAlign = 32;
+
+// Offsets of the padded layout: poff[e + 1] - poff[e] = n_e rounded up to kBf16RowAlign.
+inline std::vector<int64_t> padded_offsets(const std::vector<int64_t>& off) {
+  std::vector<int64_t> poff(off.size(), 0);
+  for (size_t e = 0; e + 1 < off.size(); ++e)
+    poff[e + 1] = poff[e] + (off[e + 1] - off[e] + kBf16RowAlign - 1) / kBf16RowAlign * kBf16RowAlign;
+  return poff;
+}
+
+// A bf16 copy of t [N, D] (rows grouped by off) in the padded layout [poff.back(), D], in the workspace slot
+// `key`.
+inline torch::Tensor to_bf16_padded(Workspace* ws, const std::string& key, const torch::Tensor& t,
+                                    const std::vector<int64_t>& off, const std::vector<int64_t>& poff) {
+  auto out = scratch(ws, key, {poff.back(), t.size(1)}, t.options().dtype(torch::kBFloat16));
+  for (size_t e = 0; e + 1 < off.size(); ++e) {
+    const int64_t n = off[e + 1] - off[e], np = poff[e + 1] - poff[e];
+    if (n > 0) out.narrow(0, poff[e], n).copy_(t.narrow(0, off[e], n));
+    if (np > n) out.narrow(0, poff[e] + n, np - n).zero_();
+  }
+  return out;
+}
+
+// out[rows of e] (+)= in[padded rows of e] @ w[e]^T (transpose_w) or @ w[e]; in and w bf16 (in padded),
+// out float32 [N, O]; tmp a bf16 [poff.back(), O] buffer.
+inline void grouped_mm_bf16(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor& w,
+                            const std::vector<int64_t>& off, const std::vector<int64_t>& poff,
+                            bool transpose_w, bool accumulate, torch::Tensor& tmp) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e], np = poff[e + 1] - poff[e];
+    if (n == 0) continue;
+    auto o = tmp.narrow(0, poff[e], np);
+    at::mm_out(o, in.narrow(0, poff[e], np), transpose_w ? w[e].t() : w[e]);
+    auto dst = out.narrow(0, off[e], n);
+    const auto src = tmp.narrow(0, poff[e], n);
+    if (accumulate)
+      dst.add_(src);
+    else
+      dst.copy_(src);
+  }
+}
+
+// grouped_weight_grad with bf16 operands d [Np, O] and in [Np, I] in the padded layout: each expert's
+// product in a bf16 [O, I] buffer, widened into dw (float32, or added into w's existing .grad as
+// fusable_grad allows).
+inline torch::Tensor grouped_weight_grad_bf16(const torch::Tensor& d, const torch::Tensor& in,
+                                              const std::vector<int64_t>& poff, const torch::Tensor& w) {
+  auto acc = fusable_grad(w);
+  auto dw = acc.defined() ? acc : torch::empty_like(w, at::MemoryFormat::Contiguous);
+  auto tmp = torch::empty({w.size(1), w.size(2)}, d.options());
+  const int64_t E = static_cast<int64_t>(poff.size()) - 1;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t np = poff[e + 1] - poff[e];
+    auto o = dw[e];
+    if (np == 0) {
+      if (!acc.defined()) o.zero_();
+      continue;
+    }
+    at::mm_out(tmp, d.narrow(0, poff[e], np).t(), in.narrow(0, poff[e], np));
+    if (acc.defined())
+      o.add_(tmp);
+    else
+      o.copy_(tmp);
+  }
+  if (!acc.defined()) return dw;
+  note_fused_grad_accumulation();
+  return {};
+}
+
 }  // namespace moeforge::detail

@@ -4,6 +4,7 @@
 #include "moeforge/dist/dist.h"
 #include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/fused_moe.h"
+#include "moeforge/layer/precision.h"
 #include "moeforge/routing/factory.h"
 
 namespace moeforge {
@@ -167,10 +168,11 @@ torch::Tensor moe_plain_loop(const torch::Tensor& x, const RoutingPlan& plan, co
     auto xs = x.index_select(0, idx);                  // [n, C]
     torch::Tensor h;
     if (w.act == ExpertAct::kSwiGLU)
-      h = torch::silu(torch::mm(xs, w.w_gate[e].t())) * torch::mm(xs, w.w_up[e].t());
+      h = torch::silu(linear_mp(xs, w.w_gate[e])) * linear_mp(xs, w.w_up[e]);
     else
-      h = torch::gelu(torch::mm(xs, w.w_up[e].t()));
-    auto ye = torch::mm(h, w.w_down[e].t()) * plan.gate.narrow(0, off[e], n).unsqueeze(1);
+      h = torch::gelu(linear_mp(xs, w.w_up[e]));
+    // Products in the precision in force (precision.h), as the fused path.
+    auto ye = linear_mp(h, w.w_down[e]) * plan.gate.narrow(0, off[e], n).unsqueeze(1);
     y.index_add_(0, idx, ye);
   }
   return y;

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "moeforge/layer/precision.h"
 #include "moeforge/model/attention_core.h"
 #include "moeforge/model/norm.h"
 
@@ -35,9 +36,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
                                      const torch::Tensor& sin, torch::Tensor* cache_k,
                                      torch::Tensor* cache_v) {
   const int64_t B = x.size(0), S = x.size(1), C = x.size(2), H = n_head_, D = C / H;
-  auto qkv =
-      b_qkv.defined() ? torch::addmm(b_qkv, x.reshape({B * S, C}), w_qkv.t()) : torch::matmul(x, w_qkv.t());
-  qkv = qkv.view({B, S, 3, H, D});                                  // [B, S, 3, H, D]
+  // The projections in the precision in force (layer/precision.h); the attention core stays float32.
+  auto qkv = linear_mp(x, w_qkv, b_qkv).view({B, S, 3, H, D});      // [B, S, 3, H, D]
   auto q = apply_rope(qkv.select(2, 0).transpose(1, 2), cos, sin);  // [B, H, S, D]
   auto k = apply_rope(qkv.select(2, 1).transpose(1, 2), cos, sin);  // [B, H, S, D]
   auto v = qkv.select(2, 2).transpose(1, 2);                        // [B, H, S, D]
@@ -55,7 +55,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   // pass); its plain twin with a KV cache (docs/performance.md, "Fused attention").
   auto y = past == 0 ? causal_attention(q, k, v) : causal_attention_reference(q, k, v, past);  // [B, H, S, D]
   y = y.transpose(1, 2).reshape({B, S, C});
-  return torch::matmul(y, w_out.t());
+  return linear_mp(y, w_out);
 }
 
 BlockImpl::BlockImpl(const ModelConfig& m, const MoEConfig& moe_cfg, bool is_moe) {
@@ -145,7 +145,7 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
     x = final_norm->forward(x);
   }
   RECORD_USER_SCOPE("moeforge::output_projection");
-  out.logits = torch::matmul(x, (m_.tie_embeddings ? embedding : head).t());  // [B, S, V]
+  out.logits = linear_mp(x, m_.tie_embeddings ? embedding : head);  // [B, S, V], float32 (precision.h)
   return out;
 }
 

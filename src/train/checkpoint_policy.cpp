@@ -24,6 +24,9 @@ const std::vector<std::string>& resumable_keys() {
   static const std::vector<std::string> k = {"train.steps", "train.eval_every", "train.eval_batches",
                                              "train.log_every", "train.checkpoint_every",
                                              "train.keep_checkpoints",
+                                             // Checkpoints hold float32 master weights whatever the
+                                             // products' precision was (docs/performance.md).
+                                             "train.precision",
                                              // How the experts are laid out over ranks; checkpoints hold
                                              // every expert whatever it was (docs/distributed.md).
                                              "dist.expert_parallel"};

@@ -27,6 +27,8 @@ void TrainConfig::validate() const {
   require_config(nan_policy == "stop" || nan_policy == "skip", "train.nan_policy",
                  "must be \"stop\" or \"skip\", got \"" + nan_policy + "\"");
   require_config(threads >= 0, "train.threads", "must be >= 0");
+  require_config(precision == "fp32" || precision == "bf16", "train.precision",
+                 "must be \"fp32\" or \"bf16\", got \"" + precision + "\"");
 }
 
 void bind_train_config(ConfigBinder& b, TrainConfig* c) {
@@ -49,6 +51,7 @@ void bind_train_config(ConfigBinder& b, TrainConfig* c) {
   b.bind("train.seed", &c->seed);
   b.bind("train.nan_policy", &c->nan_policy);
   b.bind("train.threads", &c->threads);
+  b.bind("train.precision", &c->precision);
 }
 
 }  // namespace moeforge

@@ -110,6 +110,8 @@ class Trainer {
   const TrainOptions& opt_;
   std::ostream& log_;
   int world_ = 1, rank_ = 0, threads_ = 0;
+  MatmulPrecision precision_ = MatmulPrecision::kFloat32;  // train.precision (run_precision)
+  std::string precision_line_;
   bool writer_ = true;  // rank 0 writes the run folder
   std::optional<Checkpoint> resume_, init_;
   std::optional<RunFolderLock> lock_;  // rank 0 owns the run folder while it trains
@@ -158,6 +160,7 @@ void Trainer::set_up() {
                                               "do not split evenly over the " + std::to_string(world_) +
                                               " ranks");
   threads_ = init_threads(int(tc.threads));
+  precision_ = run_precision(tc, read_cpu_features(), &precision_line_);
   torch::manual_seed(uint64_t(tc.seed));
   // The resolved configuration must be the same everywhere before anything is built from it.
   dist::check_same("the resolved configuration (--config, --set, --resume)",
@@ -307,7 +310,7 @@ void Trainer::open_run_folder() {
   if (sharding_.on())
     log_ << ", experts [" << sharding_.shard.first << ", " << sharding_.shard.first + sharding_.shard.count
          << ") of " << sharding_.n_expert << " on this rank (dist.expert_parallel)";
-  log_ << "\n";
+  log_ << "\n" << precision_line_ << "\n";
 }
 
 void Trainer::check_metrics() {
@@ -368,6 +371,8 @@ StepResult Trainer::step() {
   const int64_t S = cfg_.data.seq_len;
   StepResult r;
   r.lr = learning_rate(tc, step_);
+  // The forward and backward passes' products in train.precision; evaluation runs in float32.
+  MatmulPrecisionGuard precision(precision_);
   for (int64_t micro = 0; micro < tc.grad_accum; ++micro) {
     auto global_batch = batcher_->next();
     if (summary_.first_batch_tokens == 0) {
@@ -635,6 +640,25 @@ torch::Tensor BatchLoss::loss() const {
   // Every instruction sample has a response, so sum(w) >= 1 in practice; the clamp only keeps a batch of
   // nothing but padding at loss 0 instead of NaN.
   return (token_ce * weight).sum() / weight.sum().clamp_min(1.0);
+}
+
+MatmulPrecision run_precision(const TrainConfig& tc, const CpuFeatures& cpu, std::string* what_runs) {
+  const auto p = parse_matmul_precision(tc.precision);
+  if (p == MatmulPrecision::kFloat32) {
+    if (what_runs) *what_runs = "precision: fp32";
+    return p;
+  }
+  const std::string native = bf16_support(cpu);
+  if (native.empty())
+    throw ConfigError(
+        "train.precision",
+        "\"bf16\" needs a CPU with native bf16 products (AVX512-BF16 or AMX-BF16); this one has "
+        "neither (see `moeforge info`), so every bf16 product would be converted to float32 and "
+        "run slower than \"fp32\". Use train.precision = \"fp32\"");
+  if (what_runs)
+    *what_runs = "precision: bf16 matrix products on " + native +
+                 " (LibTorch's oneDNN), float32 master weights, optimiser, router, norms and loss";
+  return p;
 }
 
 TrainSummary train_model(RunConfig cfg, const TrainOptions& opt, std::ostream& log) {

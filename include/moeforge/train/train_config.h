@@ -27,6 +27,8 @@ struct TrainConfig {
   int64_t seed = 1;                 // train.seed
   std::string nan_policy = "stop";  // train.nan_policy: "stop" or "skip" a step with a non-finite loss
   int64_t threads = 0;              // train.threads: LibTorch threads (0 = the cores available)
+  std::string precision = "fp32";   // train.precision: "fp32", or "bf16" matrix products with float32
+                                    // master weights, optimiser and reductions (docs/performance.md)
   void validate() const;
 };
 

@@ -11,8 +11,10 @@
 
 #include "moeforge/config/run_config.h"
 #include "moeforge/data/batching.h"
+#include "moeforge/layer/precision.h"
 #include "moeforge/model/transformer.h"
 #include "moeforge/train/evaluate.h"
+#include "moeforge/util/runtime.h"
 
 namespace moeforge {
 
@@ -69,6 +71,13 @@ struct BatchLoss {
   torch::Tensor loss() const;
 };
 BatchLoss training_forward(TransformerLM& model, const Batcher::Batch& batch);
+
+// train.precision checked against the CPU that runs it: "fp32", or "bf16" where the CPU has native bf16
+// products (AVX512-BF16 or AMX-BF16, bf16_support); elsewhere "bf16" is a ConfigError naming
+// train.precision, never a silent emulation at a fraction of float32's rate (docs/performance.md, "bf16
+// training"). `what_runs`, when given, is set to a line saying what runs.
+MatmulPrecision run_precision(const TrainConfig& tc, const CpuFeatures& cpu,
+                              std::string* what_runs = nullptr);
 
 // Trains the model of `cfg` (a validated config: load_run_config*, or RunConfig::validate) as `opt` says,
 // logging to `log`: the phases are src/train/trainer.cpp's Trainer (docs/architecture.md, "One training
