@@ -9,10 +9,17 @@ over the 16 experts with renormalised gates (the default's MoCE routes inside a 
 route costs 1.5% of a moeforge step, docs/performance.md), so the parameter count is moeforge's minus the
 MoCE routers' and centroids' difference.
 
-    /usr/bin/python3 bench/pytorch_peer.py [--steps N] [--threads T] [--json FILE]
+With --shape wide, the wider model of docs/performance.md ("bf16 training"): d_model 512, 8 heads, dense
+width 1376, experts of 688 (moeforge: --set model.d_model=512 --set model.n_head=8 --set model.d_ff=1376
+--set moe.d_expert=688 --set moe.router='"topk"'). With --autocast bf16 the step's forward runs under
+torch.autocast("cpu", dtype=torch.bfloat16), as a PyTorch user trains in mixed precision on a CPU with
+bf16 (the weights and AdamW stay float32).
+
+    /usr/bin/python3 bench/pytorch_peer.py [--steps N] [--threads T] [--shape default|wide]
+        [--autocast none|bf16] [--json FILE]
 
 Prints one line "peer: ... tokens/s"; --json writes {"step_ms": [...], "median_ms", "tokens_per_s",
-"params", "threads", "torch"}.
+"params", "threads", "torch", "shape", "autocast"}.
 """
 import argparse
 import json
@@ -24,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 V, C, L, H, DFF, E, K, FE, B, S = 2048, 128, 4, 4, 344, 16, 2, 172, 16, 128
+SHAPES = {"default": (128, 4, 344, 172), "wide": (512, 8, 1376, 688)}  # C, H, DFF, FE
 
 
 class RMSNorm(nn.Module):
@@ -135,8 +143,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none")
     ap.add_argument("--json")
     a = ap.parse_args()
+    global C, H, DFF, FE
+    C, H, DFF, FE = SHAPES[a.shape]
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
     model = LM()
@@ -145,8 +157,9 @@ def main():
 
     def step(i):
         tok = data[i]
-        logits, aux = model(tok[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, V), tok[:, 1:].reshape(-1)) + 0.01 * aux
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.autocast == "bf16"):
+            logits, aux = model(tok[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, V), tok[:, 1:].reshape(-1)) + 0.01 * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,8 +174,9 @@ def main():
     med = sorted(ms)[len(ms) // 2] if len(ms) % 2 else sum(sorted(ms)[len(ms) // 2 - 1:len(ms) // 2 + 1]) / 2
     params = sum(p.numel() for p in model.parameters())
     out = {"step_ms": ms, "median_ms": med, "tokens_per_s": B * S / (med / 1e3), "params": params,
-           "threads": a.threads, "torch": torch.__version__}
-    print(f"peer: plain PyTorch {torch.__version__}, {a.threads} threads, {params} parameters: "
+           "threads": a.threads, "torch": torch.__version__, "shape": a.shape, "autocast": a.autocast}
+    print(f"peer: plain PyTorch {torch.__version__}, {a.shape} shape, autocast {a.autocast}, {a.threads} "
+          f"threads, {params} parameters: "
           f"{med:.1f} ms per step (median of {a.steps}), {out['tokens_per_s']:.0f} tokens/s")
     if a.json:
         with open(a.json, "w") as f:

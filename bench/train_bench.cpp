@@ -32,7 +32,10 @@ struct Trainee {
   std::unique_ptr<AdamW> optim;
   int64_t step = 0;
 
+  MatmulPrecision precision = MatmulPrecision::kFloat32;  // cfg.train.precision, checked against the CPU
+
   Trainee(RunConfig c, int64_t vocab) : cfg(std::move(c)) {
+    precision = run_precision(cfg.train, read_cpu_features());
     torch::manual_seed(uint64_t(cfg.train.seed));
     model = build_model(cfg, vocab);
     model->train();
@@ -46,6 +49,7 @@ struct Trainee {
   }
 
   void train_step(const Batcher::Batch& batch) {
+    MatmulPrecisionGuard guard(precision);
     auto fwd = training_forward(model, batch);
     (fwd.loss() + fwd.out.aux_loss).backward();
     clip_grad_norm(params, cfg.train.grad_clip);
@@ -104,6 +108,45 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// Each token's set of experts in a plan, as a bit mask per token (E <= 64) or a sorted list.
+std::vector<std::vector<int64_t>> experts_per_token(const RoutingPlan& plan, int64_t T) {
+  std::vector<std::vector<int64_t>> sets(static_cast<size_t>(T));
+  const auto off = plan.offsets();
+  const auto idx = plan.token_index.to(torch::kCPU, torch::kLong).contiguous();
+  const int64_t* pi = idx.data_ptr<int64_t>();
+  for (size_t e = 0; e + 1 < off.size(); ++e)
+    for (int64_t i = off[e]; i < off[e + 1]; ++i) sets[static_cast<size_t>(pi[i])].push_back(int64_t(e));
+  for (auto& s : sets) std::sort(s.begin(), s.end());
+  return sets;
+}
+
+// Where bf16 products could flip a routing decision (docs/performance.md, "bf16 training"): the router
+// scores in float32, but its input, the residual stream, carries the bf16-rounded outputs of the layers
+// before it. The same model and batch routed with float32 and with bf16 products (evaluation mode, no
+// gradient): per MoE layer, the share of tokens whose set of experts differs.
+nlohmann::json route_flips(TransformerLM& model, const Batcher::Batch& batch) {
+  torch::NoGradGuard ng;
+  const bool was_training = model->is_training();
+  model->eval();
+  const int64_t S = batch.tokens.size(1) - 1;
+  const auto tokens = batch.tokens.narrow(1, 0, S);
+  auto plans = [&](MatmulPrecision p) {
+    MatmulPrecisionGuard guard(p);
+    return model->forward(tokens, RouteContext{}).plans;
+  };
+  const auto p32 = plans(MatmulPrecision::kFloat32), p16 = plans(MatmulPrecision::kBFloat16);
+  model->train(was_training);
+  nlohmann::json layers = nlohmann::json::array();
+  const int64_t T = tokens.numel();
+  for (size_t l = 0; l < p32.size(); ++l) {
+    const auto a = experts_per_token(p32[l], T), b = experts_per_token(p16[l], T);
+    int64_t differ = 0;
+    for (size_t t = 0; t < a.size(); ++t) differ += a[t] != b[t];
+    layers.push_back(double(differ) / double(T));
+  }
+  return layers;
+}
+
 }  // namespace
 
 nlohmann::json run_train_profile(const TrainBenchOptions& opt, std::ostream& log) {
@@ -125,6 +168,7 @@ nlohmann::json run_train_profile(const TrainBenchOptions& opt, std::ostream& log
   auto step = [&](bool profile) {
     StepRecord rec;
     g_record = profile ? &rec : nullptr;
+    MatmulPrecisionGuard guard(t.precision);  // train.precision, as Trainee::train_step
     const auto t0 = std::chrono::steady_clock::now();
     const auto batch = batcher.next();
     const double d = ms_since(t0);
@@ -236,16 +280,23 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
   DataBundle data = prepare_data(cfg.data, nullptr, log);
   const int64_t vocab = data.tokenizer->vocab_size();
 
-  RunConfig fused_cfg = cfg, plain_cfg = cfg;
-  fused_cfg.moe.experts_impl = ExpertsImplKind::kGrouped;
+  // fused and plain in float32 (whatever train.precision the config says), and fused again with bf16
+  // products where the CPU has native bf16 (run_precision).
+  const bool has_bf16 = !bf16_support(read_cpu_features()).empty();
+  RunConfig fused_cfg = cfg, plain_cfg = cfg, bf16_cfg = cfg;
+  fused_cfg.moe.experts_impl = bf16_cfg.moe.experts_impl = ExpertsImplKind::kGrouped;
   plain_cfg.moe.experts_impl = ExpertsImplKind::kReference;
+  fused_cfg.train.precision = plain_cfg.train.precision = "fp32";
+  bf16_cfg.train.precision = "bf16";
   Trainee fused(fused_cfg, vocab), plain(plain_cfg, vocab);
+  std::unique_ptr<Trainee> bf16;
+  if (has_bf16) bf16 = std::make_unique<Trainee>(bf16_cfg, vocab);
   const auto counts = count_model(*fused.model);
   // Training FLOPs per token: forward matmuls (count_model: 2 x active matmul parameters + attention at
   // the full sequence length) and twice that for backward (gradients of activations and of weights).
   const double train_flops_per_token = 3.0 * counts.flops_per_token;
 
-  // The same batches, in the same order, for both models.
+  // The same batches, in the same order, for every model.
   const int warmup = 2;
   Batcher batcher(data.train, cfg.train.batch_size, uint64_t(cfg.train.seed), /*shuffle=*/true);
   std::vector<Batcher::Batch> batches;
@@ -253,14 +304,14 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
   const int64_t tokens_per_step = batches.front().tokens.size(0) * cfg.data.seq_len;
 
   // The machine's sgemm rate, in the same run: a square float32 product as large as BLAS likes; and the bf16
-  // GEMM rate of LibTorch (oneDNN where the CPU has bf16 instructions), the ceiling a bf16 step would be held
-  // against (docs/performance.md, "bf16 on this CPU").
+  // GEMM rate of LibTorch (oneDNN where the CPU has bf16 instructions), the ceiling of the bf16 step
+  // (docs/performance.md, "bf16 on this CPU").
   const int64_t n = 2048;
   auto a = torch::randn({n, n}), b = torch::randn({n, n}), c = torch::empty({n, n});
   auto ab = a.to(torch::kBFloat16), bb = b.to(torch::kBFloat16), cb = torch::empty({n, n}, torch::kBFloat16);
   const double sgemm_flops = 2.0 * double(n) * double(n) * double(n);
 
-  size_t next_fused = 0, next_plain = 0;
+  size_t next_fused = 0, next_plain = 0, next_bf16 = 0;
   ProgressBar bar("bench train", warmup + opt.steps, log, true);
   bench::Variants variants = {
       {"fused", [&] { fused.train_step(batches[next_fused++ % batches.size()]); }},
@@ -272,6 +323,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
       {"sgemm", [&] { at::mm_out(c, a, b); }},
       {"bf16_gemm", [&] { at::mm_out(cb, ab, bb); }},
   };
+  if (bf16) variants.push_back({"bf16", [&] { bf16->train_step(batches[next_bf16++ % batches.size()]); }});
   auto t = bench::interleaved(variants, opt.steps, warmup);
   bar.finish();
 
@@ -282,28 +334,42 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
       << std::setprecision(2) << train_flops_per_token * 1e-6 << " MFLOP per token (3 x forward matmuls), "
       << threads << " threads\n";
   log << std::left << std::setw(8) << "variant" << std::right << std::setw(12) << "step_ms" << std::setw(12)
-      << "tokens/s" << std::setw(10) << "GFLOP/s" << std::setw(16) << "share_of_sgemm\n";
-  for (const std::string name : {"fused", "plain"}) {
+      << "tokens/s" << std::setw(10) << "GFLOP/s" << std::setw(10) << "share"
+      << "  (of its own precision's GEMM rate)\n";
+  std::vector<std::string> names = {"fused", "plain"};
+  if (bf16) names.push_back("bf16");
+  for (const auto& name : names) {
     const double ms = t[name].median();
     const double tok_s = double(tokens_per_step) / (ms * 1e-3);
     const double gflops = tok_s * train_flops_per_token * 1e-9;
+    const bool is_bf16 = name == "bf16";
+    const double share = gflops / (is_bf16 ? bf16_gflops : sgemm_gflops);
     variants_json[name] = {{"step_ms", ms},
                            {"step_ms_range", {t[name].min(), t[name].max()}},
                            {"tokens_per_s", tok_s},
                            {"gflops", gflops},
+                           {"precision", is_bf16 ? "bf16" : "fp32"},
+                           {"share_of_own_gemm", share},
                            {"share_of_sgemm", gflops / sgemm_gflops},
-                           {"experts_impl", name == "fused" ? "grouped" : "reference"}};
+                           {"experts_impl", name == "plain" ? "reference" : "grouped"}};
     log << std::left << std::setw(8) << name << std::right << std::setprecision(1) << std::setw(12) << ms
         << std::setprecision(0) << std::setw(12) << tok_s << std::setprecision(1) << std::setw(10) << gflops
-        << std::setprecision(3) << std::setw(15) << gflops / sgemm_gflops << "\n";
+        << std::setprecision(3) << std::setw(10) << share << (is_bf16 ? "  of bf16 GEMM" : "  of sgemm")
+        << "\n";
   }
   const double speedup = t["plain"].median() / t["fused"].median();
+  // Routing flips of the fp32 model after its timed steps, on the first batch.
+  const auto flips = route_flips(fused.model, batches.front());
+  log << "tokens routed to another expert set with bf16 products, per MoE layer:";
+  for (const auto& f : flips) log << " " << std::setprecision(4) << f.get<double>();
+  log << "\n";
+  const double bf16_speedup = bf16 ? t["fused"].median() / t["bf16"].median() : 0.0;
   log << "sgemm " << n << "^3: " << std::setprecision(1) << sgemm_gflops << " GFLOP/s; bf16 GEMM " << n
       << "^3: " << bf16_gflops << " GFLOP/s (" << std::setprecision(2) << bf16_gflops / sgemm_gflops
-      << "x sgemm; cpu bf16: "
-      << (bf16_support(read_cpu_features()).empty() ? "none" : bf16_support(read_cpu_features()))
-      << "); fused vs plain " << std::setprecision(3) << speedup
-      << "x (both float32: shares are of the sgemm)" << std::endl;
+      << "x sgemm; cpu bf16: " << (has_bf16 ? bf16_support(read_cpu_features()) : "none")
+      << "); fused vs plain " << std::setprecision(3) << speedup << "x";
+  if (bf16) log << "; bf16 vs fused (fp32) " << bf16_speedup << "x";
+  log << std::endl;
   return {{"machine", describe_machine()},
           {"config", opt.config.empty() ? "configs/default.toml (embedded)" : opt.config},
           {"overrides", opt.overrides},
@@ -318,7 +384,9 @@ nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log) 
           {"bf16_gemm_ms_range", {t["bf16_gemm"].min(), t["bf16_gemm"].max()}},
           {"cpu_bf16", bf16_support(read_cpu_features())},
           {"variants", variants_json},
-          {"speedup", speedup}};
+          {"speedup", speedup},
+          {"route_flips_bf16", flips},
+          {"bf16_speedup", bf16 ? nlohmann::json(bf16_speedup) : nlohmann::json(nullptr)}};
 }
 
 nlohmann::json run_variant_throughput(const std::vector<CompareVariant>& variants, int steps,

@@ -21,8 +21,10 @@ struct TrainBenchOptions {
 };
 
 // Returns {"machine", "config", "tokens_per_step", "train_flops_per_token", "sgemm_gflops",
-// "bf16_gemm_gflops", "cpu_bf16", "variants": {"fused": {...}, "plain": {...}}, "speedup"}; prints a table
-// to `log`. Both variants train in float32, so their shares are of the sgemm rate.
+// "bf16_gemm_gflops", "cpu_bf16", "variants": {"fused": {...}, "plain": {...}, "bf16": {...}}, "speedup",
+// "bf16_speedup"}; prints a table to `log`. fused and plain train in float32 (their shares are of the sgemm
+// rate); bf16 is fused with train.precision = "bf16", run only where the CPU has native bf16 (its share is
+// of the bf16 GEMM rate).
 nlohmann::json run_train_bench(const TrainBenchOptions& opt, std::ostream& log);
 
 // Where a training step of the fused model goes (docs/performance.md, "Where a training step goes"):
