@@ -96,7 +96,8 @@ class MoE(nn.Module):
             rows, slot = torch.where(idx == e)
             if rows.numel() == 0:
                 continue
-            y.index_add_(0, rows, expert(x[rows]) * w[rows, slot].unsqueeze(1))
+            # .to(y.dtype): under autocast the expert's output is bf16 and index_add_ wants y's dtype.
+            y.index_add_(0, rows, (expert(x[rows]) * w[rows, slot].unsqueeze(1)).to(y.dtype))
         # The Switch / GShard balance loss, as moeforge's default trains with (balance_coef 0.01).
         load = F.one_hot(idx, E).float().sum((0, 1)) / idx.numel()
         aux = E * (load * probs.mean(0)).sum()
