@@ -400,15 +400,22 @@ std::string claim_report(const std::vector<double>& lf_mvg, const std::vector<do
 }
 
 TEST(Compare, ClaimVerdictsFollowTheNumbers) {
-  // Lower MaxVio_global, ranges apart, same perplexity: reproduced.
+  // Lower MaxVio_global on every seed (the paired interval excludes 0), the same perplexity on every seed
+  // (the interval is [0, 0], inside the ±1% bound): reproduced.
   auto yes = claim_report({0.05, 0.06, 0.07}, {0.5, 0.6, 0.7});
   EXPECT_NE(yes.find("**reproduced**"), std::string::npos) << yes;
-  EXPECT_NE(yes.find("resolved"), std::string::npos) << yes;
-  // Lower on average but the ranges overlap: mixed, and the report says the difference is not resolved.
+  EXPECT_NE(yes.find("lower, resolved"), std::string::npos) << yes;
+  EXPECT_NE(yes.find("equivalent within ±1.0%"), std::string::npos) << yes;
+  // Lower on average, but the per-seed differences (-0.2, -0.2, -0.05) give an interval that spans 0: not
+  // resolved (the min-max rule called this "mixed").
   auto overlap = claim_report({0.3, 0.4, 0.65}, {0.5, 0.6, 0.7});
-  EXPECT_NE(overlap.find("**mixed**"), std::string::npos) << overlap;
-  EXPECT_NE(overlap.find("not resolved"), std::string::npos) << overlap;
-  // Higher: not reproduced.
+  EXPECT_NE(overlap.find("**not resolved**"), std::string::npos) << overlap;
+  EXPECT_NE(overlap.find("the interval spans 0"), std::string::npos) << overlap;
+  // Ranges that overlap but a per-seed difference that is the same on every seed: resolved by pairing,
+  // where the min-max rule could not.
+  auto paired = claim_report({0.45, 0.55, 0.65}, {0.5, 0.6, 0.7});
+  EXPECT_NE(paired.find("**reproduced**"), std::string::npos) << paired;
+  // Higher, resolved: not reproduced.
   auto no = claim_report({0.8, 0.9, 1.0}, {0.5, 0.6, 0.7});
   EXPECT_NE(no.find("**not reproduced**"), std::string::npos) << no;
 }
@@ -447,6 +454,8 @@ void expect_config_error(const std::string& toml, const std::string& field, cons
 TEST(Compare, BadPlansAreNamed) {
   expect_config_error("[compare]\nnonsense = 1\n", "compare.nonsense");
   expect_config_error("[compare]\nseeds = [1, 1]\n", "compare.seeds");
+  expect_config_error("[compare]\nequivalence_ppl = 2\n", "compare.equivalence_ppl");
+  expect_config_error("[compare]\nequivalence_ppl = \"1%\"\n", "compare.equivalence_ppl");
   expect_config_error("[[compare.variant]]\nrouter = \"topk\"\n", "compare.variant.name");
   expect_config_error("[[compare.variant]]\nname = \"a\"\n", "compare.variant.router");
   expect_config_error("[[compare.variant]]\nname = \"a\"\nrouter = \"nonsense\"\n", "compare.variant.router");

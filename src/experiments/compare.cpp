@@ -386,6 +386,13 @@ ComparePlan load_compare_plan(const std::string& path, const std::vector<std::st
       const std::string where = toml_place(path, v);
       if (key == "compare.seeds") {
         plan.seeds = toml_seeds(v, key, where);
+      } else if (key == "compare.equivalence_ppl") {
+        const auto x = v.value<double>();
+        if (!x || !(*x > 0 && *x < 1))
+          throw ConfigError(
+              key,
+              "must be a number in (0, 1): a relative perplexity bound, e.g. 0.01 for ±1% (" + where + ")");
+        plan.equivalence_ppl = *x;
       } else if (key == "compare.variant") {
         const auto* arr = v.as_array();
         if (!arr) throw ConfigError(key, "expected [[compare.variant]] tables (" + where + ")");
@@ -435,7 +442,8 @@ ComparePlan load_compare_plan(const std::string& path, const std::vector<std::st
           plan.variants.push_back(std::move(var));
         }
       } else {
-        throw ConfigError(key, "unknown key; [compare] has seeds and [[compare.variant]] (" + where + ")");
+        throw ConfigError(
+            key, "unknown key; [compare] has seeds, equivalence_ppl and [[compare.variant]] (" + where + ")");
       }
     }
   }
@@ -713,6 +721,7 @@ nlohmann::json run_compare(const ComparePlan& plan, const CompareOptions& opt, s
                            {"machine", describe_machine()},
                            {"source", plan.source},
                            {"seeds", plan.seeds},
+                           {"equivalence_ppl", plan.equivalence_ppl},
                            {"k", plan.base.moe.routed_used()},
                            {"steps", plan.base.train.steps},
                            {"batch_size", plan.base.train.batch_size},

@@ -51,6 +51,9 @@ struct ComparePlan {
   std::vector<CompareVariant> variants;
   std::vector<int64_t> seeds = {1, 2, 3};
   std::string source;  // the config file (or "routers") it came from
+  // compare.equivalence_ppl: the bound of "equal or better" perplexity claims, as a relative perplexity
+  // difference fixed before the run (docs/comparison.md, "Paired statistics").
+  double equivalence_ppl = 0.01;
 };
 
 struct CompareOptions {
