@@ -12,11 +12,11 @@ plot 'docs/results/plots/train_top2-switch.dat' using 1:2 with lines lw 2 lc 1 t
 unset multiplot
 set terminal pngcairo size 1100,550 font 'sans,10'
 set output 'docs/results/plots/max_vio_batch.png'
-set title 'MaxVio_batch per training step (mean over MoE layers and seeds, moving average); dashed: 0.2' noenhanced
+set title 'MaxVio_batch per training step (mean over MoE layers and seeds, moving average); dashed: 0.5' noenhanced
 set xlabel 'step'
 set ylabel 'MaxVio_batch' noenhanced
 set logscale y
-plot 'docs/results/plots/max_vio_top2-switch.dat' using 1:2 with lines lw 2 lc 1 title 'top2-switch', 'docs/results/plots/max_vio_top2-noloss.dat' using 1:2 with lines lw 2 lc 2 title 'top2-noloss', 'docs/results/plots/max_vio_loss-free.dat' using 1:2 with lines lw 2 lc 3 title 'loss-free', 'docs/results/plots/max_vio_bip.dat' using 1:2 with lines lw 2 lc 4 title 'bip', 'docs/results/plots/max_vio_ec-causal.dat' using 1:2 with lines lw 2 lc 5 title 'ec-causal', 'docs/results/plots/max_vio_ec-noncausal.dat' using 1:2 with lines lw 2 lc 6 title 'ec-noncausal', 'docs/results/plots/max_vio_hierarchical.dat' using 1:2 with lines lw 2 lc 7 title 'hierarchical', 'docs/results/plots/max_vio_moce.dat' using 1:2 with lines lw 2 lc 8 title 'moce', 0.2 with lines dt 2 lc rgb 'black' notitle
+plot 'docs/results/plots/max_vio_top2-switch.dat' using 1:2 with lines lw 2 lc 1 title 'top2-switch', 'docs/results/plots/max_vio_top2-noloss.dat' using 1:2 with lines lw 2 lc 2 title 'top2-noloss', 'docs/results/plots/max_vio_loss-free.dat' using 1:2 with lines lw 2 lc 3 title 'loss-free', 'docs/results/plots/max_vio_bip.dat' using 1:2 with lines lw 2 lc 4 title 'bip', 'docs/results/plots/max_vio_ec-causal.dat' using 1:2 with lines lw 2 lc 5 title 'ec-causal', 'docs/results/plots/max_vio_ec-noncausal.dat' using 1:2 with lines lw 2 lc 6 title 'ec-noncausal', 'docs/results/plots/max_vio_hierarchical.dat' using 1:2 with lines lw 2 lc 7 title 'hierarchical', 'docs/results/plots/max_vio_moce.dat' using 1:2 with lines lw 2 lc 8 title 'moce', 0.5 with lines dt 2 lc rgb 'black' notitle
 unset logscale y
 set terminal pngcairo size 1260,940 font 'sans,9'
 set output 'docs/results/plots/load_heatmaps.png'
