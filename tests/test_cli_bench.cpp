@@ -68,6 +68,26 @@ TEST(CliBench, TrainReportsTheBf16GemmRateBesideTheSgemm) {
   EXPECT_GT(j["sgemm_gflops"].get<double>(), 0.0);
   EXPECT_GT(j["bf16_gemm_gflops"].get<double>(), 0.0);
   EXPECT_EQ(j["cpu_bf16"].get<std::string>(), bf16_support(read_cpu_features()));
+  // The bf16 variant runs where the CPU has native bf16, its share taken of the bf16 GEMM rate; the
+  // float32 variants' shares stay of the sgemm. Routing flips: one share per MoE layer (2 here), in [0, 1].
+  ASSERT_TRUE(j["route_flips_bf16"].is_array());
+  EXPECT_EQ(j["route_flips_bf16"].size(), 2u);
+  for (auto& f : j["route_flips_bf16"]) {
+    EXPECT_GE(f.get<double>(), 0.0);
+    EXPECT_LE(f.get<double>(), 1.0);
+  }
+  const auto& fused = j["variants"]["fused"];
+  EXPECT_NEAR(fused["share_of_own_gemm"].get<double>(),
+              fused["gflops"].get<double>() / j["sgemm_gflops"].get<double>(), 1e-9);
+  if (bf16_support(read_cpu_features()).empty()) {
+    EXPECT_FALSE(j["variants"].contains("bf16")) << j.dump();
+  } else {
+    const auto& b = j["variants"]["bf16"];
+    EXPECT_EQ(b["precision"].get<std::string>(), "bf16");
+    EXPECT_NEAR(b["share_of_own_gemm"].get<double>(),
+                b["gflops"].get<double>() / j["bf16_gemm_gflops"].get<double>(), 1e-9);
+    EXPECT_GT(j["bf16_speedup"].get<double>(), 0.0);
+  }
 }
 
 // `moeforge bench --dist` end to end on the tests' tiny model: every setting runs as real ranks, and the
