@@ -10,6 +10,7 @@
 #include "moeforge/layer/fused_moe.h"
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/layer/precision.h"
+#include "moeforge/model/attention_core.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
@@ -135,6 +136,30 @@ TEST(Bf16, NoGradForwardEqualsTheAutogradOne) {
   auto plan = build_plan_from_choices(experts, {}, {}, g, c.E, 0);
   auto y = fused_moe(x, plan, ExpertWeights{ExpertAct::kSwiGLU, wg, wu, wd}, nullptr);
   EXPECT_TRUE(torch::equal(y, with_grad.y));
+}
+
+// The attention core under the guard: output and q, k, v gradients against float64 within bf16's bounds
+// (two products, each rounding its operands and output; the softmax between them in float32), and rounded.
+TEST(Bf16, AttentionCoreMatchesFloat64WithinBf16Bounds) {
+  torch::manual_seed(8);
+  auto d = torch::TensorOptions().dtype(torch::kDouble);
+  auto q64 = torch::randn({2, 3, 40, 16}, d), k64 = torch::randn({2, 3, 40, 16}, d);
+  auto v64 = torch::randn({2, 3, 40, 16}, d), g64 = torch::randn({2, 3, 40, 16}, d);
+  auto grads = [&](torch::ScalarType t, bool bf16) {
+    auto leaf = [&](const torch::Tensor& x) { return x.to(t).detach().requires_grad_(); };
+    auto q = leaf(q64), k = leaf(k64), v = leaf(v64);
+    MatmulPrecisionGuard guard(bf16 ? MatmulPrecision::kBFloat16 : MatmulPrecision::kFloat32);
+    auto y = t == torch::kDouble ? causal_attention_reference(q, k, v) : causal_attention(q, k, v);
+    y.backward(g64.to(t));
+    return std::vector<torch::Tensor>{y.detach(), q.grad(), k.grad(), v.grad()};
+  };
+  const auto ref = grads(torch::kDouble, false), got = grads(torch::kFloat, true);
+  const char* names[] = {"y", "dq", "dk", "dv"};
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double e = rel_err(got[i], ref[i]);
+    EXPECT_LT(e, kBf16Bound) << names[i];
+    EXPECT_GT(e, kRoundedAtLeast) << names[i] << ": no bf16 rounding seen";
+  }
 }
 
 TEST(Bf16, LinearRoundsOperandsOnlyUnderTheGuard) {

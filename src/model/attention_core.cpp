@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels/cpu/attention.h"
+#include "moeforge/layer/precision.h"
 
 namespace moeforge {
 namespace {
@@ -70,11 +71,24 @@ torch::Tensor causal_attention_reference(const torch::Tensor& q, const torch::Te
   return torch::matmul(torch::softmax(att, -1), v);  // [B, H, S, D]
 }
 
+// The reference's two products with bf16 operands (train.precision = "bf16", layer/precision.h): scores and
+// the weighted sum of values as bf16 products widened to float32; the scaling, the mask and the softmax in
+// float32. Autograd's casts carry the gradients back as float32.
+torch::Tensor causal_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  const int64_t S = q.size(2), D = q.size(3);
+  const auto b16 = torch::kBFloat16;
+  auto att = torch::matmul(q.to(b16), k.to(b16).transpose(2, 3)).to(q.scalar_type()) / std::sqrt(double(D));
+  auto mask = torch::ones({S, S}, torch::TensorOptions().dtype(torch::kBool).device(q.device())).triu(1);
+  att = att.masked_fill(mask, -std::numeric_limits<float>::infinity());
+  return torch::matmul(torch::softmax(att, -1).to(b16), v.to(b16)).to(q.scalar_type());  // [B, H, S, D]
+}
+
 torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
   const bool fused = q.device().is_cpu() && q.scalar_type() == torch::kFloat &&
                      k.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat &&
                      q.sizes() == k.sizes() && q.sizes() == v.sizes();
   if (!fused) return causal_attention_reference(q, k, v);
+  if (matmul_precision() == MatmulPrecision::kBFloat16) return causal_attention_bf16(q, k, v);
   return CausalAttentionFn::apply(q, k, v);
 }
 

@@ -5,6 +5,8 @@
 //    probabilities for backward;
 //  - causal_attention_reference: its plain twin in LibTorch ops (matmul, mask, softmax, matmul), with
 //    autograd's backward, which also takes a KV cache's past positions.
+// Under train.precision = "bf16" (layer/precision.h) causal_attention runs the reference's two products with
+// bf16 operands, the mask and softmax in float32 (docs/performance.md, "bf16 training").
 #pragma once
 
 #include <torch/torch.h>
