@@ -658,7 +658,91 @@ TEST(InstructTraining, PrepareDataAndAFewSteps) {
   }
   EXPECT_EQ(heldout, 3);
   EXPECT_NE(format_instruct_eval(r).find("held-out accuracy"), std::string::npos);
+  EXPECT_NE(format_instruct_eval(r).find("multiple choice: held-in"), std::string::npos);
   EXPECT_TRUE(r.to_json().contains("tasks"));
+  EXPECT_TRUE(r.to_json().contains("heldout_mc"));
+
+  // Multiple choice: for every task, the count of samples whose reference wins equals the count found by
+  // scoring each candidate alone (one row, its summed response log-likelihood) and taking the best.
+  torch::NoGradGuard ng;
+  lm.model->eval();
+  const int64_t S = lm.model->model_config().max_seq_len;
+  int64_t scored_tasks = 0;
+  for (const auto& t : r.tasks) {
+    EXPECT_LE(t.mc_correct, t.mc_samples) << t.task;
+    std::vector<InstructSample> mine;
+    for (const auto& x : d.instruct->test)
+      if (x.task == t.task && mine.size() < 2) mine.push_back(x);
+    std::vector<std::string> pool;
+    for (const auto& x : mine)
+      if (std::find(pool.begin(), pool.end(), x.response) == pool.end()) pool.push_back(x.response);
+    int64_t samples = 0, correct = 0;
+    for (size_t i = 0; i < mine.size(); ++i) {
+      int64_t ref = 0;
+      const auto cands = mc_candidates(mine[i], pool, eo.mc_choices, uint64_t(i) * 7919u + 1u, &ref);
+      if (cands.size() < 2) continue;
+      std::vector<double> ll;
+      for (const auto& c : cands) {
+        auto alt = mine[i];
+        alt.response = c;
+        PackedData p = pack_samples({alt}, *lm.tokenizer, S, {t.task}, /*pack=*/false);
+        if (p.dropped > 0) break;
+        RouteContext ctx;
+        ctx.prompt_len = p.prompt_len;
+        auto out = lm.model->forward(p.tokens.narrow(1, 0, S), ctx);
+        auto ce = torch::nn::functional::cross_entropy(
+            out.logits.reshape({S, -1}), p.tokens.narrow(1, 1, S).reshape(-1),
+            torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+        ll.push_back(-(ce.to(torch::kDouble) * p.weight.reshape(-1).to(torch::kDouble)).sum().item<double>());
+      }
+      if (ll.size() != cands.size()) continue;  // a candidate longer than the context: not scored
+      ++samples;
+      correct += std::max_element(ll.begin(), ll.end()) - ll.begin() == ref;
+    }
+    EXPECT_EQ(t.mc_samples, samples) << t.task;
+    EXPECT_EQ(t.mc_correct, correct) << t.task;
+    if (samples > 0) {
+      ++scored_tasks;
+      EXPECT_NEAR(t.mc_chance(), 0.5, 1e-12) << t.task;  // two samples per task: one distractor each
+    }
+  }
+  EXPECT_GT(scored_tasks, 0);
+}
+
+// The candidates of a multiple choice: the reference once, at the index it reports; distractors from the
+// task's answers that match none of the accepted answers (after normalisation) and each other; at most
+// `choices`; deterministic for a salt, and another salt starts elsewhere in the pool.
+TEST(InstructEval, McCandidatesHoldTheReferenceAndDistinctDistractors) {
+  InstructSample x;
+  x.response = "Noun";
+  x.answers = {"Noun", "a noun"};
+  const std::vector<std::string> pool = {"noun.", "verb", "A Noun", "adjective", "Verb", "adverb", "pronoun"};
+  for (uint64_t salt : {0u, 1u, 5u, 8u}) {
+    int64_t ref = -1;
+    const auto c = mc_candidates(x, pool, 4, salt, &ref);
+    ASSERT_EQ(c.size(), 4u);
+    ASSERT_GE(ref, 0);
+    EXPECT_EQ(c[size_t(ref)], "Noun");
+    std::vector<std::string> norms;
+    for (size_t i = 0; i < c.size(); ++i) {
+      if (int64_t(i) == ref) continue;
+      const auto n = normalize_answer(c[i]);
+      EXPECT_NE(n, "noun");
+      EXPECT_NE(n, "a noun");
+      EXPECT_EQ(std::count(norms.begin(), norms.end(), n), 0) << n;
+      norms.push_back(n);
+    }
+    int64_t ref2 = -1;
+    EXPECT_EQ(mc_candidates(x, pool, 4, salt, &ref2), c);
+    EXPECT_EQ(ref2, ref);
+  }
+  int64_t r0 = 0, r1 = 0;
+  EXPECT_NE(mc_candidates(x, pool, 3, 0, &r0), mc_candidates(x, pool, 3, 2, &r1));
+  // Fewer distinct wrong answers than asked: all of them; none: the reference alone.
+  int64_t r = 0;
+  EXPECT_EQ(mc_candidates(x, {"verb", "noun"}, 4, 0, &r).size(), 2u);
+  EXPECT_EQ(mc_candidates(x, {"noun", "A noun"}, 4, 3, &r), std::vector<std::string>{"Noun"});
+  EXPECT_EQ(r, 0);
 }
 
 // MoCE in its own setting: the prompt pool with offline k-means on the prompts (TF-IDF: the hidden form needs

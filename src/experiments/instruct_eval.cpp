@@ -40,6 +40,29 @@ bool answer_matches(const std::string& generated, const std::vector<std::string>
                      [&](const std::string& a) { return normalize_answer(a) == g; });
 }
 
+std::vector<std::string> mc_candidates(const InstructSample& x, const std::vector<std::string>& pool,
+                                       int64_t choices, uint64_t salt, int64_t* reference) {
+  std::vector<std::string> accepted;
+  for (const auto& a : x.answers) accepted.push_back(normalize_answer(a));
+  accepted.push_back(normalize_answer(x.response));
+  std::vector<std::string> distractors;
+  std::vector<std::string> seen;
+  const size_t n = pool.size();
+  for (size_t k = 0; k < n && int64_t(distractors.size()) + 1 < choices; ++k) {
+    const auto& cand = pool[(salt + k) % n];
+    const auto norm = normalize_answer(cand);
+    if (std::find(accepted.begin(), accepted.end(), norm) != accepted.end()) continue;
+    if (std::find(seen.begin(), seen.end(), norm) != seen.end()) continue;
+    seen.push_back(norm);
+    distractors.push_back(cand);
+  }
+  const int64_t size = int64_t(distractors.size()) + 1;
+  *reference = int64_t(salt % uint64_t(size));
+  std::vector<std::string> out = distractors;
+  out.insert(out.begin() + *reference, x.response);
+  return out;
+}
+
 namespace {
 
 std::string family_of(const std::string& task) {
@@ -93,6 +116,69 @@ void teacher_forced(TransformerLM& model, const Tokenizer& tok, const std::vecto
   }
 }
 
+// Log-likelihood multiple choice over one task's samples: every candidate answer teacher-forced after the
+// sample's prompt (one row each, the loss weights on the answer and its </s>), the summed log-likelihood of
+// the answer compared across the sample's candidates.
+void multiple_choice(TransformerLM& model, const Tokenizer& tok, const std::vector<InstructSample>& samples,
+                     int64_t choices, int64_t batch_size, InstructTaskScore& s) {
+  if (choices < 2) return;
+  const int64_t S = model->model_config().max_seq_len;
+  std::vector<std::string> pool;
+  for (const auto& x : samples)
+    if (std::find(pool.begin(), pool.end(), x.response) == pool.end()) pool.push_back(x.response);
+  struct Pending {
+    int64_t sample, reference, n;
+  };
+  std::vector<Pending> pending;
+  std::vector<torch::Tensor> rows, weights, prompts;
+  int64_t queued = 0;
+  auto flush = [&] {
+    if (queued == 0) return;
+    auto tokens = torch::cat(rows, 0), weight = torch::cat(weights, 0);  // [R, S+1], [R, S]
+    RouteContext ctx;
+    ctx.prompt_len = torch::cat(prompts, 0);
+    auto out = model->forward(tokens.narrow(1, 0, S), ctx);
+    auto ce = torch::nn::functional::cross_entropy(
+        out.logits.reshape({queued * S, -1}), tokens.narrow(1, 1, S).reshape(-1),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [R*S]
+    auto ll =
+        -(ce.to(torch::kCPU, torch::kDouble).view({queued, S}) * weight.to(torch::kDouble)).sum(1);  // [R]
+    const double* pl = ll.data_ptr<double>();
+    int64_t r = 0;
+    for (const auto& p : pending) {
+      int64_t best = 0;
+      for (int64_t c = 1; c < p.n; ++c)
+        if (pl[r + c] > pl[r + best]) best = c;
+      ++s.mc_samples;
+      s.mc_correct += best == p.reference;
+      s.mc_chance_sum += 1.0 / double(p.n);
+      r += p.n;
+    }
+    pending.clear();
+    rows.clear();
+    weights.clear();
+    prompts.clear();
+    queued = 0;
+  };
+  for (size_t i = 0; i < samples.size(); ++i) {
+    int64_t reference = 0;
+    const auto cands = mc_candidates(samples[i], pool, choices, uint64_t(i) * 7919u + 1u, &reference);
+    if (cands.size() < 2) continue;  // a task with one distinct answer has nothing to choose between
+    std::vector<InstructSample> alt(cands.size(), samples[i]);
+    for (size_t c = 0; c < cands.size(); ++c) alt[c].response = cands[c];
+    PackedData p = pack_samples(alt, tok, S, {s.task}, /*pack=*/false);
+    if (p.dropped > 0) continue;  // a candidate does not fit the context: the sample is not scored
+    const int64_t n = p.size();
+    rows.push_back(p.row_range(0, n).tokens);
+    weights.push_back(p.weight);
+    prompts.push_back(p.prompt_len);
+    pending.push_back({int64_t(i), reference, n});
+    queued += n;
+    if (queued >= batch_size) flush();
+  }
+  flush();
+}
+
 double mean_of(const std::vector<double>& v) {
   double sum = 0;
   for (double x : v) sum += x;
@@ -139,14 +225,19 @@ InstructEvalResult evaluate_instruct(TransformerLM& model, const Tokenizer& tok,
         s.examples.push_back({x.prompt, generated, x.response, ok});
     }
     teacher_forced(model, tok, mine, std::max<int64_t>(1, opt.batch_size), s);
+    multiple_choice(model, tok, mine, opt.mc_choices, std::max<int64_t>(1, opt.batch_size), s);
     r.tasks.push_back(std::move(s));
   }
-  std::vector<double> acc_in, acc_out, loss_in, loss_out;
+  std::vector<double> acc_in, acc_out, loss_in, loss_out, mc_in, mc_out, ch_in, ch_out;
   std::map<std::string, std::vector<int64_t>> by_family;
   std::vector<std::vector<int64_t>> by_task;
   for (const auto& s : r.tasks) {
     (s.heldout ? acc_out : acc_in).push_back(s.accuracy());
     (s.heldout ? loss_out : loss_in).push_back(s.loss());
+    if (s.mc_samples > 0) {
+      (s.heldout ? mc_out : mc_in).push_back(s.mc_accuracy());
+      (s.heldout ? ch_out : ch_in).push_back(s.mc_chance());
+    }
     if (s.cluster.empty()) continue;
     by_task.push_back(s.cluster);
     auto& f = by_family[s.family];
@@ -157,6 +248,10 @@ InstructEvalResult evaluate_instruct(TransformerLM& model, const Tokenizer& tok,
   r.heldout_accuracy = mean_of(acc_out);
   r.heldin_loss = mean_of(loss_in);
   r.heldout_loss = mean_of(loss_out);
+  r.heldin_mc = mean_of(mc_in);
+  r.heldout_mc = mean_of(mc_out);
+  r.heldin_mc_chance = mean_of(ch_in);
+  r.heldout_mc_chance = mean_of(ch_out);
   // Purity of the clusters by label: sum over clusters of the largest label count, over all counts (the
   // table is [label][cluster] here, so transpose into table_purity's [cluster][label]).
   auto purity = [](const std::vector<std::vector<int64_t>>& label_cluster) {
@@ -180,16 +275,30 @@ nlohmann::json InstructEvalResult::to_json() const {
   j["heldout_accuracy"] = heldout_accuracy;
   j["heldin_loss"] = heldin_loss;
   j["heldout_loss"] = heldout_loss;
+  j["heldin_mc"] = heldin_mc;
+  j["heldout_mc"] = heldout_mc;
+  j["heldin_mc_chance"] = heldin_mc_chance;
+  j["heldout_mc_chance"] = heldout_mc_chance;
   j["cluster_purity_task"] = cluster_purity_task;
   j["cluster_purity_family"] = cluster_purity_family;
   j["tasks"] = nlohmann::json::array();
   for (const auto& s : tasks) {
-    nlohmann::json t = {{"task", s.task},       {"family", s.family},
-                        {"heldout", s.heldout}, {"samples", s.samples},
-                        {"exact", s.exact},     {"accuracy", s.accuracy()},
-                        {"loss", s.loss()},     {"perplexity", std::exp(s.loss())},
-                        {"tokens", s.tokens},   {"too_long", s.too_long},
-                        {"expert", s.expert},   {"cluster", s.cluster}};
+    nlohmann::json t = {{"task", s.task},
+                        {"family", s.family},
+                        {"heldout", s.heldout},
+                        {"samples", s.samples},
+                        {"exact", s.exact},
+                        {"accuracy", s.accuracy()},
+                        {"loss", s.loss()},
+                        {"perplexity", std::exp(s.loss())},
+                        {"tokens", s.tokens},
+                        {"too_long", s.too_long},
+                        {"expert", s.expert},
+                        {"cluster", s.cluster},
+                        {"mc_samples", s.mc_samples},
+                        {"mc_correct", s.mc_correct},
+                        {"mc_accuracy", s.mc_accuracy()},
+                        {"mc_chance", s.mc_chance()}};
     t["examples"] = nlohmann::json::array();
     for (const auto& e : s.examples)
       t["examples"].push_back({{"prompt", e.prompt},
@@ -204,15 +313,18 @@ nlohmann::json InstructEvalResult::to_json() const {
 std::string format_instruct_eval(const InstructEvalResult& r) {
   std::ostringstream o;
   o << std::fixed;
-  o << "task                 family        split     samples  exact match  response ppl\n";
+  o << "task                 family        split     samples  exact match  response ppl  multiple choice "
+       "(chance)\n";
   for (const auto& s : r.tasks)
     o << std::left << std::setw(21) << s.task << std::setw(14) << s.family << std::setw(10)
       << (s.heldout ? "held-out" : "held-in") << std::right << std::setw(7) << s.samples << std::setw(12)
       << std::setprecision(3) << s.accuracy() << std::setw(14) << std::setprecision(2) << std::exp(s.loss())
-      << "\n";
+      << std::setw(10) << std::setprecision(3) << s.mc_accuracy() << " (" << s.mc_chance() << ")\n";
   o << std::setprecision(3) << "held-in accuracy " << r.heldin_accuracy << " (ppl " << std::setprecision(2)
     << std::exp(r.heldin_loss) << "), held-out accuracy " << std::setprecision(3) << r.heldout_accuracy
     << " (ppl " << std::setprecision(2) << std::exp(r.heldout_loss) << "); task averages\n";
+  o << "multiple choice: held-in " << r.heldin_mc << " (chance " << r.heldin_mc_chance << "), held-out "
+    << r.heldout_mc << " (chance " << r.heldout_mc_chance << "); task averages\n";
   bool clusters =
       std::any_of(r.tasks.begin(), r.tasks.end(), [](const auto& s) { return !s.cluster.empty(); });
   if (clusters) {

@@ -28,7 +28,17 @@ struct InstructEvalOptions {
   int64_t per_task = 0;         // samples scored per task, the split's first ones (0 = all)
   int64_t batch_size = 16;      // for the teacher-forced pass (perplexity and routing tables)
   int64_t examples = 3;         // generations kept per task for the report
+  // Log-likelihood multiple choice (docs/instruct.md, "Multiple choice"): each sample's reference against
+  // up to mc_choices - 1 distractors, the other answers of its task's samples; 0 = not scored.
+  int64_t mc_choices = 4;
 };
+
+// The candidates of a sample's multiple choice: its reference and up to choices - 1 distractors drawn from
+// `pool` (the distinct answers of its task, in a fixed order) that match none of its accepted answers
+// (normalize_answer), taken from a starting point set by `salt` so that samples get different ones; the
+// reference at position salt % size. Returns the candidates and sets *reference to the reference's index.
+std::vector<std::string> mc_candidates(const InstructSample& x, const std::vector<std::string>& pool,
+                                       int64_t choices, uint64_t salt, int64_t* reference);
 
 struct InstructTaskScore {
   std::string task, family;
@@ -38,6 +48,11 @@ struct InstructTaskScore {
   int64_t tokens = 0;   // response tokens scored (the answer and its </s>)
   int64_t too_long =
       0;  // samples longer than the context: in no perplexity, answered "" if the prompt fills it
+  // Multiple choice: samples scored (those whose candidates all fit the context and that have at least one
+  // distractor), those whose reference had the highest summed log-likelihood, and the sum of 1 / candidates
+  // (the chance level's numerator).
+  int64_t mc_samples = 0, mc_correct = 0;
+  double mc_chance_sum = 0;
   std::vector<int64_t> cluster;  // [G] the first MoE layer's cluster of each scored position (MoCE)
   std::vector<int64_t> expert;   // [E] the first MoE layer's assignments of each scored position
   struct Example {
@@ -46,6 +61,8 @@ struct InstructTaskScore {
   };
   std::vector<Example> examples;
   double accuracy() const { return samples > 0 ? double(exact) / double(samples) : 0.0; }
+  double mc_accuracy() const { return mc_samples > 0 ? double(mc_correct) / double(mc_samples) : 0.0; }
+  double mc_chance() const { return mc_samples > 0 ? mc_chance_sum / double(mc_samples) : 0.0; }
   double loss() const { return tokens > 0 ? loss_sum / double(tokens) : 0.0; }
 };
 
@@ -54,6 +71,8 @@ struct InstructEvalResult {
   // Macro averages over tasks (each task counts once, as in the paper's task averages).
   double heldin_accuracy = 0, heldout_accuracy = 0;
   double heldin_loss = 0, heldout_loss = 0;  // mean of the tasks' response-token losses
+  // Multiple-choice accuracy and its chance level, task averages (tasks with scored samples only).
+  double heldin_mc = 0, heldout_mc = 0, heldin_mc_chance = 0, heldout_mc_chance = 0;
   // Cluster purity by task and by task family, from the tasks' cluster counts (0 without clusters).
   double cluster_purity_task = 0, cluster_purity_family = 0;
   nlohmann::json to_json() const;
