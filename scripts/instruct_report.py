@@ -75,6 +75,21 @@ def verdict(a, b):
     return "overlapping"
 
 
+# Two-sided 95% quantiles of Student's t, t_{0.975, df}, df = 1..10 (standard tables).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def paired(xs, ys):
+    """Per-seed differences x - y over the seeds both have: mean and 95% t interval (None without 2 seeds)."""
+    seeds = sorted(set(xs) & set(ys))
+    d = [xs[s] - ys[s] for s in seeds]
+    if len(d) < 2:
+        return {"n": len(d), "mean": d[0] if d else None, "lo": None, "hi": None}
+    m = statistics.fmean(d)
+    half = T975[min(len(d) - 2, len(T975) - 1)] * statistics.stdev(d) / math.sqrt(len(d))
+    return {"n": len(d), "mean": m, "lo": m - half, "hi": m + half}
+
+
 def gnuplot(script):
     try:
         subprocess.run(["gnuplot"], input=script.encode(), check=True, capture_output=True)
@@ -112,6 +127,18 @@ def main():
         r = {"seeds": seeds}
         for key in ["heldin_accuracy", "heldout_accuracy", "heldin_loss", "heldout_loss"]:
             r[key] = spread([runs[v][s][key] for s in seeds])
+        # Log-likelihood multiple choice (moeforge eval, docs/instruct.md): accuracy and its chance level.
+        for key in ["heldin_mc", "heldout_mc", "heldin_mc_chance", "heldout_mc_chance"]:
+            r[key] = spread([runs[v][s].get(key, float("nan")) for s in seeds])
+        r["heldout_mc_by_seed"] = {s: runs[v][s].get("heldout_mc") for s in seeds}
+        # The gate: held-in multiple choice clearly above chance on every seed, i.e. above chance by two
+        # binomial standard errors over the held-in samples scored.
+        gate = []
+        for s in seeds:
+            n = sum(x.get("mc_samples", 0) for x in runs[v][s]["tasks"] if not x["heldout"])
+            acc, ch = runs[v][s].get("heldin_mc"), runs[v][s].get("heldin_mc_chance")
+            gate.append(n > 0 and acc is not None and acc > ch + 2 * math.sqrt(ch * (1 - ch) / n))
+        r["heldin_mc_above_chance"] = all(gate) if gate else False
         r["heldin_ppl"] = spread([math.exp(runs[v][s]["heldin_loss"]) for s in seeds])
         r["heldout_ppl"] = spread([math.exp(runs[v][s]["heldout_loss"]) for s in seeds])
         r["task_accuracy"] = {}
@@ -162,6 +189,22 @@ def main():
                      "overlapping": "mixed"}[rel] if rel != "n/a" else "n/a"
         # The secondary measure: held-out response perplexity (lower is better).
         ppl_rel = verdict(V["topk"]["heldout_ppl"], V["moce"]["heldout_ppl"])  # "higher": moce's is lower
+    # The claim read from held-out multiple choice, paired by seed, once the gate is passed.
+    mc_claim, mc_pair = "n/a", None
+    if "moce" in V and "topk" in V and V["moce"]["heldout_mc"] is not None:
+        mc_pair = paired(V["moce"]["heldout_mc_by_seed"], V["topk"]["heldout_mc_by_seed"])
+        if not (V["moce"]["heldin_mc_above_chance"] and V["topk"]["heldin_mc_above_chance"]):
+            mc_claim = "not readable (held-in multiple choice is not clearly above chance)"
+        elif mc_pair["lo"] is None:
+            mc_claim = "not resolved (fewer than 2 paired seeds)"
+        elif mc_pair["lo"] > 0:
+            mc_claim = "reproduced"
+        elif mc_pair["hi"] < 0:
+            mc_claim = "not reproduced"
+        else:
+            mc_claim = "not resolved"
+    res["mc_claim"] = mc_claim
+    res["mc_moce_minus_topk"] = mc_pair
     res["claim"] = claim
     res["heldout_ppl_moce_vs_topk"] = {"higher": "moce lower (better)", "lower": "moce higher (worse)",
                                        "overlapping": "overlapping"}.get(ppl_rel, "n/a")
@@ -236,6 +279,18 @@ plot '{dat}' using 1:2:3 with image notitle
                  f"{fmt(r['heldin_ppl'], 2)} | {fmt(r['heldout_ppl'], 2)} | {fmt(r['specialization'])} | "
                  f"{fmt(r['cluster_purity_task'])} | {fmt(r['cluster_purity_family'])} |")
     L.append("")
+    if any(V[v]["heldout_mc"] is not None for v in variants):
+        L.append("Log-likelihood multiple choice (each sample's reference against up to 3 distractors, the "
+                 "other answers of its task; the summed log-likelihood of the answer picks; task averages, "
+                 "chance = mean 1 / candidates):\n")
+        L.append("| variant | held-in MC | chance | held-in above chance (all seeds, 2 s.e.) | held-out MC | chance |")
+        L.append("|---|---|---|---|---|---|")
+        for v in variants:
+            r = V[v]
+            L.append(f"| {v} | {fmt(r['heldin_mc'])} | {fmt(r['heldin_mc_chance'])} | "
+                     f"{'yes' if r['heldin_mc_above_chance'] else 'no'} | {fmt(r['heldout_mc'])} | "
+                     f"{fmt(r['heldout_mc_chance'])} |")
+        L.append("")
     L.append("![accuracy](plots/accuracy.png)\n")
     L.append("## The claim\n")
     L.append("MoCE (Eo et al. 2025): clustering sequences by their instruction and routing inside the "
@@ -251,6 +306,12 @@ plot '{dat}' using 1:2:3 with image notitle
         if all_zero:
             L.append("No variant answers a single held-out sample exactly: at this scale the held-out tasks "
                      "are not solved zero-shot by any router, so there is no generalisation gain to see.\n")
+        if mc_pair is not None:
+            rng = (f"{mc_pair['mean']:+.3f} [{mc_pair['lo']:+.3f}, {mc_pair['hi']:+.3f}] over {mc_pair['n']} seeds"
+                   if mc_pair["lo"] is not None else "no interval")
+            L.append(f"**Held-out multiple choice, moce − topk: {rng} (paired by seed, 95% t interval): "
+                     f"{mc_claim}.** The comparison is read only when every variant's held-in multiple-choice "
+                     "accuracy is above chance by two binomial standard errors on every seed (the gate).\n")
         L.append(f"Held-out response perplexity (teacher-forced, lower is better): moce "
                  f"{fmt(V['moce']['heldout_ppl'], 2)}, topk {fmt(V['topk']['heldout_ppl'], 2)}"
                  + (f", dense {fmt(V['dense']['heldout_ppl'], 2)}" if "dense" in V else "")
@@ -287,7 +348,8 @@ plot '{dat}' using 1:2:3 with image notitle
     L.append("")
     with open(os.path.join(report, "report.md"), "w") as f:
         f.write("\n".join(L))
-    print(f"instruct_report: {os.path.join(report, 'report.md')} (claim: {claim})")
+    print(f"instruct_report: {os.path.join(report, 'report.md')} (claim by exact match: {claim}; "
+          f"by multiple choice: {mc_claim})")
 
 
 if __name__ == "__main__":

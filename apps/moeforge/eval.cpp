@@ -90,6 +90,10 @@ Command add_eval(CLI::App& app, const Globals& /*g*/) {
   c->add_option("--max-new-tokens", a->instruct.max_new_tokens,
                 "instruction data: greedy generation stops at </s> or after this many tokens")
       ->check(CLI::PositiveNumber);
+  c->add_option("--mc-choices", a->instruct.mc_choices,
+                "instruction data: candidates of the log-likelihood multiple choice, the reference and "
+                "distractors from its task's other answers (0 = no multiple choice; docs/instruct.md)")
+      ->check(CLI::Range(int64_t{0}, int64_t{64}));
   c->add_option("--json", a->json, "instruction data: write the task scores to this JSON file");
   c->add_option("--trace", a->trace,
                 "write the routing of every evaluated token to this JSON-lines file (docs/serve.md; with "
