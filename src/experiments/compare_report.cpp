@@ -112,35 +112,27 @@ const Getter kTimeToBalance = [](const json& r) {
   const int64_t t = time_to_balance(steps, vio, kBalanced, kBalanceWindow);
   return t < 0 ? NAN : double(t);
 };
-// Mean MaxVio_batch over the first tenth of the logged steps: how balanced a router is early in training.
-const Getter kEarlyVio = [](const json& r) {
+// Mean MaxVio_batch over the logged steps with `from` < step / last step <= `to` (finite values only).
+double mean_vio_between(const json& r, double from, double to) {
   const auto& st = r["curve"]["step"];
   const auto& v = r["curve"]["max_vio_batch"];
   const double last = st.empty() ? 0 : st.back().get<double>();
   double s = 0;
   int n = 0;
-  for (size_t i = 0; i < st.size(); ++i)
-    if (st[i].get<double>() <= 0.1 * last && std::isfinite(num(v[i]))) {
+  for (size_t i = 0; i < st.size(); ++i) {
+    const double at = st[i].get<double>();
+    if (at > from * last && at <= to * last && std::isfinite(num(v[i]))) {
       s += num(v[i]);
       ++n;
     }
+  }
   return n ? s / n : NAN;
-};
-// Mean MaxVio_batch over the last tenth of the logged steps: the steady state, without the early steps a
-// whole-run mean is dominated by (a bias that needs a few hundred steps to settle).
-const Getter kLateVio = [](const json& r) {
-  const auto& st = r["curve"]["step"];
-  const auto& v = r["curve"]["max_vio_batch"];
-  const double last = st.empty() ? 0 : st.back().get<double>();
-  double s = 0;
-  int n = 0;
-  for (size_t i = 0; i < st.size(); ++i)
-    if (st[i].get<double>() > 0.9 * last && std::isfinite(num(v[i]))) {
-      s += num(v[i]);
-      ++n;
-    }
-  return n ? s / n : NAN;
-};
+}
+// The first tenth of the logged steps: how balanced a router is early in training.
+const Getter kEarlyVio = [](const json& r) { return mean_vio_between(r, -1.0, 0.1); };
+// The last tenth: the steady state, without the early steps a whole-run mean is dominated by (a bias that
+// needs a few hundred steps to settle).
+const Getter kLateVio = [](const json& r) { return mean_vio_between(r, 0.9, 1.0); };
 const Getter kHeldLoss = split_get("heldout", "loss");
 const Getter kDropped = [](const json& r) { return num(r["dropped_share_mean"]); };
 const Getter kAptTrain = [](const json& r) { return num(r["assignments_per_token_train"]); };
