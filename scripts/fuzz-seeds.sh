@@ -16,7 +16,7 @@ done
   --set model.d_model=8 --set model.n_layer=1 --set model.n_head=1 --set model.d_ff=8 \
   --set moe.n_expert=4 --set moe.d_expert=4 --set moe.n_expert_used=1 --set train.steps=2 --set train.batch_size=2 \
   --set train.eval_every=0 --set train.eval_batches=1 --set train.threads=1 \
-  --set data.corpus="\"text:$tmp/corpus\"" --set data.dir="\"$tmp/data\"" --set data.vocab_size=100 \
+  --set data.corpus="\"text:$tmp/corpus\"" --set data.dir="\"$tmp/data\"" --set data.vocab_size=100 --set data.byte_fallback=false \
   --set data.seq_len=8 --set data.validation_fraction=0.25 --set 'data.heldout_genres=[]' >/dev/null
 ckpt="$tmp/run/checkpoints/step-000002"
 c="$here/fuzz/corpus"

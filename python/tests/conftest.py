@@ -33,7 +33,9 @@ def tiny_sets(corpus: pathlib.Path, data_dir: pathlib.Path, extra=()):
     return ["model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.d_ff=48", "model.moe_every=1",
             "moe.n_expert=4", "moe.d_expert=24", "train.steps=6", "train.batch_size=4", "train.lr=1e-2",
             "train.warmup=2", "train.eval_every=0", "train.eval_batches=2", "train.log_every=1", "train.threads=2",
-            f'data.corpus="text:{corpus}"', f'data.dir="{data_dir}"', "data.vocab_size=128", "data.seq_len=16",
+            f'data.corpus="text:{corpus}"', f'data.dir="{data_dir}"', "data.vocab_size=128",
+            "data.byte_fallback=false",  # no room for 256 byte pieces (the default config turns them on)
+            "data.seq_len=16",
             "data.validation_fraction=0.2", "data.heldout_genres=[]"] + list(extra)
 
 

@@ -47,6 +47,6 @@ env -u MOEFORGE_SPM_SHIM "$moved/bin/moeforge" train --no-report --out "$work/ru
   --set model.d_model=32 --set model.n_layer=2 --set model.n_head=2 --set model.d_ff=48 --set moe.n_expert=4 \
   --set moe.d_expert=24 --set moe.router='"topk"' --set train.steps=3 --set train.batch_size=2 \
   --set train.eval_every=0 --set train.eval_batches=1 --set train.threads=1 --set data.corpus="\"text:$corpus\"" \
-  --set data.dir="\"$work/data\"" --set data.vocab_size=128 --set data.seq_len=16 \
+  --set data.dir="\"$work/data\"" --set data.vocab_size=128 --set data.byte_fallback=false --set data.seq_len=16 \
   --set data.heldout_genres='[]' >"$work/train.log" 2>&1 || { cat "$work/train.log" >&2; exit 1; }
 echo "moved CLI trained 3 steps"
