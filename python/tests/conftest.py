@@ -34,7 +34,7 @@ def tiny_sets(corpus: pathlib.Path, data_dir: pathlib.Path, extra=()):
             "moe.n_expert=4", "moe.d_expert=24", "train.steps=6", "train.batch_size=4", "train.lr=1e-2",
             "train.warmup=2", "train.eval_every=0", "train.eval_batches=2", "train.log_every=1", "train.threads=2",
             f'data.corpus="text:{corpus}"', f'data.dir="{data_dir}"', "data.vocab_size=128",
-            "data.byte_fallback=false",  # no room for 256 byte pieces (the default config turns them on)
+            "data.byte_fallback=false",  # no room for 256 byte pieces, whatever a config's default says
             "data.seq_len=16",
             "data.validation_fraction=0.2", "data.heldout_genres=[]"] + list(extra)
 

@@ -108,7 +108,7 @@ std::vector<std::string> tiny_run_overrides(const std::string& name, const std::
                                 "data.corpus=\"text:" + tiny_text_corpus() + "\"",
                                 "data.dir=\"" + data.string() + "\"",
                                 "data.vocab_size=128",
-                                // No room for the 256 byte pieces the embedded default config turns on.
+                                // No room for 256 byte pieces, whatever a config's default says.
                                 "data.byte_fallback=false",
                                 "data.seq_len=16",
                                 "data.validation_fraction=0.2",
