@@ -28,8 +28,10 @@ log() { echo "[$(($(date +%s) - start))s] $*"; }
 # 1. The dense base model on Brown (the default run's model with dense FFNs in every layer).
 if [ ! -e "$out/base/checkpoints/latest" ]; then
   log "pretraining the dense base ($base_steps steps)"
+  # Byte pieces in the tokenizer (as the committed docs/results/instruct was run), so that the tuned models
+  # can encode any character of a prompt.
   "$mf" train --out "$out/base" --no-report --set model.moe_every=0 --set train.steps="$base_steps" \
-    --set train.eval_every=0 --set train.eval_batches=8
+    --set train.eval_every=0 --set train.eval_batches=8 --set data.byte_fallback=true
 fi
 
 # 2. Upcycled models: adapter experts on the frozen dense FFN in every layer.
