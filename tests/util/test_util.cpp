@@ -90,28 +90,14 @@ std::string tiny_text_corpus() {
 
 std::vector<std::string> tiny_run_overrides(const std::string& name, const std::vector<std::string>& extra) {
   const auto data = std::filesystem::path(::testing::TempDir()) / ("moeforge_tiny_data_" + name);
-  std::vector<std::string> o = {"model.d_model=32",
-                                "model.n_layer=2",
-                                "model.n_head=2",
-                                "model.d_ff=48",
-                                "model.moe_every=1",
-                                "moe.n_expert=4",
-                                "moe.d_expert=24",
-                                "train.steps=40",
-                                "train.batch_size=4",
-                                "train.lr=1e-2",
-                                "train.warmup=5",
-                                "train.eval_every=0",
-                                "train.eval_batches=2",
-                                "train.log_every=5",
-                                "train.threads=1",
+  std::vector<std::string> o = {"model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.d_ff=48",
+                                "model.moe_every=1", "moe.n_expert=4", "moe.d_expert=24", "train.steps=40",
+                                "train.batch_size=4", "train.lr=1e-2", "train.warmup=5", "train.eval_every=0",
+                                "train.eval_batches=2", "train.log_every=5", "train.threads=1",
                                 "data.corpus=\"text:" + tiny_text_corpus() + "\"",
-                                "data.dir=\"" + data.string() + "\"",
-                                "data.vocab_size=128",
+                                "data.dir=\"" + data.string() + "\"", "data.vocab_size=128",
                                 // No room for 256 byte pieces, whatever a config's default says.
-                                "data.byte_fallback=false",
-                                "data.seq_len=16",
-                                "data.validation_fraction=0.2",
+                                "data.byte_fallback=false", "data.seq_len=16", "data.validation_fraction=0.2",
                                 "data.heldout_genres=[]"};
   o.insert(o.end(), extra.begin(), extra.end());
   return o;
