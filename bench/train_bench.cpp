@@ -108,7 +108,7 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Each token's set of experts in a plan, as a bit mask per token (E <= 64) or a sorted list.
+// Each token's set of experts in a plan, as a sorted list per token.
 std::vector<std::vector<int64_t>> experts_per_token(const RoutingPlan& plan, int64_t T) {
   std::vector<std::vector<int64_t>> sets(static_cast<size_t>(T));
   const auto off = plan.offsets();

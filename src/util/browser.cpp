@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -39,8 +40,9 @@ std::string run_browser(const std::string& html, const std::vector<std::string>&
   std::error_code ec;
   const fs::path page = fs::absolute(html, ec);
   if (ec || !fs::is_regular_file(page)) throw FileError(html, "no such page to render");
-  char tmpl[] = "/tmp/moeforge-chromium-XXXXXX";  // mkdtemp replaces the six X with a unique suffix
-  if (!::mkdtemp(tmpl)) throw FileError(html, "cannot make a profile folder for the browser in /tmp");
+  // mkdtemp's template: the prefix and six 'X' that it replaces with a unique suffix.
+  std::string tmpl = "/tmp/moeforge-chromium-" + std::string(6, 'X');
+  if (!::mkdtemp(tmpl.data())) throw FileError(html, "cannot make a profile folder for the browser in /tmp");
   const fs::path dir = tmpl;
   const fs::path out = dir / "stdout", err = dir / "stderr";
   std::vector<std::string> args = {browser(),
