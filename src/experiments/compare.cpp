@@ -505,44 +505,37 @@ void resolve_compare_plan(ComparePlan& plan, const std::string& only, const std:
 
 namespace {
 
-// One (variant, seed): trains it (or resumes it, or takes its finished run.json) and measures it.
-nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& dir, const CompareOptions& opt,
-                       const std::string& label, const std::function<std::string(int64_t)>& extra,
-                       int64_t stop_after, std::ostream& log) {
-  RunConfig cfg = v.cfg;
-  cfg.train.seed = seed;
-  const std::string fingerprint = cfg.to_toml() + "\n# fault: " + v.fault.describe() + "\n";
-  const fs::path run_json = dir / "run.json", fp_file = dir / "fingerprint.toml";
-  auto read_text = [](const fs::path& p) {
-    std::ifstream in(p);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  };
-  if (fs::exists(run_json)) {
-    nlohmann::json done;
-    try {
-      std::ifstream in(run_json);
-      done = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      throw FileError(run_json.string(), std::string("not a finished run's record (") + e.what() +
-                                             "); delete the folder to run it again");
-    }
-    if (done.value("fingerprint", "") != fingerprint)
-      throw ConfigError("compare", run_json.string() + " was made with another config for variant '" +
-                                       v.name + "' seed " + std::to_string(seed) +
-                                       "; use a new --out, or delete that folder to run it again");
-    log << label << ": finished earlier, kept (" << run_json.string() << ")\n";
-    return done;
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// The run.json of a (variant, seed) finished earlier with this fingerprint, or null when there is none; one
+// made with another config is a ConfigError, an unreadable one a FileError.
+nlohmann::json finished_run(const fs::path& run_json, const std::string& fingerprint, const CompareVariant& v,
+                            int64_t seed) {
+  if (!fs::exists(run_json)) return nullptr;
+  nlohmann::json done;
+  try {
+    std::ifstream in(run_json);
+    done = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw FileError(run_json.string(), std::string("not a finished run's record (") + e.what() +
+                                           "); delete the folder to run it again");
   }
-  TrainOptions topt;
-  topt.out_dir = dir.string();
-  topt.progress = opt.progress;
-  topt.progress_label = label;
-  topt.progress_extra = extra;
-  topt.stop_on_signal = true;
-  topt.stop_after = stop_after;
-  const fs::path ckpts = dir / "checkpoints";
+  if (done.value("fingerprint", "") != fingerprint)
+    throw ConfigError("compare", run_json.string() + " was made with another config for variant '" + v.name +
+                                     "' seed " + std::to_string(seed) +
+                                     "; use a new --out, or delete that folder to run it again");
+  return done;
+}
+
+// Whether the run in `dir` can be resumed (same fingerprint, a checkpoint before its last step, metrics);
+// otherwise the folder is emptied and given the fingerprint, for a fresh run.
+bool prepare_run_folder(const fs::path& dir, const std::string& fingerprint, int64_t steps) {
+  const fs::path ckpts = dir / "checkpoints", fp_file = dir / "fingerprint.toml";
   const bool resumable = fs::exists(fp_file) && read_text(fp_file) == fingerprint && fs::exists(ckpts) &&
                          !fs::is_empty(ckpts) && fs::exists(dir / "metrics.jsonl");
   // A run stopped after its last checkpoint but before its run.json has nothing left to train, and the
@@ -554,13 +547,35 @@ nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& di
       if (n.rfind("step-", 0) == 0 && n.size() > 5 && std::all_of(n.begin() + 5, n.end(), ::isdigit))
         last_ckpt = std::max<int64_t>(last_ckpt, std::stoll(n.substr(5)));
     }
-  if (resumable && last_ckpt < cfg.train.steps) {
-    topt.resume = ckpts.string();
-    log << label << ": resuming from " << ckpts.string() << "\n";
-  } else {
-    fs::remove_all(dir);  // a fresh run: metrics.jsonl must hold this run only
-    fs::create_directories(dir);
-    write_file_atomic(fp_file.string(), fingerprint);
+  if (resumable && last_ckpt < steps) return true;
+  fs::remove_all(dir);  // a fresh run: metrics.jsonl must hold this run only
+  fs::create_directories(dir);
+  write_file_atomic(fp_file.string(), fingerprint);
+  return false;
+}
+
+// One (variant, seed): trains it (or resumes it, or takes its finished run.json) and measures it.
+nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& dir, const CompareOptions& opt,
+                       const std::string& label, const std::function<std::string(int64_t)>& extra,
+                       int64_t stop_after, std::ostream& log) {
+  RunConfig cfg = v.cfg;
+  cfg.train.seed = seed;
+  const std::string fingerprint = cfg.to_toml() + "\n# fault: " + v.fault.describe() + "\n";
+  const fs::path run_json = dir / "run.json";
+  if (auto done = finished_run(run_json, fingerprint, v, seed); !done.is_null()) {
+    log << label << ": finished earlier, kept (" << run_json.string() << ")\n";
+    return done;
+  }
+  TrainOptions topt;
+  topt.out_dir = dir.string();
+  topt.progress = opt.progress;
+  topt.progress_label = label;
+  topt.progress_extra = extra;
+  topt.stop_on_signal = true;
+  topt.stop_after = stop_after;
+  if (prepare_run_folder(dir, fingerprint, cfg.train.steps)) {
+    topt.resume = (dir / "checkpoints").string();
+    log << label << ": resuming from " << topt.resume << "\n";
   }
   if (v.fault.active()) {
     const FaultSpec f = v.fault;
