@@ -157,6 +157,11 @@ TEST(Compare, VariantsTimesSeedsWriteEveryFieldWithTheSameDataAndCompute) {
     EXPECT_EQ(r["curve"]["step"].size(), 6u);  // train.log_every = 1
     EXPECT_EQ(r["load_steps"].size(), 6u);
     EXPECT_EQ(r["validation_curve"].size(), 2u);  // steps 3 and 6
+    // run.json's time to balance is the report's: the shared threshold and window (compare.h).
+    EXPECT_EQ(r["time_to_balance"].get<int64_t>(),
+              time_to_balance(r["curve"]["step"].get<std::vector<int64_t>>(),
+                              r["curve"]["max_vio_batch"].get<std::vector<double>>(), kBalanceThreshold,
+                              kBalanceWindow));
     // Equal compute, measured: top-K dropless and EC with capacity factor K (round(T K / E) tokens per
     // expert, T K / E = 32 exactly here) both make exactly K assignments per token in training.
     EXPECT_DOUBLE_EQ(r["assignments_per_token_train"].get<double>(), K);

@@ -665,7 +665,7 @@ nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& di
       {"max_vio_batch_mean", json_mean(c.train["max_vio_batch"])},
       {"dropped_share_mean", json_mean(c.train["dropped_share"])},
       {"assignments_per_token_train", json_mean(c.train["assignments_per_token"])},
-      {"time_to_balance", time_to_balance(steps, vio, 0.2, 10)},  // as the report computes it
+      {"time_to_balance", time_to_balance(steps, vio, kBalanceThreshold, kBalanceWindow)},  // as the report
       {"validation", eval_json(s.validation)},
       {"heldout", eval_json(s.heldout)},
       {"validation_curve", c.validation},

@@ -23,12 +23,7 @@ using nlohmann::json;
 namespace moeforge {
 namespace {
 
-// Balance threshold of "time to balance" (MaxVio_batch, averaged, first stays under it). Not 0.2: random
-// top-2 routing of a 2,048-token batch over 16 experts already has MaxVio_batch ~0.11 from sampling alone,
-// and every balanced router ends at 0.20-0.28, so 0.2 sits at the noise floor and reads "never" for routers
-// that are balanced; 0.5 is well above the floor and well below an unbalanced router's 1-3
-// (docs/comparison.md).
-constexpr double kBalanced = 0.5;
+constexpr double kBalanced = kBalanceThreshold;  // compare.h says why 0.5
 // The fault experiment's margin: the LM loss at the end of a faulty run counts as recovered when it is
 // within this many nats of the fault-free run's over the same steps (about 1% of the loss at this scale,
 // a few times the seed-to-seed spread of the final training loss).
@@ -103,7 +98,6 @@ const Getter kDead = split_get("validation", "dead_experts");
 const Getter kAptEval = split_get("validation", "assignments_per_token");
 const Getter kMaxVioBatch = [](const json& r) { return num(r["max_vio_batch_mean"]); };
 // Time to balance, from the logged curve (compare.h): MaxVio_batch averaged over kBalanceWindow logged steps.
-constexpr size_t kBalanceWindow = 10;
 const Getter kTimeToBalance = [](const json& r) {
   std::vector<int64_t> steps;
   std::vector<double> vio;
