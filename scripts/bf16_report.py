@@ -15,12 +15,7 @@ import re
 import subprocess
 import sys
 
-# Two-sided 95% quantiles of Student's t, t_{0.975, df}, for df = 1..30 (standard tables); past 30 the
-# normal 1.96 is within 2% and is used.
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]
-
+from paired_t import paired_interval
 
 def read(path):
     train, val = {}, {}
@@ -55,13 +50,11 @@ def main():
                      "tokens_per_s_fp32": sorted(t32)[len(t32) // 2], "tokens_per_s_bf16": sorted(t16)[len(t16) // 2]})
     d = [r["diff"] for r in rows]
     n = len(d)
-    mean = sum(d) / n
+    ci = paired_interval(d)
+    mean = ci["mean"]
     res = {"seeds": rows, "n": n, "mean_diff": mean}
-    if n >= 2:
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-        t = T975[n - 2] if n - 1 <= len(T975) else 1.96
-        half = t * sd / math.sqrt(n)
-        res.update({"sd_diff": sd, "ci95": [mean - half, mean + half], "t_quantile": t})
+    if ci["lo"] is not None:
+        res.update({"sd_diff": ci["sd"], "ci95": [ci["lo"], ci["hi"]], "t_quantile": ci["t_quantile"]})
     with open(os.path.join(out, "bf16-accuracy.json"), "w") as f:
         json.dump(res, f, indent=1)
     for r in rows:

@@ -12,6 +12,8 @@ import statistics
 import subprocess
 import sys
 
+from paired_t import paired_interval
+
 VARIANTS = ["moce", "topk", "dense"]
 LABEL = {
     "moce": "moce (4 clusters x 4 adapters, top-2 in the prompt's cluster)",
@@ -75,19 +77,10 @@ def verdict(a, b):
     return "overlapping"
 
 
-# Two-sided 95% quantiles of Student's t, t_{0.975, df}, df = 1..10 (standard tables).
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
-
-
 def paired(xs, ys):
     """Per-seed differences x - y over the seeds both have: mean and 95% t interval (None without 2 seeds)."""
     seeds = sorted(set(xs) & set(ys))
-    d = [xs[s] - ys[s] for s in seeds]
-    if len(d) < 2:
-        return {"n": len(d), "mean": d[0] if d else None, "lo": None, "hi": None}
-    m = statistics.fmean(d)
-    half = T975[min(len(d) - 2, len(T975) - 1)] * statistics.stdev(d) / math.sqrt(len(d))
-    return {"n": len(d), "mean": m, "lo": m - half, "hi": m + half}
+    return paired_interval([xs[s] - ys[s] for s in seeds])
 
 
 def gnuplot(script):
