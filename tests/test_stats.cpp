@@ -1,4 +1,5 @@
 // Routing measures (docs/routing.md section 9) on hand-computed loads.
+#include "moeforge/routing/router.h"
 #include "moeforge/routing/stats.h"
 #include "test_util.h"
 
@@ -16,6 +17,18 @@ TEST(Stats, HandComputedLoads) {
   EXPECT_NEAR(s.load_cv, std::sqrt(5.0) / 3.0, 1e-12);
   const double h = -(0.5 * std::log(0.5) + (1.0 / 6) * std::log(1.0 / 6) + (1.0 / 3) * std::log(1.0 / 3));
   EXPECT_NEAR(s.load_entropy, h / std::log(4.0), 1e-12);
+}
+
+// Tokens given no expert: 6 tokens, experts took {0, 2}, {2, 5}, {0}: tokens 1, 3 and 4 have none.
+TEST(Stats, UnroutedTokensAreThoseNoExpertKept) {
+  RoutingPlan plan;
+  plan.token_index = torch::tensor({0, 2, 2, 5, 0}, torch::kLong);
+  plan.expert_offsets = torch::tensor({0, 2, 4, 5}, torch::kLong);
+  EXPECT_EQ(plan.unrouted_tokens(6), 3);
+  EXPECT_EQ(plan.unrouted_tokens(3), 1);  // of the first 3 tokens only token 1 (token 5 is not counted)
+  plan.token_index = torch::arange(6, torch::kLong);
+  EXPECT_EQ(plan.unrouted_tokens(6), 0);
+  EXPECT_EQ(plan.unrouted_tokens(0), 0);
 }
 
 TEST(Stats, PerfectBalance) {

@@ -17,6 +17,20 @@ std::vector<int64_t> RoutingPlan::offsets() const {
   return std::vector<int64_t>(p, p + off.numel());
 }
 
+int64_t RoutingPlan::unrouted_tokens(int64_t n_tokens) const {
+  if (n_tokens <= 0) return 0;
+  std::vector<char> seen(size_t(n_tokens), 0);
+  auto tok = token_index.to(torch::kCPU, torch::kLong).contiguous();
+  const int64_t* t = tok.data_ptr<int64_t>();
+  int64_t routed = 0;
+  for (int64_t i = 0; i < tok.numel(); ++i)
+    if (t[i] >= 0 && t[i] < n_tokens && !seen[size_t(t[i])]) {
+      seen[size_t(t[i])] = 1;
+      ++routed;
+    }
+  return n_tokens - routed;
+}
+
 int64_t expert_capacity(double capacity_factor, int64_t n_tokens, int64_t k, int64_t n_expert) {
   if (capacity_factor <= 0) return 0;
   return static_cast<int64_t>(std::ceil(capacity_factor * double(n_tokens) * double(k) / double(n_expert)));

@@ -19,6 +19,8 @@ void accumulate_routing(LayerRouting& layer, const RoutingPlan& plan,
   const auto off = plan.offsets();
   auto tok = plan.token_index.to(torch::kCPU).contiguous();
   const int64_t* t = tok.data_ptr<int64_t>();
+  layer.tokens += int64_t(token_domain.size());
+  layer.unrouted += plan.unrouted_tokens(int64_t(token_domain.size()));
   for (int64_t e = 0; e < E; ++e) {
     layer.load[e] += off[e + 1] - off[e];
     for (int64_t i = off[e]; i < off[e + 1]; ++i) {
@@ -205,6 +207,7 @@ nlohmann::json EvalResult::to_json() const {
     layers_json.push_back({{"load", l.load},
                            {"max_vio_global", l.max_vio_global},
                            {"specialization", l.specialization},
+                           {"unrouted_share", l.unrouted_share()},
                            {"domain_expert", l.domain_expert}});
   nlohmann::json j = {{"split", split},
                       {"loss", loss},

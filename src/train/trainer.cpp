@@ -467,15 +467,19 @@ void Trainer::log_step(const StepResult& r, double tok_s) {
                       {"aux_loss", r.aux},    {"lr", r.lr},       {"grad_norm", r.grad_norm},
                       {"tokens_per_s", tok_s}};
   nlohmann::json max_vio = nlohmann::json::array(), loads = nlohmann::json::array();
-  double mv = 0, dropped = 0;
+  double mv = 0, dropped = 0, unrouted = 0;
   for (auto& p : r.plans) {
     max_vio.push_back(p.stats.max_vio);
     loads.push_back(p.stats.load);
     mv += p.stats.max_vio / double(r.plans.size());
     dropped += p.stats.dropped_share / double(r.plans.size());
+    if (p.stats.n_tokens > 0)
+      unrouted +=
+          double(p.unrouted_tokens(p.stats.n_tokens)) / double(p.stats.n_tokens) / double(r.plans.size());
   }
   j["max_vio_batch"] = mv;
-  j["dropped_share"] = dropped;  // (requested - kept) / requested, mean over MoE layers
+  j["dropped_share"] = dropped;    // (requested - kept) / requested, mean over MoE layers
+  j["unrouted_share"] = unrouted;  // tokens given no expert / tokens, mean over MoE layers
   if (!r.plans.empty()) j["plan_tokens"] = r.plans.front().stats.n_tokens;  // the tokens `load` counts
   j["max_vio_batch_layers"] = max_vio;
   j["load"] = loads;

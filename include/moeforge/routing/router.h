@@ -67,6 +67,9 @@ struct RoutingPlan {
   int64_t n_expert() const { return expert_offsets.numel() - 1; }
   int64_t n_assign() const { return token_index.numel(); }
   std::vector<int64_t> offsets() const;  // expert_offsets as a vector
+  // Of the first n_tokens tokens, those with no assignment kept: expert choice can leave a token without
+  // an expert, a capacity can drop all of a token's choices (their layer output is the residual alone).
+  int64_t unrouted_tokens(int64_t n_tokens) const;
 };
 
 // Every router implements this; a model only ever sees a Router. Router state that must survive a

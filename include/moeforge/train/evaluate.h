@@ -21,6 +21,10 @@ struct LayerRouting {
   double max_vio_global = 0;
   double specialization = 0;  // I(domain; expert) / H(domain)
   int64_t n_balanced = 0;     // MaxVio over the first n_balanced experts (RoutingStats::n_balanced; 0 = all)
+  // Tokens routed and those given no expert at all (expert choice can leave a token with none; a capacity
+  // can drop every assignment of a token): their output is the residual alone (docs/comparison.md).
+  int64_t tokens = 0, unrouted = 0;
+  double unrouted_share() const { return tokens > 0 ? double(unrouted) / double(tokens) : 0.0; }
 };
 
 struct EvalResult {
