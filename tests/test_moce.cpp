@@ -292,6 +292,73 @@ TEST(MoCE, GatesAndBalanceLossCarryGradientEvenWithK1) {
       << "the balance loss over the full group softmax must have a gradient";
 }
 
+// moe.moce_assign = "gate" (the MoCE ablation of docs/routing.md): every position's cluster is the argmax of
+// the learned gate on its causal prefix pool plus the balance bias, the routed output is the one a scale of
+// 1 gives, and the gate learns through the straight-through scale.
+TEST(MoCE, LearnedGateAssignsByArgmaxOfItsPrefixPoolAndLearns) {
+  torch::manual_seed(23);
+  auto cfg = moce_config();
+  cfg.moce.assign = MoceAssign::kGate;
+  const int64_t B = 4, S = 6, C = 8;
+  MoCERouter router(cfg, C);
+  router->train();
+  {
+    torch::NoGradGuard ng;
+    router->cluster_bias.copy_(torch::tensor({0.0, 0.3, -0.2, 0.1}));
+  }
+  auto x = torch::randn({B * S, C});
+  RouteContext ctx;
+  ctx.n_seq = B;
+  ctx.seq_len = S;
+  auto plan = router->route(x, ctx);
+  // The definition: position t of sequence b takes argmax_g (W_s . mean(x[b, 0..t]) + bias_g).
+  auto prefix = x.view({B, S, C}).cumsum(1) / torch::arange(1, S + 1, torch::kFloat).view({1, S, 1});
+  auto want = (torch::matmul(prefix.reshape({B * S, C}), router->seq_gate.detach().t()) +
+               router->cluster_bias.unsqueeze(0))
+                  .argmax(1);
+  EXPECT_TRUE(router->token_clusters(plan).equal(want)) << router->token_clusters(plan) << " vs " << want;
+  // The scale is 1 in value (the routed output is what the centroid rule gives for the same clusters) and
+  // carries the gate's gradient: d scale_t / d W_s = d p_c(t) / d W_s / p_c(t).
+  ASSERT_TRUE(plan.token_scale.defined());
+  EXPECT_TRUE(torch::allclose(plan.token_scale.detach(), torch::ones({B * S})));
+  (plan.token_scale * torch::randn({B * S})).sum().backward();
+  ASSERT_TRUE(router->seq_gate.grad().defined());
+  EXPECT_GT(router->seq_gate.grad().abs().sum().item<double>(), 0) << "the gate must learn";
+  // Without grad (evaluation, generation): the same clusters.
+  torch::NoGradGuard ng;
+  router->eval();
+  EXPECT_TRUE(router->token_clusters(router->route(x, ctx)).equal(want));
+}
+
+// moe.moce_cluster_per_layer: by default a later MoCE layer keeps the first layer's clusters (the carry);
+// with the option it assigns its own from its own centroids.
+TEST(MoCE, ClusterPerLayerIgnoresTheEarlierLayersClusters) {
+  torch::manual_seed(29);
+  const int64_t G = 4, C = 8, B = 8, S = 5;
+  auto dir = directions(G, C);
+  auto label = torch::randint(G, {B}, torch::kLong);
+  auto x = sequences_around(dir, label, S).reshape({B * S, C});
+  RouteContext ctx;
+  ctx.n_seq = B;
+  ctx.seq_len = S;
+  auto given = std::make_shared<MoceCarry>();
+  given->token_cluster = ((label + 1) % G).unsqueeze(1).expand({B, S}).reshape({B * S}).clone();
+  ctx.carry = given;
+  for (bool per_layer : {false, true}) {
+    auto cfg = moce_config();
+    cfg.moce.cluster_per_layer = per_layer;
+    MoCERouter router(cfg, C);
+    {
+      torch::NoGradGuard ng;
+      router->centroids.copy_(dir);
+      router->centroid_count.fill_(1);
+    }
+    auto plan = router->route(x, ctx);
+    auto want = per_layer ? label.unsqueeze(1).expand({B, S}).reshape({B * S}) : given->token_cluster;
+    EXPECT_TRUE(router->token_clusters(plan).equal(want)) << "cluster_per_layer = " << per_layer;
+  }
+}
+
 TEST(MoCE, StateRoundTripGivesSameOutputsAndClusters) {
   torch::manual_seed(18);
   auto cfg = moce_config();

@@ -50,6 +50,8 @@ MoCERouterImpl::MoCERouterImpl(const MoEConfig& cfg, int64_t d_model)
   if (n_general_ > 0)
     general_weight =
         register_parameter("general_weight", torch::empty({n_general_, d_model}).uniform_(-bound, bound));
+  if (cfg.moce.assign == MoceAssign::kGate)
+    seq_gate = register_parameter("seq_gate", torch::empty({n_cluster_, d_model}).uniform_(-bound, bound));
   centroids = register_buffer("centroids", torch::zeros({n_cluster_, d_model}));
   cluster_bias = register_buffer("cluster_bias", torch::zeros({n_cluster_}));
   centroid_count = register_buffer("centroid_count", torch::zeros({n_cluster_}, torch::kDouble));
@@ -123,6 +125,17 @@ torch::Tensor MoCERouterImpl::assign(const torch::Tensor& pooled) const {
   return cluster_scores(embed(pooled)).argmax(1).to(torch::kCPU, torch::kLong);
 }
 
+std::pair<torch::Tensor, torch::Tensor> MoCERouterImpl::gate_assign(const torch::Tensor& pooled) const {
+  auto logits = torch::matmul(pooled.detach().to(seq_gate.scalar_type()), seq_gate.t());  // [M, G]
+  torch::Tensor ids;
+  {
+    torch::NoGradGuard ng;
+    ids = (logits + cluster_bias.to(logits.device(), logits.scalar_type()).unsqueeze(0)).argmax(1);
+  }
+  auto p = torch::softmax(logits, 1).gather(1, ids.unsqueeze(1)).squeeze(1);  // [M]
+  return {ids.to(torch::kCPU, torch::kLong), p / p.detach()};
+}
+
 torch::Tensor MoCERouterImpl::prefix_pool(const torch::Tensor& x, int64_t B, int64_t S,
                                           const torch::Tensor& before_sum, int64_t before,
                                           const torch::Tensor& prompt_len) const {
@@ -186,12 +199,26 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
   const auto* cache = dynamic_cast<const MoceCache*>(ctx.cache.get());
   torch::Tensor tok_cluster;                  // [T] int64 CPU
   torch::Tensor seq_pool;                     // [B, C] this chunk's mean (what the centroids learn from)
+  torch::Tensor gate_scale;                   // [T] moe.moce_assign = "gate": the straight-through scale
   auto next = std::make_shared<MoceCache>();  // what the next generation step starts from
+  const bool by_gate = cfg_.moce.assign == MoceAssign::kGate;
+  const bool grad_on = torch::GradMode::is_enabled();  // the gate learns when the forward does
+  // The cluster of each row of a pool: the learned gate's (keeping its straight-through scale per token),
+  // or the nearest centroid's (group 0 before any centroid exists).
+  auto assign_rows = [&](const torch::Tensor& pooled, int64_t repeat) {
+    if (by_gate) {
+      torch::AutoGradMode mode(grad_on);  // inside the stage-1 no-grad block: the gate's own product
+      auto [ids, scale] = gate_assign(pooled);
+      gate_scale = repeat > 1 ? scale.unsqueeze(1).expand({-1, repeat}).reshape({-1}) : scale;
+      return ids;
+    }
+    return (centroid_count > 0).any().item<bool>() ? assign(pooled)
+                                                   : torch::zeros({pooled.size(0)}, torch::kLong);
+  };
   {
     torch::NoGradGuard ng;
     seq_pool = x.detach().view({B, S, C}).mean(1);
-    const bool initialised = (centroid_count > 0).any().item<bool>();
-    if (carry) {
+    if (carry && !cfg_.moce.cluster_per_layer) {
       tok_cluster = carry->token_cluster.to(torch::kCPU, torch::kLong).reshape({-1});
       TORCH_CHECK(tok_cluster.numel() == T, "moce: the earlier layer's token clusters are ",
                   tok_cluster.numel(), " ids for ", T, " tokens");
@@ -208,8 +235,7 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
       const torch::Tensor before_sum = cache ? cache->pool_sum : torch::Tensor();
       const int64_t before = cache && cache->pool_sum.defined() ? cache->len : 0;
       const torch::Tensor prompt_len = prompt ? ctx.prompt_len : torch::Tensor();
-      tok_cluster = initialised ? assign(prefix_pool(x, B, S, before_sum, before, prompt_len).reshape({T, C}))
-                                : torch::zeros({T}, torch::kLong);  // before any centroid: group 0
+      tok_cluster = assign_rows(prefix_pool(x, B, S, before_sum, before, prompt_len).reshape({T, C}), 1);
       auto xs = x.detach().view({B, S, C});
       if (prompt) {
         xs = xs * prompt_mask(B, S, before, prompt_len, x.options()).unsqueeze(2);
@@ -223,7 +249,7 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
     } else {
       // NON-CAUSAL: the whole sequence's mean decides every position's cluster; a generation keeps the
       // cluster its prompt gave it.
-      auto ids = initialised ? assign(seq_pool) : torch::zeros({B}, torch::kLong);  // [B]
+      auto ids = assign_rows(seq_pool, S);  // [B]
       tok_cluster = ids.unsqueeze(1).expand({B, S}).reshape({T}).clone();
       next->seq_cluster = ids;
     }
@@ -303,6 +329,7 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
   }
   plan.stats.group_load = std::move(group_load);
   plan.aux_loss = loss;
+  if (gate_scale.defined()) plan.token_scale = gate_scale;
   // For after_step: each sequence's representation and the cluster its last position took.
   plan.sequence_rows = {seq_pool, tok_cluster.view({B, S}).select(1, S - 1).contiguous()};
   auto carried = std::make_shared<MoceCarry>();
@@ -440,6 +467,10 @@ std::string to_string(MocePool v) {
   return v == MocePool::kPrefix ? "prefix" : v == MocePool::kPrompt ? "prompt" : "sequence";
 }
 
+std::string to_string(MoceAssign v) {
+  return v == MoceAssign::kGate ? "gate" : "centroid";
+}
+
 std::string to_string(SeqClustering v) {
   return v == SeqClustering::kOnline ? "online" : v == SeqClustering::kHidden ? "hidden" : "tfidf";
 }
@@ -463,6 +494,9 @@ RouterSpec moce_router_spec() {
         "moe.moce_pool", &o.pool,
         {{"prefix", MocePool::kPrefix}, {"sequence", MocePool::kSequence}, {"prompt", MocePool::kPrompt}});
     b.bind("moe.moce_balance_rate", &o.balance_rate);
+    b.bind_enum("moe.moce_assign", &o.assign,
+                {{"centroid", MoceAssign::kCentroid}, {"gate", MoceAssign::kGate}});
+    b.bind("moe.moce_cluster_per_layer", &o.cluster_per_layer);
     b.bind_enum("moe.moce_clustering", &o.clustering,
                 {{"online", SeqClustering::kOnline},
                  {"hidden", SeqClustering::kHidden},

@@ -52,6 +52,10 @@ class MoCERouterImpl : public Router {
   // Nearest centroid (cosine plus cluster_bias) of each row of pooled [M, C]; only initialised centroids
   // compete (all ids 0 if none is initialised yet).
   torch::Tensor assign(const torch::Tensor& pooled) const;  // -> [M] int64 (CPU)
+  // moe.moce_assign = "gate": the cluster of each row of pooled [M, C], argmax of seq_gate . pooled plus
+  // cluster_bias (-> [M] int64 CPU), and the straight-through scale p_c / stop_gradient(p_c) of the
+  // chosen cluster's softmax probability (-> [M], 1 in value, differentiable in seq_gate).
+  std::pair<torch::Tensor, torch::Tensor> gate_assign(const torch::Tensor& pooled) const;
   // The clustering space: pooled [M, C] centred on the running mean of pooled vectors, rows of norm 1.
   torch::Tensor embed(const torch::Tensor& pooled) const;
   // Cosine of unit rows [M, C] to each centroid plus the cluster bias; -inf for uninitialised ones.
@@ -91,6 +95,7 @@ class MoCERouterImpl : public Router {
 
   torch::Tensor group_weight;    // [G, Eg, C] each cluster's router
   torch::Tensor general_weight;  // [n_general, C] the cluster-independent router (when n_general > 0)
+  torch::Tensor seq_gate;        // [G, C] the learned cluster gate (moe.moce_assign = "gate" only)
   torch::Tensor centroids;       // [G, C] buffer, unit rows once initialised
   torch::Tensor cluster_bias;    // [G] buffer: loss-free-style balance bias on the centroid scores
   torch::Tensor centroid_count;  // [G] buffer (float64): sequences absorbed per centroid (0 = uninitialised)

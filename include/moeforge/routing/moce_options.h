@@ -10,6 +10,9 @@ namespace moeforge {
 
 // What MoCE pools to assign a token its cluster.
 enum class MocePool { kPrefix, kSequence, kPrompt };
+// How a token's cluster is chosen from its pool (docs/routing.md, MoCE ablations): the nearest centroid
+// (MoCE's rule), or a learned linear gate over the clusters.
+enum class MoceAssign { kCentroid, kGate };
 // How the training sequences' clusters start: online, or from an offline clustering before training.
 enum class SeqClustering { kOnline, kHidden, kTfidf };
 
@@ -31,9 +34,17 @@ struct MoceOptions {
   // and gives the router the mean representation of each cluster. Either way the router then assigns
   // every sequence itself, by the same rule in training, evaluation and generation.
   SeqClustering clustering = SeqClustering::kOnline;
+  // moe.moce_assign: "centroid" (the default, MoCE's rule: nearest online centroid plus the balance bias)
+  // or "gate" (a learned gate W_s [G, C] on the same stop-gradient pool: argmax of W_s pool + bias; it
+  // learns through a straight-through scale p_c / stop_gradient(p_c) of the routed output, 1 in value).
+  MoceAssign assign = MoceAssign::kCentroid;
+  // moe.moce_cluster_per_layer: false (the default) makes every later MoCE layer keep the first layer's
+  // cluster of each token; true lets each layer assign its own from its own input and centroids.
+  bool cluster_per_layer = false;
 };
 
 std::string to_string(MocePool v);
 std::string to_string(SeqClustering v);
+std::string to_string(MoceAssign v);
 
 }  // namespace moeforge
