@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <regex>
 
 #include "moeforge/experiments/compare.h"
 #include "moeforge/layer/moe_layer.h"
@@ -249,6 +250,73 @@ TEST(Compare, ResumesAfterAnInterruptionWithoutRedoingFinishedRuns) {
     ADD_FAILURE() << "a changed config reused the finished runs";
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("another config"), std::string::npos) << e.what();
+  }
+}
+
+// An earlier comparison's runs are taken instead of retrained when their config is today's except for keys
+// moeforge gained since; a run whose config differs in any value is trained again.
+TEST(Compare, ReusesAnEarlierComparisonsRunsOfTheSameConfig) {
+  const std::string before = "[data]\nseq_len = 32\n\n[train]\nlr = 0.01\nsteps = 6\n\n# fault: none\n";
+  std::vector<std::string> added;
+  std::string differs;
+  // A key added since, also a multi-line one: the earlier run ran today's config.
+  EXPECT_TRUE(
+      fingerprint_extends(before,
+                          "[data]\nbad_lines = 'stop'\nseq_len = 32\ntasks = [\n    'a',\n    'b'\n]\n\n"
+                          "[train]\nlr = 0.01\nprecision = 'fp32'\nsteps = 6\n\n# fault: none\n",
+                          &added));
+  EXPECT_EQ(added, (std::vector<std::string>{"data.bad_lines = 'stop'", "data.tasks = [",
+                                             "train.precision = 'fp32'"}));
+  // A changed value, a removed key, another fault, or the same key under another section: not the same run.
+  EXPECT_FALSE(fingerprint_extends(
+      before, "[data]\nseq_len = 32\n\n[train]\nlr = 0.02\nsteps = 6\n\n# fault: none\n", nullptr, &differs));
+  EXPECT_NE(differs.find("lr = 0.01"), std::string::npos) << differs;
+  EXPECT_FALSE(
+      fingerprint_extends(before, "[data]\nseq_len = 32\n\n[train]\nlr = 0.01\n\n# fault: none\n", nullptr));
+  EXPECT_FALSE(fingerprint_extends(
+      before, "[data]\nseq_len = 32\n\n[train]\nlr = 0.01\nsteps = 6\n\n# fault: x100\n", nullptr));
+  EXPECT_FALSE(fingerprint_extends(
+      before, "[data]\nlr = 0.01\nseq_len = 32\n\n[train]\nsteps = 6\n\n# fault: none\n", nullptr));
+
+  // A comparison of two variants x two seeds; a second one (one variant changed, as a later moeforge
+  // would write its new keys) takes the three runs that are the same and trains the fourth.
+  const auto plan = two_by_two("reuse_src");
+  std::ostringstream log0;
+  auto src = run_compare(plan, opts("reuse_src", false), log0);
+  for (auto& r : src["runs"])  // as if made before train.precision existed
+    r["fingerprint"] =
+        std::regex_replace(r["fingerprint"].get<std::string>(), std::regex("precision = .*\n"), "");
+  const auto src_json = (fs::path(::testing::TempDir()) / "moeforge_compare_reuse_src.json").string();
+  std::ofstream(src_json) << src.dump();
+  auto changed = load_compare_plan(write_toml("reuse", kTwoByTwo), tiny_overrides("reuse_src"));
+  resolve_compare_plan(changed);
+  changed.variants[1].cfg.moe.expert_choice.capacity_factor = 1.5;  // ec: another config
+  auto o = opts("reuse", false);
+  o.reuse = src_json;
+  std::ostringstream log;
+  const auto done = run_compare(changed, o, log);
+  EXPECT_NE(log.str().find("reuse: 2 finished runs taken"), std::string::npos) << log.str();
+  EXPECT_NE(log.str().find("ec seed 1 not taken"), std::string::npos) << log.str();
+  ASSERT_EQ(done["runs"].size(), 4u);
+  for (const auto& r : done["runs"]) {
+    const bool reused = r.contains("reused");
+    EXPECT_EQ(reused, r["variant"] == "top2-switch") << r["variant"];
+    if (!reused) continue;
+    EXPECT_EQ(r["reused"]["keys_added"], nlohmann::json::array({"train.precision = 'fp32'"}));
+    EXPECT_EQ(r["fingerprint"], run_fingerprint(changed.variants[0], r["seed"].get<int64_t>()));
+    EXPECT_EQ(r["validation"]["loss"],
+              src["runs"][r["seed"].get<int64_t>() == 1 ? 0 : 2]["validation"]["loss"]);
+  }
+  // A file that is not a comparison is named.
+  std::ofstream(src_json) << "{\"runs\": 3}";
+  auto o2 = opts("reuse_bad", false);
+  o2.reuse = src_json;
+  std::ostringstream log2;
+  try {
+    run_compare(changed, o2, log2);
+    ADD_FAILURE() << "a file without runs was reused";
+  } catch (const FileError& e) {
+    EXPECT_NE(std::string(e.what()).find(src_json), std::string::npos) << e.what();
   }
 }
 

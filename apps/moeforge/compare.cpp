@@ -18,7 +18,7 @@ namespace moeforge::cli {
 namespace {
 
 struct CompareArgs {
-  std::string config, routers, out = "runs/compare", seeds, variants, scale = "16,64,256";
+  std::string config, routers, out = "runs/compare", seeds, variants, scale = "16,64,256", reuse;
   std::vector<std::string> overrides;
   bool render_only = false, no_bench = false;
   int bench_steps = 8;
@@ -44,6 +44,7 @@ int run_compare_command(const CompareArgs& a, const Globals& g) {
   CompareOptions copt;
   copt.out_dir = a.out;
   copt.command = "moeforge" + g.arguments;
+  copt.reuse = a.reuse;
   std::vector<std::string> routers;
   if (!a.routers.empty()) routers = parse_router_list(a.routers);
   ComparePlan plan = load_compare_plan(a.config, a.overrides, routers);
@@ -81,6 +82,11 @@ Command add_compare(CLI::App& app, const Globals& g) {
   c->add_option("--seeds", a->seeds, "seeds of every variant without its own, e.g. 1,2,3 (default: 1,2,3)");
   c->add_option("--set", a->overrides, "override a config key for every run: section.key=value (repeatable)");
   c->add_flag("--render-only", a->render_only, "redraw report.md and plots from --out's compare.json");
+  c->add_option(
+       "--reuse", a->reuse,
+       "an earlier compare.json: take its finished runs of this plan's (variant, seed)s made with the "
+       "same config (keys added to moeforge since aside) instead of training them again")
+      ->check(CLI::ExistingFile);
   c->add_flag("--no-bench", a->no_bench, "skip the throughput and routing-scale phases");
   c->add_option("--routing-scale", a->scale, "the E of the routing-scale phase (comma-separated)");
   c->add_option("--bench-steps", a->bench_steps, "timed steps per variant of the throughput phase")

@@ -120,17 +120,21 @@ nlohmann::json eval_json(const std::optional<EvalResult>& r) {
     apt += double(sum) / double(std::max<int64_t>(r->tokens, 1)) / double(r->layers.size());
   }
   j["assignments_per_token"] = apt;
+  // Tokens given no expert in evaluation routing (expert choice's thresholds can leave some), mean over
+  // MoE layers.
+  double unrouted = 0;
+  for (auto& l : r->layers) unrouted += l.unrouted_share() / double(r->layers.size());
+  j["unrouted_share"] = unrouted;
   return j;
 }
 
 // The logged curves of a run's metrics.jsonl (which covers the whole run, also across a resume: the trainer
 // truncates it to the checkpoint's step).
 struct Curves {
-  nlohmann::json train = {{"step", nlohmann::json::array()},
-                          {"loss", nlohmann::json::array()},
-                          {"max_vio_batch", nlohmann::json::array()},
-                          {"dropped_share", nlohmann::json::array()},
-                          {"assignments_per_token", nlohmann::json::array()}};
+  nlohmann::json train = {
+      {"step", nlohmann::json::array()},           {"loss", nlohmann::json::array()},
+      {"max_vio_batch", nlohmann::json::array()},  {"dropped_share", nlohmann::json::array()},
+      {"unrouted_share", nlohmann::json::array()}, {"assignments_per_token", nlohmann::json::array()}};
   nlohmann::json load_steps = nlohmann::json::array();  // per logged step: [E] load summed over MoE layers
   nlohmann::json validation = nlohmann::json::array(), heldout = nlohmann::json::array();  // [step, loss]
 };
@@ -164,6 +168,8 @@ Curves read_curves(const fs::path& metrics) {
     c.train["loss"].push_back(number_or_nan(j, "loss"));
     c.train["max_vio_batch"].push_back(number_or_nan(j, "max_vio_batch"));
     c.train["dropped_share"].push_back(j.contains("dropped_share") ? number_or_nan(j, "dropped_share") : 0.0);
+    // Older metrics files have no unrouted share: NaN, which json_mean skips (never a made-up 0).
+    c.train["unrouted_share"].push_back(number_or_nan(j, "unrouted_share"));
     const int64_t tokens = j.value("plan_tokens", int64_t{0});
     std::vector<int64_t> sum;
     double apt = 0;
@@ -554,13 +560,107 @@ bool prepare_run_folder(const fs::path& dir, const std::string& fingerprint, int
   return false;
 }
 
+// A fingerprint's entries: "[section] key" -> its text (an entry is a `key = value` line and the lines that
+// continue it, as a multi-line array; the fault comment is one entry of its own).
+std::map<std::string, std::string> fingerprint_entries(const std::string& fp) {
+  std::map<std::string, std::string> out;
+  std::string section, key;
+  std::istringstream in(fp);
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty()) continue;
+    if (line.front() == '[') {
+      section = line;
+      key.clear();
+    } else if (line.rfind("# fault:", 0) == 0) {
+      out["# fault"] = line;
+      key.clear();
+    } else if (line.front() != ' ' && line.front() != ']' && line.find(" = ") != std::string::npos) {
+      key = section + " " + line.substr(0, line.find(" = "));
+      out[key] = line;
+    } else if (!key.empty()) {
+      out[key] += "\n" + line;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string run_fingerprint(const CompareVariant& v, int64_t seed) {
+  RunConfig cfg = v.cfg;
+  cfg.train.seed = seed;
+  return cfg.to_toml() + "\n# fault: " + v.fault.describe() + "\n";
+}
+
+bool fingerprint_extends(const std::string& before, const std::string& now, std::vector<std::string>* added,
+                         std::string* differs) {
+  const auto b = fingerprint_entries(before), n = fingerprint_entries(now);
+  for (auto& [k, text] : b) {
+    auto it = n.find(k);
+    if (it == n.end() || it->second != text) {
+      if (differs) *differs = text + (it == n.end() ? " (no such key now)" : " (now: " + it->second + ")");
+      return false;
+    }
+  }
+  if (added)
+    for (auto& [k, text] : n)
+      if (!b.count(k)) {
+        const std::string sec = k.substr(1, k.find(']') - 1);
+        added->push_back(sec + "." + text.substr(0, text.find("\n")));
+      }
+  return true;
+}
+
+int64_t reuse_runs(const ComparePlan& plan, const std::string& reuse, const std::string& out_dir,
+                   std::ostream& log) {
+  std::ifstream in(reuse);
+  if (!in) throw FileError(reuse, "cannot read the comparison to reuse (--reuse)");
+  nlohmann::json earlier;
+  try {
+    earlier = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw FileError(reuse, std::string("not a compare.json (") + e.what() + ")");
+  }
+  if (!earlier.is_object() || !earlier.contains("runs") || !earlier["runs"].is_array())
+    throw FileError(reuse, "not a compare.json: no \"runs\" array");
+  int64_t copied = 0;
+  for (auto& v : plan.variants)
+    for (int64_t seed : v.seeds.empty() ? plan.seeds : v.seeds) {
+      const fs::path dir = fs::path(out_dir) / v.name / run_dir_name(seed);
+      if (fs::exists(dir / "run.json")) continue;
+      const nlohmann::json* found = nullptr;
+      for (auto& r : earlier["runs"])
+        if (r.is_object() && r.value("variant", "") == v.name && r.value("seed", int64_t{-1}) == seed)
+          found = &r;
+      if (!found) continue;
+      const std::string now = run_fingerprint(v, seed);
+      std::vector<std::string> added;
+      std::string differs;
+      if (!fingerprint_extends(found->value("fingerprint", ""), now, &added, &differs)) {
+        log << "reuse: " << v.name << " seed " << seed << " not taken from " << reuse
+            << ": its config differs at " << differs << "\n";
+        continue;
+      }
+      nlohmann::json run = *found;
+      run["reused"] = {{"from", reuse}, {"fingerprint", run.value("fingerprint", "")}, {"keys_added", added}};
+      run["fingerprint"] = now;
+      fs::create_directories(dir);
+      write_file_atomic((dir / "run.json").string(), run.dump() + "\n");
+      ++copied;
+    }
+  log << "reuse: " << copied << " finished runs taken from " << reuse << "\n";
+  return copied;
+}
+
+namespace {
+
 // One (variant, seed): trains it (or resumes it, or takes its finished run.json) and measures it.
 nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& dir, const CompareOptions& opt,
                        const std::string& label, const std::function<std::string(int64_t)>& extra,
                        int64_t stop_after, std::ostream& log) {
   RunConfig cfg = v.cfg;
   cfg.train.seed = seed;
-  const std::string fingerprint = cfg.to_toml() + "\n# fault: " + v.fault.describe() + "\n";
+  const std::string fingerprint = run_fingerprint(v, seed);
   const fs::path run_json = dir / "run.json";
   if (auto done = finished_run(run_json, fingerprint, v, seed); !done.is_null()) {
     log << label << ": finished earlier, kept (" << run_json.string() << ")\n";
@@ -664,6 +764,7 @@ nlohmann::json run_one(const CompareVariant& v, int64_t seed, const fs::path& di
       {"load_steps", c.load_steps},
       {"max_vio_batch_mean", json_mean(c.train["max_vio_batch"])},
       {"dropped_share_mean", json_mean(c.train["dropped_share"])},
+      {"unrouted_share_mean", json_mean(c.train["unrouted_share"])},
       {"assignments_per_token_train", json_mean(c.train["assignments_per_token"])},
       {"time_to_balance", time_to_balance(steps, vio, kBalanceThreshold, kBalanceWindow)},  // as the report
       {"validation", eval_json(s.validation)},
@@ -695,6 +796,7 @@ nlohmann::json run_compare(const ComparePlan& plan, const CompareOptions& opt, s
   const fs::path dir(opt.out_dir);
   fs::create_directories(dir);
   const auto t0 = std::chrono::steady_clock::now();
+  if (!opt.reuse.empty()) reuse_runs(plan, opt.reuse, opt.out_dir, log);
   // What an earlier call of the same comparison measured after its runs (kept unless the variants changed).
   nlohmann::json previous;
   if (fs::exists(dir / "compare.json")) {

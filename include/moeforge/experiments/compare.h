@@ -72,7 +72,27 @@ struct CompareOptions {
   // grows. Each result is stored in compare.json and kept by a rerun.
   std::function<nlohmann::json(const std::vector<CompareVariant>&, std::ostream&)> throughput;
   std::function<nlohmann::json(std::ostream&)> routing_scale;
+  // An earlier comparison's compare.json whose finished runs are taken instead of trained again, for each
+  // (variant, seed) of this plan that it holds with the same config (reuse_runs; docs/comparison.md,
+  // "Extending a comparison"); empty = none.
+  std::string reuse;
 };
+
+// A run's fingerprint: its whole config as TOML and its fault; a finished run is kept only under the same.
+std::string run_fingerprint(const CompareVariant& v, int64_t seed);
+
+// Whether a run made under fingerprint `before` ran the config of `now` except for keys added to moeforge
+// since (every entry of `before` is in `now` with the same value). The keys `now` has and `before` lacks
+// go to `added` ("section.key = value"); the first entry that differs, if any, to `differs`.
+bool fingerprint_extends(const std::string& before, const std::string& now, std::vector<std::string>* added,
+                         std::string* differs = nullptr);
+
+// Copies the runs of the earlier compare.json `reuse` into `out_dir`'s run folders, for every (variant,
+// seed) of `plan` without a run.json there whose earlier run passes fingerprint_extends; each copy records
+// where it came from and the keys added since ("reused"). Returns how many were copied; says on `log`
+// which were and why others were not.
+int64_t reuse_runs(const ComparePlan& plan, const std::string& reuse, const std::string& out_dir,
+                   std::ostream& log);
 
 // `base` with moe.router = `router` and the router's own options set so that every token gets
 // base.moe.n_expert_used expert assignments on average (K): the registry's equal_compute rule
