@@ -9,6 +9,7 @@
 #include <fstream>
 #include <limits>
 #include <regex>
+#include <tuple>
 
 #include "moeforge/experiments/compare.h"
 #include "moeforge/layer/moe_layer.h"
@@ -491,6 +492,64 @@ TEST(Compare, ClaimVerdictsFollowTheNumbers) {
   // Higher, resolved: not reproduced.
   auto no = claim_report({0.8, 0.9, 1.0}, {0.5, 0.6, 0.7});
   EXPECT_NE(no.find("**not reproduced**"), std::string::npos) << no;
+}
+
+// The report's baseline and MoCE-ablation sections on synthetic runs: a variant resolved better on every
+// seed is named, one whose per-seed differences straddle 0 is not.
+std::string section_of(const std::vector<std::tuple<std::string, std::string, std::vector<double>>>& variants,
+                       const std::string& heading) {
+  nlohmann::json j = {{"command", "test"},
+                      {"machine", "test"},
+                      {"source", "test"},
+                      {"seeds", {1, 2, 3}},
+                      {"k", 2},
+                      {"steps", 10},
+                      {"batch_size", 1},
+                      {"seq_len", 100},
+                      {"complete", true},
+                      {"variants", nlohmann::json::array()},
+                      {"runs", nlohmann::json::array()}};
+  for (auto& [name, role, ppl] : variants) {
+    j["variants"].push_back({{"name", name},
+                             {"role", role},
+                             {"group", "main"},
+                             {"router", "topk"},
+                             {"overrides", nlohmann::json::array()},
+                             {"equal_compute", "top-2"}});
+    for (int s = 0; s < 3; ++s) {
+      auto r = synthetic_run(name, role, s + 1, 0.1, ppl[s]);
+      r["mflop_per_token"] = 2.0;
+      j["runs"].push_back(r);
+    }
+  }
+  const auto dir = fs::path(::testing::TempDir()) / "moeforge_compare_sections";
+  fs::create_directories(dir);
+  std::ifstream in(write_compare_outputs(dir.string(), j, /*plots=*/false));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const auto text = ss.str();
+  const auto at = text.find("### " + heading);
+  EXPECT_NE(at, std::string::npos) << text;
+  return at == std::string::npos ? "" : text.substr(at, text.find("### ", at + 4) - at);
+}
+
+TEST(Compare, BaselineAndAblationVerdictsFollowThePairs) {
+  const std::vector<double> moe = {50, 52, 54};
+  // Dense at equal active parameters 2% worse on every seed; at equal total within noise around the MoE.
+  auto b = section_of({{"bl", "balance_loss", moe},
+                       {"dense-a", "dense_active", {51, 53.04, 55.08}},
+                       {"dense-t", "dense_total", {49, 53, 53.9}}},
+                      "0. Baselines");
+  EXPECT_NE(b.find("better than dense at equal active parameters (resolved)"), std::string::npos) << b;
+  EXPECT_NE(b.find("not resolved against dense at equal total parameters"), std::string::npos) << b;
+  // MoCE 6% worse than the one router; one ablation recovers it on every seed, another does not move.
+  auto a = section_of({{"bl", "balance_loss", moe},
+                       {"moce", "moce", {53, 55.12, 57.24}},
+                       {"moce-fix", "moce_ablation", {50.5, 52.5, 54.5}},
+                       {"moce-same", "moce_ablation", {53.5, 54.5, 57.8}}},
+                      "4b.");
+  EXPECT_NE(a.find("**located in part: moce-fix resolve lower than moce**"), std::string::npos) << a;
+  EXPECT_EQ(a.find("moce-same resolve"), std::string::npos) << a;
 }
 
 TEST(Compare, EqualComputeRule) {

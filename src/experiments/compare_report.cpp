@@ -8,6 +8,7 @@
 #include <iomanip>
 #include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include "moeforge/experiments/compare.h"
@@ -87,7 +88,12 @@ std::string cell(const Spread& s, int precision) {
 }
 
 Getter split_get(const char* split, const char* key) {
-  return [=](const json& r) { return r[split].is_null() ? NAN : num(r[split][key]); };
+  // value(): a key older runs do not have reads as missing (a const operator[] on a missing key is
+  // undefined).
+  return [=](const json& r) {
+    const json sp = r.value(split, json());
+    return sp.is_object() ? num(sp.value(key, json())) : NAN;
+  };
 }
 const Getter kValPpl = split_get("validation", "perplexity");
 const Getter kValLoss = split_get("validation", "loss");
@@ -134,6 +140,11 @@ const Getter kGap = [](const json& r) { return num(r["optimality_gap"]["gap"]); 
 const Getter kViolation = [](const json& r) { return num(r["optimality_gap"]["capacity_violation"]); };
 const Getter kLeakEval = [](const json& r) { return num(r["causal_leak"]["eval"]); };
 const Getter kLeakTrain = [](const json& r) { return num(r["causal_leak"]["train"]); };
+// Tokens given no expert (a measure newer than some runs: NaN where a run does not have it).
+const Getter kUnroutedEval = split_get("validation", "unrouted_share");
+const Getter kUnroutedTrain = [](const json& r) { return num(r.value("unrouted_share_mean", json())); };
+// Expert choice evaluated with batch routing: exactly its training assignments per token (K on average).
+const Getter kEcBatchLoss = split_get("validation", "ec_batch_loss");
 
 // The validation loss against training tokens, mean over seeds at the evaluation steps every seed has.
 struct Curve {
@@ -209,6 +220,23 @@ Paired paired(const Variant& x, const Variant& ref, const Getter& g, const std::
     b.push_back(xv);
   }
   return {x.name + " − " + ref.name + ": " + what, paired_difference(a, b), log_ratio};
+}
+
+// x's measure `gx` − ref's measure `gref`, paired by seed (two measures of the same kind, as one model's loss
+// under two routings).
+Paired paired_across(const Variant& x, const Getter& gx, const Variant& ref, const Getter& gref,
+                     const std::string& what) {
+  std::map<int64_t, double> at;
+  for (auto* r : ref.runs) at[(*r)["seed"].get<int64_t>()] = gref(*r);
+  std::vector<double> a, b;
+  for (auto* r : x.runs) {
+    const auto it = at.find((*r)["seed"].get<int64_t>());
+    const double xv = gx(*r);
+    if (it == at.end() || !std::isfinite(xv) || !std::isfinite(it->second)) continue;
+    a.push_back(it->second);
+    b.push_back(xv);
+  }
+  return {x.name + " − " + ref.name + ": " + what, paired_difference(a, b), false};
 }
 
 std::string signed_value(double v, const Paired& p, int precision) {
@@ -419,6 +447,7 @@ std::optional<Claim> claim_bip(const Variant* bip, const Variant* lf, const Vari
 
 // Claim 3, expert choice against top-2 at equal compute, and the leak of its non-causal form.
 std::optional<Claim> claim_expert_choice(const Variant* ec, const Variant* ecn, const Variant* bl,
+                                         const Variant* cap, const Variant* rerun, int64_t ec_k,
                                          ClaimContext& cx) {
   if (!ec || !bl) return std::nullopt;
   Claim c{
@@ -431,10 +460,44 @@ std::optional<Claim> claim_expert_choice(const Variant* ec, const Variant* ecn, 
       direction_text(cx.add(paired(*ec, *bl, kValLoss, "final validation loss")), 4, false, &lv));
   c.evidence.push_back("assignments per token in evaluation (threshold routing) " + ec->name + " " +
                        cell(over(*ec, kAptEval), 3) + " vs " + bl->name + " " + cell(over(*bl, kAptEval), 3) +
-                       "; training " + cell(over(*ec, kAptTrain), 3) + "; share of tokens " + bl->name +
-                       " drops: " + cell(over(*bl, kDropped), 4) +
-                       " (dropless; the share of tokens expert choice gives no expert is not in this "
-                       "comparison's JSON)");
+                       "; training " + cell(over(*ec, kAptTrain), 3) + "; share of assignments " + bl->name +
+                       " drops: " + cell(over(*bl, kDropped), 4) + " (dropless)");
+  // At equal assignments: the same models evaluated with batch routing, K per token exactly (the rows of an
+  // evaluation batch are windows of different documents, so it sees no row's own future).
+  PairedVerdict ev;
+  c.evidence.push_back(direction_text(
+      cx.add(paired_across(*ec, kEcBatchLoss, *bl, kValLoss,
+                           "validation loss at equal assignments (expert choice batch-routed, " +
+                               fmt(double(ec_k), 0) + " per token)")),
+      4, false, &ev));
+  if (cap) {
+    PairedVerdict cv;
+    c.evidence.push_back(direction_text(
+        cx.add(paired(*ec, *cap, kValLoss, "final validation loss, against the paper's kind of baseline")), 4,
+        false, &cv));
+    c.evidence.push_back(
+        cap->name + " (top-2 with capacity 1.25, the overflow dropped) drops " +
+        cell(over(*cap, kDropped), 4) + " of its assignments in training, " +
+        cell(over(*cap, kUnroutedTrain), 4) + " of its tokens get no expert; its validation loss " +
+        "against dropless " + bl->name + ": " +
+        interval_text(cx.add(paired(*cap, *bl, kValLoss, "validation perplexity", true)), 4) +
+        "; capacity makes a token's route depend on the tokens after it (causal leak " +
+        cell(over(*cap, kLeakEval), 4) + ")");
+  }
+  if (rerun) {
+    c.evidence.push_back("tokens expert choice gives no expert (" + rerun->name + ", today's code, " +
+                         std::to_string(rerun->runs.size()) + " seed" + (rerun->runs.size() == 1 ? "" : "s") +
+                         "): " + cell(over(*rerun, kUnroutedEval), 4) +
+                         " of validation tokens under threshold "
+                         "routing, " +
+                         cell(over(*rerun, kUnroutedTrain), 4) + " of training tokens per batch");
+    const Paired drift = paired(*rerun, *ec, kValLoss, "validation loss");
+    c.evidence.push_back("the same run trained again with today's code against the committed one (" +
+                         rerun->name + " − " + ec->name + ", " + std::to_string(drift.d.n) + " seed" +
+                         (drift.d.n == 1 ? "" : "s") + "): " + signed_value(drift.d.mean, drift, 4) +
+                         " nats (what code changes since the committed runs move a result; the seed sd of "
+                         "the validation loss is the calibration's)");
+  }
   const auto ecc = validation_curve(*ec), blc = validation_curve(*bl);
   double ratio = NAN;
   if (!ecc.mean.empty() && !blc.mean.empty()) {
@@ -485,6 +548,74 @@ std::optional<Claim> claim_moce(const Variant* moce, const Variant* bl, ClaimCon
                                              : "not reproduced";
   else
     c.verdict = "not resolved";
+  return c;
+}
+
+// 0: does routing matter at this scale? Top-2 against dense FFNs at equal active parameters (one FFN of the
+// compute of K experts) and at equal total parameters (one FFN as wide as all experts together).
+std::optional<Claim> baselines(const Variant* moe, const Variant* dense_active, const Variant* dense_total,
+                               ClaimContext& cx) {
+  if (!moe || (!dense_active && !dense_total)) return std::nullopt;
+  Claim c{"0. Baselines: does routing pay at this scale? " + moe->name +
+              " against dense FFNs with its active parameters and with its total parameters",
+          "",
+          {}};
+  PairedVerdict av = PairedVerdict::kNotResolved, tv = PairedVerdict::kNotResolved;
+  if (dense_active)
+    c.evidence.push_back(
+        direction_text(cx.add(paired(*moe, *dense_active, kValLoss,
+                                     "validation perplexity (equal active parameters)", true)),
+                       4, false, &av));
+  if (dense_total)
+    c.evidence.push_back(direction_text(
+        cx.add(paired(*moe, *dense_total, kValLoss, "validation perplexity (equal total parameters)", true)),
+        4, false, &tv));
+  for (const Variant* d : {dense_active, dense_total})
+    if (d)
+      c.evidence.push_back(d->name + ": validation perplexity " + cell(over(*d, kValPpl), 2) + ", held-out " +
+                           cell(over(*d, kHeldPpl), 2) + "; " +
+                           fmt(num(d->runs.front()->value("mflop_per_token", json())), 2) +
+                           " MFLOP per token vs " +
+                           fmt(num(moe->runs.front()->value("mflop_per_token", json())), 2));
+  const auto word = [](PairedVerdict v, const char* than) {
+    return v == PairedVerdict::kLower    ? std::string("better than ") + than + " (resolved)"
+           : v == PairedVerdict::kHigher ? std::string("worse than ") + than + " (resolved)"
+                                         : std::string("not resolved against ") + than;
+  };
+  c.verdict = "top-2 MoE " + word(av, "dense at equal active parameters") + "; " +
+              word(tv, "dense at equal total parameters");
+  return c;
+}
+
+// 4b: where MoCE's cost lies. Each ablation changes one thing of MoCE; its loss against MoCE's says whether
+// that thing costs (lower, resolved: the change recovers part of the cost), and against the one router
+// whether anything is left.
+std::optional<Claim> moce_ablations(const std::vector<Variant>& vs, const Variant* bl, ClaimContext& cx) {
+  const Variant* moce = by_role(vs, "moce");
+  std::vector<const Variant*> abl;
+  for (auto& v : vs)
+    if (v.role == "moce_ablation" && v.group == "main") abl.push_back(&v);
+  if (!moce || abl.empty()) return std::nullopt;
+  Claim c{"4b. Where MoCE's cost lies: ablations that each change one thing of " + moce->name, "", {}};
+  std::vector<std::string> recover, worse;
+  for (const Variant* a : abl) {
+    PairedVerdict v;
+    c.evidence.push_back(
+        direction_text(cx.add(paired(*a, *moce, kValLoss, "validation perplexity", true)), 4, false, &v));
+    if (v == PairedVerdict::kLower) recover.push_back(a->name);
+    if (v == PairedVerdict::kHigher) worse.push_back(a->name);
+    if (bl)
+      c.evidence.push_back(interval_text(paired(*a, *bl, kValLoss, "validation perplexity", true), 4) +
+                           " (against the one router; not in the family table)");
+  }
+  const auto join = [](const std::vector<std::string>& xs) {
+    std::string out;
+    for (auto& x : xs) out += (out.empty() ? "" : ", ") + x;
+    return out;
+  };
+  c.verdict = recover.empty() ? "not located: no single change resolves lower than " + moce->name
+                              : "located in part: " + join(recover) + " resolve lower than " + moce->name;
+  if (!worse.empty()) c.verdict += "; " + join(worse) + " resolve higher";
   return c;
 }
 
@@ -639,10 +770,14 @@ std::vector<Claim> answer_claims(const std::vector<Variant>& vs, const json& res
   const Variant* bl = by_role(vs, "balance_loss");
   const Variant* lf = by_role(vs, "loss_free");
   std::vector<Claim> claims;
+  if (auto b = baselines(bl, by_role(vs, "dense_active"), by_role(vs, "dense_total"), cx))
+    claims.push_back(*b);
   for (auto c :
        {claim_loss_free(lf, bl, cx), claim_bip(by_role(vs, "bip"), lf, bl, result, cx),
-        claim_expert_choice(by_role(vs, "expert_choice"), by_role(vs, "expert_choice_noncausal"), bl, cx),
-        claim_moce(by_role(vs, "moce"), bl, cx), claim_cluster_moe(vs, result)})
+        claim_expert_choice(by_role(vs, "expert_choice"), by_role(vs, "expert_choice_noncausal"), bl,
+                            by_role(vs, "capacity"), by_role(vs, "expert_choice_rerun"),
+                            result.value("k", int64_t{2}), cx),
+        claim_moce(by_role(vs, "moce"), bl, cx), moce_ablations(vs, bl, cx), claim_cluster_moe(vs, result)})
     if (c) claims.push_back(*c);
   claims.push_back(optimality_gaps(vs));
   return claims;
@@ -1109,20 +1244,50 @@ std::string write_compare_outputs(const std::string& out_dir, const json& result
      << "| time | " << format_duration(result.value("seconds_total", 0.0))
      << " in all (every call of the command) |\n";
   if (!result.value("complete", false)) md << "| state | **incomplete**: rerun the command to finish |\n";
+  {
+    // Runs taken from an earlier comparison (--reuse): how many, from where, and the config keys moeforge
+    // gained since they ran (at their defaults here, which is what those runs did).
+    std::set<std::string> keys;
+    size_t n = 0;
+    for (auto& r : result["runs"])
+      if (r.contains("reused")) {
+        ++n;
+        for (auto& k : r["reused"]["keys_added"]) {
+          const auto text = k.get<std::string>();
+          keys.insert(text.substr(0, text.find(" = ")));
+        }
+      }
+    if (n > 0) {
+      std::string ks;
+      for (auto& k : keys) ks += (ks.empty() ? "`" : ", `") + k + "`";
+      md << "| reused runs | " << n << " of " << result["runs"].size()
+         << " runs were taken from an earlier comparison (--reuse) made with the same config before these "
+            "keys existed: "
+         << (ks.empty() ? std::string("none") : ks) << " |\n";
+    }
+  }
   md << "\n## Variants and equal compute\n\n"
      << "| variant | router | seeds | overrides | equal-compute setting | assignments/token (training) | "
-        "assignments/token (validation) | dropped share | training tokens/s (bench) |\n"
-     << "|---|---|---|---|---|---|---|---|---|\n";
+        "assignments/token (validation) | dropped share | tokens without an expert (validation) | training "
+        "tokens/s (bench) |\n"
+     << "|---|---|---|---|---|---|---|---|---|---|\n";
   for (auto& v : vs) {
     std::string over_s;
     for (auto& r : result["variants"])
       if (r["name"] == v.name)
         for (auto& o : r["overrides"])
           over_s += (over_s.empty() ? "" : ", ") + ("`" + o.get<std::string>() + "`");
+    const std::string setting = v.role == "dense_active" ? "dense: one FFN, the active parameters of top-K"
+                                : v.role == "dense_total"
+                                    ? "dense: one FFN, the total parameters of the experts"
+                                    : v.equal_compute;
+    const auto unrouted = over(v, kUnroutedEval);
     md << "| " << v.name << " | " << (*v.runs.front())["router_label"].get<std::string>() << " | "
-       << v.runs.size() << " | " << (over_s.empty() ? "-" : over_s) << " | " << v.equal_compute << " | "
+       << v.runs.size() << " | " << (over_s.empty() ? "-" : over_s) << " | " << setting << " | "
        << cell(over(v, kAptTrain), 3) << " | " << cell(over(v, kAptEval), 3) << " | "
-       << cell(over(v, kDropped), 4) << " | " << fmt(throughput_of(result, v.name), 0) << " |\n";
+       << cell(over(v, kDropped), 4) << " | "
+       << (unrouted.n > 0 ? cell(unrouted, 4) : std::string("- (not measured by these runs)")) << " | "
+       << fmt(throughput_of(result, v.name), 0) << " |\n";
   }
   md << "\n## Results\n\n"
      << "| variant | val ppl | held-out ppl | MaxVio_batch | MaxVio_batch (last tenth) | MaxVio_global | "
