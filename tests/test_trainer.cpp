@@ -9,6 +9,7 @@
 #include "moeforge/experiments/compare.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/load.h"
+#include "moeforge/train/optim.h"
 #include "moeforge/train/trainer.h"
 #include "moeforge/util/error.h"
 #include "test_util.h"
@@ -34,6 +35,39 @@ double mean(const std::vector<double>& v, size_t from, size_t n) {
   double s = 0;
   for (size_t i = from; i < from + n; ++i) s += v[i];
   return s / double(n);
+}
+
+// train.schedule: after the same warm-up, cosine decays over the whole run, constant stays at lr, and
+// warmup-stable-decay stays at lr until the last decay_fraction of the steps, then falls linearly to the
+// floor at the last step.
+TEST(Trainer, LearningRateSchedules) {
+  TrainConfig c;
+  c.steps = 100;
+  c.warmup = 10;
+  c.lr = 1.0;
+  c.min_lr_ratio = 0.1;
+  for (const char* s : {"cosine", "constant", "wsd"}) {
+    c.schedule = s;
+    EXPECT_DOUBLE_EQ(learning_rate(c, 0), 0.1) << s;  // warm-up: (step + 1) / warmup
+    EXPECT_DOUBLE_EQ(learning_rate(c, 9), 1.0) << s;
+  }
+  c.schedule = "cosine";
+  EXPECT_NEAR(learning_rate(c, 55), 0.55, 1e-12);  // half-way: the mean of lr and the floor
+  c.schedule = "constant";
+  EXPECT_DOUBLE_EQ(learning_rate(c, 99), 1.0);
+  c.schedule = "wsd";
+  c.decay_fraction = 0.2;  // steps 80..99 decay
+  EXPECT_DOUBLE_EQ(learning_rate(c, 79), 1.0);
+  EXPECT_NEAR(learning_rate(c, 89), 1.0 - 0.9 * 10.0 / 20.0, 1e-12);
+  EXPECT_NEAR(learning_rate(c, 99), 0.1, 1e-12);
+  c.decay_fraction = 1.0;  // the decay never starts inside the warm-up
+  EXPECT_DOUBLE_EQ(learning_rate(c, 9), 1.0);
+  EXPECT_NEAR(learning_rate(c, 99), 0.1, 1e-12);
+  c.schedule = "linear";
+  test::expect_config_error([&] { c.validate(); }, "train.schedule");
+  c.schedule = "wsd";
+  c.decay_fraction = 0;
+  test::expect_config_error([&] { c.validate(); }, "train.decay_fraction");
 }
 
 TEST(Trainer, LossFallsAndMetricsAreWritten) {

@@ -99,9 +99,20 @@ void AdamW::load_state(const std::vector<std::pair<std::string, torch::Tensor>>&
 
 double learning_rate(const TrainConfig& cfg, int64_t step) {
   if (cfg.warmup > 0 && step < cfg.warmup) return cfg.lr * double(step + 1) / double(cfg.warmup);
+  const double min_lr = cfg.lr * cfg.min_lr_ratio;
+  if (cfg.schedule == "constant") return cfg.lr;
+  if (cfg.schedule == "wsd") {
+    // The decay starts decay_fraction of the steps before the end (never inside the warm-up) and reaches the
+    // floor at the last step.
+    const int64_t decay = std::max<int64_t>(1, std::llround(cfg.decay_fraction * double(cfg.steps)));
+    const int64_t start = std::max(cfg.warmup, cfg.steps - decay);
+    if (step < start) return cfg.lr;
+    const double progress =
+        std::min(1.0, double(step - start + 1) / double(std::max<int64_t>(1, cfg.steps - start)));
+    return cfg.lr + (min_lr - cfg.lr) * progress;
+  }
   const double span = std::max<int64_t>(1, cfg.steps - cfg.warmup);
   const double progress = std::min(1.0, double(step - cfg.warmup) / span);
-  const double min_lr = cfg.lr * cfg.min_lr_ratio;
   return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + std::cos(M_PI * progress));
 }
 

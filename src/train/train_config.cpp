@@ -13,6 +13,9 @@ void TrainConfig::validate() const {
   require_config(lr > 0, "train.lr", "must be > 0");
   require_config(min_lr_ratio >= 0 && min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]");
   require_config(warmup >= 0, "train.warmup", "must be >= 0");
+  require_config(schedule == "cosine" || schedule == "constant" || schedule == "wsd", "train.schedule",
+                 "must be \"cosine\", \"constant\" or \"wsd\", got \"" + schedule + "\"");
+  require_config(decay_fraction > 0 && decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]");
   require_config(weight_decay >= 0, "train.weight_decay", "must be >= 0");
   require_config(beta1 >= 0 && beta1 < 1, "train.beta1", "must be in [0, 1)");
   require_config(beta2 >= 0 && beta2 < 1, "train.beta2", "must be in [0, 1)");
@@ -37,6 +40,8 @@ void bind_train_config(ConfigBinder& b, TrainConfig* c) {
   b.bind("train.grad_accum", &c->grad_accum);
   b.bind("train.lr", &c->lr);
   b.bind("train.min_lr_ratio", &c->min_lr_ratio);
+  b.bind("train.schedule", &c->schedule);
+  b.bind("train.decay_fraction", &c->decay_fraction);
   b.bind("train.warmup", &c->warmup);
   b.bind("train.weight_decay", &c->weight_decay);
   b.bind("train.beta1", &c->beta1);

@@ -34,8 +34,9 @@ class AdamW {
   int64_t t_ = 0;
 };
 
-// Linear warm-up to cfg.lr over cfg.warmup steps, then cosine decay to cfg.lr * cfg.min_lr_ratio at
-// cfg.steps.
+// Linear warm-up to cfg.lr over cfg.warmup steps, then cfg.schedule: cosine decay to cfg.lr *
+// cfg.min_lr_ratio at cfg.steps, constant, or warmup-stable-decay (linear to the floor over the last
+// cfg.decay_fraction of the steps, reached at the last step).
 double learning_rate(const TrainConfig& cfg, int64_t step);
 
 // Scales all gradients so that their global L2 norm is at most max_norm; returns the norm before clipping.

@@ -8,11 +8,16 @@
 namespace moeforge {
 
 struct TrainConfig {
-  int64_t steps = 1000;              // train.steps: optimiser steps
-  int64_t batch_size = 16;           // train.batch_size: sequences per micro-batch
-  int64_t grad_accum = 1;            // train.grad_accum: micro-batches per step
-  double lr = 3e-3;                  // train.lr: peak learning rate
-  double min_lr_ratio = 0.1;         // train.min_lr_ratio: cosine floor as a share of lr
+  int64_t steps = 1000;       // train.steps: optimiser steps
+  int64_t batch_size = 16;    // train.batch_size: sequences per micro-batch
+  int64_t grad_accum = 1;     // train.grad_accum: micro-batches per step
+  double lr = 3e-3;           // train.lr: peak learning rate
+  double min_lr_ratio = 0.1;  // train.min_lr_ratio: the schedule's floor as a share of lr
+  // train.schedule, after the warm-up: "cosine" (decay to the floor at train.steps), "constant" (lr to the
+  // end) or "wsd" (warmup-stable-decay: lr until the last train.decay_fraction of the steps, then linear to
+  // the floor), whose curves are not bent by the schedule until the decay (docs/comparison.md).
+  std::string schedule = "cosine";
+  double decay_fraction = 0.2;       // train.decay_fraction: wsd's share of the steps spent decaying
   int64_t warmup = 50;               // train.warmup: linear warm-up steps
   double weight_decay = 0.1;         // train.weight_decay: AdamW decoupled decay on matrices
   double beta1 = 0.9, beta2 = 0.95;  // train.beta1, train.beta2
