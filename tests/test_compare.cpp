@@ -550,6 +550,20 @@ TEST(Compare, BaselineAndAblationVerdictsFollowThePairs) {
                       "4b.");
   EXPECT_NE(a.find("**located in part: moce-fix resolve lower than moce**"), std::string::npos) << a;
   EXPECT_EQ(a.find("moce-same resolve"), std::string::npos) << a;
+  // claims.json holds every paired test with its per-seed pairs (the last report written: the ablations').
+  const auto claims = read_json(fs::path(::testing::TempDir()) / "moeforge_compare_sections" / "claims.json");
+  bool found = false;
+  for (auto& t : claims["tests"])
+    if (t["test"] == "moce-fix − moce: validation perplexity") {
+      found = true;
+      ASSERT_EQ(t["pairs"].size(), 3u);
+      EXPECT_EQ(t["pairs"][0]["seed"], 1);
+      EXPECT_NEAR(t["pairs"][0]["x"].get<double>(), std::log(50.5), 1e-12);
+      EXPECT_NEAR(t["pairs"][0]["ref"].get<double>(), std::log(53.0), 1e-12);
+      EXPECT_LT(t["hi"].get<double>(), 0.0);
+      EXPECT_TRUE(t.contains("holm_level"));
+    }
+  EXPECT_TRUE(found) << claims.dump(1);
 }
 
 TEST(Compare, EqualComputeRule) {

@@ -204,39 +204,43 @@ struct Paired {
   std::string what;  // "<x> − <ref>: <measure>", for the multiple-comparison table
   PairedDifference d;
   bool log_ratio = false;  // a difference of losses, shown as a perplexity ratio
+  // The pairs behind d: per seed, the reference's value and x's (claims.json).
+  std::vector<int64_t> seeds;
+  std::vector<double> ref_values, x_values;
 };
+
+// x − ref over the seeds both have a finite value for: `gx` of x's runs against `gref` of ref's.
+Paired pair_up(const Variant& x, const Getter& gx, const Variant& ref, const Getter& gref,
+               const std::string& what, bool log_ratio) {
+  std::map<int64_t, double> at;
+  for (auto* r : ref.runs) at[(*r)["seed"].get<int64_t>()] = gref(*r);
+  Paired p;
+  p.what = x.name + " − " + ref.name + ": " + what;
+  p.log_ratio = log_ratio;
+  for (auto* r : x.runs) {
+    const int64_t seed = (*r)["seed"].get<int64_t>();
+    const auto it = at.find(seed);
+    const double xv = gx(*r);
+    if (it == at.end() || !std::isfinite(xv) || !std::isfinite(it->second)) continue;
+    p.seeds.push_back(seed);
+    p.ref_values.push_back(it->second);
+    p.x_values.push_back(xv);
+  }
+  p.d = paired_difference(p.ref_values, p.x_values);
+  return p;
+}
 
 // x − ref of the measure `g` over the seeds both variants ran (finite values only).
 Paired paired(const Variant& x, const Variant& ref, const Getter& g, const std::string& what,
               bool log_ratio = false) {
-  std::map<int64_t, double> at;
-  for (auto* r : ref.runs) at[(*r)["seed"].get<int64_t>()] = g(*r);
-  std::vector<double> a, b;
-  for (auto* r : x.runs) {
-    const auto it = at.find((*r)["seed"].get<int64_t>());
-    const double xv = g(*r);
-    if (it == at.end() || !std::isfinite(xv) || !std::isfinite(it->second)) continue;
-    a.push_back(it->second);
-    b.push_back(xv);
-  }
-  return {x.name + " − " + ref.name + ": " + what, paired_difference(a, b), log_ratio};
+  return pair_up(x, g, ref, g, what, log_ratio);
 }
 
 // x's measure `gx` − ref's measure `gref`, paired by seed (two measures of the same kind, as one model's loss
 // under two routings).
 Paired paired_across(const Variant& x, const Getter& gx, const Variant& ref, const Getter& gref,
                      const std::string& what) {
-  std::map<int64_t, double> at;
-  for (auto* r : ref.runs) at[(*r)["seed"].get<int64_t>()] = gref(*r);
-  std::vector<double> a, b;
-  for (auto* r : x.runs) {
-    const auto it = at.find((*r)["seed"].get<int64_t>());
-    const double xv = gx(*r);
-    if (it == at.end() || !std::isfinite(xv) || !std::isfinite(it->second)) continue;
-    a.push_back(it->second);
-    b.push_back(xv);
-  }
-  return {x.name + " − " + ref.name + ": " + what, paired_difference(a, b), false};
+  return pair_up(x, gx, ref, gref, what, false);
 }
 
 std::string signed_value(double v, const Paired& p, int precision) {
@@ -1202,6 +1206,41 @@ void multiple_comparisons(const ClaimContext& cx, std::ostream& md) {
   md << "\n";
 }
 
+// claims.json: each claim's verdict and evidence, and every paired test with its per-seed pairs, mean,
+// sd, 95% t interval, p-value and Holm level (the numbers report.md prints, for a reader's own analysis).
+json claims_json(const std::vector<Claim>& claims, const ClaimContext& cx) {
+  json out = {{"equivalence_ppl", cx.bound},
+              {"interval", "95% Student-t on the per-seed differences x − ref"},
+              {"multiple_comparisons", "Holm step-down at a family-wise 5% over the tests with >= 2 seeds"},
+              {"claims", json::array()},
+              {"tests", json::array()}};
+  for (auto& c : claims)
+    out["claims"].push_back({{"title", c.title}, {"verdict", c.verdict}, {"evidence", c.evidence}});
+  std::vector<double> ps;
+  for (auto& t : cx.tests)
+    if (t.d.n >= 2) ps.push_back(paired_p_value(t.d));
+  const auto levels = holm_levels(ps, 0.05);
+  size_t k = 0;
+  const auto finite = [](double v) { return std::isfinite(v) ? json(v) : json(nullptr); };
+  for (auto& t : cx.tests) {
+    json pairs = json::array();
+    for (size_t i = 0; i < t.seeds.size(); ++i)
+      pairs.push_back({{"seed", t.seeds[i]}, {"ref", t.ref_values[i]}, {"x", t.x_values[i]}});
+    json j = {{"test", t.what},       {"pairs", pairs},
+              {"n", t.d.n},           {"mean", t.d.mean},
+              {"sd", finite(t.d.sd)}, {"lo", finite(t.d.lo)},
+              {"hi", finite(t.d.hi)}, {"perplexity_ratio", t.log_ratio}};
+    if (t.d.n >= 2) {
+      j["p"] = ps[k];
+      j["holm_level"] = levels[k];
+      j["resolved_in_family"] = levels[k] > 0 && ps[k] <= levels[k];
+      ++k;
+    }
+    out["tests"].push_back(j);
+  }
+  return out;
+}
+
 }  // namespace
 
 std::string write_compare_outputs(const std::string& out_dir, const json& result, bool plots) {
@@ -1328,12 +1367,16 @@ std::string write_compare_outputs(const std::string& out_dir, const json& result
   md << "## Calibration: what this comparison can resolve\n\n";
   calibration(vs, cx, md);
   md << "## The claims\n\n";
-  for (auto& c : answer_claims(vs, result, cx)) {
+  const auto claims = answer_claims(vs, result, cx);
+  for (auto& c : claims) {
     md << "### " << c.title << "\n\n**" << c.verdict << "**\n\n";
     for (auto& e : c.evidence) md << "- " << e << "\n";
     md << "\n";
   }
   multiple_comparisons(cx, md);
+  write_file_atomic((dir / "claims.json").string(), claims_json(claims, cx).dump(1) + "\n");
+  md << "Every paired test above with its per-seed pairs, interval, p-value and Holm level: "
+        "`claims.json`.\n\n";
   if (result.contains("throughput") && result["throughput"].contains("machine"))
     md << "Throughput measured on: " << result["throughput"]["machine"].get<std::string>() << "; "
        << result["throughput"].value("steps", 0) << " interleaved steps per variant, median.\n\n";
