@@ -439,7 +439,14 @@ nlohmann::json synthetic_run(const std::string& variant, const std::string& role
           {"causal_leak", {{"eval", 0.0}, {"train", 0.0}}}};
 }
 
-std::string claim_report(const std::vector<double>& lf_mvg, const std::vector<double>& bl_mvg) {
+// A synthetic variant: its validation perplexity and MaxVio_global on seeds 1, 2, 3.
+struct Synthetic {
+  std::string name, role;
+  std::vector<double> ppl, mvg = {0.1, 0.1, 0.1};
+};
+
+// The report of synthetic variants; returns the claim section whose heading starts with `heading`.
+std::string section_of(const std::vector<Synthetic>& variants, const std::string& heading) {
   nlohmann::json j = {{"command", "test"},
                       {"machine", "test"},
                       {"source", "test"},
@@ -451,26 +458,33 @@ std::string claim_report(const std::vector<double>& lf_mvg, const std::vector<do
                       {"complete", true},
                       {"variants", nlohmann::json::array()},
                       {"runs", nlohmann::json::array()}};
-  for (auto [name, role] : {std::pair{"bl", "balance_loss"}, {"lf", "loss_free"}}) {
-    j["variants"].push_back({{"name", name},
-                             {"role", role},
+  for (auto& v : variants) {
+    j["variants"].push_back({{"name", v.name},
+                             {"role", v.role},
                              {"group", "main"},
                              {"router", "topk"},
                              {"overrides", nlohmann::json::array()},
                              {"equal_compute", "top-2"}});
-    const auto& m = std::string(name) == "lf" ? lf_mvg : bl_mvg;
-    for (int s = 0; s < 3; ++s) j["runs"].push_back(synthetic_run(name, role, s + 1, m[s], 50.0 + s));
+    for (int s = 0; s < 3; ++s) {
+      auto r = synthetic_run(v.name, v.role, s + 1, v.mvg[s], v.ppl[s]);
+      r["mflop_per_token"] = 2.0;
+      j["runs"].push_back(r);
+    }
   }
-  const auto dir = fs::path(::testing::TempDir()) / "moeforge_compare_claims";
+  const auto dir = fs::path(::testing::TempDir()) / "moeforge_compare_sections";
   fs::create_directories(dir);
-  const auto path = write_compare_outputs(dir.string(), j, /*plots=*/false);
-  std::ifstream in(path);
+  std::ifstream in(write_compare_outputs(dir.string(), j, /*plots=*/false));
   std::stringstream ss;
   ss << in.rdbuf();
   const auto text = ss.str();
-  const auto at = text.find("### 1. Loss-free");
+  const auto at = text.find("### " + heading);
   EXPECT_NE(at, std::string::npos) << text;
-  return text.substr(at, text.find("### ", at + 4) - at);
+  return at == std::string::npos ? "" : text.substr(at, text.find("### ", at + 4) - at);
+}
+
+std::string claim_report(const std::vector<double>& lf_mvg, const std::vector<double>& bl_mvg) {
+  return section_of({{"bl", "balance_loss", {50, 51, 52}, bl_mvg}, {"lf", "loss_free", {50, 51, 52}, lf_mvg}},
+                    "1. Loss-free");
 }
 
 TEST(Compare, ClaimVerdictsFollowTheNumbers) {
@@ -496,43 +510,6 @@ TEST(Compare, ClaimVerdictsFollowTheNumbers) {
 
 // The report's baseline and MoCE-ablation sections on synthetic runs: a variant resolved better on every
 // seed is named, one whose per-seed differences straddle 0 is not.
-std::string section_of(const std::vector<std::tuple<std::string, std::string, std::vector<double>>>& variants,
-                       const std::string& heading) {
-  nlohmann::json j = {{"command", "test"},
-                      {"machine", "test"},
-                      {"source", "test"},
-                      {"seeds", {1, 2, 3}},
-                      {"k", 2},
-                      {"steps", 10},
-                      {"batch_size", 1},
-                      {"seq_len", 100},
-                      {"complete", true},
-                      {"variants", nlohmann::json::array()},
-                      {"runs", nlohmann::json::array()}};
-  for (auto& [name, role, ppl] : variants) {
-    j["variants"].push_back({{"name", name},
-                             {"role", role},
-                             {"group", "main"},
-                             {"router", "topk"},
-                             {"overrides", nlohmann::json::array()},
-                             {"equal_compute", "top-2"}});
-    for (int s = 0; s < 3; ++s) {
-      auto r = synthetic_run(name, role, s + 1, 0.1, ppl[s]);
-      r["mflop_per_token"] = 2.0;
-      j["runs"].push_back(r);
-    }
-  }
-  const auto dir = fs::path(::testing::TempDir()) / "moeforge_compare_sections";
-  fs::create_directories(dir);
-  std::ifstream in(write_compare_outputs(dir.string(), j, /*plots=*/false));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const auto text = ss.str();
-  const auto at = text.find("### " + heading);
-  EXPECT_NE(at, std::string::npos) << text;
-  return at == std::string::npos ? "" : text.substr(at, text.find("### ", at + 4) - at);
-}
-
 TEST(Compare, BaselineAndAblationVerdictsFollowThePairs) {
   const std::vector<double> moe = {50, 52, 54};
   // Dense at equal active parameters 2% worse on every seed; at equal total within noise around the MoE.
