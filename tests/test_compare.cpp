@@ -308,6 +308,17 @@ TEST(Compare, ReusesAnEarlierComparisonsRunsOfTheSameConfig) {
     EXPECT_EQ(r["validation"]["loss"],
               src["runs"][r["seed"].get<int64_t>() == 1 ? 0 : 2]["validation"]["loss"]);
   }
+  // A finished run of the folder itself, made before a key existed, is kept by a rerun too.
+  const auto first = fs::path(o.out_dir) / "ec" / "seed1" / "run.json";
+  auto run = read_json(first);
+  run["fingerprint"] =
+      std::regex_replace(run["fingerprint"].get<std::string>(), std::regex("precision = .*\n"), "");
+  std::ofstream(first) << run.dump();
+  std::ostringstream log_again;
+  const auto again = run_compare(changed, o, log_again);
+  EXPECT_EQ(log_again.str().find("== compare"), std::string::npos)
+      << "nothing trains again: " << log_again.str();
+  EXPECT_EQ(again["runs"][1]["keys_added_since"], nlohmann::json::array({"train.precision = 'fp32'"}));
   // A file that is not a comparison is named.
   std::ofstream(src_json) << "{\"runs\": 3}";
   auto o2 = opts("reuse_bad", false);

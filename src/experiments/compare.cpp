@@ -531,10 +531,17 @@ nlohmann::json finished_run(const fs::path& run_json, const std::string& fingerp
     throw FileError(run_json.string(), std::string("not a finished run's record (") + e.what() +
                                            "); delete the folder to run it again");
   }
-  if (done.value("fingerprint", "") != fingerprint)
+  // A run made before moeforge had some of today's keys ran today's config (a new key's default is what
+  // moeforge did before it; docs/comparison.md, "Extending a comparison"): it is kept, and says so.
+  std::vector<std::string> added;
+  if (!fingerprint_extends(done.value("fingerprint", ""), fingerprint, &added))
     throw ConfigError("compare", run_json.string() + " was made with another config for variant '" + v.name +
                                      "' seed " + std::to_string(seed) +
                                      "; use a new --out, or delete that folder to run it again");
+  if (!added.empty()) {
+    done["keys_added_since"] = added;
+    done["fingerprint"] = fingerprint;
+  }
   return done;
 }
 
