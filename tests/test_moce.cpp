@@ -406,6 +406,17 @@ TEST(MoCE, BadConfigNamesTheField) {
   c = moce_config();
   c.moce.centroid_decay = 1.5;
   expect_field(c, "moe.centroid_decay");
+  c = moce_config();
+  c.moce.assign = MoceAssign::kGate;  // offline centroids a gate would not use
+  c.moce.clustering = SeqClustering::kTfidf;
+  expect_field(c, "moe.moce_clustering");
+  c = moce_config();
+  c.router = "topk";  // MoCE's options on another router are not silently ignored
+  c.moce.assign = MoceAssign::kGate;
+  expect_field(c, "moe.moce_assign");
+  c.moce.assign = MoceAssign::kCentroid;
+  c.moce.cluster_per_layer = true;
+  expect_field(c, "moe.moce_cluster_per_layer");
 }
 
 }  // namespace

@@ -520,9 +520,18 @@ RouterSpec moce_router_spec() {
                                                      "], got " + str(o.general_used));
     option_checks::unit_decay("moe.centroid_decay", o.centroid_decay);
     option_checks::nonneg("moe.moce_balance_rate", o.balance_rate);
+    if (o.assign == MoceAssign::kGate && o.clustering != SeqClustering::kOnline)
+      throw ConfigError("moe.moce_clustering",
+                        "\"" + to_string(o.clustering) +
+                            "\" sets centroids, which moe.moce_assign = \"gate\" does not use");
   };
   r.validate_unpicked = [](const MoEConfig& c) {
     // Offline sequence clustering only means something to a router that routes by sequence cluster.
+    if (c.moce.assign != MoceAssign::kCentroid || c.moce.cluster_per_layer)
+      throw ConfigError(
+          c.moce.assign != MoceAssign::kCentroid ? "moe.moce_assign" : "moe.moce_cluster_per_layer",
+          "is an option of MoCE's sequence clusters and needs moe.router = \"moce\", got \"" + c.router +
+              "\"");
     if (c.moce.clustering != SeqClustering::kOnline)
       throw ConfigError("moe.moce_clustering",
                         "\"" + to_string(c.moce.clustering) +
