@@ -198,6 +198,30 @@ def main():
             mc_claim = "not resolved"
     res["mc_claim"] = mc_claim
     res["mc_moce_minus_topk"] = mc_pair
+    # Held-out response loss paired sample by sample (moeforge eval's per-sample list): the same samples of
+    # the same seed's data under both models. Pooled over seeds and samples (a sample's difference is the
+    # unit; seeds share samples, so the interval is a per-sample one), beside the per-seed mean differences.
+    sample_pair, sample_better = None, None
+    if "moce" in runs and "topk" in runs:
+        pooled, by_seed = [], {}
+        for s in sorted(set(runs["moce"]) & set(runs["topk"])):
+            a = {t["task"]: t for t in runs["moce"][s]["tasks"]}
+            b = {t["task"]: t for t in runs["topk"][s]["tasks"]}
+            for name, ta in a.items():
+                tb = b.get(name)
+                if not ta["heldout"] or tb is None or "sample_loss" not in ta or "sample_loss" not in tb:
+                    continue
+                lb = dict((i, l) for i, l in tb["sample_loss"])
+                for i, l in ta["sample_loss"]:
+                    if i in lb:
+                        pooled.append(l - lb[i])
+                        by_seed.setdefault(s, []).append(l - lb[i])
+        if pooled:
+            sample_pair = paired_interval(pooled)
+            sample_pair["per_seed_mean"] = {s: statistics.fmean(d) for s, d in by_seed.items()}
+            sample_better = sum(1 for d in pooled if d < 0) / len(pooled)
+    res["heldout_sample_loss_moce_minus_topk"] = sample_pair
+    res["heldout_samples_moce_lower_share"] = sample_better
     res["claim"] = claim
     res["heldout_ppl_moce_vs_topk"] = {"higher": "moce lower (better)", "lower": "moce higher (worse)",
                                        "overlapping": "overlapping"}.get(ppl_rel, "n/a")
@@ -305,6 +329,12 @@ plot '{dat}' using 1:2:3 with image notitle
             L.append(f"**Held-out multiple choice, moce − topk: {rng} (paired by seed, 95% t interval): "
                      f"{mc_claim}.** The comparison is read only when every variant's held-in multiple-choice "
                      "accuracy is above chance by two binomial standard errors on every seed (the gate).\n")
+        if sample_pair is not None and sample_pair["lo"] is not None:
+            L.append(f"Held-out response loss paired sample by sample, moce − topk: {sample_pair['mean']:+.4f} nats "
+                     f"[{sample_pair['lo']:+.4f}, {sample_pair['hi']:+.4f}] over {sample_pair['n']} (seed, sample) "
+                     f"pairs (95% t; per seed: "
+                     + ", ".join(f"{v:+.4f}" for v in sample_pair["per_seed_mean"].values())
+                     + f"); moce lower on {100 * sample_better:.1f}% of the samples.\n")
         L.append(f"Held-out response perplexity (teacher-forced, lower is better): moce "
                  f"{fmt(V['moce']['heldout_ppl'], 2)}, topk {fmt(V['topk']['heldout_ppl'], 2)}"
                  + (f", dense {fmt(V['dense']['heldout_ppl'], 2)}" if "dense" in V else "")

@@ -676,6 +676,22 @@ TEST(InstructTraining, PrepareDataAndAFewSteps) {
     std::vector<std::string> pool;
     for (const auto& x : mine)
       if (std::find(pool.begin(), pool.end(), x.response) == pool.end()) pool.push_back(x.response);
+    // Each sample's own response loss, as the per-sample list gives it (the same sample scored alone; 1e-4:
+    // float32 products in a batch of rows against one row).
+    ASSERT_EQ(t.sample_loss.size() + size_t(t.too_long), mine.size()) << t.task;
+    for (const auto& [i, loss] : t.sample_loss) {
+      ASSERT_LT(size_t(i), mine.size()) << t.task;
+      PackedData p = pack_samples({mine[size_t(i)]}, *lm.tokenizer, S, {t.task}, /*pack=*/false);
+      RouteContext ctx;
+      ctx.prompt_len = p.prompt_len;
+      auto out = lm.model->forward(p.tokens.narrow(1, 0, S), ctx);
+      auto ce = torch::nn::functional::cross_entropy(
+          out.logits.reshape({S, -1}), p.tokens.narrow(1, 1, S).reshape(-1),
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+      const auto w = p.weight.reshape(-1).to(torch::kDouble);
+      const double alone = (ce.to(torch::kDouble) * w).sum().item<double>() / w.sum().item<double>();
+      EXPECT_NEAR(loss, alone, 1e-4 * alone) << t.task << " sample " << i;
+    }
     int64_t samples = 0, correct = 0;
     for (size_t i = 0; i < mine.size(); ++i) {
       int64_t ref = 0;

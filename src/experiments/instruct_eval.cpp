@@ -91,8 +91,16 @@ void teacher_forced(TransformerLM& model, const Tokenizer& tok, const std::vecto
     auto ce = torch::nn::functional::cross_entropy(
         out.logits.reshape({B * S, -1}), tokens.narrow(1, 1, S).reshape(-1),
         torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));  // [B*S]
-    s.loss_sum += (ce.to(torch::kCPU, torch::kDouble) * weight.to(torch::kDouble)).sum().item<double>();
-    s.tokens += int64_t(std::llround(weight.sum().item<double>()));
+    auto row_loss =
+        (ce.to(torch::kCPU, torch::kDouble) * weight.to(torch::kDouble)).view({B, S}).sum(1);  // [B]
+    auto row_tokens = weight.to(torch::kDouble).view({B, S}).sum(1);                           // [B]
+    s.loss_sum += row_loss.sum().item<double>();
+    s.tokens += int64_t(std::llround(row_tokens.sum().item<double>()));
+    // One sample per row (pack = false): the row's first sample is its sample.
+    for (int64_t b = 0; b < B; ++b)
+      if (row_tokens[b].item<double>() > 0)
+        s.sample_loss.push_back(
+            {packed.doc[r0 + b].item<int64_t>(), row_loss[b].item<double>() / row_tokens[b].item<double>()});
     if (out.plans.empty()) continue;
     const float* w = weight.data_ptr<float>();
     const auto& plan = out.plans[0];
@@ -298,7 +306,8 @@ nlohmann::json InstructEvalResult::to_json() const {
                         {"mc_samples", s.mc_samples},
                         {"mc_correct", s.mc_correct},
                         {"mc_accuracy", s.mc_accuracy()},
-                        {"mc_chance", s.mc_chance()}};
+                        {"mc_chance", s.mc_chance()},
+                        {"sample_loss", s.sample_loss}};
     t["examples"] = nlohmann::json::array();
     for (const auto& e : s.examples)
       t["examples"].push_back({{"prompt", e.prompt},

@@ -53,6 +53,9 @@ struct InstructTaskScore {
   // (the chance level's numerator).
   int64_t mc_samples = 0, mc_correct = 0;
   double mc_chance_sum = 0;
+  // Per sample scored (the task's evaluated samples, in order; too-long ones are absent): its index and its
+  // mean response-token loss (nats), so that two models can be compared sample by sample.
+  std::vector<std::pair<int64_t, double>> sample_loss;
   std::vector<int64_t> cluster;  // [G] the first MoE layer's cluster of each scored position (MoCE)
   std::vector<int64_t> expert;   // [E] the first MoE layer's assignments of each scored position
   struct Example {
