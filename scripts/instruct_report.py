@@ -159,7 +159,9 @@ def main():
         # training pick them), so tables of different seeds are not summed.
         r["task_expert"] = [list(x["expert"]) for x in runs[v][seeds[0]]["tasks"]]
         r["task_cluster"] = [list(x["cluster"]) for x in runs[v][seeds[0]]["tasks"]]
-        r["examples"] = runs[v][seeds[0]]["tasks"]
+        # The first seed's task records as they are, less the per-sample losses (the paired line below
+        # summarises them; tasks.json in each run folder keeps them).
+        r["examples"] = [{k: x[k] for k in x if k != "sample_loss"} for x in runs[v][seeds[0]]["tasks"]]
         res["variants"][v] = r
 
     elapsed = None
