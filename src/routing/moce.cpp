@@ -133,7 +133,9 @@ std::pair<torch::Tensor, torch::Tensor> MoCERouterImpl::gate_assign(const torch:
     ids = (logits + cluster_bias.to(logits.device(), logits.scalar_type()).unsqueeze(0)).argmax(1);
   }
   auto p = torch::softmax(logits, 1).gather(1, ids.unsqueeze(1)).squeeze(1);  // [M]
-  return {ids.to(torch::kCPU, torch::kLong), p / p.detach()};
+  // 1 in value exactly (also where p underflows to 0), with the gradient of p / p.
+  const auto p0 = p.detach();
+  return {ids.to(torch::kCPU, torch::kLong), 1.0 + (p - p0) / p0.clamp_min(1e-12)};
 }
 
 torch::Tensor MoCERouterImpl::prefix_pool(const torch::Tensor& x, int64_t B, int64_t S,
