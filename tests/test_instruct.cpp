@@ -667,6 +667,20 @@ TEST(InstructTraining, PrepareDataAndAFewSteps) {
   torch::NoGradGuard ng;
   lm.model->eval();
   const int64_t S = lm.model->model_config().max_seq_len;
+  // One sample scored alone (one row): its summed response loss and response tokens; tokens 0 when it does
+  // not fit the context.
+  auto alone = [&](const InstructSample& x, const std::string& task) -> std::pair<double, double> {
+    PackedData p = pack_samples({x}, *lm.tokenizer, S, {task}, /*pack=*/false);
+    if (p.dropped > 0) return {0.0, 0.0};
+    RouteContext ctx;
+    ctx.prompt_len = p.prompt_len;
+    auto out = lm.model->forward(p.tokens.narrow(1, 0, S), ctx);
+    auto ce = torch::nn::functional::cross_entropy(
+        out.logits.reshape({S, -1}), p.tokens.narrow(1, 1, S).reshape(-1),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+    const auto w = p.weight.reshape(-1).to(torch::kDouble);
+    return {(ce.to(torch::kDouble) * w).sum().item<double>(), w.sum().item<double>()};
+  };
   int64_t scored_tasks = 0;
   for (const auto& t : r.tasks) {
     EXPECT_LE(t.mc_correct, t.mc_samples) << t.task;
@@ -681,16 +695,9 @@ TEST(InstructTraining, PrepareDataAndAFewSteps) {
     ASSERT_EQ(t.sample_loss.size() + size_t(t.too_long), mine.size()) << t.task;
     for (const auto& [i, loss] : t.sample_loss) {
       ASSERT_LT(size_t(i), mine.size()) << t.task;
-      PackedData p = pack_samples({mine[size_t(i)]}, *lm.tokenizer, S, {t.task}, /*pack=*/false);
-      RouteContext ctx;
-      ctx.prompt_len = p.prompt_len;
-      auto out = lm.model->forward(p.tokens.narrow(1, 0, S), ctx);
-      auto ce = torch::nn::functional::cross_entropy(
-          out.logits.reshape({S, -1}), p.tokens.narrow(1, 1, S).reshape(-1),
-          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
-      const auto w = p.weight.reshape(-1).to(torch::kDouble);
-      const double alone = (ce.to(torch::kDouble) * w).sum().item<double>() / w.sum().item<double>();
-      EXPECT_NEAR(loss, alone, 1e-4 * alone) << t.task << " sample " << i;
+      const auto [sum, tokens] = alone(mine[size_t(i)], t.task);
+      ASSERT_GT(tokens, 0) << t.task;
+      EXPECT_NEAR(loss, sum / tokens, 1e-4 * sum / tokens) << t.task << " sample " << i;
     }
     int64_t samples = 0, correct = 0;
     for (size_t i = 0; i < mine.size(); ++i) {
@@ -701,15 +708,9 @@ TEST(InstructTraining, PrepareDataAndAFewSteps) {
       for (const auto& c : cands) {
         auto alt = mine[i];
         alt.response = c;
-        PackedData p = pack_samples({alt}, *lm.tokenizer, S, {t.task}, /*pack=*/false);
-        if (p.dropped > 0) break;
-        RouteContext ctx;
-        ctx.prompt_len = p.prompt_len;
-        auto out = lm.model->forward(p.tokens.narrow(1, 0, S), ctx);
-        auto ce = torch::nn::functional::cross_entropy(
-            out.logits.reshape({S, -1}), p.tokens.narrow(1, 1, S).reshape(-1),
-            torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
-        ll.push_back(-(ce.to(torch::kDouble) * p.weight.reshape(-1).to(torch::kDouble)).sum().item<double>());
+        const auto [sum, tokens] = alone(alt, t.task);
+        if (tokens == 0) break;
+        ll.push_back(-sum);
       }
       if (ll.size() != cands.size()) continue;  // a candidate longer than the context: not scored
       ++samples;
