@@ -187,22 +187,22 @@ void MoCERouterImpl::seed_centroids(const torch::Tensor& unit) {
   }
 }
 
-RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ctx) {
-  const int64_t T = x.size(0), C = x.size(1), G = n_cluster_, Eg = n_per_group_;
-  const int64_t B = ctx.seq_len > 0 ? T / ctx.seq_len : 1, S = T / B;
-  TORCH_CHECK(B * S == T, "moce: T = ", T, " is not a multiple of seq_len = ", ctx.seq_len);
-  const auto dev = x.device();
-
+MoCERouterImpl::MoceStage1 MoCERouterImpl::assign_clusters(const torch::Tensor& x, const RouteContext& ctx,
+                                                           int64_t B, int64_t S) const {
   // Stage 1: a cluster id per token. Passed on by an earlier MoCE layer (MoceCarry), kept from the prompt of
   // a generation (MoceCache::seq_cluster), or assigned here: nearest centroid (cosine) plus the balancing
   // bias, of the running prefix pool (causal, the default) or of the whole sequence's pool (non-causal).
   // The same rule runs in training, evaluation and generation, and route() changes no buffer.
+  const int64_t T = x.size(0), C = x.size(1), G = n_cluster_;
+  const auto dev = x.device();
   const auto* carry = dynamic_cast<const MoceCarry*>(ctx.carry.get());
   const auto* cache = dynamic_cast<const MoceCache*>(ctx.cache.get());
-  torch::Tensor tok_cluster;                  // [T] int64 CPU
-  torch::Tensor seq_pool;                     // [B, C] this chunk's mean (what the centroids learn from)
-  torch::Tensor gate_scale;                   // [T] moe.moce_assign = "gate": the straight-through scale
-  auto next = std::make_shared<MoceCache>();  // what the next generation step starts from
+  MoceStage1 st;
+  st.next = std::make_shared<MoceCache>();
+  auto& tok_cluster = st.tok_cluster;
+  auto& seq_pool = st.seq_pool;
+  auto& gate_scale = st.gate_scale;
+  auto& next = st.next;
   const bool by_gate = cfg_.moce.assign == MoceAssign::kGate;
   const bool grad_on = torch::GradMode::is_enabled();  // the gate learns when the forward does
   // The cluster of each row of a pool: the learned gate's (keeping its straight-through scale per token),
@@ -258,6 +258,15 @@ RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ct
     TORCH_CHECK(tok_cluster.min().item<int64_t>() >= 0 && tok_cluster.max().item<int64_t>() < G,
                 "moce: cluster ids must be in [0, ", G, ")");
   }
+  return st;
+}
+
+RoutingPlan MoCERouterImpl::route(const torch::Tensor& x, const RouteContext& ctx) {
+  const int64_t T = x.size(0), G = n_cluster_, Eg = n_per_group_;
+  const int64_t B = ctx.seq_len > 0 ? T / ctx.seq_len : 1, S = T / B;
+  TORCH_CHECK(B * S == T, "moce: T = ", T, " is not a multiple of seq_len = ", ctx.seq_len);
+  const auto dev = x.device();
+  auto [tok_cluster, seq_pool, gate_scale, next] = assign_clusters(x, ctx, B, S);
 
   // Stage 2: top-K inside the token's group, with that group's router over its Eg experts only.
   std::vector<torch::Tensor> rows_of(G), logit_parts, idx_parts;

@@ -104,6 +104,16 @@ class MoCERouterImpl : public Router {
   torch::Tensor pooled_mean_count;  // [1] buffer (float64): sequences it has seen (0 = not yet known)
 
  private:
+  // Stage 1 of route() (docs/routing.md section 6): every token's cluster, [T] int64 on CPU; the chunk's
+  // sequence pool [B, C] the centroids learn from; the learned gate's straight-through scale [T] (undefined
+  // with the centroid rule); and what the next generation step starts from (null when the clusters were
+  // carried from an earlier layer).
+  struct MoceStage1 {
+    torch::Tensor tok_cluster, seq_pool, gate_scale;
+    std::shared_ptr<MoceCache> next;
+  };
+  MoceStage1 assign_clusters(const torch::Tensor& x, const RouteContext& ctx, int64_t B, int64_t S) const;
+
   // Seeds uninitialised centroids from the batch (farthest-point: the sequence least similar to every
   // initialised centroid), so that online clustering starts from the data instead of random directions.
   void seed_centroids(const torch::Tensor& unit_pooled);
