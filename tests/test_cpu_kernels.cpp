@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <iostream>
 #include <limits>
 #include <random>
@@ -12,6 +13,7 @@
 
 #include "kernels/cpu/gelu.h"
 #include "kernels/cpu/small_mm.h"
+#include "kernels/cpu/small_mm_bf16.h"
 
 namespace {
 
@@ -78,6 +80,80 @@ TEST(CpuKernels, SmallMMDoubleMatchesDoubleSums) {
   for (int64_t n : {1, 3, 8, 17})
     for (int64_t n_out : {1, 7, 64})
       for (int64_t n_in : {1, 17, 515}) check_small_mm<double>(n, n_out, n_in);
+}
+
+// bf16 bit patterns of random values: the upper half of a float32, rounded to nearest even.
+std::vector<uint16_t> random_bf16(int64_t count, std::mt19937& rng) {
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<uint16_t> out(static_cast<size_t>(count));
+  for (auto& v : out) {
+    const float f = u(rng);
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    v = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+  return out;
+}
+
+double bf16_value(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+void check_small_mm_bf16(int64_t n, int64_t n_out, int64_t n_in, const char* isa) {
+  std::mt19937 rng(static_cast<unsigned>(n * 1000003 + n_out * 1009 + n_in));
+  const auto in = random_bf16(n * n_in, rng), w = random_bf16(n_out * n_in, rng);
+  const int64_t ld = n_out + 3;  // a block of a wider output: the columns past n_out must stay untouched
+  std::vector<float> out(std::max<int64_t>(n, 1) * ld, -7.f);
+  if (isa) {
+    if (!moeforge::kernels::cpu::small_mm_nt_bf16_isa(isa, out.data(), ld, in.data(), w.data(), n, n_out,
+                                                      n_in))
+      return;
+  } else {
+    moeforge::kernels::cpu::small_mm_nt_bf16(out.data(), ld, in.data(), w.data(), n, n_out, n_in);
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t o = 0; o < n_out; ++o) {
+      double ref = 0, mag = 0;
+      for (int64_t i = 0; i < n_in; ++i) {
+        const double p = bf16_value(in[r * n_in + i]) * bf16_value(w[o * n_in + i]);
+        ref += p;
+        mag += std::fabs(p);
+      }
+      // The product of two bf16 values is exact in float32 (8 + 8 significant bits): only the float32 sums
+      // round, in another order than the float64 reference, so the error is below n_in * eps_f32 *
+      // sum|x_i w_i| (the classic bound). Random values in (-1, 1) stay far from vdpbf16ps's flushed
+      // subnormals.
+      const double eps = std::numeric_limits<float>::epsilon();
+      ASSERT_NEAR(double(out[r * ld + o]), ref, double(n_in) * eps * mag + 1e-30)
+          << (isa ? isa : "picked") << " n=" << n << " n_out=" << n_out << " n_in=" << n_in << " r=" << r
+          << " o=" << o;
+    }
+    for (int64_t o = n_out; o < ld; ++o) ASSERT_EQ(out[r * ld + o], -7.f) << "wrote past n_out";
+  }
+}
+
+TEST(CpuKernels, SmallMMBf16MatchesDoubleSumsOfTheBf16Values) {
+  std::cout << "[ INFO ] small_mm_nt_bf16 runs on " << moeforge::kernels::cpu::small_mm_nt_bf16_picked()
+            << "\n";
+  for (const char* isa : {static_cast<const char*>(nullptr), "avx512bf16", "avx2", "generic"}) {
+    uint16_t one = 0x3F80;  // 1.0
+    float out = 0;
+    if (isa && !moeforge::kernels::cpu::small_mm_nt_bf16_isa(isa, &out, 1, &one, &one, 1, 1, 1)) {
+      std::cout << "[ INFO ] no " << isa << " on this CPU; its build is not checked\n";
+      continue;
+    }
+    // Widths around the vector lengths (8, 16, 32, 64 values) and their tails; rows past a block of 4.
+    for (int64_t n : {0, 1, 2, 3, 4, 5, 7, 9})
+      for (int64_t n_out : {1, 7, 9, 17})
+        for (int64_t n_in : {1, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 515})
+          check_small_mm_bf16(n, n_out, n_in, isa);
+  }
+  float out = 0;
+  uint16_t one = 0x3F80;
+  EXPECT_FALSE(moeforge::kernels::cpu::small_mm_nt_bf16_isa("sse9", &out, 1, &one, &one, 1, 1, 1));
 }
 
 TEST(CpuKernels, GeluMatchesErfFormulaIncludingLargeInputs) {
