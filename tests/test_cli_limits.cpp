@@ -15,6 +15,7 @@
 
 #include "moeforge/config/run_config.h"
 #include "moeforge/model/checkpoint.h"
+#include "moeforge/util/runtime.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -290,6 +291,16 @@ TEST(InputLimits, GenerateChecksItsParametersAndSaysWhereItStopped) {
   auto neither = gen({});
   EXPECT_NE(neither.code, 0);
   EXPECT_TRUE(contains(neither.err, "--prompt")) << neither.err;
+  // --dtype (docs/performance.md, "bf16 inference"): a bad value named; bf16 where the CPU has it.
+  auto bad_dtype = gen({"--prompt", "a", "--dtype", "bf17"});
+  EXPECT_EQ(bad_dtype.code, 1) << bad_dtype.err;
+  EXPECT_TRUE(contains(bad_dtype.err, "--dtype")) << bad_dtype.err;
+  EXPECT_FALSE(has_stack_trace(bad_dtype.err)) << bad_dtype.err;
+  if (!bf16_support(read_cpu_features()).empty()) {
+    auto b16 = gen({"--prompt", "a", "--dtype", "bf16", "--max-tokens", "3", "--temperature", "0"});
+    ASSERT_EQ(b16.code, 0) << b16.err;
+    EXPECT_TRUE(contains(b16.err, "weights: bf16")) << b16.err;
+  }
 }
 
 // 9. Messages that name the key, the file or the value, and say what to do.

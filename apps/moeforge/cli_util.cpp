@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "bench/timing.h"
+#include "moeforge/model/inference_precision.h"
 
 namespace moeforge::cli {
 
@@ -27,6 +28,23 @@ std::string fixed(double v, int p) {
   std::ostringstream os;
   os << std::fixed << std::setprecision(p) << v;
   return os.str();
+}
+
+void apply_dtype(LoadedModel& lm, const std::string& dtype) {
+  std::string line;
+  const auto p = inference_precision(dtype, lm.cfg.train.precision, read_cpu_features(), "--dtype", &line);
+  if (p == MatmulPrecision::kBFloat16) {
+    const auto s = store_weights_bf16(*lm.model);
+    line += ": " + std::to_string(s.bf16_params) + " parameters in bf16, " + std::to_string(s.fp32_params) +
+            " in float32, " + fixed(double(s.bytes()) / (1 << 20), 1) + " MiB";
+  }
+  std::cerr << "moeforge: " << line << "\n";
+}
+
+void add_dtype_option(CLI::App* c, std::string& dtype) {
+  c->add_option("--dtype", dtype,
+                "weights: fp32, bf16 (matrix weights stored in bf16, on CPUs with bf16 products) or auto "
+                "(the checkpoint's train.precision); default fp32 (docs/performance.md, \"bf16 inference\")");
 }
 
 std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g, bool ignore_eos,

@@ -2,6 +2,8 @@
 // the printed forms of an evaluation and of a router's state.
 #pragma once
 
+#include <CLI/CLI.hpp>
+
 #include <string>
 #include <vector>
 
@@ -19,6 +21,13 @@ std::string fixed(double v, int precision);
 // the model continues gets no inserted space). With `timing`, prints prefill and decode speed to stderr
 // (docs/interop.md, "Decode speed"). `why`, when given, says why the generation ended; `hooks` watch the
 // generation whose text is returned (a routing trace, docs/serve.md).
+// `--dtype` of generate, eval and serve (model/inference_precision.h): "fp32" keeps the checkpoint's
+// float32 weights, "bf16" stores the matrix weights in bf16, "auto" follows the checkpoint's
+// train.precision. Says on stderr what runs. Throws ConfigError naming --dtype.
+void apply_dtype(LoadedModel& lm, const std::string& dtype);
+// Registers --dtype on a subcommand.
+void add_dtype_option(CLI::App* c, std::string& dtype);
+
 std::string sample_text(LoadedModel& lm, const std::string& prompt, const GenerateOptions& g,
                         bool ignore_eos = false, bool timing = false, GenerateStop* why = nullptr,
                         const GenerateHooks& hooks = {});

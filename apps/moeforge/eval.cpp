@@ -16,12 +16,14 @@ namespace {
 
 struct EvalArgs {
   std::string checkpoint, split = "validation", json, trace;
+  std::string dtype = "fp32";
   int64_t batches = 0;
   InstructEvalOptions instruct;
 };
 
 int run_eval(EvalArgs& a) {
   auto lm = load_model(a.checkpoint);
+  apply_dtype(lm, a.dtype);
   const std::string tok = lm.tokenizer->serialized();
   DataBundle data = prepare_data(lm.cfg.data, &tok, std::cout);
   const PackedData& set = a.split == "heldout" ? data.heldout : data.validation;
@@ -81,6 +83,7 @@ Command add_eval(CLI::App& app, const Globals& /*g*/) {
   auto a = std::make_shared<EvalArgs>();
   auto* c = app.add_subcommand("eval", "evaluate a checkpoint: perplexity and routing measures");
   c->add_option("--checkpoint", a->checkpoint, "checkpoint folder")->required();
+  add_dtype_option(c, a->dtype);
   c->add_option("--split", a->split, "validation or heldout")
       ->check(CLI::IsMember({"validation", "heldout"}));
   c->add_option("--batches", a->batches, "batches to evaluate (0 = the whole split)");

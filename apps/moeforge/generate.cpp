@@ -15,6 +15,7 @@ namespace {
 
 struct GenerateArgs {
   std::string checkpoint, prompt, prompt_file, trace;
+  std::string dtype = "fp32";
   GenerateOptions options;
   bool ignore_eos = false, timing = false;
 };
@@ -42,6 +43,7 @@ int run_generate(const GenerateArgs& a) {
     throw ConfigError(flag, what.substr(what.find(' ') + 1));
   }
   auto lm = load_model(a.checkpoint);
+  apply_dtype(lm, a.dtype);
   GenerateStop why = GenerateStop::kMaxTokens;
   // --trace: the routing of every position the generation routed (the prompt's forward, then each new
   // token's), from the plans of those very forwards (docs/serve.md, "Traces").
@@ -87,6 +89,7 @@ Command add_generate(CLI::App& app, const Globals& /*g*/) {
   auto a = std::make_shared<GenerateArgs>();
   auto* c = app.add_subcommand("generate", "generate text from a checkpoint (KV cache)");
   c->add_option("--checkpoint", a->checkpoint, "checkpoint folder")->required();
+  add_dtype_option(c, a->dtype);
   auto* prompt = c->add_option("--prompt", a->prompt, "the text to continue");
   auto* file = c->add_option("--prompt-file", a->prompt_file, "read the text to continue from this file");
   prompt->excludes(file);

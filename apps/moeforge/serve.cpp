@@ -13,6 +13,7 @@
 #include <thread>
 #include <utility>
 
+#include "cli_util.h"
 #include "command.h"
 #include "moeforge/model/load.h"
 #include "moeforge/serve/api.h"
@@ -32,7 +33,7 @@ using serve::Engine;
 using serve::Job;
 
 struct ServeArgs {
-  std::string checkpoint, host = "127.0.0.1", model_name;
+  std::string checkpoint, host = "127.0.0.1", model_name, dtype = "fp32";
   int port = 8080;
   int http_threads = 16;
   int io_timeout_s = 10;
@@ -205,6 +206,7 @@ int run_serve(ServeArgs& a) {
   if (a.io_timeout_s < 1 || a.io_timeout_s > 3600)
     throw ConfigError("--io-timeout", "must be in [1, 3600] seconds");
   auto lm = load_model(a.checkpoint);
+  apply_dtype(lm, a.dtype);
   Engine engine(lm, a.limits, model_name_of(a.model_name, lm.dir));
   const int64_t started = int64_t(std::time(nullptr));
   ::signal(SIGPIPE, SIG_IGN);         // a client gone is a failed write, not the end of the server
@@ -347,6 +349,7 @@ Command add_serve(CLI::App& app, const Globals& /*g*/) {
   auto* c =
       app.add_subcommand("serve", "serve a checkpoint over an OpenAI-compatible HTTP API (docs/serve.md)");
   c->add_option("--checkpoint", a->checkpoint, "checkpoint folder")->required();
+  add_dtype_option(c, a->dtype);
   c->add_option("--host", a->host, "address to listen on (default loopback)");
   c->add_option("--port", a->port, "port (0: any free one, printed)");
   c->add_option("--model-name", a->model_name, "the model's id in answers (default: the run folder's name)");

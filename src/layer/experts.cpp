@@ -157,9 +157,11 @@ torch::Tensor experts_grouped(const torch::Tensor& x_sorted, const std::vector<i
                               const ExpertWeights& w, Workspace* ws) {
   check_shapes(x_sorted, off, w);
   auto x = x_sorted.contiguous();
-  // bf16 products (precision.h) have no grouped twin of their own here: the fused path (fused_moe.h) has
-  // them, and this unfused one takes the plain loop, whose products follow the precision.
-  if (matmul_precision() == MatmulPrecision::kBFloat16 && x.scalar_type() == torch::kFloat)
+  // bf16 products (precision.h) and bf16-stored weights have no grouped twin of their own here: the fused
+  // path (fused_moe.h) has them, and this unfused one takes the plain loop, whose products follow the
+  // precision and the weights' dtype (linear_mp).
+  if ((matmul_precision() == MatmulPrecision::kBFloat16 && x.scalar_type() == torch::kFloat) ||
+      w.w_up.scalar_type() == torch::kBFloat16)
     return experts_reference(x, off, w);
   const bool fit = kernels_fit(x);
   if (w.act == ExpertAct::kSwiGLU && fit)

@@ -130,7 +130,8 @@ struct Bf16Weights {
 // The forward pass: a (and b for SwiGLU) filled with the pre-activations, y [T, C] returned.
 torch::Tensor bf16_forward(const torch::Tensor& x, const torch::Tensor& gate, const Bf16Weights& w,
                            const torch::Tensor& token_index, const std::vector<int64_t>& off, Workspace* ws,
-                           detail::HealthSums* health, torch::Tensor& a, torch::Tensor& b) {
+                           detail::HealthSums* health, torch::Tensor& a, torch::Tensor& b,
+                           bool small_groups = false) {
   const bool swiglu = w.gate.defined();
   const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w.up.size(1);
   const auto poff = detail::padded_offsets(off);  // the bf16 operands' layout (grouped_ops.h)
@@ -145,17 +146,18 @@ torch::Tensor bf16_forward(const torch::Tensor& x, const torch::Tensor& gate, co
   const auto h_gate = health ? torch::Tensor() : gate;
   if (swiglu) {
     b = scratch(ws, "b", {N, F}, opt);
-    detail::grouped_mm_bf16(a, xs16, w.gate, off, poff, /*transpose_w=*/true, /*accumulate=*/false, tmp_f);
-    detail::grouped_mm_bf16(b, xs16, w.up, off, poff, true, false, tmp_f);
+    detail::grouped_mm_bf16(a, xs16, w.gate, off, poff, /*transpose_w=*/true, /*accumulate=*/false, tmp_f,
+                            small_groups);
+    detail::grouped_mm_bf16(b, xs16, w.up, off, poff, true, false, tmp_f, small_groups);
     detail::swiglu_forward<float>(h, a, b, h_gate);
   } else {
-    detail::grouped_mm_bf16(a, xs16, w.up, off, poff, true, false, tmp_f);
+    detail::grouped_mm_bf16(a, xs16, w.up, off, poff, true, false, tmp_f, small_groups);
     detail::gelu_forward<float>(h, a, h_gate);
   }
   const auto h16 = detail::to_bf16_padded(ws, "rows_f2_16", h, off, poff);
   auto y_rows = scratch(ws, "rows_c2", {N, C}, opt);
   auto tmp_c = scratch(ws, "rows_c2_16", {Np, C}, opt16);
-  detail::grouped_mm_bf16(y_rows, h16, w.down, off, poff, true, false, tmp_c);
+  detail::grouped_mm_bf16(y_rows, h16, w.down, off, poff, true, false, tmp_c, small_groups);
   if (health) health->add<float>(y_rows, off);
   auto y = torch::zeros({T, C}, opt);
   detail::scatter_add_gated<float>(y, y_rows, token_index, health ? gate : torch::Tensor());
@@ -294,14 +296,20 @@ torch::Tensor fused_moe_no_grad(const torch::Tensor& x, const torch::Tensor& gat
   return y;
 }
 
+bool weights_are(const ExpertWeights& w, torch::ScalarType t) {
+  return w.w_up.scalar_type() == t && w.w_down.scalar_type() == t &&
+         (w.act == ExpertAct::kGELU || w.w_gate.scalar_type() == t);
+}
+
+// bf16-stored weights (inference, model/inference_precision.h) for float32 activations, without gradients.
+bool stored_bf16(const torch::Tensor& x, const ExpertWeights& w) {
+  return x.scalar_type() == torch::kFloat && weights_are(w, torch::kBFloat16) && !at::GradMode::is_enabled();
+}
 }  // namespace
 
 bool fused_moe_supported(const torch::Tensor& x, const ExpertWeights& w) {
-  const bool weights_fit = w.w_up.scalar_type() == x.scalar_type() &&
-                           w.w_down.scalar_type() == x.scalar_type() &&
-                           (w.act == ExpertAct::kGELU || w.w_gate.scalar_type() == x.scalar_type());
   return x.device().is_cpu() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble) &&
-         weights_fit;
+         (weights_are(w, x.scalar_type()) || stored_bf16(x, w));
 }
 
 torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const ExpertWeights& w,
@@ -326,10 +334,17 @@ torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const E
   std::optional<detail::HealthSums> sums;
   if (health) sums.emplace(off);
   detail::HealthSums* hs = sums ? &*sums : nullptr;
-  // bf16 products for float32 activations when the thread's precision asks for them (precision.h).
-  const bool bf16 = matmul_precision() == MatmulPrecision::kBFloat16 && x.scalar_type() == torch::kFloat;
+  // bf16 products for float32 activations when the thread's precision asks for them (precision.h), or when
+  // the weights are stored in bf16 (inference; decode's few rows a group then take small_mm_nt_bf16).
+  const bool stored16 = stored_bf16(x, w);
+  const bool bf16 =
+      stored16 || (matmul_precision() == MatmulPrecision::kBFloat16 && x.scalar_type() == torch::kFloat);
   torch::Tensor y;
-  if (bf16 && needs_grad) {
+  if (stored16) {
+    torch::Tensor a, b;
+    y = bf16_forward(x.contiguous(), gate, bf16_copies(weights), index, off, ws, hs, a, b,
+                     /*small_groups=*/true);
+  } else if (bf16 && needs_grad) {
     y = FusedMoEBf16Fn::apply(x.contiguous(), gate, at::TensorList(weights), index, off, ws, hs);
   } else if (bf16) {
     torch::Tensor a, b;

@@ -16,6 +16,7 @@
 #include "kernels/cpu/gelu.h"
 #include "kernels/cpu/scatter_add_gated.h"
 #include "kernels/cpu/small_mm.h"
+#include "kernels/cpu/small_mm_bf16.h"
 #include "kernels/cpu/swiglu.h"
 #include "moeforge/layer/fused_moe.h"
 #include "moeforge/layer/workspace.h"
@@ -40,6 +41,39 @@ T* data(const torch::Tensor& t) {
   return t.data_ptr<T>();
 }
 
+// Output columns per small-GEMM task: a block of a weight's rows streamed by one thread.
+constexpr int64_t kSmallTaskCols = 64;
+
+// task(t) for every t < n_task, in one parallel region, handed out one at a time from a shared counter:
+// the thread that wakes first starts at once and the one that wakes 10-50 us later (the passive OpenMP
+// pool) takes what is left, where a fixed split would leave the first one idle at the end. Threads only
+// when there is enough to stream (`weight_bytes` read by all tasks): waking the pool costs ~10-50 us, more
+// than reading a few hundred KiB (one decode expert's weights are 2 MiB per product; from DRAM two threads
+// read ~45 GB/s, one ~34).
+template <typename Task>
+void run_streaming_tasks(int64_t n_task, int64_t weight_bytes, const Task& task) {
+  constexpr int64_t kParallelBytes = int64_t{1} << 20;
+  const int64_t parts = weight_bytes >= kParallelBytes ? std::max(at::get_num_threads(), 1) : 1;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < n_task; t = next.fetch_add(1)) task(t);
+  });
+}
+
+// out [n, O] float32 = in16 [n, I] @ w16 [O, I]^T, both bf16 (contiguous), in small_mm_nt_bf16 tasks of
+// kSmallTaskCols outputs: the decode products of bf16-stored weights (docs/performance.md, "bf16
+// inference"). out's rows are ld apart.
+inline void small_linear_bf16(float* out, int64_t ld, const at::BFloat16* in16, const at::BFloat16* w16,
+                              int64_t n, int64_t O, int64_t I) {
+  const auto* pi = reinterpret_cast<const uint16_t*>(in16);
+  const auto* pw = reinterpret_cast<const uint16_t*>(w16);
+  const int64_t n_task = (O + kSmallTaskCols - 1) / kSmallTaskCols;
+  run_streaming_tasks(n_task, O * I * 2, [&](int64_t t) {
+    const int64_t o0 = t * kSmallTaskCols, cols = std::min(kSmallTaskCols, O - o0);
+    kernels::cpu::small_mm_nt_bf16(out + o0, ld, pi, pw + o0 * I, n, cols, I);
+  });
+}
+
 // One product of grouped_mm_nt: out [N, O] from weights w [E, O, I].
 struct NtProduct {
   torch::Tensor* out;
@@ -49,10 +83,8 @@ struct NtProduct {
 // out[rows of e] = in[rows of e] @ w[e]^T for every expert and every product (products share the input
 // rows: the gate and up projections go in one call); w [E, O, I], in [N, I], out [N, O].
 // Large groups go to BLAS one expert at a time (BLAS threads them itself). Small groups run as small_mm_nt
-// tasks over (product, expert, block of 64 outputs) in one parallel region, handed out one at a time from
-// a shared counter: the thread that wakes first starts at once and the one that wakes 10-50 us later (the
-// passive OpenMP pool) takes what is left, where a fixed split would leave the first one idle at the end;
-// skewed decode also puts 1 row on some experts and 10+ on others.
+// tasks over (product, expert, block of 64 outputs) (run_streaming_tasks; skewed decode also puts 1 row on
+// some experts and 10+ on others).
 template <typename T>
 void grouped_mm_nt(const torch::Tensor& in, const std::vector<int64_t>& off,
                    std::initializer_list<NtProduct> products) {
@@ -76,31 +108,21 @@ void grouped_mm_nt(const torch::Tensor& in, const std::vector<int64_t>& off,
     const T* w;
     int64_t e, ld, cols;
   };
-  constexpr int64_t kBlock = 64;
   std::vector<Task> tasks;
   int64_t weight_bytes = 0;
   for (const auto& p : products) {
     const int64_t O = p.w->size(1);
     for (int64_t e : small)
-      for (int64_t o0 = 0; o0 < O; o0 += kBlock) {
-        const int64_t cols = std::min(kBlock, O - o0);
+      for (int64_t o0 = 0; o0 < O; o0 += kSmallTaskCols) {
+        const int64_t cols = std::min(kSmallTaskCols, O - o0);
         tasks.push_back({data<T>(*p.out) + off[e] * O + o0, data<T>(*p.w) + (e * O + o0) * I, e, O, cols});
         weight_bytes += cols * I * static_cast<int64_t>(sizeof(T));
       }
   }
-  // Threads only when there is enough to stream: waking the pool costs ~10-50 us, more than reading a few
-  // hundred KiB (one decode expert's weights are 2 MiB per product; from DRAM two threads read ~45 GB/s,
-  // one ~34).
-  constexpr int64_t kParallelBytes = int64_t{1} << 20;
-  const int64_t parts = weight_bytes >= kParallelBytes ? std::max(at::get_num_threads(), 1) : 1;
   const T* pi = data<T>(in);
-  const auto n_task = static_cast<int64_t>(tasks.size());
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
-    for (int64_t t = next.fetch_add(1); t < n_task; t = next.fetch_add(1)) {
-      const Task& k = tasks[static_cast<size_t>(t)];
-      kernels::cpu::small_mm_nt(k.out, k.ld, pi + off[k.e] * I, k.w, off[k.e + 1] - off[k.e], k.cols, I);
-    }
+  run_streaming_tasks(static_cast<int64_t>(tasks.size()), weight_bytes, [&](int64_t t) {
+    const Task& k = tasks[static_cast<size_t>(t)];
+    kernels::cpu::small_mm_nt(k.out, k.ld, pi + off[k.e] * I, k.w, off[k.e + 1] - off[k.e], k.cols, I);
   });
 }
 
@@ -343,14 +365,25 @@ inline torch::Tensor to_bf16_padded(Workspace* ws, const std::string& key, const
 }
 
 // out[rows of e] (+)= in[padded rows of e] @ w[e]^T (transpose_w) or @ w[e]; in and w bf16 (in padded),
-// out float32 [N, O]; tmp a bf16 [poff.back(), O] buffer.
+// out float32 [N, O]; tmp a bf16 [poff.back(), O] buffer. With `small_groups` (bf16-stored weights at
+// inference, docs/performance.md "bf16 inference"; forward products only: transpose_w, no accumulate),
+// groups of at most kSmallGroupRows rows go to small_mm_nt_bf16 instead, unpadded, in float32 (LibTorch's
+// bf16 product of a few rows is slower than reading the weight); training keeps oneDNN's products.
 inline void grouped_mm_bf16(torch::Tensor& out, const torch::Tensor& in, const torch::Tensor& w,
                             const std::vector<int64_t>& off, const std::vector<int64_t>& poff,
-                            bool transpose_w, bool accumulate, torch::Tensor& tmp) {
-  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+                            bool transpose_w, bool accumulate, torch::Tensor& tmp,
+                            bool small_groups = false) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1, O = w.size(1), I = w.size(2);
+  TORCH_CHECK(!small_groups || (transpose_w && !accumulate),
+              "grouped_mm_bf16: small groups are forward only");
+  std::vector<int64_t> small;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e], np = poff[e + 1] - poff[e];
     if (n == 0) continue;
+    if (small_groups && n <= kSmallGroupRows) {
+      small.push_back(e);
+      continue;
+    }
     auto o = tmp.narrow(0, poff[e], np);
     at::mm_out(o, in.narrow(0, poff[e], np), transpose_w ? w[e].t() : w[e]);
     auto dst = out.narrow(0, off[e], n);
@@ -360,6 +393,17 @@ inline void grouped_mm_bf16(torch::Tensor& out, const torch::Tensor& in, const t
     else
       dst.copy_(src);
   }
+  if (small.empty()) return;
+  const int64_t blocks = (O + kSmallTaskCols - 1) / kSmallTaskCols;
+  const auto* pi = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
+  const auto* pw = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* po = out.data_ptr<float>();
+  const auto n_task = static_cast<int64_t>(small.size()) * blocks;
+  run_streaming_tasks(n_task, static_cast<int64_t>(small.size()) * O * I * 2, [&](int64_t t) {
+    const int64_t e = small[static_cast<size_t>(t / blocks)], o0 = (t % blocks) * kSmallTaskCols;
+    kernels::cpu::small_mm_nt_bf16(po + off[e] * O + o0, O, pi + poff[e] * I, pw + (e * O + o0) * I,
+                                   off[e + 1] - off[e], std::min(kSmallTaskCols, O - o0), I);
+  });
 }
 
 // grouped_weight_grad with bf16 operands d [Np, O] and in [Np, I] in the padded layout: each expert's

@@ -68,6 +68,13 @@ uint32_t crc32_of(const std::string& bytes) {
 }
 
 void save_checkpoint(const std::string& dir, const Checkpoint& ckpt) {
+  // Checkpoints hold float32 master weights; a model stored in bf16 for inference is not one
+  // (model/inference_precision.h).
+  for (const auto& [name, t] : ckpt.model)
+    if (t.scalar_type() == torch::kBFloat16)
+      throw std::invalid_argument(
+          "checkpoint " + dir + ": weight " + name +
+          " is stored in bf16 for inference; checkpoints keep float32 master weights");
   std::map<std::string, std::string> files;
   files["model.safetensors"] = safetensors_bytes(ckpt.model);
   if (!ckpt.optimizer.empty()) files["optimizer.safetensors"] = safetensors_bytes(ckpt.optimizer);

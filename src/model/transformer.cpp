@@ -98,6 +98,8 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
   {
     RECORD_USER_SCOPE("moeforge::embedding");
     x = embedding.index_select(0, tokens.reshape(-1)).view({B, S, m_.d_model});  // [B, S, C]
+    // bf16-stored weights (model/inference_precision.h): the residual stream stays float32.
+    if (x.scalar_type() == torch::kBFloat16) x = x.to(torch::kFloat);
   }
   auto cos = rope_cos_.narrow(0, past, S).to(x.device(), x.scalar_type());  // [S, D/2]
   auto sin = rope_sin_.narrow(0, past, S).to(x.device(), x.scalar_type());

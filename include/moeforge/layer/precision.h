@@ -38,6 +38,9 @@ MatmulPrecision parse_matmul_precision(const std::string& name);
 // y = x @ w^T (+ bias), w [O, I] in nn.Linear's layout, x [..., I] float32: in float32, or with bf16
 // operands and the result widened back to x's dtype. Differentiable in x, w and bias: the casts are
 // autograd's, so the gradients reach the float32 master weights as float32 (computed from bf16 operands).
+// A weight stored in bf16 (inference, model/inference_precision.h) always gives bf16 products for float32
+// x, whatever the precision in force: up to 16 rows without gradients in small_mm_nt_bf16 (float32 sums,
+// the output not rounded to bf16), more rows in LibTorch's bf16 product.
 torch::Tensor linear_mp(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias = {});
 
 }  // namespace moeforge
