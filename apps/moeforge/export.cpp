@@ -17,8 +17,7 @@ Command add_export(CLI::App& app, const Globals& /*g*/) {
   c->add_option("--checkpoint", a->options.checkpoint, "checkpoint folder")->required();
   c->add_option("--format", a->options.format, "gguf or hf")->required();
   c->add_option("--out", a->options.out, "the GGUF file, or the Hugging Face folder")->required();
-  c->add_option("--dtype", a->options.dtype,
-                "weights: f32 or f16 (gguf also q8_0, hf also bf16; default f32)");
+  c->add_option("--dtype", a->options.dtype, "weights: f32, f16 or bf16 (gguf also q8_0; default f32)");
   c->add_option("--shard-mb", a->shard_mb, "hf: shard the weights above this many MiB (default 4096)")
       ->check(CLI::PositiveNumber);
   return {c, [a] {

@@ -13,15 +13,18 @@ void export_checkpoint(const ExportOptions& opt, std::ostream& log) {
     throw ConfigError("--format", "unknown format '" + opt.format + "' (expected gguf or hf)");
   const bool gguf = opt.format == "gguf";
   const bool known =
-      opt.dtype == "f32" || opt.dtype == "f16" || (gguf ? opt.dtype == "q8_0" : opt.dtype == "bf16");
+      opt.dtype == "f32" || opt.dtype == "f16" || opt.dtype == "bf16" || (gguf && opt.dtype == "q8_0");
   if (!known)
     throw ConfigError("--dtype", "'" + opt.dtype + "' is not one the " + opt.format +
-                                     " writer has (f32, f16, " + (gguf ? "q8_0)" : "bf16)"));
+                                     " writer has (f32, f16, bf16" + (gguf ? ", q8_0)" : ")"));
   auto lm = load_model(opt.checkpoint);
   auto m = to_mixtral(lm, opt.format);
   if (gguf) {
     GgufExportOptions g;
-    g.dtype = opt.dtype == "f16" ? GgufDType::kF16 : opt.dtype == "q8_0" ? GgufDType::kQ8_0 : GgufDType::kF32;
+    g.dtype = opt.dtype == "f16"    ? GgufDType::kF16
+              : opt.dtype == "bf16" ? GgufDType::kBF16
+              : opt.dtype == "q8_0" ? GgufDType::kQ8_0
+                                    : GgufDType::kF32;
     g.notes = &m.notes;
     write_gguf(opt.out, m, g);
   } else {

@@ -12,7 +12,7 @@ namespace {
 
 // GGUF value types and ggml tensor types used here (ggml's docs/gguf.md).
 enum : uint32_t { kU32 = 4, kI32 = 5, kF32v = 6, kBool = 7, kString = 8, kArray = 9 };
-enum : uint32_t { kGgmlF32 = 0, kGgmlF16 = 1, kGgmlQ8_0 = 8 };
+enum : uint32_t { kGgmlF32 = 0, kGgmlF16 = 1, kGgmlQ8_0 = 8, kGgmlBF16 = 30 };
 constexpr int64_t kQ8Block = 32;  // weights per Q8_0 block: an f16 scale and 32 int8
 constexpr int64_t kQ8BlockBytes = 2 + kQ8Block;
 constexpr uint64_t kAlignment = 32;  // general.alignment's default
@@ -75,8 +75,11 @@ class Builder {
       out.type = kGgmlQ8_0;
       out.bytes = quantize_q8_0(t);
     } else {
-      const auto c = t.to(type == GgufDType::kF16 ? torch::kHalf : torch::kFloat).contiguous();
-      out.type = type == GgufDType::kF16 ? kGgmlF16 : kGgmlF32;
+      const auto st = type == GgufDType::kF16    ? torch::kHalf
+                      : type == GgufDType::kBF16 ? torch::kBFloat16
+                                                 : torch::kFloat;
+      const auto c = t.to(st).contiguous();
+      out.type = type == GgufDType::kF16 ? kGgmlF16 : type == GgufDType::kBF16 ? kGgmlBF16 : kGgmlF32;
       out.bytes.assign(static_cast<const char*>(c.data_ptr()), c.nbytes());
     }
     tensors_.push_back(std::move(out));

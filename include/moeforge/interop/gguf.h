@@ -15,7 +15,9 @@ namespace moeforge {
 
 // Q8_0: ggml's blocks of 32 weights along ne[0], each an f16 scale d = max|x| / 127 and 32 int8 q = round(x /
 // d).
-enum class GgufDType { kF32, kF16, kQ8_0 };
+// BF16: ggml's type 30, the upper half of each float32 rounded to nearest even (as `generate --dtype bf16`
+// stores its weights).
+enum class GgufDType { kF32, kF16, kBF16, kQ8_0 };
 
 struct GgufExportOptions {
   GgufDType dtype = GgufDType::kF32;  // 2-D weights; norms always stay float32
