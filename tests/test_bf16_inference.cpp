@@ -58,6 +58,34 @@ TEST(Bf16Inference, StoredLinearMatchesFloat64OfTheBf16Operands) {
   EXPECT_EQ(linear_mp(torch::randn({2, 3, I}), w16).sizes(), (std::vector<int64_t>{2, 3, O}));
 }
 
+// float32 weights at decode take the same small-GEMM path (small_mm_nt) instead of BLAS, which packs the
+// whole weight for one row: against float64, the classic summation bound; with gradients asked for, the
+// autograd product (whose gradient reaches x).
+TEST(DecodeProducts, FewRowsOfFloat32MatchFloat64) {
+  torch::manual_seed(5);
+  const int64_t I = 200, O = 150;
+  auto w = torch::randn({O, I}), bias = torch::randn({O});
+  for (int64_t rows : {1, 3, 16}) {
+    SCOPED_TRACE("rows=" + std::to_string(rows));
+    auto x = torch::randn({rows, I});
+    torch::Tensor y;
+    {
+      torch::NoGradGuard ng;
+      y = linear_mp(x, w, bias);
+    }
+    const auto xd = x.to(torch::kDouble), wd = w.to(torch::kDouble);
+    const auto ref = torch::addmm(bias.to(torch::kDouble), xd, wd.t());
+    const auto bound =
+        torch::mm(xd.abs(), wd.abs().t()) * (double(I) * std::numeric_limits<float>::epsilon()) + 1e-5;
+    const auto err = (y.to(torch::kDouble) - ref).abs();
+    EXPECT_TRUE((err <= bound).all().item<bool>()) << "max error " << err.max().item<double>();
+    auto xg = x.clone().requires_grad_();
+    linear_mp(xg, w, bias).sum().backward();
+    ASSERT_TRUE(xg.grad().defined());
+    EXPECT_TENSOR_NEAR(xg.grad(), w.sum(0).expand({rows, I}), 1e-4, 1e-5);
+  }
+}
+
 // The experts with bf16-stored weights, fused (small groups through small_mm_nt_bf16 at decode, oneDNN's
 // padded products at prefill) and the plain loop (linear_mp), against float64 of the same bf16 weights:
 // each expert rounds its input and its hidden activation to bf16 (u = 2^-9 each), so the Frobenius error is

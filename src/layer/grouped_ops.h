@@ -60,17 +60,27 @@ void run_streaming_tasks(int64_t n_task, int64_t weight_bytes, const Task& task)
   });
 }
 
-// out [n, O] float32 = in16 [n, I] @ w16 [O, I]^T, both bf16 (contiguous), in small_mm_nt_bf16 tasks of
-// kSmallTaskCols outputs: the decode products of bf16-stored weights (docs/performance.md, "bf16
-// inference"). out's rows are ld apart.
-inline void small_linear_bf16(float* out, int64_t ld, const at::BFloat16* in16, const at::BFloat16* w16,
-                              int64_t n, int64_t O, int64_t I) {
+// out [n, O] float32 = in [n, I] @ w [O, I]^T (both contiguous) in small-GEMM tasks of kSmallTaskCols
+// outputs: the products of a few rows at decode (attention projections, the output head), where BLAS packs
+// the whole weight for one row (OpenBLAS's sgemm copies it before multiplying: twice the memory traffic of
+// the product). float32 in small_mm_nt; bf16 in and w (bf16-stored weights, docs/performance.md "bf16
+// inference") in small_mm_nt_bf16. out's rows are ld apart.
+inline void small_linear(float* out, int64_t ld, const float* in, const float* w, int64_t n, int64_t O,
+                         int64_t I) {
+  const int64_t n_task = (O + kSmallTaskCols - 1) / kSmallTaskCols;
+  run_streaming_tasks(n_task, O * I * 4, [&](int64_t t) {
+    const int64_t o0 = t * kSmallTaskCols;
+    kernels::cpu::small_mm_nt(out + o0, ld, in, w + o0 * I, n, std::min(kSmallTaskCols, O - o0), I);
+  });
+}
+inline void small_linear(float* out, int64_t ld, const at::BFloat16* in16, const at::BFloat16* w16, int64_t n,
+                         int64_t O, int64_t I) {
   const auto* pi = reinterpret_cast<const uint16_t*>(in16);
   const auto* pw = reinterpret_cast<const uint16_t*>(w16);
   const int64_t n_task = (O + kSmallTaskCols - 1) / kSmallTaskCols;
   run_streaming_tasks(n_task, O * I * 2, [&](int64_t t) {
-    const int64_t o0 = t * kSmallTaskCols, cols = std::min(kSmallTaskCols, O - o0);
-    kernels::cpu::small_mm_nt_bf16(out + o0, ld, pi, pw + o0 * I, n, cols, I);
+    const int64_t o0 = t * kSmallTaskCols;
+    kernels::cpu::small_mm_nt_bf16(out + o0, ld, pi, pw + o0 * I, n, std::min(kSmallTaskCols, O - o0), I);
   });
 }
 

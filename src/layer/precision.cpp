@@ -25,24 +25,36 @@ MatmulPrecision parse_matmul_precision(const std::string& name) {
 }
 
 namespace {
-// x [..., I] float32 times a bf16-stored w [O, I] (inference, model/inference_precision.h): a few rows
-// without gradients through small_mm_nt_bf16 (decode: LibTorch's bf16 product of one row runs at a few
-// GFLOP/s), more through LibTorch's bf16 product (oneDNN). Both round x to bf16 and sum in float32.
-torch::Tensor linear_stored_bf16(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias) {
-  const auto b16 = torch::kBFloat16;
+// x [..., I] times w [O, I] for a few rows without gradients on the CPU (decode), in the small-GEMM
+// kernels (grouped_ops.h, small_linear): x float32 and w float32 or bf16-stored (x then rounded to bf16);
+// the sums in float32, the bias added in float32. Undefined when the product is not such a one.
+torch::Tensor small_rows_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias) {
   const int64_t I = x.size(-1), O = w.size(0), rows = I > 0 ? x.numel() / I : 0;
-  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad());
-  if (!grad && x.is_cpu() && w.is_contiguous() && rows <= detail::kSmallGroupRows) {
-    const auto x16 = x.reshape({rows, I}).to(b16).contiguous();
-    auto y = torch::empty({rows, O}, x.options());
-    detail::small_linear_bf16(y.data_ptr<float>(), O, x16.data_ptr<at::BFloat16>(),
-                              w.data_ptr<at::BFloat16>(), rows, O, I);
-    if (bias.defined()) y.add_(bias.to(y.scalar_type()));
-    auto shape = x.sizes().vec();
-    shape.back() = O;
-    return y.view(shape);
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || w.requires_grad() || (bias.defined() && bias.requires_grad()));
+  if (grad || !x.is_cpu() || !w.is_cpu() || !w.is_contiguous() || rows == 0 || rows > detail::kSmallGroupRows)
+    return {};
+  auto y = torch::empty({rows, O}, x.options());
+  if (w.scalar_type() == torch::kBFloat16) {
+    const auto x16 = x.reshape({rows, I}).to(torch::kBFloat16).contiguous();
+    detail::small_linear(y.data_ptr<float>(), O, x16.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(),
+                         rows, O, I);
+  } else {
+    const auto xc = x.reshape({rows, I}).contiguous();
+    detail::small_linear(y.data_ptr<float>(), O, xc.data_ptr<float>(), w.data_ptr<float>(), rows, O, I);
   }
-  auto y = torch::matmul(x.to(b16), w.t()).to(x.scalar_type());
+  if (bias.defined()) y.add_(bias.to(y.scalar_type()));
+  auto shape = x.sizes().vec();
+  shape.back() = O;
+  return y.view(shape);
+}
+
+// x [..., I] float32 times a bf16-stored w [O, I] (inference, model/inference_precision.h): a few rows
+// in small_mm_nt_bf16 (decode: LibTorch's bf16 product of one row runs at a few GFLOP/s), more in
+// LibTorch's bf16 product (oneDNN, its output rounded to bf16). Both round x to bf16.
+torch::Tensor linear_stored_bf16(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias) {
+  if (auto y = small_rows_linear(x, w, bias); y.defined()) return y;
+  auto y = torch::matmul(x.to(torch::kBFloat16), w.t()).to(x.scalar_type());
   return bias.defined() ? y + bias.to(y.scalar_type()) : y;  // the bias in float32, as the small path
 }
 }  // namespace
@@ -52,6 +64,8 @@ torch::Tensor linear_mp(const torch::Tensor& x, const torch::Tensor& w, const to
     return linear_stored_bf16(x, w, bias);
   // Only float32 activations are narrowed: float64 (the golden tests) and bf16 inputs run as they are.
   if (t_precision == MatmulPrecision::kFloat32 || x.scalar_type() != torch::kFloat) {
+    if (x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat)
+      if (auto y = small_rows_linear(x, w, bias); y.defined()) return y;
     if (!bias.defined()) return torch::matmul(x, w.t());
     auto shape = x.sizes().vec();
     shape.back() = w.size(0);
