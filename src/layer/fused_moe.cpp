@@ -134,7 +134,12 @@ torch::Tensor bf16_forward(const torch::Tensor& x, const torch::Tensor& gate, co
                            bool small_groups = false) {
   const bool swiglu = w.gate.defined();
   const int64_t T = x.size(0), C = x.size(1), N = token_index.size(0), F = w.up.size(1);
-  const auto poff = detail::padded_offsets(off);  // the bf16 operands' layout (grouped_ops.h)
+  // The bf16 operands' layout (grouped_ops.h): padded for oneDNN, unpadded when every group goes to the
+  // small-GEMM kernel (decode), which needs no padding.
+  bool all_small = small_groups;
+  for (size_t e = 0; all_small && e + 1 < off.size(); ++e)
+    all_small = off[e + 1] - off[e] <= detail::kSmallGroupRows;
+  const auto poff = all_small ? off : detail::padded_offsets(off);
   const int64_t Np = poff.back();
   const auto opt = x.options(), opt16 = opt.dtype(torch::kBFloat16);
   auto xs = scratch(ws, "rows_c1", {N, C}, opt);  // [N, C] x rows in expert order

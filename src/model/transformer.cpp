@@ -1,5 +1,6 @@
 #include "moeforge/model/transformer.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "moeforge/layer/precision.h"
@@ -32,9 +33,29 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
 }
 }  // namespace
 
+std::pair<torch::Tensor, torch::Tensor> KVSlot::append(const torch::Tensor& k_new,
+                                                       const torch::Tensor& v_new) {
+  const int64_t S = k_new.size(2), need = length + S;
+  if (!k.defined() || k.size(2) < need) {
+    const int64_t cap = std::max({need, k.defined() ? 2 * k.size(2) : int64_t{0}, int64_t{64}});
+    auto sizes = k_new.sizes().vec();
+    sizes[2] = cap;
+    auto k2 = torch::empty(sizes, k_new.options()), v2 = torch::empty(sizes, v_new.options());
+    if (length > 0) {
+      k2.narrow(2, 0, length).copy_(k.narrow(2, 0, length));
+      v2.narrow(2, 0, length).copy_(v.narrow(2, 0, length));
+    }
+    k = k2;
+    v = v2;
+  }
+  k.narrow(2, length, S).copy_(k_new);
+  v.narrow(2, length, S).copy_(v_new);
+  length = need;
+  return {k.narrow(2, 0, length), v.narrow(2, 0, length)};
+}
+
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
-                                     const torch::Tensor& sin, torch::Tensor* cache_k,
-                                     torch::Tensor* cache_v) {
+                                     const torch::Tensor& sin, KVSlot* cache) {
   const int64_t B = x.size(0), S = x.size(1), C = x.size(2), H = n_head_, D = C / H;
   // The projections in the precision in force (layer/precision.h); the attention core stays float32.
   auto qkv = linear_mp(x, w_qkv, b_qkv).view({B, S, 3, H, D});      // [B, S, 3, H, D]
@@ -42,14 +63,13 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   auto k = apply_rope(qkv.select(2, 1).transpose(1, 2), cos, sin);  // [B, H, S, D]
   auto v = qkv.select(2, 2).transpose(1, 2);                        // [B, H, S, D]
   int64_t past = 0;
-  if (cache_k) {
-    if (cache_k->defined()) {
-      past = cache_k->size(2);
-      k = torch::cat({*cache_k, k}, 2);
-      v = torch::cat({*cache_v, v}, 2);
+  if (cache) {
+    past = cache->length;
+    auto [k_all, v_all] = cache->append(k, v);
+    if (past > 0) {  // the first pass attends over its own k and v, contiguous, in the fused kernel
+      k = k_all;
+      v = v_all;
     }
-    *cache_k = k;
-    *cache_v = v;
   }
   // The fused CPU attention when there are no past positions (training, evaluation, a prompt's first
   // pass); its plain twin with a KV cache (docs/performance.md, "Fused attention").
@@ -87,9 +107,8 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
   const int64_t past = cache ? cache->length() : 0;
   TORCH_CHECK(past + S <= m_.max_seq_len, "sequence of ", past + S, " tokens exceeds model max_seq_len ",
               m_.max_seq_len);
-  if (cache && cache->k.empty()) {
-    cache->k.resize(m_.n_layer);
-    cache->v.resize(m_.n_layer);
+  if (cache && cache->kv.empty()) {
+    cache->kv.resize(m_.n_layer);
     cache->route.resize(m_.n_layer);
   }
   // Profiling scopes (moeforge::..., RECORD_USER_SCOPE): free unless a profiler listens; `moeforge bench
@@ -117,7 +136,7 @@ LMOutput TransformerLMImpl::forward(const torch::Tensor& tokens, RouteContext ct
     }
     {
       RECORD_USER_SCOPE("moeforge::attention");
-      a = blk->attn->forward(a, cos, sin, cache ? &cache->k[i] : nullptr, cache ? &cache->v[i] : nullptr);
+      a = blk->attn->forward(a, cos, sin, cache ? &cache->kv[i] : nullptr);
     }
     x = x + a;
     {

@@ -27,21 +27,32 @@ class RMSNormImpl : public torch::nn::Module {
 TORCH_MODULE(RMSNorm);
 
 // Per-layer key/value cache for generation.
+// One attention layer's keys and values: buffers [B, H, capacity, D] whose first `length` positions are
+// filled. A new step's keys are written in place; the buffers grow by doubling, so a decode step copies
+// only its own position, not the whole cache (docs/performance.md, "bf16 inference").
+struct KVSlot {
+  torch::Tensor k, v;
+  int64_t length = 0;
+  // Writes k_new/v_new [B, H, S, D] after the filled positions; returns the filled keys and values.
+  std::pair<torch::Tensor, torch::Tensor> append(const torch::Tensor& k_new, const torch::Tensor& v_new);
+};
+
 struct KVCache {
-  std::vector<torch::Tensor> k, v;  // per layer [B, H, S_past, D]
+  std::vector<KVSlot> kv;  // per layer
   // Per layer: what its router passed on for the next step (RoutingPlan::cache), which, like K and V,
   // summarises the positions already processed. Held, never read: the router defined it.
   std::vector<RouterStatePtr> route;
-  int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(2); }
+  int64_t length() const { return kv.empty() ? 0 : kv[0].length; }
 };
 
 class AttentionImpl : public torch::nn::Module {
  public:
   // bias: biases on the q, k, v projections (model.attn_bias, Qwen2).
   AttentionImpl(int64_t d_model, int64_t n_head, bool bias = false);
-  // x [B, S, C]; cos/sin [S, D/2] for the positions of x; cache_k/v: the layer's cache (updated) or null.
+  // x [B, S, C]; cos/sin [S, D/2] for the positions of x; cache: the layer's keys and values (updated) or
+  // null.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        torch::Tensor* cache_k, torch::Tensor* cache_v);
+                        KVSlot* cache);
   torch::Tensor w_qkv;  // [3C, C]
   torch::Tensor b_qkv;  // [3C] with model.attn_bias, else undefined
   torch::Tensor w_out;  // [C, C]
