@@ -43,12 +43,4 @@ for r in $(seq "$reps"); do
     record llama.cpp "$t" "$r" "$tps"
   done
 done
-python3 - "$out/decode.jsonl" <<'EOF'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-keys = sorted({(r["engine"], r["weights"]) for r in rows}, key=lambda k: (k[0] != "moeforge", k[1]))
-print("engine    weights  min / median / max tokens/s")
-for k in keys:
-    v = [r["tokens_per_s"] for r in rows if (r["engine"], r["weights"]) == k]
-    print("%-9s %-7s  %.1f / %.1f / %.1f" % (k[0], k[1], min(v), statistics.median(v), max(v)))
-EOF
+python3 "$here/scripts/interop/decode_summary.py" "$out/decode.jsonl"
