@@ -397,11 +397,15 @@ class LanguageModel(_Mirror):
         self._core.add_token_loss(token_loss.detach().reshape(-1))
 
 
-def load(checkpoint_dir: str) -> LanguageModel:
-    """A checkpoint folder (or a run's checkpoints/ folder) as a :class:`LanguageModel` in eval mode."""
+def load(checkpoint_dir: str, dtype: str = "fp32") -> LanguageModel:
+    """A checkpoint folder (or a run's checkpoints/ folder) as a :class:`LanguageModel` in eval mode.
+
+    ``dtype="bf16"`` stores the matrix weights in bf16 for inference (``generate --dtype bf16``; routers and
+    norms stay float32; on CPUs with bf16 products only, else ``ValueError``); such a model cannot be saved
+    or trained. ``"auto"``: the precision the checkpoint was trained in."""
     if not isinstance(checkpoint_dir, str):
         raise TypeError(f"checkpoint_dir must be a str, got {type(checkpoint_dir).__name__}")
-    m = LanguageModel(_C.Model.load(checkpoint_dir))
+    m = LanguageModel(_C.Model.load(checkpoint_dir, dtype))
     m.eval()
     return m
 

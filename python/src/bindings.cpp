@@ -12,6 +12,7 @@
 #include "moeforge/layer/moe_layer.h"
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/generate.h"
+#include "moeforge/model/inference_precision.h"
 #include "moeforge/model/load.h"
 #include "moeforge/routing/measures.h"
 #include "moeforge/routing/registry.h"
@@ -196,6 +197,15 @@ struct Model {
   LoadedModel lm;
 };
 
+// A checkpoint, its matrix weights stored in bf16 when `dtype` says so (model/inference_precision.h).
+Model load_as(const std::string& dir, const std::string& dtype) {
+  Model mm{load_model(dir)};
+  if (inference_precision(dtype, mm.lm.cfg.train.precision, read_cpu_features(), "dtype") ==
+      MatmulPrecision::kBFloat16)
+    store_weights_bf16(*mm.lm.model);
+  return mm;
+}
+
 Model build(const std::string& config_text, const std::vector<std::string>& overrides, int64_t vocab_size,
             uint64_t seed) {
   Model m;
@@ -297,7 +307,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
 
   py::class_<Model>(m, "Model")
-      .def_static("load", [](const std::string& dir) { return Model{load_model(dir)}; })
+      .def_static("load", &load_as, py::arg("dir"), py::arg("dtype") = "fp32")
       .def_static("build", &build, py::arg("config_text"), py::arg("overrides"), py::arg("vocab_size"),
                   py::arg("seed"))
       .def(

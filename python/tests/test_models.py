@@ -97,6 +97,33 @@ def test_generation_equals_the_cli(topk_run):
         model.generate("the cat", temperature=float("nan"))
 
 
+def cpu_has_bf16() -> bool:
+    r = subprocess.run([CLI, "info"], capture_output=True, text=True)
+    return r.returncode == 0 and "bf16: none" not in r.stdout
+
+
+def test_bf16_inference_is_the_clis(topk_run, tmp_path):
+    ckpt = checkpoint_of(topk_run)
+    with pytest.raises(ValueError, match="dtype"):
+        moeforge.load(str(ckpt), dtype="bf17")
+    if not cpu_has_bf16():
+        with pytest.raises(ValueError, match="dtype"):
+            moeforge.load(str(ckpt), dtype="bf16")
+        return
+    model = moeforge.load(str(ckpt), dtype="bf16")
+    params = dict(model.named_parameters())
+    assert params["embedding"].dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in params.items() if "router" in n or "norm" in n)
+    ours = model.generate("the cat", max_tokens=8, temperature=0.0)
+    r = subprocess.run([CLI, "generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--max-tokens", "8",
+                        "--temperature", "0", "--dtype", "bf16"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert ours == r.stdout.rstrip("\n")
+    with pytest.raises(ValueError, match="float32 master weights"):
+        model.save(str(tmp_path / "never-written"))
+    assert not (tmp_path / "never-written").exists()
+
+
 def test_a_python_training_loop_gives_the_cli_losses_and_router_state(loss_free_run):
     # The CLI's own run (6 steps, loss-free routing, log_every 1) against a plain Python loop over the same
     # data, initialisation, optimiser and schedule: the same C++ arithmetic, so bit-identical losses and bias.
