@@ -64,7 +64,9 @@ torch::Tensor causal_attention_reference(const torch::Tensor& q, const torch::Te
                                          const torch::Tensor& v, int64_t past) {
   const int64_t S = q.size(2), S_kv = k.size(2), D = q.size(3);
   auto att = torch::matmul(q, k.transpose(2, 3)) / std::sqrt(double(D));  // [B, H, S, S_kv]
-  // Query i sits at absolute position past + i and sees keys 0..past + i.
+  // Query i sits at absolute position past + i and sees keys 0..past + i: a decode step's one query sees
+  // every key, and needs no mask.
+  if (S == 1 && S_kv == past + 1) return torch::matmul(torch::softmax(att, -1), v);
   auto mask = torch::ones({S, S_kv}, torch::TensorOptions().dtype(torch::kBool).device(q.device()))
                   .triu(past + 1);  // [S, S_kv] true = future
   att = att.masked_fill(mask, -std::numeric_limits<float>::infinity());
