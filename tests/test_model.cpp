@@ -82,6 +82,34 @@ TEST(Model, KVCacheMatchesFullRecomputation) {
   EXPECT_TENSOR_NEAR(torch::cat(steps, 1), full, 1e-5, 1e-4);
 }
 
+// The cache is written in place: a step within the buffer's capacity copies only its own position (the
+// buffer stays where it was), a full buffer doubles, and the filled part always equals the concatenation of
+// every step's keys and values.
+TEST(Model, KVSlotAppendsInPlaceAndDoubles) {
+  torch::manual_seed(4);
+  KVSlot slot;
+  std::vector<torch::Tensor> ks, vs;
+  const void* buffer = nullptr;
+  int64_t moves = 0;
+  for (int64_t step = 0; step < 80; ++step) {
+    const int64_t S = step == 0 ? 5 : 1;  // a prompt, then one position a step
+    auto k = torch::randn({2, 3, S, 4}), v = torch::randn({2, 3, S, 4});
+    ks.push_back(k);
+    vs.push_back(v);
+    auto [k_all, v_all] = slot.append(k, v);
+    if (slot.k.data_ptr() != buffer) {
+      ++moves;
+      buffer = slot.k.data_ptr();
+    }
+    ASSERT_EQ(slot.length, k_all.size(2));
+    ASSERT_TRUE(torch::equal(k_all, torch::cat(ks, 2))) << "step " << step;
+    ASSERT_TRUE(torch::equal(v_all, torch::cat(vs, 2))) << "step " << step;
+  }
+  EXPECT_EQ(slot.length, 84);
+  EXPECT_EQ(slot.k.size(2), 128);  // 64, then doubled once
+  EXPECT_EQ(moves, 2);             // allocated once, grown once: 78 of the 80 steps wrote in place
+}
+
 TEST(Model, GenerationIsDeterministicWithASeed) {
   torch::manual_seed(3);
   MoEConfig moe;
