@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "moeforge/config/run_config.h"
+#include "moeforge/util/runtime.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -256,9 +257,9 @@ class Server {
 const std::string kPrompt = "the dog";
 
 // What `moeforge generate` prints for kPrompt, greedy: the prompt, its continuation, a newline.
-std::string generated(const fs::path& dir, int max_tokens) {
+std::string generated(const fs::path& dir, int max_tokens, const std::string& dtype = "fp32") {
   const auto r = cli({"generate", "--checkpoint", tiny_checkpoint(), "--prompt", kPrompt, "--max-tokens",
-                      std::to_string(max_tokens), "--temperature", "0"},
+                      std::to_string(max_tokens), "--temperature", "0", "--dtype", dtype},
                      dir, "generate");
   EXPECT_EQ(r.code, 0) << r.err;
   return r.out;
@@ -610,6 +611,21 @@ TEST(Serve, SigtermFinishesTheRequestInFlight) {
   EXPECT_EQ(connect_to(s.port()), -1);  // no longer listening
 }
 
+// --dtype bf16 (docs/performance.md, "bf16 inference"): the server answers with the text of `generate
+// --dtype bf16`, where the CPU has bf16 products.
+TEST(Serve, Bf16WeightsServeTheTextOfGenerateInBf16) {
+  if (bf16_support(read_cpu_features()).empty())
+    GTEST_SKIP() << "this CPU has no native bf16: --dtype bf16 is refused";
+  Server s("bf16", {"--dtype", "bf16"});
+  ASSERT_GT(s.port(), 0);
+  EXPECT_TRUE(contains(s.err(), "weights: bf16")) << s.err();
+  const auto plain = http(s.port(), "POST", "/v1/completions",
+                          R"({"prompt": ")" + kPrompt + R"(", "max_tokens": 10, "temperature": 0})");
+  ASSERT_EQ(plain.status, 200) << plain.body;
+  EXPECT_EQ(kPrompt + json_of(plain.body)["choices"][0]["text"].get<std::string>() + "\n",
+            generated(s.dir(), 10, "bf16"));
+}
+
 TEST(Serve, BadFlagsAndCheckpointsAreErrorsNotCrashes) {
   const auto d = fresh("flags");
   auto r = cli({"serve", "--checkpoint", tiny_checkpoint(), "--max-tokens", "0"}, d);
@@ -618,6 +634,9 @@ TEST(Serve, BadFlagsAndCheckpointsAreErrorsNotCrashes) {
   r = cli({"serve", "--checkpoint", (d / "nothing").string()}, d);
   EXPECT_EQ(r.code, 1);
   EXPECT_TRUE(contains(r.err, "nothing")) << r.err;
+  r = cli({"serve", "--checkpoint", tiny_checkpoint(), "--dtype", "bf17"}, d);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_TRUE(contains(r.err, "--dtype")) << r.err;
   Server s("busy-port");
   ASSERT_GT(s.port(), 0);
   r = cli({"serve", "--checkpoint", tiny_checkpoint(), "--port", std::to_string(s.port())}, d);
