@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "moeforge/config/run_config.h"
 #include "moeforge/layer/dispatch.h"
 #include "moeforge/layer/fused_moe.h"
 #include "moeforge/layer/moe_layer.h"
@@ -13,6 +14,8 @@
 #include "moeforge/model/checkpoint.h"
 #include "moeforge/model/generate.h"
 #include "moeforge/model/inference_precision.h"
+#include "moeforge/model/load.h"
+#include "moeforge/routing/registry.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -200,6 +203,36 @@ TEST(Bf16Inference, ModelStoredInBf16StaysCloseToFloat32) {
     EXPECT_NE(std::string(err.what()).find("float32 master weights"), std::string::npos) << err.what();
   }
   EXPECT_FALSE(fs::exists(dir));
+}
+
+// Every router, each with its float32 router weights and state, and the adapter form, on bf16-stored weights:
+// the logits stay within bf16's rounding of the float32 model's (two MoE layers; a token near a tie may take
+// another expert set, so the bound is on the whole tensor, as above), and greedy decode runs.
+TEST(Bf16Inference, EveryRouterRunsOnBf16Weights) {
+  std::vector<std::vector<std::string>> cases;
+  for (const auto& router : router_names()) cases.push_back({"moe.router=\"" + router + "\""});
+  cases.push_back({"moe.expert_form=\"adapter\""});  // the frozen FFN in bf16, the adapters float32
+  for (const auto& sets : cases) {
+    SCOPED_TRACE(sets.front());
+    auto cfg = load_run_config_text("", "test", test::tiny_run_overrides("bf16inf", sets));
+    torch::manual_seed(7);
+    auto ref = build_model(cfg, 97);
+    auto model = build_model(cfg, 97);
+    ref->eval();
+    model->eval();
+    load_module_state(*model, module_state(*ref), "the float32 model");
+    store_weights_bf16(*model);
+    auto tokens = torch::randint(0, 97, {3, 16}, torch::kLong);
+    torch::NoGradGuard ng;
+    const auto y32 = ref->forward(tokens).logits, y16 = model->forward(tokens).logits;
+    const double e = ((y16 - y32).norm() / y32.norm()).item<double>();
+    EXPECT_LT(e, 1.0 / 32);
+    EXPECT_GT(e, 1e-5) << "no bf16 rounding seen";
+    GenerateOptions g;
+    g.temperature = 0;
+    g.max_tokens = 6;
+    EXPECT_EQ(generate(model, {1, 4, 8}, g).size(), 6u);
+  }
 }
 
 TEST(Bf16Inference, DtypeChecks) {
