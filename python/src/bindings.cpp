@@ -233,10 +233,9 @@ struct Data {
   DataBundle bundle;
 };
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "moeforge's C++ core (docs/python.md)";
+// moeforge's errors as Python's: an unknown key a KeyError, a wrong type a TypeError, a bad value a
+// ValueError, an unreadable file an OSError (docs/python.md).
+void translate_errors() {
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -252,7 +251,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       PyErr_SetString(PyExc_OSError, e.what());
     }
   });
+}
 
+// The routers and the MoE layer: the registry, RoutingPlan, Layer and the routing measures.
+void bind_routing(py::module_& m) {
   m.def("routers", &router_table, "every registered router with its own options and their defaults");
   m.def("common_options", &common_keys, "the [moe] keys every router reads, with their defaults");
   m.def("init_threads", &init_threads, py::arg("n") = 0);
@@ -305,7 +307,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto s = domain_specialisation(counts.to(torch::kCPU, torch::kDouble));
     return py::make_tuple(s.mi_over_h, s.purity);
   });
+}
 
+// Whole language models: load (also with bf16-stored weights), build, forward, generate, save.
+void bind_model(py::module_& m) {
   py::class_<Model>(m, "Model")
       .def_static("load", &load_as, py::arg("dir"), py::arg("dtype") = "fp32")
       .def_static("build", &build, py::arg("config_text"), py::arg("overrides"), py::arg("vocab_size"),
@@ -364,7 +369,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("moe_layer_describe_state", [](const Model& mm, int64_t i) {
         return mm.lm.model->moe_layers().at(size_t(i))->router->describe_state().dump();
       });
+}
 
+// A run's data, the trainer's batches, AdamW and its schedule, clipping and the training loss.
+void bind_training(py::module_& m) {
   py::class_<Data>(m, "Data")
       .def_static(
           "prepare",
@@ -430,4 +438,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return py::make_tuple(f.loss(), f.out.aux_loss, f.token_ce);
       },
       py::arg("model"), py::arg("tokens"), py::arg("training") = true);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "moeforge's C++ core (docs/python.md)";
+  translate_errors();
+  bind_routing(m);
+  bind_model(m);
+  bind_training(m);
 }
