@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu/gather_rows.h"
@@ -65,22 +66,17 @@ void run_streaming_tasks(int64_t n_task, int64_t weight_bytes, const Task& task)
 // the whole weight for one row (OpenBLAS's sgemm copies it before multiplying: twice the memory traffic of
 // the product). float32 in small_mm_nt; bf16 in and w (bf16-stored weights, docs/performance.md "bf16
 // inference") in small_mm_nt_bf16. out's rows are ld apart.
-inline void small_linear(float* out, int64_t ld, const float* in, const float* w, int64_t n, int64_t O,
-                         int64_t I) {
+template <typename T>
+void small_linear(float* out, int64_t ld, const T* in, const T* w, int64_t n, int64_t O, int64_t I) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>, "float32 or bf16 operands");
   const int64_t n_task = (O + kSmallTaskCols - 1) / kSmallTaskCols;
-  run_streaming_tasks(n_task, O * I * 4, [&](int64_t t) {
-    const int64_t o0 = t * kSmallTaskCols;
-    kernels::cpu::small_mm_nt(out + o0, ld, in, w + o0 * I, n, std::min(kSmallTaskCols, O - o0), I);
-  });
-}
-inline void small_linear(float* out, int64_t ld, const at::BFloat16* in16, const at::BFloat16* w16, int64_t n,
-                         int64_t O, int64_t I) {
-  const auto* pi = reinterpret_cast<const uint16_t*>(in16);
-  const auto* pw = reinterpret_cast<const uint16_t*>(w16);
-  const int64_t n_task = (O + kSmallTaskCols - 1) / kSmallTaskCols;
-  run_streaming_tasks(n_task, O * I * 2, [&](int64_t t) {
-    const int64_t o0 = t * kSmallTaskCols;
-    kernels::cpu::small_mm_nt_bf16(out + o0, ld, pi, pw + o0 * I, n, std::min(kSmallTaskCols, O - o0), I);
+  run_streaming_tasks(n_task, O * I * int64_t(sizeof(T)), [&](int64_t t) {
+    const int64_t o0 = t * kSmallTaskCols, cols = std::min(kSmallTaskCols, O - o0);
+    if constexpr (std::is_same_v<T, float>)
+      kernels::cpu::small_mm_nt(out + o0, ld, in, w + o0 * I, n, cols, I);
+    else
+      kernels::cpu::small_mm_nt_bf16(out + o0, ld, reinterpret_cast<const uint16_t*>(in),
+                                     reinterpret_cast<const uint16_t*>(w + o0 * I), n, cols, I);
   });
 }
 
