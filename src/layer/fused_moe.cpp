@@ -341,11 +341,9 @@ torch::Tensor fused_moe(const torch::Tensor& x, const RoutingPlan& plan, const E
   detail::HealthSums* hs = sums ? &*sums : nullptr;
   // bf16 products for float32 activations when the thread's precision asks for them (precision.h), or when
   // the weights are stored in bf16 (inference; decode's few rows a group then take small_mm_nt_bf16).
-  const bool stored16 = stored_bf16(x, w);
-  const bool bf16 =
-      stored16 || (matmul_precision() == MatmulPrecision::kBFloat16 && x.scalar_type() == torch::kFloat);
+  const bool bf16 = matmul_precision() == MatmulPrecision::kBFloat16 && x.scalar_type() == torch::kFloat;
   torch::Tensor y;
-  if (stored16) {
+  if (stored_bf16(x, w)) {
     torch::Tensor a, b;
     y = bf16_forward(x.contiguous(), gate, bf16_copies(weights), index, off, ws, hs, a, b,
                      /*small_groups=*/true);

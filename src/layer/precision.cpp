@@ -1,6 +1,7 @@
 #include "moeforge/layer/precision.h"
 
 #include "grouped_ops.h"
+#include "moeforge/util/error.h"
 
 namespace moeforge {
 
@@ -22,6 +23,22 @@ MatmulPrecisionGuard::~MatmulPrecisionGuard() {
 MatmulPrecision parse_matmul_precision(const std::string& name) {
   TORCH_CHECK(name == "fp32" || name == "bf16", "precision must be \"fp32\" or \"bf16\", got \"", name, "\"");
   return name == "bf16" ? MatmulPrecision::kBFloat16 : MatmulPrecision::kFloat32;
+}
+
+MatmulPrecision precision_on_this_cpu(const std::string& name, const CpuFeatures& cpu,
+                                      const std::string& field, const std::string& use_instead,
+                                      std::string* native) {
+  const auto p = parse_matmul_precision(name);
+  if (p == MatmulPrecision::kFloat32) return p;
+  const std::string has = bf16_support(cpu);
+  if (has.empty())
+    throw ConfigError(field,
+                      "\"bf16\" needs a CPU with native bf16 products (AVX512-BF16 or AMX-BF16); this one "
+                      "has neither (see `moeforge info`), so its bf16 products would be converted to "
+                      "float32 and run slower than \"fp32\". Use " +
+                          use_instead);
+  if (native) *native = has;
+  return p;
 }
 
 namespace {

@@ -11,22 +11,15 @@ MatmulPrecision inference_precision(const std::string& dtype, const std::string&
     throw ConfigError(
         flag,
         "must be \"fp32\", \"bf16\" or \"auto\" (the checkpoint's train.precision), got \"" + dtype + "\"");
-  const std::string name = dtype == "auto" ? checkpoint_precision : dtype;
-  const auto p = parse_matmul_precision(name);
-  if (p == MatmulPrecision::kFloat32) {
-    if (what_runs) *what_runs = "weights: fp32";
-    return p;
-  }
-  const std::string native = bf16_support(cpu);
-  if (native.empty())
-    throw ConfigError(flag,
-                      "bf16 needs a CPU with native bf16 products (AVX512-BF16 or AMX-BF16); this one has "
-                      "neither (see `moeforge info`), so every product of more than a few rows would be "
-                      "converted to float32 and run slower than fp32. Use " +
-                          flag + " fp32");
+  std::string native;
+  const auto p = precision_on_this_cpu(dtype == "auto" ? checkpoint_precision : dtype, cpu, flag,
+                                       flag + " fp32", &native);
   if (what_runs)
-    *what_runs = "weights: bf16 (products on " + native +
-                 "; routers, norms, biases and activations float32; docs/performance.md, \"bf16 inference\")";
+    *what_runs = p == MatmulPrecision::kFloat32
+                     ? "weights: fp32"
+                     : "weights: bf16 (products on " + native +
+                           "; routers, norms, biases and activations float32; docs/performance.md, \"bf16 "
+                           "inference\")";
   return p;
 }
 

@@ -647,21 +647,14 @@ torch::Tensor BatchLoss::loss() const {
 }
 
 MatmulPrecision run_precision(const TrainConfig& tc, const CpuFeatures& cpu, std::string* what_runs) {
-  const auto p = parse_matmul_precision(tc.precision);
-  if (p == MatmulPrecision::kFloat32) {
-    if (what_runs) *what_runs = "precision: fp32";
-    return p;
-  }
-  const std::string native = bf16_support(cpu);
-  if (native.empty())
-    throw ConfigError(
-        "train.precision",
-        "\"bf16\" needs a CPU with native bf16 products (AVX512-BF16 or AMX-BF16); this one has "
-        "neither (see `moeforge info`), so every bf16 product would be converted to float32 and "
-        "run slower than \"fp32\". Use train.precision = \"fp32\"");
+  std::string native;
+  const auto p =
+      precision_on_this_cpu(tc.precision, cpu, "train.precision", "train.precision = \"fp32\"", &native);
   if (what_runs)
-    *what_runs = "precision: bf16 matrix products on " + native +
-                 " (LibTorch's oneDNN), float32 master weights, optimiser, router, norms and loss";
+    *what_runs = p == MatmulPrecision::kFloat32
+                     ? "precision: fp32"
+                     : "precision: bf16 matrix products on " + native +
+                           " (LibTorch's oneDNN), float32 master weights, optimiser, router, norms and loss";
   return p;
 }
 

@@ -13,6 +13,8 @@
 
 #include <string>
 
+#include "moeforge/util/runtime.h"
+
 namespace moeforge {
 
 enum class MatmulPrecision { kFloat32, kBFloat16 };
@@ -34,6 +36,14 @@ class MatmulPrecisionGuard {
 
 // "fp32" -> kFloat32, "bf16" -> kBFloat16 (train.precision's values, checked by its validate()).
 MatmulPrecision parse_matmul_precision(const std::string& name);
+
+// `name` ("fp32" or "bf16") checked against the CPU that runs it: "bf16" needs native bf16 products
+// (AVX512-BF16 or AMX-BF16, bf16_support), elsewhere it is a ConfigError naming `field` that says to use
+// `use_instead`, never a silent emulation at a fraction of float32's rate. `native`, for bf16, gets what
+// the CPU has ("AVX512-BF16", ...). Training's train.precision and inference's --dtype both check here.
+MatmulPrecision precision_on_this_cpu(const std::string& name, const CpuFeatures& cpu,
+                                      const std::string& field, const std::string& use_instead,
+                                      std::string* native = nullptr);
 
 // y = x @ w^T (+ bias), w [O, I] in nn.Linear's layout, x [..., I] float32: in float32, or with bf16
 // operands and the result widened back to x's dtype. Differentiable in x, w and bias: the casts are
